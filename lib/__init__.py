@@ -1,0 +1,1 @@
+"""countries-medallion: the shared library behind the stage notebooks (one module per concern)."""

@@ -1,0 +1,280 @@
+"""Settings in one typed place, read from the environment, then `.env`, then the embedded stack.
+
+Secrets are wrapped in ``Secret`` so that printing a settings object, a notebook cell or a log line can
+never show them. Nothing here is a papermill parameter: notebooks call ``load()`` themselves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+
+from lib import names
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_API_URL = (
+    "https://restcountries.com/v3.1/all?fields="
+    "name,capital,population,region,subregion,languages,currencies,flags,area,timezones"
+)
+EMULATED_CLOUD_BUCKET = "cloud"
+
+
+class ConfigError(RuntimeError):
+    """The configuration is missing or wrong; the message says which variable to set."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A credential. Its repr and str are masked; call ``reveal()`` where a client needs it."""
+
+    _value: str = field(repr=False)
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class ObjectStore:
+    url: str
+    access_key: Secret
+    secret_key: Secret
+    region: str
+    kind: str  # "embedded SeaweedFS" or "configured S3 endpoint"
+
+
+@dataclass(frozen=True)
+class Database:
+    host: str
+    port: int
+    user: str
+    password: Secret
+    name: str
+    kind: str  # "embedded PostgreSQL" or "configured PostgreSQL"
+    connect_timeout: int = 10
+
+    @property
+    def masked_url(self) -> str:
+        return f"postgresql://{self.user}:***@{self.host}:{self.port}/{self.name}"
+
+
+@dataclass(frozen=True)
+class Cloud:
+    bucket: str
+    prefix: str
+    region: str
+    profile: str | None
+    endpoint_url: str | None
+    emulated: bool
+    # Only set when the cloud role is emulated on the embedded store; otherwise boto3's own chain
+    # (environment, AWS_PROFILE, SSO) finds the credentials.
+    access_key: Secret | None = None
+    secret_key: Secret | None = None
+
+    @property
+    def kind(self) -> str:
+        return "emulated (S3-compatible endpoint)" if self.emulated else "AWS S3"
+
+
+@dataclass(frozen=True)
+class Settings:
+    api_url: str
+    snapshot_fallback: bool
+    store: ObjectStore
+    raw_bucket: str
+    clean_bucket: str
+    gold_bucket: str
+    db: Database
+    cloud: Cloud
+    outputs_dir: Path
+    logs_dir: Path
+    state_dir: Path
+
+    def describe(self) -> dict:
+        """What served a run, for the run record: endpoints and kinds, never credentials."""
+        return {
+            "api_url": self.api_url,
+            "snapshot_fallback": self.snapshot_fallback,
+            "object_store": {
+                "kind": self.store.kind,
+                "endpoint": self.store.url,
+                "buckets": {"raw": self.raw_bucket, "clean": self.clean_bucket, "gold": self.gold_bucket},
+            },
+            "database": {"kind": self.db.kind, "url": self.db.masked_url},
+            "cloud": {
+                "kind": self.cloud.kind,
+                "bucket": self.cloud.bucket,
+                "prefix": self.cloud.prefix,
+                "endpoint": self.cloud.endpoint_url,
+                "profile": self.cloud.profile,
+            },
+        }
+
+    def secrets(self) -> list[str]:
+        """Every secret value in force, so logs can redact them."""
+        values = [self.store.access_key, self.store.secret_key, self.db.password,
+                  self.cloud.access_key, self.cloud.secret_key]
+        return [s.reveal() for s in values if s]
+
+
+def env_file() -> Path | None:
+    """`.env` at the project root, or the file named by PIPELINE_ENV_FILE ('' for none)."""
+    named = os.environ.get("PIPELINE_ENV_FILE")
+    if named is not None:
+        return Path(named) if named else None
+    return ROOT / ".env"
+
+
+def environment() -> dict[str, str]:
+    """The process environment over `.env` (the environment wins, as with docker compose)."""
+    merged: dict[str, str] = {}
+    path = env_file()
+    if path is not None and path.is_file():
+        merged.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    merged.update(os.environ)
+    return merged
+
+
+def state_dir(env: dict[str, str] | None = None) -> Path:
+    env = environment() if env is None else env
+    return Path(env.get("PIPELINE_STATE_DIR") or ROOT / ".state").resolve()
+
+
+def uses_embedded_store(env: dict[str, str]) -> bool:
+    return not env.get("MINIO_URL")
+
+
+def uses_embedded_db(env: dict[str, str]) -> bool:
+    return not env.get("DB_HOST")
+
+
+def _flag(env: dict[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean: use true or false")
+
+
+def _int(env: dict[str, str], name: str, default: int) -> int:
+    raw = env.get(name) or str(default)
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def _required(env: dict[str, str], name: str) -> str:
+    value = env.get(name)
+    if not value:
+        raise ConfigError(f"{name} is not set: add it to .env (see .env.example) or the environment")
+    return value
+
+
+def _embedded(sdir: Path):
+    from lib import stack  # late import: stack imports config
+
+    state = stack.read_state(sdir)
+    if state is None:
+        raise ConfigError(
+            f"no object store or database is configured and the embedded stack in {sdir} is not "
+            "set up: run `python run_pipeline.py stack up` (or `make run`), or set MINIO_URL and "
+            "DB_HOST in .env"
+        )
+    return state
+
+
+def load(env: dict[str, str] | None = None) -> Settings:
+    """Build the settings. Raises ConfigError naming the variable that is missing or wrong."""
+    env = environment() if env is None else env
+    sdir = state_dir(env)
+    state = _embedded(sdir) if (uses_embedded_store(env) or uses_embedded_db(env)) else None
+    region = env.get("AWS_REGION") or "us-east-1"
+
+    if uses_embedded_store(env):
+        store = ObjectStore(
+            url=state.s3_url,
+            access_key=Secret(state.access_key),
+            secret_key=Secret(state.secret_key),
+            region="us-east-1",
+            kind="embedded SeaweedFS",
+        )
+    else:
+        store = ObjectStore(
+            url=env["MINIO_URL"],
+            access_key=Secret(_required(env, "MINIO_ACCESS_KEY")),
+            secret_key=Secret(_required(env, "MINIO_SECRET_KEY")),
+            region=env.get("MINIO_REGION") or "us-east-1",
+            kind="configured S3 endpoint",
+        )
+
+    if uses_embedded_db(env):
+        db = Database(
+            host="127.0.0.1",
+            port=state.pg_port,
+            user=state.db_user,
+            password=Secret(state.db_password),
+            name=state.db_name,
+            kind="embedded PostgreSQL",
+        )
+    else:
+        db = Database(
+            host=env["DB_HOST"],
+            port=_int(env, "DB_PORT", 5432),
+            user=_required(env, "DB_USER"),
+            password=Secret(env.get("DB_PASSWORD", "")),
+            name=_required(env, "DB_NAME"),
+            kind="configured PostgreSQL",
+            connect_timeout=_int(env, "DB_CONNECT_TIMEOUT", 10),
+        )
+
+    prefix = names.prefix(env.get("S3_FOLDER_PREFIX", "exports").strip("/"))
+    if env.get("S3_BUCKET_NAME"):
+        endpoint = env.get("AWS_ENDPOINT_URL") or None
+        cloud = Cloud(
+            bucket=names.bucket(env["S3_BUCKET_NAME"]),
+            prefix=prefix,
+            region=region,
+            profile=env.get("AWS_PROFILE") or None,
+            endpoint_url=endpoint,
+            emulated=endpoint is not None,
+        )
+    else:
+        # No cloud bucket configured: a separate bucket on the local store plays the cloud's role.
+        cloud = Cloud(
+            bucket=EMULATED_CLOUD_BUCKET,
+            prefix=prefix,
+            region=store.region,
+            profile=None,
+            endpoint_url=store.url,
+            emulated=True,
+            access_key=store.access_key,
+            secret_key=store.secret_key,
+        )
+
+    return Settings(
+        api_url=env.get("API_BASE_URL") or DEFAULT_API_URL,
+        snapshot_fallback=_flag(env, "SNAPSHOT_FALLBACK", default=uses_embedded_store(env)),
+        store=store,
+        raw_bucket=names.bucket(env.get("BUCKET_NAME") or "raw"),
+        clean_bucket=names.bucket(env.get("CLEAN_BUCKET") or "clean"),
+        gold_bucket=names.bucket(env.get("GOLD_BUCKET") or "gold"),
+        db=db,
+        cloud=cloud,
+        outputs_dir=Path(env.get("PIPELINE_OUTPUTS_DIR") or ROOT / "outputs").resolve(),
+        logs_dir=Path(env.get("PIPELINE_LOGS_DIR") or ROOT / "logs").resolve(),
+        state_dir=sdir,
+    )

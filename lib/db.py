@@ -1,0 +1,321 @@
+"""PostgreSQL: typed tables from the contract, transactional COPY-and-merge loads with history (SCD
+type 2), streamed exports, point-in-time queries and the pipeline's advisory lock.
+
+Every identifier is validated (lib.names) and then quoted by psycopg2.sql.Identifier."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import random
+import time
+
+import pandas as pd
+import psycopg2
+import psycopg2.errors
+import sqlalchemy as sa
+from psycopg2 import sql
+
+from lib import names
+from lib.config import Database
+from lib.quality import CONTRACT, COLUMNS, KEY, LIST_COLUMNS
+
+log = logging.getLogger(__name__)
+
+WRITE_MODES = ("upsert", "append", "replace")
+LOADS_TABLE = "pipeline_loads"
+LOCK_KEY = (7420, 1)  # (namespace, id) of the pipeline's session advisory lock
+AUDIT_COLUMNS = ("_row_hash", "_run_id", "_loaded_at")
+_SQL_TYPES = {"text": "text", "text[]": "text[]", "bigint": "bigint", "double": "double precision"}
+
+
+class DatabaseError(RuntimeError):
+    """A database call failed; the message names the server (password masked)."""
+
+
+class LockBusy(DatabaseError):
+    """Another run holds the pipeline lock."""
+
+
+def connect_args(db: Database, application_name: str = "countries-medallion") -> dict:
+    return {"host": db.host, "port": db.port, "user": db.user, "password": db.password.reveal(),
+            "dbname": db.name, "connect_timeout": db.connect_timeout, "application_name": application_name}
+
+
+def connect(db: Database, application_name: str = "countries-medallion", attempts: int = 4,
+            backoff: float = 0.5):
+    """A psycopg2 connection, with bounded retries on connection failures."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return psycopg2.connect(**connect_args(db, application_name))
+        except psycopg2.OperationalError as err:
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            if "password authentication failed" in message or attempt == attempts:
+                raise DatabaseError(f"cannot connect to PostgreSQL at {db.masked_url}: {message}") from None
+            wait = backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
+            log.warning("PostgreSQL at %s not answering (%s); retry in %.1fs", db.masked_url, message, wait)
+            time.sleep(wait)
+
+
+def engine(db: Database, application_name: str = "countries-medallion") -> sa.Engine:
+    """A SQLAlchemy engine for reads and previews (pandas.read_sql)."""
+    return sa.create_engine(
+        "postgresql+psycopg2://",
+        creator=lambda: connect(db, application_name),
+        poolclass=sa.pool.NullPool,
+    )
+
+
+def ident(*parts: str) -> sql.Identifier:
+    for p in parts:
+        names.sql_identifier(p)
+    return sql.Identifier(*parts)
+
+
+def history_table(table: str) -> str:
+    return names.sql_identifier(f"{table}_history", "history table name")
+
+
+# --- DDL -------------------------------------------------------------------------------------------
+
+def _contract_columns(with_key: bool) -> sql.Composed:
+    parts = []
+    for c in CONTRACT:
+        text = f"{{}} {_SQL_TYPES[c.kind]}" + ("" if c.nullable else " NOT NULL")
+        if c.name == KEY and with_key:
+            text += " PRIMARY KEY"
+        if c.name in ("population", "area"):
+            text += f" CHECK ({c.name} >= 0)"
+        parts.append(sql.SQL(text).format(sql.Identifier(c.name)))
+    return sql.SQL(", ").join(parts)
+
+
+def ensure_tables(cur, schema: str, table: str) -> None:
+    hist = history_table(table)
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} ({}, _row_hash text NOT NULL, _run_id text NOT NULL, "
+        "_loaded_at timestamptz NOT NULL)").format(ident(schema, table), _contract_columns(True)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (version_id bigserial PRIMARY KEY, {}, _row_hash text NOT NULL, "
+        "_run_id text NOT NULL, valid_from timestamptz NOT NULL, valid_to timestamptz, "
+        "is_current boolean NOT NULL)").format(ident(schema, hist), _contract_columns(False)))
+    cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE is_current").format(
+        ident(f"{hist}_current"[:63]), ident(schema, hist), sql.Identifier(KEY)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (run_id text NOT NULL, table_name text NOT NULL, "
+        "loaded_at timestamptz NOT NULL, mode text NOT NULL, inserted integer NOT NULL, "
+        "updated integer NOT NULL, unchanged integer NOT NULL, retired integer NOT NULL, "
+        "PRIMARY KEY (run_id, table_name))").format(ident(schema, LOADS_TABLE)))
+
+
+# --- load --------------------------------------------------------------------------------------------
+
+def _cols(names_: list[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:
+    if prefix:
+        return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names_)
+    return sql.SQL(", ").join(sql.Identifier(n) for n in names_)
+
+
+def _typed_select() -> sql.Composed:
+    """Staging text → contract types; lists arrive as JSON arrays."""
+    parts = []
+    for c in CONTRACT:
+        col = sql.Identifier(c.name)
+        if c.kind == "text[]":
+            parts.append(sql.SQL("ARRAY(SELECT jsonb_array_elements_text({}::jsonb)) AS {}").format(col, col))
+        else:
+            parts.append(sql.SQL("{}::{} AS {}").format(col, sql.SQL(_SQL_TYPES[c.kind]), col))
+    parts.append(sql.SQL("_row_hash"))
+    return sql.SQL(", ").join(parts)
+
+
+def load(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: str = "upsert",
+         retire_missing: bool = True) -> dict:
+    """Load a silver CSV into `schema.table` in ONE transaction: COPY into a staging table, then merge.
+
+    upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
+             unchanged rows untouched; with retire_missing, keys absent from the batch are removed
+             from the current table and their history closed.
+    append:  only keys not present yet are inserted; existing rows are never changed.
+    replace: the current table becomes exactly the batch (every row rewritten by this run); history
+             as for upsert with retire_missing.
+    On any error the transaction is rolled back and the tables are as they were.
+    """
+    if mode not in WRITE_MODES:
+        raise ValueError(f"write mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
+    names.run_id(run_id)
+    target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
+    retire = retire_missing or mode == "replace"
+    data_cols = _cols(COLUMNS)
+    try:
+        with conn:  # one transaction: commit on success, roll back on any error
+            with conn.cursor() as cur:
+                ensure_tables(cur, schema, table)
+                cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
+                    sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
+                cur.copy_expert(sql.SQL("COPY _stage ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
+                                .format(data_cols).as_string(conn), io.BytesIO(csv_data))
+                cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(
+                    _typed_select()))
+                cur.execute(sql.SQL(
+                    "CREATE TEMP TABLE _changes ON COMMIT DROP AS "
+                    "SELECT b.{k} AS key, CASE WHEN t.{k} IS NULL THEN 'insert' "
+                    "WHEN t._row_hash IS DISTINCT FROM b._row_hash THEN 'update' ELSE 'unchanged' END AS change "
+                    "FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k}").format(k=sql.Identifier(KEY), t=target))
+                if mode == "append":
+                    cur.execute("UPDATE _changes SET change = 'unchanged' WHERE change = 'update'")
+                if retire:
+                    cur.execute(sql.SQL(
+                        "INSERT INTO _changes SELECT t.{k}, 'retire' FROM {t} t "
+                        "WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k})").format(
+                        k=sql.Identifier(KEY), t=target))
+                # History: close the current version of changed and retired keys, open new versions.
+                cur.execute(sql.SQL(
+                    "UPDATE {h} SET valid_to = now(), is_current = false WHERE is_current AND {k} IN "
+                    "(SELECT key FROM _changes WHERE change IN ('update', 'retire'))").format(
+                    h=hist, k=sql.Identifier(KEY)))
+                cur.execute(sql.SQL(
+                    "INSERT INTO {h} ({cols}, _row_hash, _run_id, valid_from, valid_to, is_current) "
+                    "SELECT {cols}, _row_hash, %s, now(), NULL, true FROM _batch WHERE {k} IN "
+                    "(SELECT key FROM _changes WHERE change IN ('insert', 'update'))").format(
+                    h=hist, cols=data_cols, k=sql.Identifier(KEY)), (run_id,))
+                # Current rows.
+                if mode == "replace":
+                    cur.execute(sql.SQL("DELETE FROM {}").format(target))
+                    written = "('insert', 'update', 'unchanged')"
+                else:
+                    cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
+                                        "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
+                    written = "('insert', 'update')"
+                updates = sql.SQL(", ").join(
+                    sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
+                    for c in [*COLUMNS[1:], *AUDIT_COLUMNS])
+                cur.execute(sql.SQL(
+                    "INSERT INTO {t} ({cols}, _row_hash, _run_id, _loaded_at) "
+                    "SELECT {cols}, _row_hash, %s, now() FROM _batch WHERE {k} IN "
+                    "(SELECT key FROM _changes WHERE change IN " + written + ") "
+                    "ON CONFLICT ({k}) DO UPDATE SET {updates}").format(
+                    t=target, cols=data_cols, k=sql.Identifier(KEY), updates=updates), (run_id,))
+                cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
+                counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
+                cur.execute(sql.SQL(
+                    "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired) "
+                    "VALUES (%s, %s, now(), %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING").format(loads),
+                    (run_id, table, mode, counts["insert"], counts["update"], counts["unchanged"],
+                     counts["retire"]))
+                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(target))
+                current = cur.fetchone()[0]
+    except psycopg2.Error as err:
+        raise DatabaseError(f"loading {schema}.{table} failed and was rolled back: "
+                            f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
+                            ) from None
+    result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
+              "retired": counts["retire"], "current_rows": current, "mode": mode}
+    log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
+    return result
+
+
+# --- reads -------------------------------------------------------------------------------------------
+
+def _select_contract(schema: str, table: str, where: sql.Composable = sql.SQL("")) -> sql.Composed:
+    return sql.SQL("SELECT {cols}, _row_hash, _run_id, _loaded_at FROM {t} {where} ORDER BY {k}").format(
+        cols=_cols(COLUMNS), t=ident(schema, table), where=where, k=sql.Identifier(KEY))
+
+
+def read_frame(conn, query: sql.Composed, params=()) -> pd.DataFrame:
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        columns = [d[0] for d in cur.description]
+        return pd.DataFrame.from_records(cur.fetchall(), columns=columns)
+
+
+def current(conn, schema: str, table: str) -> pd.DataFrame:
+    """The current rows, typed as the contract (lists as Python lists)."""
+    frame = read_frame(conn, _select_contract(schema, table))
+    for col in LIST_COLUMNS:
+        frame[col] = frame[col].astype(object)
+    return frame
+
+
+def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
+    """The table as it was right after run `run_id` loaded it, from the history table."""
+    names.run_id(run_id)
+    query = sql.SQL(
+        "SELECT {cols}, h._run_id, h.valid_from, h.valid_to FROM {h} h JOIN {loads} l "
+        "ON l.run_id = %s AND l.table_name = %s "
+        "WHERE h.valid_from <= l.loaded_at AND (h.valid_to IS NULL OR h.valid_to > l.loaded_at) "
+        "ORDER BY h.{k}").format(cols=_cols(COLUMNS, "h"), h=ident(schema, history_table(table)),
+                                 loads=ident(schema, LOADS_TABLE), k=sql.Identifier(KEY))
+    return read_frame(conn, query, (run_id, table))
+
+
+def table_exists(conn, schema: str, table: str) -> bool:
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL",
+                    (ident(schema, table).as_string(conn),))
+        return cur.fetchone()[0]
+
+
+def tables(conn, schema: str) -> list[str]:
+    names.sql_identifier(schema, "schema")
+    with conn.cursor() as cur:
+        cur.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = %s "
+                    "AND table_type = 'BASE TABLE' ORDER BY table_name", (schema,))
+        return [r[0] for r in cur.fetchall()]
+
+
+# --- export ------------------------------------------------------------------------------------------
+
+def export_query(conn, schema: str, table: str, pipeline_table: bool) -> str:
+    """COPY statement for a table's CSV export. The pipeline's table exports its list columns as JSON
+    arrays (the silver CSV form); any other table exports as PostgreSQL renders it."""
+    if pipeline_table:
+        cols = sql.SQL(", ").join(
+            (sql.SQL("array_to_json({c})::text AS {c}") if c in LIST_COLUMNS else sql.SQL("{c}")).format(
+                c=sql.Identifier(c)) for c in COLUMNS)
+        inner = sql.SQL("SELECT {cols}, _row_hash, _run_id, _loaded_at FROM {t} ORDER BY {k}").format(
+            cols=cols, t=ident(schema, table), k=sql.Identifier(KEY))
+    else:
+        inner = sql.SQL("SELECT * FROM {t} ORDER BY 1").format(t=ident(schema, table))
+    return sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(inner).as_string(conn)
+
+
+def copy_out(conn, schema: str, table: str, sink, pipeline_table: bool = True) -> int:
+    """Stream a table's CSV into `sink` (anything with .write); returns the row count."""
+    with conn.cursor() as cur:
+        cur.execute("SET TIME ZONE 'UTC'")
+        cur.copy_expert(export_query(conn, schema, table, pipeline_table), sink)
+        return cur.rowcount
+
+
+# --- the pipeline lock -------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def pipeline_lock(db: Database, run_id: str, wait_seconds: float = 0.0):
+    """Hold the session advisory lock for a whole run, so two runs against the same database (from
+    any machine) never interleave. Waits up to `wait_seconds`, then raises LockBusy naming the holder."""
+    conn = connect(db, application_name=f"countries-medallion run {run_id}")
+    conn.autocommit = True
+    deadline = time.monotonic() + wait_seconds
+    try:
+        with conn.cursor() as cur:
+            while True:
+                cur.execute("SELECT pg_try_advisory_lock(%s, %s)", LOCK_KEY)
+                if cur.fetchone()[0]:
+                    break
+                if time.monotonic() >= deadline:
+                    cur.execute(
+                        "SELECT a.application_name, a.backend_start FROM pg_locks l "
+                        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' "
+                        "AND l.classid = %s AND l.objid = %s AND l.granted", LOCK_KEY)
+                    holder = cur.fetchone()
+                    who = f"{holder[0]!r} (since {holder[1]:%Y-%m-%d %H:%M:%S %Z})" if holder else "another session"
+                    raise LockBusy(f"another pipeline run holds the lock on {db.masked_url}: {who}. "
+                                   "Wait for it to finish, or pass --wait-for-lock SECONDS")
+                time.sleep(0.5)
+        yield
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            conn.close()  # closing the session releases the lock

@@ -1,0 +1,227 @@
+"""The silver contract (versioned), record-level validation with quarantine, schema drift, and the
+content hashes and fingerprints that reconciliation compares at every hop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+import pandas as pd
+import pandera.pandas as pa
+
+CONTRACT_VERSION = "1.0.0"
+KEY = "name_common"
+REGIONS = ("Africa", "Americas", "Antarctic", "Asia", "Europe", "Oceania")
+TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
+SOURCE_FIELDS = ("name", "capital", "population", "region", "subregion", "languages", "currencies",
+                 "flags", "area", "timezones")
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    kind: str  # text, text[], bigint, double
+    nullable: bool
+    description: str
+
+
+CONTRACT = (
+    Column("name_common", "text", False, "common English name; the key, unique"),
+    Column("name_official", "text", False, "official English name"),
+    Column("capital", "text[]", False, "capital cities, source order (may be empty)"),
+    Column("population", "bigint", False, "population, >= 0"),
+    Column("area", "double", False, "area in km², >= 0"),
+    Column("region", "text", False, "one of " + ", ".join(REGIONS)),
+    Column("subregion", "text", True, "subregion, null where the source has none"),
+    Column("language_codes", "text[]", False, "ISO 639-3 codes, sorted"),
+    Column("language_names", "text[]", False, "language names, in code order"),
+    Column("currency_codes", "text[]", False, "ISO 4217 codes, sorted"),
+    Column("currency_names", "text[]", False, "currency names, in code order"),
+    Column("flag_png", "text", True, "URL of the PNG flag"),
+    Column("flag_svg", "text", True, "URL of the SVG flag"),
+    Column("flag_alt", "text", True, "text description of the flag"),
+    Column("timezones", "text[]", False, "UTC offsets shaped UTC±HH:MM (or UTC), at least one"),
+)
+COLUMNS = [c.name for c in CONTRACT]
+LIST_COLUMNS = [c.name for c in CONTRACT if c.kind == "text[]"]
+TEXT_COLUMNS = [c.name for c in CONTRACT if c.kind == "text"]
+
+
+# --- element rules --------------------------------------------------------------------------------
+
+def _is_text(v) -> bool:
+    return isinstance(v, str) and v.strip() != ""
+
+
+def _is_text_list(v) -> bool:
+    return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+
+def _is_count(v) -> bool:
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int):
+        return v >= 0
+    return isinstance(v, float) and v.is_integer() and v >= 0
+
+
+def _is_measure(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v >= 0
+
+
+def _is_timezone_list(v) -> bool:
+    return _is_text_list(v) and len(v) > 0 and all(TIMEZONE.match(x) for x in v)
+
+
+def _rule(fn, message: str) -> pa.Check:
+    return pa.Check(fn, element_wise=True, error=message)
+
+
+def _rules_for(column: Column) -> list[pa.Check]:
+    if column.name == "population":
+        return [_rule(_is_count, "population must be a whole number >= 0")]
+    if column.name == "area":
+        return [_rule(_is_measure, "area must be a number >= 0")]
+    if column.name == "region":
+        return [_rule(lambda v: v in REGIONS, "region must be one of " + ", ".join(REGIONS))]
+    if column.name == "timezones":
+        return [_rule(_is_timezone_list, "timezones must be a non-empty list shaped UTC±HH:MM")]
+    if column.kind == "text[]":
+        return [_rule(_is_text_list, f"{column.name} must be a list of strings")]
+    return [_rule(_is_text, f"{column.name} must be non-empty text")]
+
+
+# The rules a flattened source record must meet (values as found, nothing coerced).
+RECORD_RULES = pa.DataFrameSchema(
+    {
+        c.name: pa.Column(
+            None, nullable=c.nullable, checks=_rules_for(c),
+            unique=c.name == KEY, report_duplicates="exclude_first",
+        )
+        for c in CONTRACT
+    },
+    strict=True,
+    ordered=True,
+    name=f"silver record rules v{CONTRACT_VERSION}",
+)
+
+# The typed silver table every later hop reads back.
+_DTYPES = {"text": object, "text[]": object, "bigint": "int64", "double": "float64"}
+SILVER = pa.DataFrameSchema(
+    {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
+    strict="filter",
+    ordered=False,
+    name=f"silver contract v{CONTRACT_VERSION}",
+)
+
+
+@dataclass
+class Validated:
+    clean: pd.DataFrame  # typed, contract columns plus _row_hash
+    quarantine: pd.DataFrame  # record, name_common, reasons, record (the source record as JSON)
+
+    @property
+    def counts(self) -> dict:
+        return {"clean": len(self.clean), "quarantined": len(self.quarantine),
+                "records": len(self.clean) + len(self.quarantine)}
+
+
+def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
+    try:
+        RECORD_RULES.validate(frame, lazy=True)
+        return {}
+    except pa.errors.SchemaErrors as err:
+        cases = err.failure_cases
+    bad = cases[cases["index"].notna()]
+    unlocated = cases[cases["index"].isna()]
+    if len(unlocated):
+        # Frame-level problems (a column missing or unexpected) cannot be pinned to records.
+        raise ValueError("the flattened frame breaks the contract's shape: "
+                         + "; ".join(sorted(set(unlocated["check"].astype(str)))))
+    reasons: dict[int, list[str]] = {}
+    for index, column, check, value in zip(bad["index"], bad["column"], bad["check"], bad["failure_case"]):
+        check = str(check)
+        if check == "not_nullable":
+            text = f"{column} is missing"
+        elif check.startswith("field_uniqueness") or "unique" in check:
+            text = f"{column} {value!r} duplicates an earlier record"
+        else:
+            text = f"{check} (got {value!r})"
+        reasons.setdefault(int(index), []).append(text)
+    return reasons
+
+
+def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
+    """Split flattened records into typed clean rows and quarantined ones with their reasons.
+    Every record lands in exactly one of the two."""
+    reasons = _reasons(frame)
+    bad = sorted(reasons)
+    quarantine = pd.DataFrame(
+        {
+            "record": bad,
+            "name_common": [frame.at[i, KEY] for i in bad],
+            "reasons": ["; ".join(reasons[i]) for i in bad],
+            "source": [json.dumps(records[i], ensure_ascii=False, sort_keys=True, default=str) for i in bad],
+        },
+        columns=["record", "name_common", "reasons", "source"],
+    )
+    good = frame.drop(index=bad)
+    clean = typed(good)
+    clean["_row_hash"] = [row_hash(r) for r in clean[COLUMNS].itertuples(index=False)]
+    return Validated(clean.reset_index(drop=True), quarantine)
+
+
+def typed(frame: pd.DataFrame) -> pd.DataFrame:
+    """Contract types for rows that met the rules, checked against the typed contract."""
+    out = frame.copy()
+    out["population"] = out["population"].astype("int64")
+    out["area"] = out["area"].astype("float64")
+    for col in TEXT_COLUMNS + LIST_COLUMNS:
+        out[col] = out[col].astype(object)
+    return SILVER.validate(out)
+
+
+def row_hash(values) -> str:
+    """sha256 of one row's contract values in a canonical form, the same whichever hop it was read
+    from (source, CSV, database)."""
+    canonical = []
+    for column, value in zip(CONTRACT, values):
+        if column.kind == "text[]":
+            value = [str(v) for v in value]
+        elif column.kind == "bigint":
+            value = int(value)
+        elif column.kind == "double":
+            value = float(value)
+        elif value is not None and not (isinstance(value, float) and math.isnan(value)):
+            value = str(value)
+        else:
+            value = None
+        canonical.append(value)
+    return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def fingerprint(frame: pd.DataFrame) -> dict:
+    """Row count and a content fingerprint of a contract frame, recomputed from its values."""
+    hashes = sorted(f"{k}\t{row_hash(r)}" for k, r in
+                    zip(frame[KEY], frame[COLUMNS].itertuples(index=False)))
+    return {"rows": len(hashes), "fingerprint": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
+
+
+def drift(records: list[dict]) -> dict:
+    """Source fields that are new or missing compared with the expected ten, with record counts."""
+    seen = Counter(k for r in records if isinstance(r, dict) for k in r)
+    total = sum(1 for r in records if isinstance(r, dict))
+    return {
+        "unexpected_fields": {k: n for k, n in sorted(seen.items()) if k not in SOURCE_FIELDS},
+        "missing_fields": {f: total - seen.get(f, 0) for f in SOURCE_FIELDS if seen.get(f, 0) < total},
+    }
+
+
+def contract_table() -> pd.DataFrame:
+    """The contract as a table, for notebooks and the README."""
+    return pd.DataFrame([{"column": c.name, "type": c.kind, "nullable": c.nullable, "rule": c.description}
+                         for c in CONTRACT])

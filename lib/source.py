@@ -1,0 +1,177 @@
+"""The REST Countries v3.1 source: a careful HTTP client, payload checks and the bundled snapshot."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from urllib.parse import parse_qs, urlsplit
+
+import requests
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("name", "capital", "population", "region", "subregion", "languages", "currencies", "flags",
+          "area", "timezones")
+MAX_FIELDS = 10  # the live API answers 400 past this
+SNAPSHOT = "countries_v3.1.json"
+
+
+class SourceError(RuntimeError):
+    """The source could not be read."""
+
+
+class HttpError(SourceError):
+    """The API answered with an error that retrying will not fix; the message carries its body."""
+
+
+class Unreachable(SourceError):
+    """The API could not be reached within the retry budget."""
+
+
+class PayloadError(SourceError):
+    """The API answered, but not with a list of country records."""
+
+
+@dataclass
+class Fetched:
+    data: bytes
+    origin: str  # "api" or "snapshot"
+    url: str
+    attempts: list[dict] = field(default_factory=list)
+    fallback_reason: str | None = None
+
+
+def check_url(url: str) -> str:
+    """Refuse a URL that the live API would answer with 400, before sending it."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SourceError(f"API URL {url!r} is not an http(s) URL")
+    if parts.path.rstrip("/").endswith("/all"):
+        fields = [f for f in ",".join(parse_qs(parts.query).get("fields", [])).split(",") if f.strip()]
+        if not fields or len(fields) > MAX_FIELDS:
+            raise SourceError(
+                f"API URL {url!r} must name 1 to {MAX_FIELDS} fields (?fields=a,b,...): "
+                "the REST Countries API answers /v3.1/all without them with HTTP 400"
+            )
+    return url
+
+
+def _short(err: Exception) -> str:
+    """A connection error in one readable phrase (requests' own text nests several layers)."""
+    text = str(err)
+    for pattern in (r"Failed to resolve '[^']+'", r"Connection refused", r"Read timed out",
+                    r"timed out", r"Connection reset by peer", r"Remote end closed connection"):
+        found = re.search(pattern, text)
+        if found:
+            return f"{type(err).__name__}: {found.group(0)}"
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def _retry_after(response: requests.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0, max_attempts: int = 4,
+          backoff: float = 0.5, max_backoff: float = 8.0, max_total_seconds: float = 60.0,
+          session: requests.Session | None = None) -> Fetched:
+    """GET with timeouts and retries: exponential backoff with jitter on connection errors, timeouts,
+    5xx and 429 (honouring Retry-After), all within a bounded total time. Any other 4xx is final and
+    its body is part of the error."""
+    check_url(url)
+    http = session or requests.Session()
+    started = time.monotonic()
+    attempts: list[dict] = []
+    last_problem = ""
+    for attempt in range(1, max_attempts + 1):
+        wait = None
+        try:
+            response = http.get(url, timeout=(connect_timeout, read_timeout),
+                                headers={"Accept": "application/json"})
+        except (requests.ConnectionError, requests.Timeout) as err:
+            last_problem = _short(err)
+            attempts.append({"attempt": attempt, "error": type(err).__name__})
+        else:
+            attempts.append({"attempt": attempt, "status": response.status_code})
+            if response.status_code < 400:
+                log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code,
+                         len(response.content), attempt)
+                return Fetched(response.content, "api", url, attempts)
+            body = response.text[:2000]
+            if response.status_code != 429 and response.status_code < 500:
+                raise HttpError(f"GET {url} answered HTTP {response.status_code}: {body}")
+            last_problem = f"HTTP {response.status_code}: {body[:300]}"
+            if response.status_code == 429:
+                wait = _retry_after(response)
+        if attempt == max_attempts:
+            break
+        if wait is None:
+            wait = min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+        remaining = max_total_seconds - (time.monotonic() - started)
+        if wait > remaining:
+            last_problem += f" (next retry in {wait:.1f}s would pass the {max_total_seconds:.0f}s budget)"
+            break
+        log.warning("GET %s failed (%s); retry %d in %.1fs", url, last_problem, attempt + 1, wait)
+        time.sleep(wait)
+    raise Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {last_problem}")
+
+
+def snapshot_bytes() -> bytes:
+    return resources.files("lib.data").joinpath(SNAPSHOT).read_bytes()
+
+
+def ingest(url: str, *, fallback: bool, **fetch_options) -> Fetched:
+    """Fetch from the API; when it cannot be reached and fallback is allowed, use the bundled
+    snapshot and say so. An API that answers with an error is never papered over."""
+    try:
+        return fetch(url, **fetch_options)
+    except Unreachable as err:
+        if not fallback:
+            raise
+        log.warning("API unreachable, USING THE BUNDLED SNAPSHOT instead: %s", err)
+        return Fetched(snapshot_bytes(), "snapshot", url, fallback_reason=str(err))
+
+
+def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:
+    """The payload as a list of records, or PayloadError saying what is wrong with it."""
+    head = data[:200].lstrip().lower()
+    if head.startswith((b"<!doctype", b"<html", b"<")):
+        raise PayloadError("the API answered with an HTML page, not JSON: " + data[:120].decode("utf-8", "replace"))
+    try:
+        payload = json.loads(data)
+    except UnicodeDecodeError as err:
+        raise PayloadError(f"the API answer is not UTF-8 text: {err}") from None
+    except json.JSONDecodeError as err:
+        raise PayloadError(
+            f"the API answer is not valid JSON ({err.msg} at byte {err.pos} of {len(data)}): "
+            "truncated or corrupted"
+        ) from None
+    if not isinstance(payload, list):
+        raise PayloadError(f"the API answer is a JSON {type(payload).__name__}, not a list of countries")
+    if not payload:
+        raise PayloadError("the API answered with an empty list: no countries")
+    not_objects = sum(1 for r in payload if not isinstance(r, dict))
+    if not_objects:
+        raise PayloadError(f"{not_objects} of {len(payload)} items in the API answer are not JSON objects")
+    if len(payload) < min_records:
+        raise PayloadError(
+            f"the API answered with {len(payload)} records, fewer than min_records={min_records}"
+        )
+    return payload
+
+
+def project(records: list[dict], fields: tuple[str, ...] = FIELDS) -> list[dict]:
+    """Keep only the named fields of each record, as the API does for `?fields=`."""
+    return [{k: r[k] for k in fields if k in r} for r in records]

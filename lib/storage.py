@@ -1,0 +1,213 @@
+"""Object storage through boto3: the local store (SeaweedFS or MinIO) and the cloud role (AWS S3 or an
+S3-compatible endpoint) share these functions. Every object carries metadata: run id, stage, rows and
+the sha256 of its content."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+import boto3
+import botocore.config
+import botocore.exceptions
+
+from lib import names
+from lib.config import Cloud, ObjectStore
+
+log = logging.getLogger(__name__)
+
+CLIENT_CONFIG = dict(
+    signature_version="s3v4",
+    s3={"addressing_style": "path"},
+    connect_timeout=5,
+    read_timeout=60,
+    retries={"max_attempts": 5, "mode": "standard"},  # bounded retries on connect and transient errors
+)
+
+
+class StorageError(RuntimeError):
+    """An object store call failed; the message names the endpoint and bucket, never credentials."""
+
+
+@dataclass
+class Artifact:
+    bucket: str
+    key: str
+    size: int
+    sha256: str
+    rows: int | None = None
+    inputs: list[str] = field(default_factory=list)
+    role: str = "local"  # "local" or "cloud"
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "uri": self.uri}
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def client(store: ObjectStore):
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=store.url,
+        aws_access_key_id=store.access_key.reveal(),
+        aws_secret_access_key=store.secret_key.reveal(),
+        region_name=store.region,
+        config=botocore.config.Config(**CLIENT_CONFIG),
+    )
+
+
+def cloud_client(cloud: Cloud):
+    """The cloud role: explicit keys when emulated on the embedded store, otherwise boto3's own chain
+    (environment, AWS_PROFILE including SSO profiles)."""
+    session = boto3.session.Session(profile_name=cloud.profile, region_name=cloud.region)
+    keys = {}
+    if cloud.access_key is not None:
+        keys = {"aws_access_key_id": cloud.access_key.reveal(),
+                "aws_secret_access_key": cloud.secret_key.reveal()}
+    return session.client("s3", endpoint_url=cloud.endpoint_url,
+                          config=botocore.config.Config(**CLIENT_CONFIG), **keys)
+
+
+def endpoint(s3) -> str:
+    return s3.meta.endpoint_url
+
+
+def _fail(s3, action: str, bucket: str, err: Exception) -> StorageError:
+    if isinstance(err, botocore.exceptions.ClientError):
+        code = err.response.get("Error", {}).get("Code", "?")
+        detail = f"{code}: {err.response.get('Error', {}).get('Message', '')}".strip()
+    elif isinstance(err, botocore.exceptions.EndpointConnectionError):
+        detail = "the object store is not answering (is it running?)"
+    else:
+        detail = f"{type(err).__name__}: {err}"
+    return StorageError(f"{action} failed on {endpoint(s3)} bucket {bucket!r}: {detail}")
+
+
+def ensure_bucket(s3, bucket: str, create: bool = True) -> None:
+    names.bucket(bucket)
+    try:
+        s3.head_bucket(Bucket=bucket)
+        return
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchBucket", "NotFound"):
+            raise _fail(s3, "checking the bucket", bucket, err) from None
+    except botocore.exceptions.BotoCoreError as err:
+        raise _fail(s3, "checking the bucket", bucket, err) from None
+    if not create:
+        raise StorageError(f"bucket {bucket!r} does not exist on {endpoint(s3)}")
+    try:
+        s3.create_bucket(Bucket=bucket)
+        log.info("created bucket %s on %s", bucket, endpoint(s3))
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            raise _fail(s3, "creating the bucket", bucket, err) from None
+    except botocore.exceptions.BotoCoreError as err:
+        raise _fail(s3, "creating the bucket", bucket, err) from None
+
+
+def _metadata(meta: dict) -> dict[str, str]:
+    return {str(k).lower(): str(v) for k, v in meta.items() if v is not None}
+
+
+def put_bytes(s3, bucket: str, key: str, data: bytes, *, metadata: dict, content_type: str,
+              rows: int | None = None, inputs: list[str] = (), role: str = "local") -> Artifact:
+    digest = sha256(data)
+    meta = _metadata({**metadata, "sha256": digest, "rows": rows})
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=data, Metadata=meta, ContentType=content_type)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"writing {key}", bucket, err) from None
+    log.info("wrote s3://%s/%s (%d bytes, sha256 %s)", bucket, key, len(data), digest[:12])
+    return Artifact(bucket, key, len(data), digest, rows, list(inputs), role)
+
+
+def put_stream(s3, bucket: str, key: str, fileobj: BinaryIO, *, size: int, digest: str, metadata: dict,
+               content_type: str, rows: int | None = None, inputs: list[str] = (),
+               role: str = "local") -> Artifact:
+    """Upload a file object (multipart when large) whose size and sha256 are already known."""
+    meta = _metadata({**metadata, "sha256": digest, "rows": rows})
+    try:
+        s3.upload_fileobj(fileobj, bucket, key, ExtraArgs={"Metadata": meta, "ContentType": content_type})
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"writing {key}", bucket, err) from None
+    log.info("wrote s3://%s/%s (%d bytes, sha256 %s)", bucket, key, size, digest[:12])
+    return Artifact(bucket, key, size, digest, rows, list(inputs), role)
+
+
+def copy(s3, bucket: str, source_key: str, key: str) -> None:
+    """Server-side copy within a bucket, keeping the metadata (used for `latest` keys)."""
+    try:
+        s3.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": source_key},
+                       MetadataDirective="COPY")
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"copying {source_key} to {key}", bucket, err) from None
+
+
+def get_bytes(s3, bucket: str, key: str) -> tuple[bytes, dict[str, str]]:
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+        return obj["Body"].read(), obj.get("Metadata", {})
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"reading {key}", bucket, err) from None
+
+
+def head(s3, bucket: str, key: str) -> dict | None:
+    """An object's size and metadata, or None when it does not exist."""
+    try:
+        obj = s3.head_object(Bucket=bucket, Key=key)
+    except botocore.exceptions.ClientError as err:
+        if err.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return None
+        raise _fail(s3, f"reading {key}", bucket, err) from None
+    except botocore.exceptions.BotoCoreError as err:
+        raise _fail(s3, f"reading {key}", bucket, err) from None
+    return {"size": obj["ContentLength"], "metadata": obj.get("Metadata", {})}
+
+
+def list_objects(s3, bucket: str, prefix: str = "") -> list[dict]:
+    """Every object under a prefix, as dicts with key, size and last_modified, sorted by key."""
+    out = []
+    try:
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            out += [{"key": o["Key"], "size": o["Size"], "last_modified": o["LastModified"]}
+                    for o in page.get("Contents", [])]
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"listing {prefix or '/'}", bucket, err) from None
+    return sorted(out, key=lambda o: o["key"])
+
+
+class HashingSpool:
+    """A write-only file that hashes and counts what passes through it, spilling to disk past 8 MiB,
+    so a COPY ... TO STDOUT can stream into an upload whose sha256 goes into its metadata."""
+
+    def __init__(self, max_memory: int = 8 * 1024 * 1024):
+        self.file = tempfile.SpooledTemporaryFile(max_size=max_memory)
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk) -> int:
+        if isinstance(chunk, str):
+            chunk = chunk.encode("utf-8")
+        self.hash.update(chunk)
+        self.size += len(chunk)
+        return self.file.write(chunk)
+
+    @property
+    def sha256(self) -> str:
+        return self.hash.hexdigest()
+
+    def rewound(self) -> BinaryIO:
+        self.file.seek(0)
+        return self.file
+
+    def close(self) -> None:
+        self.file.close()

@@ -1,0 +1,185 @@
+#!/usr/bin/env python3
+"""Run the countries-medallion stages as papermill notebooks, or manage the embedded stack.
+
+    python run_pipeline.py                      all five stages, a new run id
+    python run_pipeline.py --stages 2-4 --run-id ID -p write_mode=replace
+    python run_pipeline.py --resume ID          continue a failed or interrupted run
+    python run_pipeline.py stack up|down|status|env
+    python run_pipeline.py lab                  JupyterLab on the same stack
+
+Exit codes: 0 success, 1 a stage or preflight failed, 2 bad arguments or configuration (nothing ran),
+3 another run holds the pipeline lock, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from lib import config, db, names, pipeline, runs, stack
+from lib import log as logsetup
+
+log = logging.getLogger("run_pipeline")
+
+
+def run_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="run_pipeline.py",
+        description="Run the five stage notebooks in order with papermill; each run is recorded in "
+                    "outputs/runs/<run_id>/ (executed notebooks and manifest.json). "
+                    "Other commands: `stack up|down|status|env`, `lab`.",
+        epilog="Exit codes: 0 ok, 1 failed, 2 bad arguments/configuration, 3 pipeline lock busy, 130 interrupted.")
+    p.add_argument("--stages", default="1-5", help="stages to run: 1-5, 2-4, 3 or 1,3 (default 1-5)")
+    p.add_argument("--run-id", default="", help="run id (default: a new one, like 20261128T054219Z-3fa2c1)")
+    p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a notebook parameter, passed to every chosen stage that declares KEY (repeatable)")
+    p.add_argument("--resume", metavar="RUN_ID", help="continue RUN_ID from its first stage that did not succeed")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel (default python3)")
+    p.add_argument("--kernel-start-timeout", type=int, default=60, metavar="SECONDS",
+                   help="give up when a kernel has not started after this long (default 60)")
+    p.add_argument("--cell-timeout", type=int, default=600, metavar="SECONDS",
+                   help="fail a stage whose cell runs longer than this (default 600)")
+    p.add_argument("--wait-for-lock", type=float, default=0, metavar="SECONDS",
+                   help="when another run holds the pipeline lock, wait this long before giving up (default 0)")
+    return p
+
+
+def usage_error(message: str) -> int:
+    print(f"run_pipeline.py: error: {message}", file=sys.stderr)
+    return pipeline.EXIT_USAGE
+
+
+def cmd_stack(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_pipeline.py stack", description="Manage the embedded stack "
+                                "(SeaweedFS S3 and PostgreSQL on loopback, state under .state/).")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    args = p.parse_args(argv)
+    env = config.environment()
+    sdir = config.state_dir(env)
+    logsetup.setup(config.Path(env.get("PIPELINE_LOGS_DIR") or config.ROOT / "logs"))
+    try:
+        if args.action == "up":
+            stack.up(sdir)
+            print(json.dumps(stack.status(sdir), indent=2))
+        elif args.action == "down":
+            stack.down(sdir)
+            print(json.dumps(stack.status(sdir), indent=2))
+        elif args.action == "status":
+            print(json.dumps(stack.status(sdir), indent=2))
+        else:
+            print("\n".join(stack.env_lines(sdir)))
+    except stack.StackError as err:
+        print(f"run_pipeline.py stack {args.action}: {err}", file=sys.stderr)
+        return pipeline.EXIT_FAILED
+    return 0
+
+
+def cmd_lab(argv: list[str]) -> int:
+    env = config.environment()
+    pipeline.ensure_stack(env)
+    os.chdir(config.ROOT)
+    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab",
+                               f"--ServerApp.root_dir={config.ROOT}", "--ServerApp.ip=127.0.0.1",
+                               "--LabApp.default_url=/lab/tree/notebooks", *argv])
+
+
+def cmd_run(argv: list[str]) -> int:
+    args = run_parser().parse_args(argv)
+    # 1. Everything the user typed is checked before any service is touched.
+    try:
+        if args.resume:
+            if args.param or args.run_id or args.stages != "1-5":
+                raise pipeline.UsageError("--resume takes no --stages, --run-id or -p: it reuses the run's own")
+            run_id = names.run_id(args.resume)
+        else:
+            run_id = names.run_id(args.run_id) if args.run_id else runs.new_run_id()
+            stages = pipeline.parse_stages(args.stages)
+            params = pipeline.parse_params(args.param, stages)
+        env = config.environment()
+        if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
+            config.load(env)  # a configured stack: its settings can be checked now
+    except (pipeline.UsageError, names.InvalidName, config.ConfigError) as err:
+        return usage_error(str(err))
+
+    # 2. Services: start the embedded ones if nothing else is configured.
+    try:
+        pipeline.ensure_stack(env)
+        settings = config.load(env)
+    except (stack.StackError, config.ConfigError, names.InvalidName) as err:
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return pipeline.EXIT_FAILED
+    logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+
+    if args.resume:
+        previous = runs.read_json(runs.run_dir(settings, run_id) / "manifest.json")
+        if previous is None:
+            return usage_error(f"--resume {run_id}: no run record at {runs.run_dir(settings, run_id)}")
+        all_stages = previous["requested_stages"]
+        params = previous["parameters"]
+        stages = all_stages[pipeline.RunRecord(settings, run_id, previous).first_unfinished():]
+        if not stages:
+            print(f"run {run_id} already succeeded: nothing to resume")
+            return 0
+        log.info("resuming run %s at %s", run_id, stages[0])
+
+    # 3. Preflight, then the lock, then the stages.
+    api_url = params.get("01_ingest", {}).get("api_url") if "01_ingest" in params else None
+    problems = pipeline.preflight(settings, stages, api_url)
+    if problems:
+        print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        return pipeline.EXIT_FAILED
+    pipeline.install_signal_handlers()
+    try:
+        with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
+            return run_stages(settings, run_id, stages, params, args, logfile)
+    except db.LockBusy as err:
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return pipeline.EXIT_LOCKED
+    except db.DatabaseError as err:
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return pipeline.EXIT_FAILED
+
+
+def run_stages(settings, run_id, stages, params, args, logfile) -> int:
+    record = pipeline.RunRecord.open(settings, run_id, stages, params)
+    print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
+          f"cloud {settings.cloud.kind}")
+    status, code = "succeeded", 0
+    for stage in stages:
+        try:
+            pipeline.execute(record, stage, params.get(stage, {}), kernel=args.kernel,
+                             start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout)
+        except pipeline.Interrupted as why:
+            status, code = "interrupted", pipeline.EXIT_INTERRUPTED
+            print(f"\nrun {run_id} interrupted ({why}) during {stage}; "
+                  f"resume with: python run_pipeline.py --resume {run_id}", file=sys.stderr)
+            break
+        except Exception as err:  # noqa: BLE001 - any stage failure ends the run the same way
+            status, code = "failed", pipeline.EXIT_FAILED
+            print(f"\nstage {stage} FAILED in {pipeline.failed_cell(err)}\n"
+                  f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
+                  f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
+            break
+    record.finish(status)
+    print(f"\nrun {run_id} {status.upper()}")
+    print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
+    print(f"  log:        {logfile}")
+    for stage in record.data["requested_stages"]:
+        print(pipeline.summary_line(stage, record.data["stages"].get(stage, {"status": "not run"})))
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "stack":
+        return cmd_stack(argv[1:])
+    if argv and argv[0] == "lab":
+        return cmd_lab(argv[1:])
+    return cmd_run(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
