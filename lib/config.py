@@ -76,10 +76,11 @@ class Cloud:
     profile: str | None
     endpoint_url: str | None
     emulated: bool
-    # Only set when the cloud role is emulated on the embedded store; otherwise boto3's own chain
-    # (environment, AWS_PROFILE, SSO) finds the credentials.
+    # Explicit keys (AWS_ACCESS_KEY_ID/..., or the embedded store's when emulated there); when None,
+    # boto3's own chain (AWS_PROFILE including SSO, instance roles) finds the credentials.
     access_key: Secret | None = None
     secret_key: Secret | None = None
+    session_token: Secret | None = None
 
     @property
     def kind(self) -> str:
@@ -123,7 +124,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every secret value in force, so logs can redact them."""
         values = [self.store.access_key, self.store.secret_key, self.db.password,
-                  self.cloud.access_key, self.cloud.secret_key]
+                  self.cloud.access_key, self.cloud.secret_key, self.cloud.session_token]
         return [s.reveal() for s in values if s]
 
 
@@ -244,6 +245,11 @@ def load(env: dict[str, str] | None = None) -> Settings:
     prefix = names.prefix(env.get("S3_FOLDER_PREFIX", "exports").strip("/"))
     if env.get("S3_BUCKET_NAME"):
         endpoint = env.get("AWS_ENDPOINT_URL") or None
+        keys = {}
+        if env.get("AWS_ACCESS_KEY_ID"):  # from .env too, which boto3 would not read by itself
+            keys = {"access_key": Secret(env["AWS_ACCESS_KEY_ID"]),
+                    "secret_key": Secret(_required(env, "AWS_SECRET_ACCESS_KEY")),
+                    "session_token": Secret(env.get("AWS_SESSION_TOKEN", ""))}
         cloud = Cloud(
             bucket=names.bucket(env["S3_BUCKET_NAME"]),
             prefix=prefix,
@@ -251,6 +257,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
             profile=env.get("AWS_PROFILE") or None,
             endpoint_url=endpoint,
             emulated=endpoint is not None,
+            **keys,
         )
     else:
         # No cloud bucket configured: a separate bucket on the local store plays the cloud's role.

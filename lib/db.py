@@ -251,6 +251,16 @@ def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
     return read_frame(conn, query, (run_id, table))
 
 
+def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFrame:
+    """Every version of one country in the history table, oldest first (through SQLAlchemy)."""
+    quote = engine_.dialect.identifier_preparer.quote
+    hist = f"{quote(names.sql_identifier(schema, 'schema'))}.{quote(history_table(table))}"
+    query = sa.text(f"SELECT {KEY}, population, area, capital, _run_id, valid_from, valid_to, is_current "
+                    f"FROM {hist} WHERE {KEY} = :key ORDER BY valid_from")
+    with engine_.connect() as conn:
+        return pd.read_sql_query(query, conn, params={"key": key})
+
+
 def table_exists(conn, schema: str, table: str) -> bool:
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL",

@@ -66,13 +66,15 @@ def client(store: ObjectStore):
 
 
 def cloud_client(cloud: Cloud):
-    """The cloud role: explicit keys when emulated on the embedded store, otherwise boto3's own chain
-    (environment, AWS_PROFILE including SSO profiles)."""
+    """The cloud role: explicit keys when configured, otherwise boto3's own chain (environment,
+    AWS_PROFILE including SSO profiles)."""
     session = boto3.session.Session(profile_name=cloud.profile, region_name=cloud.region)
     keys = {}
     if cloud.access_key is not None:
         keys = {"aws_access_key_id": cloud.access_key.reveal(),
                 "aws_secret_access_key": cloud.secret_key.reveal()}
+        if cloud.session_token:
+            keys["aws_session_token"] = cloud.session_token.reveal()
     return session.client("s3", endpoint_url=cloud.endpoint_url,
                           config=botocore.config.Config(**CLIENT_CONFIG), **keys)
 
