@@ -81,7 +81,8 @@ def cmd_lab(argv: list[str]) -> int:
     env = config.environment()
     pipeline.ensure_stack(env)
     os.chdir(config.ROOT)
-    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab",
+    extra = ["--allow-root"] if os.geteuid() == 0 else []  # containers and CI machines often run as root
+    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra,
                                f"--ServerApp.root_dir={config.ROOT}", "--ServerApp.ip=127.0.0.1",
                                "--LabApp.default_url=/lab/tree/notebooks", *argv])
 
