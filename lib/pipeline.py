@@ -172,8 +172,9 @@ class RunRecord:
             record.data = existing
             record.data["status"] = "running"
             record.data.setdefault("resumed", []).append(runs.now())
-            for s in stages:
-                record.data["requested_stages"] = sorted(set(record.data["requested_stages"]) | {s})
+            record.data["requested_stages"] = sorted(set(record.data["requested_stages"]) | set(stages))
+            for s in stages:  # a stage run again takes this invocation's parameters
+                record.data["parameters"][s] = params.get(s, {})
         else:
             record.data = {
                 "run_id": run_id,
