@@ -147,7 +147,7 @@ def load(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: s
         raise ValueError(f"write mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
     names.run_id(run_id)
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
-    retire = retire_missing or mode == "replace"
+    retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
     data_cols = _cols(COLUMNS)
     try:
         with conn:  # one transaction: commit on success, roll back on any error

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from lib.quality import COLUMNS, KEY
@@ -21,6 +22,8 @@ def aggregates(frame: pd.DataFrame, by: str) -> pd.DataFrame:
 
 
 def _plain(value):
+    if isinstance(value, np.generic):
+        value = value.item()  # numpy scalars as Python ones, so the JSON report keeps numbers as numbers
     if isinstance(value, float) and value.is_integer():
         return value
     return list(value) if isinstance(value, (list, tuple)) else value

@@ -61,12 +61,15 @@ def _is_text_list(v) -> bool:
     return isinstance(v, list) and all(isinstance(x, str) for x in v)
 
 
+BIGINT_MAX = 2**63 - 1  # larger counts cannot be typed (int64) nor stored (bigint)
+
+
 def _is_count(v) -> bool:
     if isinstance(v, bool):
         return False
     if isinstance(v, int):
-        return v >= 0
-    return isinstance(v, float) and v.is_integer() and v >= 0
+        return 0 <= v <= BIGINT_MAX
+    return isinstance(v, float) and v.is_integer() and 0 <= v < 2.0**63
 
 
 def _is_measure(v) -> bool:

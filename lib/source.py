@@ -80,8 +80,12 @@ def _retry_after(response: requests.Response) -> float | None:
     try:
         return max(0.0, float(value))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(value)
-        return max(0.0, when.timestamp() - time.time()) if when else None
+    except (TypeError, ValueError):  # neither seconds nor an HTTP date: use the normal backoff
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when else None
 
 
 def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0, max_attempts: int = 4,
@@ -152,6 +156,9 @@ def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:
     try:
         payload = json.loads(data)
     except UnicodeDecodeError as err:
+        if err.reason == "unexpected end of data":  # cut inside a multi-byte character
+            raise PayloadError(f"the API answer ends inside a UTF-8 character (byte {err.start} of "
+                               f"{len(data)}): truncated") from None
         raise PayloadError(f"the API answer is not UTF-8 text: {err}") from None
     except json.JSONDecodeError as err:
         raise PayloadError(

@@ -77,7 +77,8 @@ def read_csv(data: bytes) -> pd.DataFrame:
     for col in LIST_COLUMNS:
         frame[col] = frame[col].map(json.loads).astype(object)
     for col in TEXT_COLUMNS:
-        frame[col] = frame[col].map(lambda v: None if v == "" else v).astype(object)
+        # Built as an object Series: with pandas 3 `.map` re-infers a string dtype and None becomes NaN.
+        frame[col] = pd.Series([None if v == "" else v for v in frame[col]], index=frame.index, dtype=object)
     frame["population"] = frame["population"].astype("int64")
     frame["area"] = frame["area"].astype("float64")
     return frame

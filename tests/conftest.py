@@ -9,8 +9,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
@@ -37,9 +39,12 @@ def api():
 
 
 @pytest.fixture(scope="session")
-def session_dirs(tmp_path_factory):
-    base = tmp_path_factory.mktemp("medallion")
-    return {"state": base / "state", "outputs": base / "outputs", "logs": base / "logs"}
+def session_dirs():
+    # Not under pytest's own temp folder: pytest resets that to mode 0700 whenever another session
+    # starts, and the PostgreSQL system user must be able to reach its data folder.
+    base = Path(tempfile.mkdtemp(prefix="medallion-tests-"))
+    yield {"state": base / "state", "outputs": base / "outputs", "logs": base / "logs"}
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,10 +69,11 @@ def pipeline_env(session_dirs, api):
 
 @pytest.fixture(scope="session")
 def embedded(pipeline_env, session_dirs):
-    """The embedded stack, up for the whole session."""
-    state = stack.up(session_dirs["state"])
-    yield state
-    stack.down(session_dirs["state"])
+    """The embedded stack, up for the whole session (stopped even if starting it failed half-way)."""
+    try:
+        yield stack.up(session_dirs["state"])
+    finally:
+        stack.down(session_dirs["state"])
 
 
 @pytest.fixture

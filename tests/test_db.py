@@ -1,0 +1,283 @@
+"""lib.db against the real embedded PostgreSQL: loads with history, rollback, reads, export, the lock."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+import time
+
+import pandas as pd
+import pytest
+from psycopg2 import sql
+
+from lib import db, quality, source, transform
+from lib.config import Secret
+from lib.db import DatabaseError, LockBusy
+from lib.names import InvalidName
+from lib.quality import COLUMNS, KEY
+
+SCHEMA = "public"
+
+
+@pytest.fixture(scope="module")
+def clean():
+    records = source.parse_payload(source.snapshot_bytes())
+    return quality.validate(transform.flatten(records), records).clean
+
+
+@pytest.fixture
+def table(unique):
+    return f"t_{unique}"
+
+
+def csv(frame) -> bytes:
+    """A silver CSV as 02_clean writes it, with row hashes recomputed from the values."""
+    frame = frame.copy()
+    frame["_row_hash"] = [quality.row_hash(r) for r in frame[COLUMNS].itertuples(index=False)]
+    return transform.to_csv(frame, COLUMNS + ["_row_hash"])
+
+
+def changed(frame, index, **values):
+    frame = frame.copy()
+    for col, value in values.items():
+        frame.at[index, col] = value
+    return frame
+
+
+def history(pg, table):
+    return db.read_frame(pg, sql.SQL("SELECT {k}, population, _run_id, valid_to, is_current FROM {h} "
+                                     "ORDER BY version_id").format(k=sql.Identifier(KEY),
+                                                                   h=db.ident(SCHEMA, f"{table}_history")))
+
+
+def current(pg, table):
+    return db.current(pg, SCHEMA, table).set_index(KEY)
+
+
+def load(pg, data, table, run_id, **kw):
+    return db.load(pg, data, schema=SCHEMA, table=table, run_id=run_id, **kw)
+
+
+def dump(pg, table) -> bytes:
+    """Every byte of the table, its history and its load log, as COPY renders them."""
+    out = io.BytesIO()
+    for name in (table, f"{table}_history"):
+        db.copy_out(pg, SCHEMA, name, out, pipeline_table=False)
+    with pg.cursor() as cur:
+        cur.execute("SELECT * FROM pipeline_loads WHERE table_name = %s ORDER BY run_id", (table,))
+        out.write(repr(cur.fetchall()).encode())
+    return out.getvalue()
+
+
+# --- upsert ------------------------------------------------------------------------------------------
+
+def test_upsert_inserts_then_a_rerun_changes_nothing(pg, clean, table):
+    batch = clean.head(5)
+    first = load(pg, csv(batch), table, "r1")
+    assert first == {"inserted": 5, "updated": 0, "unchanged": 0, "retired": 0, "current_rows": 5,
+                     "mode": "upsert"}
+    before = dump(pg, table)
+    second = load(pg, csv(batch), table, "r2")
+    assert (second["inserted"], second["updated"], second["unchanged"]) == (0, 0, 5)
+    assert len(history(pg, table)) == 5
+    assert set(current(pg, table)["_run_id"]) == {"r1"}
+    assert dump(pg, table).split(b"[(")[0] == before.split(b"[(")[0]  # rows untouched, only the load log grew
+
+
+def test_a_changed_row_closes_the_old_version_and_opens_a_new_one(pg, clean, table):
+    batch = clean.head(5)
+    key = batch.at[2, KEY]
+    load(pg, csv(batch), table, "r1")
+    result = load(pg, csv(changed(batch, 2, population=123)), table, "r2")
+    assert (result["inserted"], result["updated"], result["unchanged"]) == (0, 1, 4)
+    now = current(pg, table)
+    assert now.at[key, "population"] == 123 and now.at[key, "_run_id"] == "r2"
+    assert (now.drop(index=key)["_run_id"] == "r1").all()
+    versions = history(pg, table)
+    versions = versions[versions[KEY] == key]
+    assert list(versions["population"]) == [batch.at[2, "population"], 123]
+    assert list(versions["is_current"]) == [False, True]
+    assert pd.notna(versions["valid_to"].iloc[0]) and pd.isna(versions["valid_to"].iloc[1])
+    assert len(history(pg, table)) == 6
+
+
+def test_retire_missing_removes_an_absent_key_and_closes_its_history(pg, clean, table):
+    batch = clean.head(5)
+    gone = batch.at[4, KEY]
+    load(pg, csv(batch), table, "r1")
+    result = load(pg, csv(batch.head(4)), table, "r2")
+    assert result["retired"] == 1 and result["current_rows"] == 4
+    assert gone not in current(pg, table).index
+    versions = history(pg, table)
+    row = versions[versions[KEY] == gone].iloc[0]
+    assert not row["is_current"] and pd.notna(row["valid_to"])
+
+
+def test_without_retire_missing_an_absent_key_stays(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r1")
+    result = load(pg, csv(clean.head(4)), table, "r2", retire_missing=False)
+    assert result["retired"] == 0 and result["current_rows"] == 5
+
+
+# --- append and replace ------------------------------------------------------------------------------
+
+def test_append_only_inserts_new_keys_and_never_updates_or_removes(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r1")
+    before = current(pg, table)
+    batch = changed(clean.iloc[3:8].reset_index(drop=True), 0, population=1)  # key 3 changed, 5-7 new
+    result = load(pg, csv(batch), table, "r2", mode="append")
+    assert (result["inserted"], result["updated"], result["retired"]) == (3, 0, 0)
+    after = current(pg, table)
+    assert len(after) == 8
+    assert after.loc[before.index].equals(before)  # the five earlier rows exactly as they were
+    assert len(history(pg, table)) == 8
+
+
+def test_replace_rewrites_the_table_as_exactly_the_batch(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r1")
+    batch = clean.iloc[2:7].reset_index(drop=True)
+    result = load(pg, csv(batch), table, "r2", mode="replace", retire_missing=False)
+    assert (result["inserted"], result["unchanged"], result["retired"]) == (2, 3, 2)
+    after = current(pg, table)
+    assert sorted(after.index) == sorted(batch[KEY])
+    assert set(after["_run_id"]) == {"r2"}  # every row rewritten by this run
+    versions = history(pg, table)
+    assert versions["is_current"].sum() == 5 and len(versions) == 7
+
+
+# --- point in time -----------------------------------------------------------------------------------
+
+def test_as_of_a_run_gives_the_table_as_that_run_left_it(pg, clean, table):
+    batch = clean.head(5)
+    key = batch.at[1, KEY]
+    load(pg, csv(batch), table, "r1")
+    time.sleep(0.01)
+    load(pg, csv(changed(batch, 1, population=42)), table, "r2")
+    old = db.as_of(pg, SCHEMA, table, "r1").set_index(KEY)
+    new = db.as_of(pg, SCHEMA, table, "r2").set_index(KEY)
+    assert old.at[key, "population"] == batch.at[1, "population"]
+    assert new.at[key, "population"] == 42
+    assert len(old) == len(new) == 5
+    assert db.as_of(pg, SCHEMA, table, "never-ran").empty
+
+
+# --- failures roll back ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("column, forged", [("population", b"x"), ("population", b"-1"),
+                                             ("area", b"1e999"), ("capital", b"not json"),
+                                             ("name_official", b"")])
+def test_a_bad_value_in_the_csv_rolls_back_and_leaves_the_table_byte_for_byte(pg, clean, table, column, forged):
+    load(pg, csv(clean.head(5)), table, "r1")
+    before = dump(pg, table)
+    frame = clean.head(6).astype({column: object})
+    frame.at[5, column] = ["FORGED"] if column in quality.LIST_COLUMNS else "FORGED"
+    data = transform.to_csv(frame, COLUMNS + ["_row_hash"])
+    data = data.replace(b'"[""FORGED""]"', forged).replace(b"FORGED", forged)
+    assert data.count(b"FORGED") == 0 and len(data.splitlines()) == 7
+    with pytest.raises(DatabaseError, match=f"loading public.{table} failed and was rolled back"):
+        load(pg, data, table, "r2")
+    assert dump(pg, table) == before
+
+
+def test_a_failed_first_load_leaves_no_table_behind(pg, clean, table):
+    forged = clean.head(2).astype({"population": object})
+    forged.at[1, "population"] = "x"
+    with pytest.raises(DatabaseError):
+        load(pg, transform.to_csv(forged, COLUMNS + ["_row_hash"]), table, "r1")
+    assert not db.table_exists(pg, SCHEMA, table)
+    assert not db.table_exists(pg, SCHEMA, f"{table}_history")
+
+
+def test_a_csv_without_the_row_hash_column_is_refused(pg, clean, table):
+    with pytest.raises(DatabaseError, match="rolled back"):
+        load(pg, transform.to_csv(clean.head(2), COLUMNS), table, "r1")
+
+
+# --- names are checked before SQL --------------------------------------------------------------------
+
+@pytest.mark.parametrize("schema, name", [(SCHEMA, "a;drop"), (SCHEMA, 'Robert"); --'), ('x"; drop', "t"),
+                                          (SCHEMA, "Upper"), (SCHEMA, "t" * 64)])
+def test_unsafe_identifiers_are_refused_before_any_sql_runs(pg, clean, schema, name):
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables")
+        tables_before = cur.fetchone()[0]
+    with pytest.raises(InvalidName):
+        db.load(pg, csv(clean.head(1)), schema=schema, table=name, run_id="r1")
+    with pytest.raises(InvalidName):
+        db.current(pg, schema, name)
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.tables")
+        assert cur.fetchone()[0] == tables_before
+
+
+def test_a_table_whose_history_table_name_would_be_too_long_is_refused(pg, clean):
+    with pytest.raises(InvalidName, match="history table name"):
+        db.load(pg, csv(clean.head(1)), schema=SCHEMA, table="t" * 60, run_id="r1")
+    assert not db.table_exists(pg, SCHEMA, "t" * 60)
+
+
+def test_bad_run_ids_and_modes_are_refused(pg, clean, table):
+    with pytest.raises(InvalidName):
+        load(pg, csv(clean.head(1)), table, "r1; drop")
+    with pytest.raises(ValueError, match="write mode 'merge'"):
+        load(pg, csv(clean.head(1)), table, "r1", mode="merge")
+    with pytest.raises(InvalidName):
+        db.as_of(pg, SCHEMA, table, "../r1")
+    assert not db.table_exists(pg, SCHEMA, table)
+
+
+# --- reads and export --------------------------------------------------------------------------------
+
+def test_the_whole_snapshot_round_trips_through_the_database_with_the_same_fingerprint(pg, clean, table):
+    load(pg, csv(clean), table, "r1")
+    assert quality.fingerprint(db.current(pg, SCHEMA, table)) == quality.fingerprint(clean)
+    sink = io.BytesIO()
+    rows = db.copy_out(pg, SCHEMA, table, sink)
+    exported = transform.read_csv(sink.getvalue())
+    assert rows == 250
+    assert quality.fingerprint(exported) == quality.fingerprint(clean)
+    assert list(exported["_row_hash"]) == list(clean.sort_values(KEY)["_row_hash"])
+    assert table in db.tables(pg, SCHEMA) and f"{table}_history" in db.tables(pg, SCHEMA)
+
+
+def test_connect_with_a_wrong_password_fails_at_once_and_masks_it(settings):
+    wrong = dataclasses.replace(settings.db, password=Secret("not-the-password"))
+    started = time.monotonic()
+    with pytest.raises(DatabaseError, match="password authentication failed") as err:
+        db.connect(wrong)
+    assert time.monotonic() - started < 3
+    assert "not-the-password" not in str(err.value) and ":***@" in str(err.value)
+
+
+# --- the pipeline lock -------------------------------------------------------------------------------
+
+def test_a_second_lock_attempt_names_the_holder(settings):
+    with db.pipeline_lock(settings.db, "holder-run"):
+        with pytest.raises(LockBusy, match="'countries-medallion run holder-run'"):
+            with db.pipeline_lock(settings.db, "second-run"):
+                pass
+    with db.pipeline_lock(settings.db, "third-run"):  # released when the holder's session closed
+        pass
+
+
+def test_waiting_for_the_lock_succeeds_once_the_holder_releases_it(settings):
+    held, release = threading.Event(), threading.Event()
+
+    def holder():
+        with db.pipeline_lock(settings.db, "slow-run"):
+            held.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert held.wait(10)
+        threading.Timer(1.0, release.set).start()
+        started = time.monotonic()
+        with db.pipeline_lock(settings.db, "patient-run", wait_seconds=10):
+            waited = time.monotonic() - started
+        assert 0.9 <= waited < 5
+    finally:
+        release.set()
+        thread.join(10)

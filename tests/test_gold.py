@@ -1,0 +1,139 @@
+"""lib.gold: aggregates, the change report between runs, and reconciliation across hops."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from lib import gold, quality, source, transform
+from lib.gold import ReconciliationError
+
+
+@pytest.fixture(scope="module")
+def clean():
+    records = source.parse_payload(source.snapshot_bytes())
+    return quality.validate(transform.flatten(records), records).clean
+
+
+def test_region_aggregates_add_up_to_the_whole_table(clean):
+    agg = gold.aggregates(clean, "region")
+    assert list(agg.columns) == ["region", "countries", "population", "area_km2", "density_per_km2"]
+    assert set(agg["region"]) == set(clean["region"])
+    assert agg["countries"].sum() == 250
+    assert agg["population"].sum() == clean["population"].sum()
+    assert agg["area_km2"].sum() == pytest.approx(clean["area"].sum())
+    assert list(agg["population"]) == sorted(agg["population"], reverse=True)
+    europe = agg.set_index("region").loc["Europe"]
+    assert europe["density_per_km2"] == round(europe["population"] / europe["area_km2"], 2)
+
+
+def test_subregion_aggregates_name_a_missing_subregion(clean):
+    agg = gold.aggregates(clean, "subregion")
+    assert list(agg.columns[:2]) == ["region", "subregion"]
+    assert agg["countries"].sum() == 250
+    none = agg[agg["subregion"] == "(none)"]
+    assert none["countries"].sum() == clean["subregion"].isna().sum() == 5
+
+
+def test_density_is_empty_where_the_area_is_zero(clean):
+    frame = clean.head(2).copy()
+    frame["region"] = ["Asia", "Europe"]
+    frame.loc[frame.index[0], "area"] = 0.0
+    agg = gold.aggregates(frame, "region").set_index("region")
+    assert math.isnan(agg.at["Asia", "density_per_km2"])
+    assert not math.isnan(agg.at["Europe", "density_per_km2"])
+
+
+def test_first_gold_table_reports_every_country_as_added(clean):
+    report = gold.changes(None, clean, None)
+    assert report["previous_run_id"] is None
+    assert report["added"] == sorted(clean["name_common"]) and len(report["added"]) == 250
+    assert report["removed"] == [] and report["changed"] == {}
+
+
+def test_changes_lists_added_removed_and_changed_fields_with_old_and_new(clean):
+    previous = clean.head(5).reset_index(drop=True)
+    current = pd.concat([previous.iloc[1:], clean.iloc[[10]]], ignore_index=True).copy(deep=True)
+    current.loc[0, "population"] = int(previous.loc[1, "population"]) + 1
+    current.at[1, "capital"] = ["New Capital"]
+    report = gold.changes(previous, current, "run-1")
+    assert report["previous_run_id"] == "run-1"
+    assert report["added"] == [clean.iloc[10]["name_common"]]
+    assert report["removed"] == [previous.loc[0, "name_common"]]
+    assert report["changed"] == {
+        previous.loc[1, "name_common"]: {"population": [int(previous.loc[1, "population"]),
+                                                        int(previous.loc[1, "population"]) + 1]},
+        previous.loc[2, "name_common"]: {"capital": [list(previous.loc[2, "capital"]), ["New Capital"]]},
+    }
+    table = gold.changes_table(report)
+    assert sorted(table["change"]) == ["added", "changed", "changed", "removed"]
+
+
+def test_nulls_on_both_sides_are_not_a_change(clean):
+    previous = clean[clean["subregion"].isna()].reset_index(drop=True)
+    current = previous.copy()
+    current["subregion"] = float("nan")  # a null read back another way
+    assert gold.changes(previous, current, "r")["changed"] == {}
+
+
+def test_an_unchanged_table_after_a_csv_round_trip_has_no_changes(clean):
+    back = transform.read_csv(transform.to_csv(clean))
+    report = gold.changes(clean, back, "r")
+    assert report["added"] == report["removed"] == [] and report["changed"] == {}
+
+
+# --- reconcile -------------------------------------------------------------------------------------
+
+def stage_records(rows=250, fp="f" * 64, sha="s" * 64, mode="upsert"):
+    return {
+        "01_ingest": {"details": {"records": rows, "response_sha256": sha}},
+        "02_clean": {"details": {"raw_records": rows, "raw_sha256": sha, "clean_rows": rows - 2,
+                                 "quarantined": 2, "clean_fingerprint": fp}},
+        "03_load": {"details": {"batch_rows": rows - 2, "batch_fingerprint": fp, "current_rows": rows - 2,
+                                "current_fingerprint": fp, "mode": mode}},
+        "04_export": {"details": {"rows": rows - 2, "fingerprint": fp, "sha256": "e" * 64}},
+    }
+
+
+def test_reconcile_of_agreeing_hops_is_all_ok():
+    table = gold.reconcile(stage_records(), {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+    assert list(table["hop"]) == ["API response", "raw (bronze)", "clean + quarantine (silver)",
+                                  "PostgreSQL rows of this batch", "PostgreSQL current table", "cloud export",
+                                  "gold"]
+    assert "MISMATCH" not in set(table["status"])
+    assert list(table["status"]).count("ok") == 5
+
+
+def test_reconcile_names_the_first_hop_that_disagrees():
+    stages = stage_records()
+    stages["04_export"]["details"]["rows"] = 247
+    with pytest.raises(ReconciliationError, match="'PostgreSQL current table → cloud export'"):
+        gold.reconcile(stages, {"rows": 247, "fingerprint": "f" * 64, "sha256": "e" * 64})
+
+
+def test_reconcile_catches_a_changed_gold_object():
+    with pytest.raises(ReconciliationError, match="cloud export → gold"):
+        gold.reconcile(stage_records(), {"rows": 248, "fingerprint": "f" * 64, "sha256": "x" * 64})
+
+
+def test_reconcile_catches_records_lost_between_bronze_and_silver():
+    stages = stage_records()
+    stages["02_clean"]["details"]["quarantined"] = 1
+    with pytest.raises(ReconciliationError, match="raw \\(bronze\\) → clean \\+ quarantine"):
+        gold.reconcile(stages, {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+
+
+def test_an_append_batch_is_not_compared_with_silver():
+    stages = stage_records(mode="append")
+    stages["03_load"]["details"]["batch_rows"] = 3
+    table = gold.reconcile(stages, {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+    assert "MISMATCH" not in set(table["status"])
+
+
+def test_reconcile_without_a_stage_record_says_which():
+    stages = stage_records()
+    stages["03_load"] = None
+    with pytest.raises(ReconciliationError, match="no record of stage\\(s\\) 03_load"):
+        gold.reconcile(stages, {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})

@@ -1,0 +1,167 @@
+"""lib.quality: the silver contract, quarantine with reasons, drift, row hashes and fingerprints."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+
+from lib import quality, source, transform
+from lib.quality import COLUMNS
+
+
+@pytest.fixture(scope="module")
+def snapshot():
+    return source.parse_payload(source.snapshot_bytes())
+
+
+@pytest.fixture
+def records(snapshot):
+    return copy.deepcopy(snapshot)
+
+
+@pytest.fixture(scope="module")
+def clean(snapshot):
+    return quality.validate(transform.flatten(snapshot), snapshot).clean
+
+
+def validate(records):
+    return quality.validate(transform.flatten(records), records)
+
+
+def test_the_bundled_snapshot_is_250_clean_rows_and_nothing_quarantined(snapshot):
+    result = validate(snapshot)
+    assert result.counts == {"clean": 250, "quarantined": 0, "records": 250}
+    assert list(result.clean.columns) == COLUMNS + ["_row_hash"]
+    assert result.clean["name_common"].is_unique
+
+
+def test_source_quirks_are_valid_rows(clean):
+    by_name = clean.set_index("name_common")
+    assert (clean["capital"].map(len) == 0).sum() == 4
+    assert len(by_name.at["Palestine", "capital"]) == 2
+    assert len(by_name.at["South Africa", "capital"]) == 3
+    floats = by_name.loc[["Monaco", "United States Minor Outlying Islands", "Vatican City"], "area"]
+    assert list(floats) == [2.02, 34.2, 0.49]
+    assert (clean["population"] == 0).sum() >= 1
+    assert clean["population"].dtype == "int64" and clean["area"].dtype == "float64"
+
+
+BREAKAGES = {
+    "missing name": (lambda r: r.pop("name"), "name_common is missing"),
+    "population lots": (lambda r: r.update(population="lots"),
+                        "population must be a whole number >= 0 (got 'lots')"),
+    "fractional population": (lambda r: r.update(population=5.5), "population must be a whole number"),
+    "boolean population": (lambda r: r.update(population=True), "population must be a whole number"),
+    "population past bigint": (lambda r: r.update(population=10**20), "population must be a whole number"),
+    "negative area": (lambda r: r.update(area=-5), "area must be a number >= 0 (got -5)"),
+    "infinite area": (lambda r: r.update(area=float("inf")), "area must be a number >= 0"),
+    "bad region": (lambda r: r.update(region="Atlantis"), "region must be one of"),
+    "bad timezone": (lambda r: r.update(timezones=["GMT+1"]), "timezones must be a non-empty list"),
+    "no timezone": (lambda r: r.update(timezones=[]), "timezones must be a non-empty list"),
+    "capital not a list": (lambda r: r.update(capital="Paris"), "capital must be a list of strings"),
+    "blank official name": (lambda r: r["name"].update(official="  "), "name_official must be non-empty text"),
+}
+
+
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_broken_record_is_quarantined_with_a_reason_naming_the_column(records, breakage):
+    breaks, reason = BREAKAGES[breakage]
+    breaks(records[7])
+    result = validate(records)
+    assert result.counts == {"clean": 249, "quarantined": 1, "records": 250}
+    bad = result.quarantine.iloc[0]
+    assert bad["record"] == 7
+    assert reason in bad["reasons"]
+    assert len(result.clean) + len(result.quarantine) == len(records)
+
+
+def test_a_duplicate_key_quarantines_the_later_copy_only(records):
+    records.append(copy.deepcopy(records[3]))
+    result = validate(records)
+    assert result.counts == {"clean": 250, "quarantined": 1, "records": 251}
+    bad = result.quarantine.iloc[0]
+    assert bad["record"] == 250
+    assert bad["reasons"] == f"name_common {records[3]['name']['common']!r} duplicates an earlier record"
+
+
+def test_several_broken_records_each_land_once_with_all_their_reasons(records):
+    records[0].pop("name")
+    records[1].update(population="lots", area=-1)
+    records[2].update(region="Atlantis")
+    records.append(copy.deepcopy(records[10]))
+    result = validate(records)
+    assert list(result.quarantine["record"]) == [0, 1, 2, 250]
+    assert result.counts["clean"] + result.counts["quarantined"] == len(records) == 251
+    reasons = result.quarantine.set_index("record")["reasons"]
+    assert "population" in reasons[1] and "area" in reasons[1]
+    assert "name_official is missing" in reasons[0]
+
+
+def test_quarantine_keeps_the_source_record_as_json(records):
+    records[5]["population"] = "lots"
+    bad = validate(records).quarantine.iloc[0]
+    assert bad["name_common"] == records[5]["name"]["common"]
+    assert '"population": "lots"' in bad["source"]
+
+
+def test_whole_float_population_is_accepted_and_typed(records):
+    records[0]["population"] = 7.0
+    result = validate(records)
+    assert result.counts["quarantined"] == 0
+    assert result.clean.loc[0, "population"] == 7
+
+
+def test_a_frame_with_an_unexpected_column_breaks_the_shape_not_a_record(snapshot):
+    frame = transform.flatten(snapshot[:3]).assign(extra=1)
+    with pytest.raises(ValueError, match="shape"):
+        quality.validate(frame, snapshot[:3])
+
+
+def test_drift_reports_unexpected_and_missing_fields(records):
+    assert quality.drift(records) == {"unexpected_fields": {}, "missing_fields": {}}
+    records[0]["cca2"] = "AW"
+    records[1]["cca2"] = "AF"
+    del records[2]["flags"]
+    assert quality.drift(records) == {"unexpected_fields": {"cca2": 2}, "missing_fields": {"flags": 1}}
+
+
+def test_row_hash_is_the_same_after_a_csv_round_trip(clean):
+    back = transform.read_csv(transform.to_csv(clean, COLUMNS))
+    rehashed = [quality.row_hash(r) for r in back[COLUMNS].itertuples(index=False)]
+    assert rehashed == list(clean["_row_hash"])
+
+
+def test_row_hash_changes_when_a_value_changes(clean):
+    values = list(clean[COLUMNS].iloc[0])
+    before = quality.row_hash(values)
+    values[COLUMNS.index("population")] += 1
+    assert quality.row_hash(values) != before
+    values = list(clean[COLUMNS].iloc[0])
+    values[COLUMNS.index("capital")] = values[COLUMNS.index("capital")] + ["Elsewhere"]
+    assert quality.row_hash(values) != before
+
+
+def test_row_hash_reads_numbers_written_as_text_as_numbers(clean):
+    values = list(clean[COLUMNS].iloc[0])
+    as_text = list(values)
+    as_text[COLUMNS.index("population")] = str(values[COLUMNS.index("population")])
+    assert quality.row_hash(as_text) == quality.row_hash(values)
+
+
+def test_fingerprint_ignores_row_order_but_not_content(clean):
+    fp = quality.fingerprint(clean)
+    assert fp["rows"] == 250
+    assert quality.fingerprint(clean.sample(frac=1, random_state=1)) == fp
+    changed = clean.copy()
+    changed.loc[0, "population"] += 1
+    assert quality.fingerprint(changed)["fingerprint"] != fp["fingerprint"]
+    assert quality.fingerprint(clean.iloc[1:])["rows"] == 249
+
+
+def test_contract_table_lists_every_column():
+    table = quality.contract_table()
+    assert list(table["column"]) == COLUMNS
+    assert set(table["type"]) == {"text", "text[]", "bigint", "double"}
+    assert isinstance(table, pd.DataFrame)

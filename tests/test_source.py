@@ -1,0 +1,219 @@
+"""lib.source against a real local HTTP server that answers like REST Countries (tests/api_server.py)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+
+import pytest
+
+from lib import source
+from lib.source import HttpError, PayloadError, SourceError, Unreachable
+from tests.api_server import FIELDS_MESSAGE, Scripted
+
+CLOSED = "http://127.0.0.1:9/v3.1/all?fields=name"  # nothing listens on the discard port
+FAST = {"backoff": 0.01, "max_backoff": 0.05}
+
+
+# --- fetch ------------------------------------------------------------------------------------------
+
+def test_fetch_returns_the_api_answer_with_the_ten_fields(api):
+    got = source.fetch(api.url)
+    records = source.parse_payload(got.data)
+    assert got.origin == "api" and got.url == api.url
+    assert len(records) == 250
+    assert all(set(r) <= set(source.FIELDS) for r in records)
+    assert got.attempts == [{"attempt": 1, "status": 200}]
+    assert len(api.requests) == 1
+
+
+def test_two_503s_then_200_succeeds_with_exactly_three_requests(api):
+    api.queue(Scripted(503, b"busy"), Scripted(503, b"busy"))
+    got = source.fetch(api.url, **FAST)
+    assert len(api.requests) == 3
+    assert [a["status"] for a in got.attempts] == [503, 503, 200]
+    assert len(source.parse_payload(got.data)) == 250
+
+
+def test_429_waits_as_long_as_retry_after_says(api):
+    api.queue(Scripted(429, b"slow down", {"Retry-After": "2"}))
+    started = time.monotonic()
+    got = source.fetch(api.url, backoff=0.01)
+    elapsed = time.monotonic() - started
+    assert 1.9 <= elapsed < 8
+    assert [a["status"] for a in got.attempts] == [429, 200]
+    gap = api.requests[1]["at"] - api.requests[0]["at"]
+    assert gap >= 1.9
+
+
+def test_429_with_an_http_date_retry_after_waits_until_then(api):
+    when = email.utils.formatdate(time.time() + 2, usegmt=True)  # whole seconds: waits 1-2s
+    api.queue(Scripted(429, b"slow down", {"Retry-After": when}))
+    started = time.monotonic()
+    got = source.fetch(api.url, backoff=0.01)
+    assert 0.9 <= time.monotonic() - started < 8
+    assert [a["status"] for a in got.attempts] == [429, 200]
+
+
+def test_429_with_an_unparseable_retry_after_falls_back_to_backoff(api):
+    api.queue(Scripted(429, b"slow down", {"Retry-After": "soon"}))
+    got = source.fetch(api.url, **FAST)
+    assert [a["status"] for a in got.attempts] == [429, 200]
+
+
+def test_a_retry_after_longer_than_the_budget_gives_up_at_once(api):
+    api.queue(Scripted(429, b"slow down", {"Retry-After": "30"}))
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match="budget") as err:
+        source.fetch(api.url, max_total_seconds=3)
+    assert time.monotonic() - started < 2
+    assert "HTTP 429" in str(err.value)
+    assert len(api.requests) == 1
+
+
+def test_a_400_is_not_retried_and_its_body_is_in_the_error(api):
+    url = f"{api.base}/v3.1/all?fields=name,"  # a blank field name: the API answers 400
+    with pytest.raises(HttpError) as err:
+        source.fetch(url, **FAST)
+    assert len(api.requests) == 1
+    assert "HTTP 400" in str(err.value)
+    assert FIELDS_MESSAGE["message"] in str(err.value)
+
+
+def test_a_scripted_404_is_final_too(api):
+    api.queue(Scripted(404, b'{"status":404,"message":"Not Found"}'))
+    with pytest.raises(HttpError, match="Not Found"):
+        source.fetch(api.url, **FAST)
+    assert len(api.requests) == 1
+
+
+def test_persistent_5xx_gives_up_after_max_attempts(api):
+    api.queue(*[Scripted(502, b"bad gateway")] * 3)
+    with pytest.raises(Unreachable, match=r"after 3 attempt\(s\): HTTP 502: bad gateway"):
+        source.fetch(api.url, max_attempts=3, **FAST)
+    assert len(api.requests) == 3
+
+
+def test_connection_refused_raises_unreachable_within_the_budget():
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match="Connection refused") as err:
+        source.fetch(CLOSED, max_attempts=3, backoff=0.05, max_total_seconds=5)
+    assert time.monotonic() - started < 5
+    assert "3 attempt(s)" in str(err.value)
+
+
+def test_the_total_budget_cuts_retries_short():
+    started = time.monotonic()
+    with pytest.raises(Unreachable, match="budget"):
+        source.fetch(CLOSED, max_attempts=10, backoff=5, max_backoff=8, max_total_seconds=1)
+    assert time.monotonic() - started < 1.5
+
+
+def test_a_slow_answer_times_out_and_is_retried(api):
+    api.queue(Scripted(200, b"[]", delay=1.5))
+    got = source.fetch(api.url, read_timeout=0.3, **FAST)
+    assert got.attempts[0] == {"attempt": 1, "error": "ReadTimeout"}
+    assert got.attempts[-1]["status"] == 200
+
+
+# --- check_url ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("url", [
+    "https://restcountries.com/v3.1/all",
+    "https://restcountries.com/v3.1/all?fields=",
+    "https://restcountries.com/v3.1/all/?fields=,",
+    "https://restcountries.com/v3.1/all?fields=" + ",".join(f"f{i}" for i in range(11)),
+])
+def test_check_url_refuses_all_without_one_to_ten_fields(url):
+    with pytest.raises(SourceError, match="1 to 10 fields"):
+        source.check_url(url)
+
+
+@pytest.mark.parametrize("url", ["ftp://restcountries.com/v3.1/all?fields=name", "restcountries.com/v3.1",
+                                 "http:///v3.1/all?fields=name"])
+def test_check_url_refuses_non_http_urls(url):
+    with pytest.raises(SourceError, match="not an http"):
+        source.check_url(url)
+
+
+@pytest.mark.parametrize("url", [
+    "https://restcountries.com/v3.1/all?fields=" + ",".join(source.FIELDS),
+    "http://127.0.0.1:8080/v3.1/all?fields=name",
+    "https://restcountries.com/v3.1/name/peru",
+])
+def test_check_url_accepts_what_the_api_answers(url):
+    assert source.check_url(url) == url
+
+
+def test_fetch_refuses_a_bad_url_before_sending_anything(api):
+    with pytest.raises(SourceError, match="fields"):
+        source.fetch(f"{api.base}/v3.1/all")
+    assert api.requests == []
+
+
+# --- parse_payload -----------------------------------------------------------------------------------
+
+def test_parse_payload_of_the_snapshot_gives_250_records():
+    assert len(source.parse_payload(source.snapshot_bytes(), min_records=250)) == 250
+
+
+@pytest.mark.parametrize("data, problem", [
+    (source.snapshot_bytes()[:5000], "truncated"),  # cut inside a multi-byte character
+    (source.snapshot_bytes()[:-10], "truncated"),
+    (b"<!DOCTYPE html><html><body>Service Unavailable</body></html>", "HTML page"),
+    (b"  <html>maintenance</html>", "HTML page"),
+    (json.dumps(FIELDS_MESSAGE).encode(), "JSON dict, not a list"),
+    (b"[]", "empty list"),
+    (b'[{"name": {}}, 3, "x"]', "2 of 3 items"),
+    (b"\xff\xfe\xfa", "not UTF-8"),
+    (b"", "not valid JSON"),
+])
+def test_parse_payload_names_the_problem(data, problem):
+    with pytest.raises(PayloadError, match=problem):
+        source.parse_payload(data)
+
+
+def test_too_few_records_are_refused_with_the_counts():
+    with pytest.raises(PayloadError, match="2 records, fewer than min_records=3"):
+        source.parse_payload(b'[{"a": 1}, {"b": 2}]', min_records=3)
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b"<html><body>Bad gateway</body></html>", "HTML"),
+    (source.snapshot_bytes()[:3000], "truncated"),
+])
+def test_a_200_with_a_bad_body_is_fetched_then_refused_by_parse_payload(api, body, problem):
+    api.queue(Scripted(200, body, {"Content-Type": "text/html"}))
+    got = source.fetch(api.url)
+    with pytest.raises(PayloadError, match=problem):
+        source.parse_payload(got.data)
+
+
+def test_project_keeps_only_the_named_fields():
+    records = [{"name": "x", "area": 1, "cca2": "XX"}, {"area": 2}]
+    assert source.project(records, ("name", "area")) == [{"name": "x", "area": 1}, {"area": 2}]
+
+
+# --- ingest ------------------------------------------------------------------------------------------
+
+def test_ingest_falls_back_to_the_snapshot_when_allowed_and_says_why():
+    got = source.ingest(CLOSED, fallback=True, max_attempts=2, **FAST)
+    assert got.origin == "snapshot"
+    assert got.data == source.snapshot_bytes()
+    assert "Connection refused" in got.fallback_reason
+
+
+def test_ingest_without_fallback_raises_unreachable():
+    with pytest.raises(Unreachable):
+        source.ingest(CLOSED, fallback=False, max_attempts=2, **FAST)
+
+
+def test_ingest_never_papers_over_an_api_error(api):
+    with pytest.raises(HttpError):
+        source.ingest(f"{api.base}/v3.1/all?fields=name,", fallback=True, **FAST)
+
+
+def test_ingest_uses_the_api_when_it_answers(api):
+    got = source.ingest(api.url, fallback=True)
+    assert got.origin == "api" and got.fallback_reason is None

@@ -1,0 +1,113 @@
+"""lib.stack: the embedded SeaweedFS + PostgreSQL stack the session runs on, and its state folder."""
+
+from __future__ import annotations
+
+import re
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from lib import stack
+from lib.stack import StackError
+
+
+@pytest.fixture
+def sdir(session_dirs, embedded) -> Path:
+    return session_dirs["state"]
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def stack_pids(sdir: Path) -> dict[str, int]:
+    weed = int((sdir / "seaweedfs" / "weed.pid").read_text())
+    postmaster = int((sdir / "postgres" / "data" / "postmaster.pid").read_text().splitlines()[0])
+    return {"weed": weed, "postgres": postmaster}
+
+
+def listening(pid: int) -> list[str]:
+    """Local addresses of every listening TCP socket (IPv4 and IPv6) of one process."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    return [line.split()[3] for line in out.splitlines() if re.search(rf"pid={pid},", line)]
+
+
+def test_credentials_and_ports_files_are_private(sdir):
+    assert mode(sdir / "credentials.json") == 0o600
+    assert mode(sdir / "stack.json") == 0o600
+    assert mode(sdir) & 0o066 == 0  # nobody else may list or write the state folder
+
+
+def test_state_files_hold_what_read_state_returns(sdir, embedded):
+    state = stack.read_state(sdir)
+    assert state == embedded
+    assert state.s3_url == f"http://127.0.0.1:{state.port_base}"
+    assert state.pg_port == state.port_base + 5
+
+
+def test_status_reports_both_services_running(sdir, embedded):
+    status = stack.status(sdir)
+    assert status["initialised"] is True
+    assert status["object_store"] == {"endpoint": embedded.s3_url, "running": True}
+    assert status["database"] == {"endpoint": f"127.0.0.1:{embedded.pg_port}/{embedded.db_name}",
+                                  "running": True}
+
+
+def test_every_listening_socket_of_the_stack_is_on_loopback(sdir, embedded):
+    pids = stack_pids(sdir)
+    weed, postgres = listening(pids["weed"]), listening(pids["postgres"])
+    assert f"127.0.0.1:{embedded.s3_port}" in weed
+    assert f"127.0.0.1:{embedded.pg_port}" in postgres
+    for address in weed + postgres:
+        assert address.startswith("127.0.0.1:"), f"{address} is reachable from outside this machine"
+
+
+def test_env_lines_are_shell_exports_of_the_stack(sdir, embedded):
+    lines = stack.env_lines(sdir)
+    assert all(line.startswith("export ") for line in lines)
+    script = "\n".join(lines) + '\nprintf "%s|%s|%s|%s" "$MINIO_URL" "$AWS_SECRET_ACCESS_KEY" "$PGPORT" "$PGPASSWORD"'
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env={}).stdout
+    assert out == f"{embedded.s3_url}|{embedded.secret_key}|{embedded.pg_port}|{embedded.db_password}"
+
+
+def test_up_again_reuses_the_running_servers(sdir, embedded):
+    before = stack_pids(sdir)
+    assert stack.up(sdir) == embedded
+    assert stack_pids(sdir) == before
+
+
+def test_describe_shows_no_credentials(embedded):
+    described = stack.describe(embedded)
+    assert described == {"port_base": embedded.port_base, "db_user": embedded.db_user, "db_name": embedded.db_name}
+
+
+def test_a_port_taken_by_another_program_is_refused_with_a_hint(tmp_path, embedded):
+    other = stack.init_state(tmp_path / "other", port_base=embedded.port_base)
+    with pytest.raises(StackError, match="taken by another program.*PIPELINE_STACK_PORT_BASE"):
+        stack.start_object_store(tmp_path / "other", other)
+    assert not (tmp_path / "other" / "seaweedfs" / "weed.pid").exists()
+
+
+def test_read_state_of_an_empty_folder_is_none(tmp_path):
+    assert stack.read_state(tmp_path) is None
+    assert stack.status(tmp_path) == {"state_dir": str(tmp_path), "initialised": False}
+    with pytest.raises(StackError, match="stack up"):
+        stack.env_lines(tmp_path)
+
+
+def test_init_state_creates_fresh_private_credentials_once(tmp_path):
+    first = stack.init_state(tmp_path / "a", port_base=19200)
+    assert stack.init_state(tmp_path / "a", port_base=19300) == first  # existing state is kept
+    other = stack.init_state(tmp_path / "b", port_base=19200)
+    assert first.port_base == 19200
+    assert {first.secret_key, first.db_password}.isdisjoint({other.secret_key, other.db_password})
+    assert len(first.secret_key) >= 30 and first.access_key.startswith("medallion-")
+    assert mode(tmp_path / "a" / "credentials.json") == 0o600 and mode(tmp_path / "a") == 0o700
+
+
+def test_weed_is_told_to_bind_loopback_only(tmp_path):
+    state = stack.init_state(tmp_path, port_base=19400)
+    command = stack.weed_command(tmp_path, state)
+    assert "-ip.bind=127.0.0.1" in command and "-s3.port=19400" in command

@@ -1,0 +1,157 @@
+"""lib.storage against the real embedded SeaweedFS S3 server."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import pytest
+
+from lib import storage
+from lib.config import Secret
+from lib.names import InvalidName
+from lib.storage import StorageError
+
+
+@pytest.fixture
+def bucket(s3, unique):
+    name = f"t-{unique}"
+    storage.ensure_bucket(s3, name)
+    return name
+
+
+def test_put_bytes_writes_the_object_with_run_id_sha256_and_rows(s3, bucket):
+    data = b"name_common\nAruba\nPeru\n"
+    art = storage.put_bytes(s3, bucket, "countries/run_id=r1/x.csv", data, rows=2, content_type="text/csv",
+                            metadata={"Run-Id": "r1", "stage": "02_clean", "skipped": None},
+                            inputs=["s3://raw/k"])
+    assert art.sha256 == hashlib.sha256(data).hexdigest() and art.size == len(data)
+    assert art.uri == f"s3://{bucket}/countries/run_id=r1/x.csv"
+    assert art.to_dict()["uri"] == art.uri and art.to_dict()["inputs"] == ["s3://raw/k"]
+    body, meta = storage.get_bytes(s3, bucket, "countries/run_id=r1/x.csv")
+    assert body == data
+    assert meta == {"run-id": "r1", "stage": "02_clean", "sha256": art.sha256, "rows": "2"}
+    headed = storage.head(s3, bucket, "countries/run_id=r1/x.csv")
+    assert headed == {"size": len(data), "metadata": meta}
+    assert s3.head_object(Bucket=bucket, Key="countries/run_id=r1/x.csv")["ContentType"] == "text/csv"
+
+
+def test_head_of_a_missing_key_is_none(s3, bucket):
+    assert storage.head(s3, bucket, "no/such/key") is None
+
+
+def test_get_of_a_missing_key_is_a_storage_error_naming_the_bucket(s3, bucket):
+    with pytest.raises(StorageError, match=f"bucket '{bucket}'.*NoSuchKey"):
+        storage.get_bytes(s3, bucket, "no/such/key")
+
+
+def test_list_objects_is_sorted_by_key_and_filtered_by_prefix(s3, bucket):
+    for key in ("p/c.csv", "p/a.csv", "q/z.csv", "p/b/d.csv"):
+        storage.put_bytes(s3, bucket, key, key.encode(), metadata={}, content_type="text/plain")
+    listed = storage.list_objects(s3, bucket, "p/")
+    assert [o["key"] for o in listed] == ["p/a.csv", "p/b/d.csv", "p/c.csv"]
+    assert all(o["size"] == len(o["key"]) and o["last_modified"] for o in listed)
+    assert [o["key"] for o in storage.list_objects(s3, bucket)] == ["p/a.csv", "p/b/d.csv", "p/c.csv", "q/z.csv"]
+    assert storage.list_objects(s3, bucket, "none/") == []
+
+
+def test_list_objects_pages_past_one_thousand_keys(s3, bucket):
+    from concurrent.futures import ThreadPoolExecutor
+
+    keys = [f"many/{i:04d}" for i in range(1005)]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda k: s3.put_object(Bucket=bucket, Key=k, Body=b"x"), keys))
+    assert [o["key"] for o in storage.list_objects(s3, bucket, "many/")] == keys
+
+
+def test_copy_keeps_content_and_metadata(s3, bucket):
+    storage.put_bytes(s3, bucket, "run/x.csv", b"abc", metadata={"run-id": "r9"}, content_type="text/csv", rows=1)
+    storage.copy(s3, bucket, "run/x.csv", "latest/x.csv")
+    body, meta = storage.get_bytes(s3, bucket, "latest/x.csv")
+    assert body == b"abc" and meta["run-id"] == "r9" and meta["sha256"] == storage.sha256(b"abc")
+
+
+def test_a_wrong_secret_key_is_refused_by_the_server(settings, bucket):
+    wrong = dataclasses.replace(settings.store, secret_key=Secret("definitely-not-the-secret"))
+    bad = storage.client(wrong)
+    with pytest.raises(botocore.exceptions.ClientError) as err:
+        bad.list_buckets()
+    assert err.value.response["Error"]["Code"] in ("SignatureDoesNotMatch", "AccessDenied", "InvalidAccessKeyId")
+    with pytest.raises(StorageError, match="SignatureDoesNotMatch|AccessDenied|InvalidAccessKeyId") as err:
+        storage.put_bytes(bad, bucket, "x", b"x", metadata={}, content_type="text/plain")
+    assert "definitely-not-the-secret" not in str(err.value)
+    assert settings.store.url in str(err.value)
+
+
+def test_an_unknown_access_key_is_refused_by_the_server(settings, bucket):
+    bad = storage.client(dataclasses.replace(settings.store, access_key=Secret("nobody")))
+    with pytest.raises(StorageError, match="InvalidAccessKeyId|AccessDenied|SignatureDoesNotMatch"):
+        storage.put_bytes(bad, bucket, "x", b"x", metadata={}, content_type="text/plain")
+    with pytest.raises(StorageError, match="403"):  # HEAD answers carry no error code, only the status
+        storage.ensure_bucket(bad, bucket)
+    assert storage.head(storage.client(settings.store), bucket, "x") is None
+
+
+def test_hashing_spool_matches_hashlib_and_gives_back_every_byte():
+    chunks = [b"a,b\n", "Åland,1\n", b"x" * 5000]
+    spool = storage.HashingSpool(max_memory=1024)  # spills to disk past 1 KiB
+    for chunk in chunks:
+        spool.write(chunk)
+    expected = b"".join(c.encode("utf-8") if isinstance(c, str) else c for c in chunks)
+    assert spool.sha256 == hashlib.sha256(expected).hexdigest()
+    assert spool.size == len(expected)
+    assert spool.rewound().read() == expected
+    spool.close()
+
+
+def test_put_stream_uploads_a_spool_with_its_known_digest(s3, bucket):
+    spool = storage.HashingSpool()
+    payload = b"row\n" * 10000
+    spool.write(payload)
+    art = storage.put_stream(s3, bucket, "stream/x.csv", spool.rewound(), size=spool.size, digest=spool.sha256,
+                             metadata={"run-id": "r1"}, content_type="text/csv", rows=10000, role="cloud")
+    body, meta = storage.get_bytes(s3, bucket, "stream/x.csv")
+    assert body == payload and meta["sha256"] == hashlib.sha256(payload).hexdigest() == art.sha256
+    assert art.role == "cloud" and art.size == len(payload)
+
+
+def test_ensure_bucket_is_idempotent(s3, unique):
+    name = f"idem-{unique}"
+    storage.ensure_bucket(s3, name)
+    storage.ensure_bucket(s3, name)
+    storage.ensure_bucket(s3, name, create=False)
+    assert name in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def test_ensure_bucket_without_create_refuses_a_missing_bucket(s3, unique):
+    with pytest.raises(StorageError, match="does not exist"):
+        storage.ensure_bucket(s3, f"missing-{unique}", create=False)
+    assert f"missing-{unique}" not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+@pytest.mark.parametrize("name", ["Bad_Bucket", "ab", "a..b", "10.0.0.1"])
+def test_ensure_bucket_refuses_an_invalid_name_before_asking_the_server(s3, name):
+    with pytest.raises(InvalidName):
+        storage.ensure_bucket(s3, name)
+    assert name not in [b["Name"] for b in s3.list_buckets()["Buckets"]]
+
+
+def test_an_object_store_that_is_not_running_is_named():
+    config = botocore.config.Config(**{**storage.CLIENT_CONFIG, "retries": {"max_attempts": 1}})
+    s3 = boto3.session.Session().client("s3", endpoint_url="http://127.0.0.1:9", aws_access_key_id="a",
+                                        aws_secret_access_key="b", region_name="us-east-1", config=config)
+    with pytest.raises(StorageError, match="127.0.0.1:9 bucket 'raw': the object store is not answering"):
+        storage.get_bytes(s3, "raw", "k")
+
+
+def test_cloud_client_of_the_emulated_cloud_reaches_the_local_store(settings, unique):
+    cloud = storage.cloud_client(settings.cloud)
+    storage.ensure_bucket(cloud, f"cloud-{unique}")
+    art = storage.put_bytes(cloud, f"cloud-{unique}", "e/x.csv", b"1", metadata={}, content_type="text/csv",
+                            role="cloud")
+    assert storage.head(cloud, f"cloud-{unique}", "e/x.csv")["size"] == 1 and art.role == "cloud"
+    assert io.BytesIO(storage.get_bytes(cloud, f"cloud-{unique}", "e/x.csv")[0]).read() == b"1"

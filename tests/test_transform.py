@@ -1,0 +1,117 @@
+"""lib.transform: flattening source records and the CSV form every later hop shares."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from lib import quality, source, transform
+from lib.quality import COLUMNS, LIST_COLUMNS
+
+
+@pytest.fixture(scope="module")
+def records():
+    return source.parse_payload(source.snapshot_bytes())
+
+
+@pytest.fixture(scope="module")
+def flat(records):
+    return transform.flatten(records)
+
+
+def row(flat, name):
+    return flat[flat["name_common"] == name].iloc[0]
+
+
+def test_flatten_gives_one_row_per_record_in_source_order_with_contract_columns(records, flat):
+    assert list(flat.columns) == COLUMNS
+    assert len(flat) == 250 and flat.index.name == "record"
+    assert list(flat["name_common"]) == [r["name"]["common"] for r in records]
+    assert all(dtype == object for dtype in flat.dtypes)  # nothing coerced before validation
+
+
+def test_flatten_record_undoes_the_nesting_with_sorted_codes():
+    record = {
+        "name": {"common": "Aruba", "official": "Aruba", "nativeName": {}},
+        "capital": ["Oranjestad"], "population": 107566, "area": 180, "region": "Americas",
+        "subregion": "Caribbean", "languages": {"pap": "Papiamento", "nld": "Dutch"},
+        "currencies": {"AWG": {"name": "Aruban florin", "symbol": "ƒ"}},
+        "flags": {"png": "p.png", "svg": "s.svg", "alt": "blue"}, "timezones": ["UTC-04:00"],
+    }
+    assert transform.flatten_record(record) == {
+        "name_common": "Aruba", "name_official": "Aruba", "capital": ["Oranjestad"],
+        "population": 107566, "area": 180, "region": "Americas", "subregion": "Caribbean",
+        "language_codes": ["nld", "pap"], "language_names": ["Dutch", "Papiamento"],
+        "currency_codes": ["AWG"], "currency_names": ["Aruban florin"],
+        "flag_png": "p.png", "flag_svg": "s.svg", "flag_alt": "blue", "timezones": ["UTC-04:00"],
+    }
+
+
+def test_flatten_record_turns_blanks_and_missing_parts_into_nulls_and_empty_lists():
+    flat = transform.flatten_record({"name": {"common": "", "official": "X"}, "region": "", "flags": None})
+    assert flat["name_common"] is None and flat["region"] is None
+    assert flat["flag_png"] is None and flat["subregion"] is None
+    assert flat["capital"] == [] and flat["timezones"] == [] and flat["language_codes"] == []
+    assert flat["population"] is None and flat["area"] is None
+
+
+def test_flatten_record_keeps_wrong_shapes_for_the_contract_to_judge():
+    flat = transform.flatten_record({"name": "France", "capital": "Paris", "languages": ["fra"]})
+    assert flat["name_common"] is None  # a name that is not an object has no common name
+    assert flat["capital"] == "Paris"
+    assert flat["language_codes"] == ["fra"]
+
+
+def test_source_quirks_survive_flattening(flat):
+    no_capital = sorted(flat[flat["capital"].map(len) == 0]["name_common"])
+    assert no_capital == ["Antarctica", "Bouvet Island", "Heard Island and McDonald Islands", "Macau"]
+    assert row(flat, "Palestine")["capital"] == ["Ramallah", "Jerusalem"]
+    assert row(flat, "South Africa")["capital"] == ["Pretoria", "Bloemfontein", "Cape Town"]
+    assert row(flat, "Monaco")["area"] == 2.02 and row(flat, "Vatican City")["area"] == 0.49
+    assert row(flat, "Bouvet Island")["population"] == 0
+    assert row(flat, "Antarctica")["subregion"] is None
+
+
+def test_csv_round_trip_keeps_every_value_and_type(records, flat):
+    clean = quality.validate(flat, records).clean
+    back = transform.read_csv(transform.to_csv(clean, COLUMNS + ["_row_hash"]))
+    assert list(back.columns) == COLUMNS + ["_row_hash"]
+    assert back["population"].dtype == "int64" and back["area"].dtype == "float64"
+    pd.testing.assert_frame_equal(back[COLUMNS], clean[COLUMNS], check_dtype=False)
+    assert back.loc[back["name_common"] == "Monaco", "area"].item() == 2.02
+    assert back.loc[back["name_common"] == "Antarctica", "subregion"].item() is None
+    assert list(back["_row_hash"]) == list(clean["_row_hash"])  # extra columns come back as text
+
+
+def test_csv_writes_lists_as_json_arrays_nulls_as_empty_fields_and_keeps_unicode(records, flat):
+    clean = quality.validate(flat, records).clean
+    text = transform.to_csv(clean[clean["name_common"].isin(["Antarctica", "Åland Islands"])]).decode("utf-8")
+    assert "Åland Islands" in text and "\\u" not in text
+    antarctica = next(line for line in text.splitlines() if line.startswith("Antarctica,"))
+    assert ',[],' in antarctica  # no capital: an empty JSON array
+    assert ',,' in antarctica  # no subregion: an empty field
+    header = text.splitlines()[0].split(",")
+    assert header == list(clean.columns)
+
+
+def test_to_csv_with_columns_writes_only_those(flat):
+    rows = list(csv.reader(io.StringIO(transform.to_csv(flat.head(2), ["name_common", "capital"]).decode())))
+    assert rows[0] == ["name_common", "capital"]
+    assert rows[1][0] == "Aruba" and json.loads(rows[1][1]) == ["Oranjestad"]
+
+
+def test_read_csv_names_missing_contract_columns(flat):
+    data = transform.to_csv(flat.head(2), [c for c in COLUMNS if c not in ("area", "timezones")])
+    with pytest.raises(ValueError, match="area, timezones"):
+        transform.read_csv(data)
+
+
+def test_list_columns_are_python_lists_after_reading(records, flat):
+    clean = quality.validate(flat, records).clean
+    back = transform.read_csv(transform.to_csv(clean))
+    for col in LIST_COLUMNS:
+        assert all(isinstance(v, list) for v in back[col])
