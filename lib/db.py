@@ -19,7 +19,7 @@ from psycopg2 import sql
 
 from lib import names
 from lib.config import Database
-from lib.quality import CONTRACT, COLUMNS, KEY, LIST_COLUMNS
+from lib.quality import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, TEXT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -224,19 +224,20 @@ def _select_contract(schema: str, table: str, where: sql.Composable = sql.SQL(""
         cols=_cols(COLUMNS), t=ident(schema, table), where=where, k=sql.Identifier(KEY))
 
 
-def read_frame(conn, query: sql.Composed, params=()) -> pd.DataFrame:
+def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.DataFrame:
+    """A query's rows as a frame; `object_columns` keep Python values (lists, None) as read."""
     with conn.cursor() as cur:
         cur.execute(query, params)
         columns = [d[0] for d in cur.description]
-        return pd.DataFrame.from_records(cur.fetchall(), columns=columns)
+        rows = cur.fetchall()
+    return pd.DataFrame({c: pd.Series([r[i] for r in rows], dtype=object if c in object_columns else None)
+                         for i, c in enumerate(columns)}, columns=columns)
 
 
 def current(conn, schema: str, table: str) -> pd.DataFrame:
     """The current rows, typed as the contract (lists as Python lists)."""
-    frame = read_frame(conn, _select_contract(schema, table))
-    for col in LIST_COLUMNS:
-        frame[col] = frame[col].astype(object)
-    return frame
+    # Text and list columns stay Python objects: pandas 3 would infer a string dtype with NaN for NULL.
+    return read_frame(conn, _select_contract(schema, table), object_columns=[*LIST_COLUMNS, *TEXT_COLUMNS])
 
 
 def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
@@ -248,7 +249,7 @@ def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
         "WHERE h.valid_from <= l.loaded_at AND (h.valid_to IS NULL OR h.valid_to > l.loaded_at) "
         "ORDER BY h.{k}").format(cols=_cols(COLUMNS, "h"), h=ident(schema, history_table(table)),
                                  loads=ident(schema, LOADS_TABLE), k=sql.Identifier(KEY))
-    return read_frame(conn, query, (run_id, table))
+    return read_frame(conn, query, (run_id, table), object_columns=[*LIST_COLUMNS, *TEXT_COLUMNS])
 
 
 def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFrame:
