@@ -281,3 +281,13 @@ def test_waiting_for_the_lock_succeeds_once_the_holder_releases_it(settings):
     finally:
         release.set()
         thread.join(10)
+
+
+def test_current_reads_null_text_back_as_none_and_lists_as_lists(pg, clean, table):
+    load(pg, csv(clean), table, "r1")
+    rows = current(pg, table)
+    antarctica = rows.loc["Antarctica"]
+    assert antarctica["subregion"] is None  # an empty source subregion is NULL, read back as None
+    assert antarctica["capital"] == []
+    assert rows.loc["South Africa", "capital"] == ["Pretoria", "Bloemfontein", "Cape Town"]
+    assert rows["population"].dtype == "int64" and rows["area"].dtype == "float64"

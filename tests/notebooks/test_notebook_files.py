@@ -1,0 +1,63 @@
+"""The committed stage notebooks are clean sources: no outputs, no execution counts, and one
+`parameters` cell whose every line is a typed, commented parameter (what papermill and
+`run_pipeline.py -p` rely on)."""
+
+from __future__ import annotations
+
+import ast
+import io
+import json
+import tokenize
+
+import papermill
+import pytest
+
+from lib import pipeline, runs
+
+NOTEBOOKS = sorted(pipeline.NOTEBOOKS.glob("*.ipynb"))
+
+
+def source(cell) -> str:
+    return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+
+
+def test_every_stage_has_its_notebook():
+    assert [p.stem for p in NOTEBOOKS] == list(runs.STAGES)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_without_outputs_and_with_one_typed_commented_parameters_cell(path):
+    nb = json.loads(path.read_text(encoding="utf-8"))
+    for n, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "code":
+            assert cell.get("outputs") == [], f"{path.name} cell {n} has outputs"
+            assert cell.get("execution_count") is None, f"{path.name} cell {n} has an execution count"
+        else:
+            assert "outputs" not in cell and "execution_count" not in cell, f"{path.name} cell {n}"
+
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged parameters"
+    cell = tagged[0]
+    assert cell["cell_type"] == "code"
+    text = source(cell)
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines, f"{path.name}: empty parameters cell"
+
+    statements = ast.parse(text).body
+    assert len(statements) == len(lines), f"{path.name}: one parameter per line"
+    comments = {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(text).readline)
+                if tok.type == tokenize.COMMENT and tok.string.lstrip("#").strip()}
+    for statement in statements:
+        line = text.splitlines()[statement.lineno - 1]
+        assert isinstance(statement, ast.AnnAssign) and statement.value is not None, \
+            f"{path.name}: {line!r} is not `name: type = value`"
+        assert isinstance(statement.target, ast.Name), f"{path.name}: {line!r}"
+        assert statement.lineno in comments, f"{path.name}: {line!r} has no comment"
+
+    # papermill reads the same: every parameter typed and explained; run_id first.
+    declared = papermill.inspect_notebook(str(path))
+    assert list(declared) == [s.target.id for s in statements]
+    assert list(declared)[0] == "run_id"
+    for name, info in declared.items():
+        assert info["inferred_type_name"] in ("str", "int", "float", "bool"), (path.name, name, info)
+        assert info["help"].strip(), (path.name, name)
