@@ -112,6 +112,19 @@ def ensure_tables(cur, schema: str, table: str) -> None:
 
 # --- load --------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def transaction(conn):
+    """Commit on success; on any error roll back (when the connection still lives) and let the
+    original error through, not the rollback's own ("connection already closed")."""
+    try:
+        yield
+        conn.commit()
+    except BaseException:
+        with contextlib.suppress(psycopg2.Error):
+            conn.rollback()
+        raise
+
+
 def _cols(names_: list[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:
     if prefix:
         return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names_)
@@ -150,7 +163,7 @@ def load(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: s
     retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
     data_cols = _cols(COLUMNS)
     try:
-        with conn:  # one transaction: commit on success, roll back on any error
+        with transaction(conn):
             with conn.cursor() as cur:
                 ensure_tables(cur, schema, table)
                 cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(

@@ -167,7 +167,7 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
             batch = source.parse_payload(data, min_records)
         except source.PayloadError as err:
             raise StageError(f"s3://{settings.raw_bucket}/{obj['key']}: {err}; nothing was written") from None
-        frame = transform.flatten(batch).assign(_object=len(raw))
+        frame = transform.flatten(batch).assign(_object=len(raw), _position=range(len(batch)))
         frames.append(frame)
         records += batch
         raw.append({"uri": f"s3://{settings.raw_bucket}/{obj['key']}", "records": len(batch),
@@ -178,7 +178,11 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     older = frame["_object"] < last_object.reindex(frame.index).fillna(frame["_object"])
     kept = frame[~older]
     kept_records = [records[i] for i in kept.index]
-    validated = quality.validate(kept.drop(columns="_object").reset_index(drop=True), kept_records)
+    validated = quality.validate(kept.drop(columns=["_object", "_position"]).reset_index(drop=True), kept_records)
+    # Point each quarantined record at its raw object and its position there.
+    where = kept.reset_index(drop=True)
+    validated.quarantine.insert(1, "raw_object", [raw[where.at[i, "_object"]]["uri"] for i in validated.quarantine["record"]])
+    validated.quarantine["record"] = [int(where.at[i, "_position"]) for i in validated.quarantine["record"]]
     date = backfill_date or objects[0]["key"].split("ingest_date=")[1].split("/")[0]
     return Prepared(validated, raw, quality.drift(records), int(older.sum()), date, backfill_date)
 

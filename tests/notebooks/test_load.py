@@ -157,6 +157,7 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert "stage 03_load FAILED" in err and "rolled back" in err
+    assert "server closed the connection" in err  # the real cause, not the failed rollback's "connection already closed"
     pd.testing.assert_frame_equal(db.current(pg, "public", table), before)
     assert count(pg, "public", f"{table}_history") == history_rows
     assert scalar(pg, "SELECT count(*) FROM public.pipeline_loads WHERE run_id = %s", (second,)) == 0

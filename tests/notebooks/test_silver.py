@@ -54,7 +54,8 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
     quarantine_keys = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if k.startswith("quarantine/")]
     assert len(quarantine_keys) == 1 and quarantine_keys[0].endswith("/quarantine.csv")
     quarantine = read_csv_object(s3, settings.clean_bucket, quarantine_keys[0])
-    assert list(quarantine.columns) == ["record", "name_common", "reasons", "source"]
+    assert list(quarantine.columns) == ["record", "raw_object", "name_common", "reasons", "source"]
+    assert set(quarantine["raw_object"]) == {details["raw_objects"][0]["uri"]}  # traceable to its source
     assert sorted(quarantine["record"]) == sorted(bad)
     rows = quarantine.set_index("record")
     for position, record in bad.items():
