@@ -108,10 +108,13 @@ def cmd_run(argv: list[str]) -> int:
     # 2. Services: start the embedded ones if nothing else is configured.
     try:
         pipeline.ensure_stack(env)
-        settings = config.load(env)
-    except (stack.StackError, config.ConfigError, names.InvalidName) as err:
+    except stack.StackError as err:
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return pipeline.EXIT_FAILED
+    try:
+        settings = config.load(env)
+    except (config.ConfigError, names.InvalidName) as err:  # a bad setting: nothing ran
+        return usage_error(str(err))
     logfile = logsetup.setup(settings.logs_dir, settings.secrets())
 
     if args.resume:
@@ -131,6 +134,12 @@ def cmd_run(argv: list[str]) -> int:
     problems = pipeline.preflight(settings, stages, api_url)
     if problems:
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        if runs.read_json(runs.run_dir(settings, run_id) / "manifest.json") is not None:
+            # An existing run: record the stages asked for, so that --resume goes on with them.
+            record = pipeline.RunRecord.open(settings, run_id, stages, params)
+            record.data["preflight"] = problems
+            record.finish("failed")
+            print(f"  after fixing the cause: python run_pipeline.py --resume {run_id}", file=sys.stderr)
         return pipeline.EXIT_FAILED
     pipeline.install_signal_handlers()
     try:

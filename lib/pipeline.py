@@ -171,6 +171,7 @@ class RunRecord:
         if existing:
             record.data = existing
             record.data["status"] = "running"
+            record.data.pop("preflight", None)
             record.data.setdefault("resumed", []).append(runs.now())
             record.data["requested_stages"] = sorted(set(record.data["requested_stages"]) | set(stages))
             for s in stages:  # a stage run again takes this invocation's parameters

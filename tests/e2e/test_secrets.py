@@ -1,0 +1,130 @@
+"""No credential ever lands in a run record, an executed notebook or a log.
+
+A second embedded stack is started in a fresh state folder whose credentials are sentinel values; the
+cloud role gets the same keys explicitly, as AWS-style variables. After a full run, failing runs and the
+stack commands that do not print credentials (everything but `stack env`), every byte under that
+stack's outputs and logs folders is searched for every sentinel."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lib import runs, stack, storage
+from lib.config import Cloud, Secret
+from tests.conftest import TEST_PORT_BASE
+
+PORT_BASE = TEST_PORT_BASE + 300
+
+
+def _write_private(path: Path, data: dict) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+
+
+@pytest.fixture
+def sentinel_stack(tmp_path):
+    """A second, private embedded stack whose credentials are sentinels; stopped at the end."""
+    tag = uuid.uuid4().hex
+    sentinels = {
+        "access_key": f"SENTINELAK{tag[:12]}",
+        "secret_key": f"SENTINELSK{tag}",
+        "db_password": f"SENTINELPW{tag[::-1]}",
+    }
+    dirs = {name: tmp_path / name for name in ("state", "outputs", "logs")}
+    dirs["state"].mkdir(mode=0o700)
+    _write_private(dirs["state"] / "credentials.json", sentinels)
+    _write_private(dirs["state"] / "stack.json", {"port_base": PORT_BASE, "db_user": "medallion",
+                                                  "db_name": "countries"})
+    state = stack.read_state(dirs["state"])
+    assert (state.access_key, state.secret_key, state.db_password) == tuple(sentinels.values())
+    env = {
+        "PIPELINE_STATE_DIR": str(dirs["state"]),
+        "PIPELINE_OUTPUTS_DIR": str(dirs["outputs"]),
+        "PIPELINE_LOGS_DIR": str(dirs["logs"]),
+        "PIPELINE_STACK_PORT_BASE": str(PORT_BASE),
+        # The cloud role: an S3-compatible endpoint (this stack's) with explicit AWS-style keys.
+        "S3_BUCKET_NAME": "sentinel-cloud",
+        "AWS_ENDPOINT_URL": state.s3_url,
+        "AWS_ACCESS_KEY_ID": sentinels["access_key"],
+        "AWS_SECRET_ACCESS_KEY": sentinels["secret_key"],
+    }
+    try:
+        yield state, sentinels, dirs, env
+    finally:
+        stack.down(dirs["state"])
+        assert stack.status(dirs["state"])["object_store"]["running"] is False
+
+
+def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack, unique):
+    state, sentinels, dirs, env = sentinel_stack
+    table = f"secrets_{unique}"
+    ok, failing, resumed = f"sec-{unique}-ok", f"sec-{unique}-bad", f"sec-{unique}-cred"
+    outputs = []
+
+    def run(*args, extra=None, expect):
+        res = run_pipeline(*args, env={**env, **(extra or {})}, timeout=300)
+        outputs.append(res)
+        assert res.returncode == expect, f"{args}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        return res
+
+    run("stack", "up", expect=0)
+    assert json.loads(run("stack", "status", expect=0).stdout)["object_store"]["running"] is True
+
+    # A whole run on the sentinel stack.
+    run("--run-id", ok, "-p", f"table={table}", expect=0)
+    settings_dir = dirs["outputs"] / "runs" / ok
+    m = json.loads((settings_dir / "manifest.json").read_text())
+    assert m["status"] == "succeeded" and m["stages"]["04_export"]["rows_out"] == 250
+    assert m["stack"]["cloud"]["bucket"] == "sentinel-cloud" and m["stack"]["cloud"]["endpoint"] == state.s3_url
+    cloud = storage.cloud_client(Cloud("sentinel-cloud", "exports", "us-east-1", None, state.s3_url, True,
+                                       Secret(sentinels["access_key"]), Secret(sentinels["secret_key"])))
+    export = m["stages"]["04_export"]["objects"][0]
+    assert export["bucket"] == "sentinel-cloud" and storage.head(cloud, export["bucket"], export["key"])
+
+    # A stage failing: stage 4 of a new run on a table that does not exist.
+    res = run("--stages", "4", "--run-id", failing, "-p", f"table=missing_{unique}", expect=1)
+    assert "stage 04_export FAILED" in res.stderr and "does not exist" in res.stderr
+
+    # The cloud role with a wrong secret (the sentinel plus a suffix): stage 4 fails on the store's 403.
+    res = run("--stages", "4", "--run-id", f"{failing}-2", "-p", f"table={table}",
+              extra={"AWS_SECRET_ACCESS_KEY": sentinels["secret_key"] + "wrong"}, expect=1)
+    assert "stage 04_export FAILED" in res.stderr and "bucket 'sentinel-cloud': 403" in res.stderr
+    # ... and with an unknown access key (the sentinel plus a suffix).
+    res = run("--stages", "4", "--run-id", f"{failing}-3", "-p", f"table={table}",
+              extra={"AWS_ACCESS_KEY_ID": sentinels["access_key"] + "X"}, expect=1)
+    assert "stage 04_export FAILED" in res.stderr and "bucket 'sentinel-cloud': 403" in res.stderr
+
+    # The database as a configured server with a wrong password: the preflight refuses an existing run.
+    run("--stages", "1-2", "--run-id", resumed, expect=0)
+    res = run("--stages", "3", "--run-id", resumed, "-p", f"table={table}", expect=1, extra={
+        "DB_HOST": "127.0.0.1", "DB_PORT": str(state.pg_port), "DB_USER": state.db_user,
+        "DB_NAME": state.db_name, "DB_PASSWORD": sentinels["db_password"] + "wrong"})
+    assert "password authentication failed" in res.stderr and ":***@" in res.stderr
+    # ... then resumed on the embedded settings.
+    run("--resume", resumed, expect=0)
+
+    run("stack", "down", expect=0)
+    assert json.loads(run("stack", "status", expect=0).stdout)["object_store"]["running"] is False
+
+    # Everything written under outputs/ and logs/, byte for byte, and everything printed.
+    files = [p for d in (dirs["outputs"], dirs["logs"]) for p in d.rglob("*") if p.is_file()]
+    names = {p.name for p in files}
+    assert {"manifest.json", "01_ingest.ipynb", "04_export.ipynb", "05_gold.ipynb"} <= names
+    assert any(p.suffix == ".log" and p.stat().st_size > 0 for p in files)
+    assert len([p for p in files if p.parent.name == "stages"]) >= 5
+    hits = [(str(p), label) for p in files for label, value in sentinels.items()
+            if value.encode() in p.read_bytes()]
+    assert hits == []
+    # The search itself finds them where they belong: the stack's private credentials file.
+    creds = (dirs["state"] / "credentials.json").read_bytes()
+    assert all(value.encode() in creds for value in sentinels.values())
+    printed = [(" ".join(r.args[2:]), label) for r in outputs for label, value in sentinels.items()
+               if value in r.stdout or value in r.stderr]
+    assert printed == []
+    assert runs.read_json(dirs["outputs"] / "runs" / resumed / "manifest.json")["status"] == "succeeded"
