@@ -29,6 +29,11 @@ PARAM_CHECKS = {
     "snapshot_fallback": lambda v: v if v in ("auto", "true", "false") else _bad(f"snapshot_fallback {v!r} is not auto, true or false"),
     "api_url": lambda v: v if v == "" else source.check_url(v),
     "max_invalid_fraction": lambda v: v if 0 <= v <= 1 else _bad(f"max_invalid_fraction {v} is not between 0 and 1"),
+    "min_records": lambda v: v if v >= 1 else _bad(f"min_records {v} must be at least 1"),
+    "max_attempts": lambda v: v if v >= 1 else _bad(f"max_attempts {v} must be at least 1"),
+    "preview_rows": lambda v: v if v >= 0 else _bad(f"preview_rows {v} must not be negative"),
+    **{k: (lambda v, k=k: v if v > 0 else _bad(f"{k} {v} must be more than 0"))
+       for k in ("connect_timeout", "read_timeout", "max_total_seconds")},
 }
 
 
@@ -118,9 +123,14 @@ def preflight(settings: config.Settings, stages: list[str], api_url: str | None 
         url = api_url or settings.api_url
         try:
             source.check_url(url)
-            requests.get(url, timeout=(3, 10), stream=True).close()
+            with requests.get(url, timeout=(5, 30), stream=True) as response:
+                if 400 <= response.status_code < 500 and response.status_code != 429:
+                    # A request the API rejects will not get better by retrying: say so now, verbatim.
+                    problems.append(f"API {url} answered HTTP {response.status_code}: {response.text[:500]}")
         except source.SourceError as err:
             problems.append(f"API: {err}")
+        except requests.Timeout as err:
+            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source._short(err))
         except requests.RequestException as err:
             if settings.snapshot_fallback:
                 log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
@@ -139,10 +149,11 @@ def preflight(settings: config.Settings, stages: list[str], api_url: str | None 
             db.connect(settings.db, attempts=2).close()
         except db.DatabaseError as err:
             problems.append(f"database: {err}")
-    if {"04_export", "05_gold"} & set(stages) and not settings.cloud.emulated:
+    if {"04_export", "05_gold"} & set(stages):
+        # A bucket on a real cloud must exist; an emulated one may be created by stage 4.
         cloud = storage.cloud_client(settings.cloud)
         try:
-            storage.ensure_bucket(cloud, settings.cloud.bucket, create=False)
+            storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
         except Exception as err:  # noqa: BLE001
             problems.append(f"cloud bucket: {err}")
     return problems

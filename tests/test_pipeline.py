@@ -75,6 +75,11 @@ def test_parse_params_gives_each_chosen_stage_an_entry():
     ("api_url=https://restcountries.com/v3.1/all", "1 to 10 fields"),
     ("max_invalid_fraction=1.5", "not between 0 and 1"),
     ("max_invalid_fraction=nan", "not between 0 and 1"),
+    ("min_records=0", "min_records 0 must be at least 1"),
+    ("max_attempts=0", "max_attempts 0 must be at least 1"),
+    ("preview_rows=-1", "preview_rows -1 must not be negative"),
+    ("read_timeout=0", "read_timeout 0.0 must be more than 0"),
+    ("max_total_seconds=-5", "max_total_seconds -5.0 must be more than 0"),
 ])
 def test_parse_params_refuses_bad_values_before_anything_runs(pair, problem):
     with pytest.raises(UsageError, match=problem.replace("(", r"\(").replace(")", r"\)")):

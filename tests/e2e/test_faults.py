@@ -198,10 +198,23 @@ def test_api_url_without_fields_is_refused_at_argument_time(run_pipeline, settin
     assert not runs.run_dir(settings, run_id).exists()
 
 
-def test_api_400_body_reaches_the_user_verbatim(run_pipeline, settings, s3, unique, api):
+def test_api_400_at_preflight_is_reported_verbatim_before_anything_runs(run_pipeline, settings, s3, unique, api):
     body = json.dumps({"status": 400, "message": f"fields 'capitol' unknown (request {unique})"})
-    # The preflight probe only checks that the API answers; the stage's request gets the 400 too.
-    api.queue(*[Scripted(400, body=body.encode())] * 2)
+    api.queue(Scripted(400, body=body.encode()))
+    run_id = f"api400pre-{unique}"
+    res = run_pipeline("--run-id", run_id, "--stages", "1", timeout=180)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "Preflight failed" in res.stderr and "HTTP 400" in res.stderr
+    assert body in res.stderr, res.stderr[-3000:]
+    assert len(api.requests) == 1
+    assert not runs.run_dir(settings, run_id).exists()  # a new run that never started leaves nothing
+    assert run_keys(s3, settings.raw_bucket, run_id) == []
+
+
+def test_api_400_in_stage_1_reaches_the_user_verbatim(run_pipeline, settings, s3, unique, api):
+    body = json.dumps({"status": 400, "message": f"fields 'capitol' unknown (request {unique})"})
+    # The preflight's probe is answered; then the stage's request gets the 400.
+    api.queue(Scripted(200, body=VALID_BODY), Scripted(400, body=body.encode()))
     run_id = f"api400-{unique}"
     res = run_pipeline("--run-id", run_id, "--stages", "1", timeout=180)
     assert res.returncode == 1, res.stderr[-3000:]
