@@ -114,8 +114,11 @@ def ensure_tables(cur, schema: str, table: str) -> None:
 
 @contextlib.contextmanager
 def transaction(conn):
-    """Commit on success; on any error roll back (when the connection still lives) and let the
-    original error through, not the rollback's own ("connection already closed")."""
+    """One transaction, also on an autocommit connection. Commit on success; on any error roll back
+    (when the connection still lives) and let the original error through, not the rollback's own
+    ("connection already closed")."""
+    autocommit = conn.autocommit
+    conn.autocommit = False
     try:
         yield
         conn.commit()
@@ -123,6 +126,10 @@ def transaction(conn):
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         raise
+    finally:
+        if autocommit:
+            with contextlib.suppress(psycopg2.Error):
+                conn.autocommit = True
 
 
 def _cols(names_: list[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:

@@ -287,6 +287,8 @@ def execute(record: RunRecord, stage: str, params: dict, *, kernel: str, start_t
             parameters={"run_id": record.run_id, **params},
             kernel_name=kernel, start_timeout=start_timeout, execution_timeout=cell_timeout,
             cwd=str(config.ROOT), progress_bar=False, log_output=False, request_save_on_cell_execute=True,
+            # The kernel's own start-up warnings (loopback TCP transport) are noise in a run's output.
+            extra_arguments=["--IPKernelApp.log_level=ERROR"],
         )
     except Interrupted:
         record.stage_ended(stage, "interrupted", time.monotonic() - started, "interrupted")

@@ -91,14 +91,14 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
     res = run("--stages", "4", "--run-id", failing, "-p", f"table=missing_{unique}", expect=1)
     assert "stage 04_export FAILED" in res.stderr and "does not exist" in res.stderr
 
-    # The cloud role with a wrong secret (the sentinel plus a suffix): stage 4 fails on the store's 403.
+    # The cloud role with a wrong secret (the sentinel plus a suffix): the preflight meets the store's 403.
     res = run("--stages", "4", "--run-id", f"{failing}-2", "-p", f"table={table}",
               extra={"AWS_SECRET_ACCESS_KEY": sentinels["secret_key"] + "wrong"}, expect=1)
-    assert "stage 04_export FAILED" in res.stderr and "bucket 'sentinel-cloud': 403" in res.stderr
+    assert "Preflight failed" in res.stderr and "bucket 'sentinel-cloud': 403" in res.stderr
     # ... and with an unknown access key (the sentinel plus a suffix).
     res = run("--stages", "4", "--run-id", f"{failing}-3", "-p", f"table={table}",
               extra={"AWS_ACCESS_KEY_ID": sentinels["access_key"] + "X"}, expect=1)
-    assert "stage 04_export FAILED" in res.stderr and "bucket 'sentinel-cloud': 403" in res.stderr
+    assert "Preflight failed" in res.stderr and "bucket 'sentinel-cloud': 403" in res.stderr
 
     # The database as a configured server with a wrong password: the preflight refuses an existing run.
     run("--stages", "1-2", "--run-id", resumed, expect=0)
