@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pandas as pd
 
@@ -22,10 +24,12 @@ def aggregates(frame: pd.DataFrame, by: str) -> pd.DataFrame:
 
 
 def _plain(value):
+    """A cell as a plain Python value, so the JSON report keeps numbers as numbers and a null is None
+    however it was read (None or NaN)."""
     if isinstance(value, np.generic):
-        value = value.item()  # numpy scalars as Python ones, so the JSON report keeps numbers as numbers
-    if isinstance(value, float) and value.is_integer():
-        return value
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
@@ -37,9 +41,8 @@ def changes(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run_i
     new = current.set_index(KEY)[COLUMNS[1:]]
     changed: dict[str, dict] = {}
     for key in sorted(set(old.index) & set(new.index)):
-        diffs = {col: [_plain(old.at[key, col]), _plain(new.at[key, col])]
-                 for col in COLUMNS[1:] if _plain(old.at[key, col]) != _plain(new.at[key, col])
-                 and not (pd.isna(old.at[key, col]) is True and pd.isna(new.at[key, col]) is True)}
+        pairs = {col: [_plain(old.at[key, col]), _plain(new.at[key, col])] for col in COLUMNS[1:]}
+        diffs = {col: pair for col, pair in pairs.items() if pair[0] != pair[1]}
         if diffs:
             changed[key] = diffs
     return {

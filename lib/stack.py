@@ -395,6 +395,7 @@ def status(sdir: Path) -> dict:
     return {
         "state_dir": str(sdir),
         "initialised": True,
+        **describe(state),
         "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_ready(state)},
         "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
                      "running": _pg_running(sdir, _pg_user())},
