@@ -130,8 +130,7 @@ def cmd_run(argv: list[str]) -> int:
         log.info("resuming run %s at %s", run_id, stages[0])
 
     # 3. Preflight, then the lock, then the stages.
-    api_url = params.get("01_ingest", {}).get("api_url") if "01_ingest" in params else None
-    problems = pipeline.preflight(settings, stages, api_url)
+    problems = pipeline.preflight(settings, stages, params.get("01_ingest", {}).get("api_url"))
     if problems:
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         if runs.read_json(runs.run_dir(settings, run_id) / "manifest.json") is not None:
