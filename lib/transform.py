@@ -59,13 +59,12 @@ def flatten(records: list[dict]) -> pd.DataFrame:
 
 def to_csv(frame: pd.DataFrame, columns: list[str] | None = None) -> bytes:
     """CSV with list columns as JSON arrays and nulls as empty fields (COPY's CSV null)."""
-    out = frame[columns or list(frame.columns)].copy()
-    for col in LIST_COLUMNS:
-        if col in out:
-            out[col] = out[col].map(lambda v: json.dumps(list(v), ensure_ascii=False))
-    buf = io.StringIO()
-    out.to_csv(buf, index=False, lineterminator="\n")
-    return buf.getvalue().encode("utf-8")
+    out = frame[columns or list(frame.columns)]
+    out = out.assign(**{col: out[col].map(lambda v: json.dumps(list(v), ensure_ascii=False))
+                        for col in LIST_COLUMNS if col in out})
+    buf = io.BytesIO()
+    out.to_csv(buf, index=False, lineterminator="\n", encoding="utf-8")
+    return buf.getvalue()
 
 
 def read_csv(data: bytes) -> pd.DataFrame:
