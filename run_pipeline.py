@@ -6,6 +6,7 @@
     python run_pipeline.py --resume ID          continue a failed or interrupted run
     python run_pipeline.py stack up|down|status|env
     python run_pipeline.py lab                  JupyterLab on the same stack
+    python run_pipeline.py report ID            HTML pages of a run for reviewers (report.html)
 
 Exit codes: 0 success, 1 a stage or preflight failed, 2 bad arguments or configuration (nothing ran),
 3 another run holds the pipeline lock, 130 interrupted.
@@ -19,7 +20,7 @@ import logging
 import os
 import sys
 
-from lib import config, db, names, pipeline, runs, stack
+from lib import config, db, names, pipeline, report, runs, stack
 from lib import log as logsetup
 
 log = logging.getLogger("run_pipeline")
@@ -44,6 +45,8 @@ def run_parser() -> argparse.ArgumentParser:
                    help="fail a stage whose cell runs longer than this (default 600)")
     p.add_argument("--wait-for-lock", type=float, default=0, metavar="SECONDS",
                    help="when another run holds the pipeline lock, wait this long before giving up (default 0)")
+    p.add_argument("--html", action="store_true",
+                   help="also render the run as HTML pages (report.html) when it ends")
     return p
 
 
@@ -85,6 +88,22 @@ def cmd_lab(argv: list[str]) -> int:
     os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra,
                                f"--ServerApp.root_dir={config.ROOT}", "--ServerApp.ip=127.0.0.1",
                                "--LabApp.default_url=/lab/tree/notebooks", *argv])
+
+
+def cmd_report(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_pipeline.py report",
+                                description="Render a run's executed notebooks and an index as HTML.")
+    p.add_argument("run_id")
+    args = p.parse_args(argv)
+    try:
+        run_dir = config.outputs_dir() / "runs" / names.run_id(args.run_id)
+        print(report.write(run_dir))
+    except names.InvalidName as err:
+        return usage_error(str(err))
+    except FileNotFoundError as err:
+        print(f"run_pipeline.py report: {err}", file=sys.stderr)
+        return pipeline.EXIT_FAILED
+    return 0
 
 
 def cmd_run(argv: list[str]) -> int:
@@ -175,6 +194,8 @@ def run_stages(settings, run_id, stages, params, args, logfile) -> int:
     record.finish(status)
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
+    if args.html:
+        print(f"  report:     {report.write(record.dir)}")
     print(f"  log:        {logfile}")
     for stage in record.data["requested_stages"]:
         print(pipeline.summary_line(stage, record.data["stages"].get(stage, {"status": "not run"})))
@@ -187,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_stack(argv[1:])
     if argv and argv[0] == "lab":
         return cmd_lab(argv[1:])
+    if argv and argv[0] == "report":
+        return cmd_report(argv[1:])
     return cmd_run(argv)
 
 

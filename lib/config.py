@@ -151,6 +151,11 @@ def state_dir(env: dict[str, str] | None = None) -> Path:
     return Path(env.get("PIPELINE_STATE_DIR") or ROOT / ".state").resolve()
 
 
+def outputs_dir(env: dict[str, str] | None = None) -> Path:
+    env = environment() if env is None else env
+    return Path(env.get("PIPELINE_OUTPUTS_DIR") or ROOT / "outputs").resolve()
+
+
 def uses_embedded_store(env: dict[str, str]) -> bool:
     return not env.get("MINIO_URL")
 
@@ -281,7 +286,7 @@ def load(env: dict[str, str] | None = None) -> Settings:
         gold_bucket=names.bucket(env.get("GOLD_BUCKET") or "gold"),
         db=db,
         cloud=cloud,
-        outputs_dir=Path(env.get("PIPELINE_OUTPUTS_DIR") or ROOT / "outputs").resolve(),
+        outputs_dir=outputs_dir(env),
         logs_dir=Path(env.get("PIPELINE_LOGS_DIR") or ROOT / "logs").resolve(),
         state_dir=sdir,
     )

@@ -77,7 +77,8 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
     assert json.loads(run("stack", "status", expect=0).stdout)["object_store"]["running"] is True
 
     # A whole run on the sentinel stack.
-    run("--run-id", ok, "-p", f"table={table}", expect=0)
+    res = run("--run-id", ok, "-p", f"table={table}", "--html", expect=0)
+    assert (dirs["outputs"] / "runs" / ok / "05_gold.html").exists()  # the HTML pages are scanned too
     settings_dir = dirs["outputs"] / "runs" / ok
     m = json.loads((settings_dir / "manifest.json").read_text())
     assert m["status"] == "succeeded" and m["stages"]["04_export"]["rows_out"] == 250
