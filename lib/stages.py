@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -43,7 +44,8 @@ class Stage:
 def begin(stage: str, run_id: str = "", **parameters) -> Stage:
     """Load settings (from the environment, never from parameters), set up logging, pick the run."""
     settings = config.load()
-    logsetup.setup(settings.logs_dir, settings.secrets())
+    # In a notebook, progress is ordinary output (stderr would show every line as an alarm).
+    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout)
     rid = runs.resolve_run_id(settings, run_id, stage)
     log.info("%s of run %s starting", stage, rid)
     return Stage(stage, rid, settings, runs.StageRecord(settings, rid, stage, parameters))
