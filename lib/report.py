@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import html
+import logging
 from pathlib import Path
 
 from lib import runs
@@ -24,6 +25,7 @@ def write(run_dir: Path) -> Path:
     if manifest is None:
         raise FileNotFoundError(f"no run record at {run_dir}")
     exporter = HTMLExporter()
+    exporter.log.setLevel(logging.ERROR)  # its accessibility notes about plot alt text are noise here
     rows = []
     for stage in manifest["requested_stages"]:
         entry = manifest["stages"].get(stage, {"status": "not run"})
