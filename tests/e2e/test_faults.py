@@ -381,23 +381,30 @@ def _start_with_slow_stage_1(api, settings, run_id: str, *args: str) -> subproce
     return proc
 
 
-def test_sigint_during_stage_1_exits_130_and_resume_completes(run_pipeline, settings, s3, pg, unique, api):
-    run_id, table = f"sigint-{unique}", f"sigint_{unique}"
-    proc = _start_with_slow_stage_1(api, settings, run_id, "-p", f"table={table}")
+def _interrupt(proc, sig) -> tuple[float, str, str]:
+    """Send `sig` to the runner; returns how long it took to exit, and its output."""
     try:
         kernels = [pid for pid, cmd in children(proc.pid).items() if "ipykernel" in cmd]
-        assert len(kernels) == 1, children(proc.pid)
-        interrupted_at = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        proc.send_signal(sig)
         out, err = finish(proc, 60)
+        seconds = time.monotonic() - sent
     finally:
         if proc.poll() is None:
             kill(proc)
     assert proc.returncode == 130, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
-    assert f"run {run_id} interrupted (SIGINT) during 01_ingest" in err
-    assert time.monotonic() - interrupted_at < 20  # not after the slow answer came
+    assert len(kernels) == 1, kernels
     # The stage's kernel went with it: nothing can write for the interrupted attempt later.
     wait_until(lambda: not alive(kernels[0]), 15, f"the end of kernel {kernels[0]}")
+    return seconds, out, err
+
+
+def test_sigint_during_stage_1_exits_130_and_resume_completes(run_pipeline, settings, s3, pg, unique, api):
+    run_id, table = f"sigint-{unique}", f"sigint_{unique}"
+    proc = _start_with_slow_stage_1(api, settings, run_id, "-p", f"table={table}")
+    seconds, out, err = _interrupt(proc, signal.SIGINT)
+    assert f"run {run_id} interrupted (SIGINT) during 01_ingest" in err
+    assert seconds < 20  # not after the slow answer came
     assert f"resume with: python run_pipeline.py --resume {run_id}" in err
     m = manifest(settings, run_id)
     assert m["status"] == "interrupted"
@@ -424,16 +431,7 @@ def test_sigint_during_stage_1_exits_130_and_resume_completes(run_pipeline, sett
 def test_sigterm_during_stage_1_exits_130_marked_interrupted(settings, s3, unique, api, embedded):
     run_id = f"sigterm-{unique}"
     proc = _start_with_slow_stage_1(api, settings, run_id, "--stages", "1")
-    try:
-        kernels = [pid for pid, cmd in children(proc.pid).items() if "ipykernel" in cmd]
-        proc.send_signal(signal.SIGTERM)
-        out, err = finish(proc, 60)
-    finally:
-        if proc.poll() is None:
-            kill(proc)
-    assert proc.returncode == 130, f"exit {proc.returncode}\n{out[-2000:]}\n{err[-3000:]}"
-    assert len(kernels) == 1
-    wait_until(lambda: not alive(kernels[0]), 15, f"the end of kernel {kernels[0]}")
+    _, out, err = _interrupt(proc, signal.SIGTERM)
     assert "interrupted (SIGTERM)" in err
     m = manifest(settings, run_id)
     assert m["status"] == "interrupted" and m["stages"]["01_ingest"]["status"] == "interrupted"
