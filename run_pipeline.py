@@ -96,7 +96,7 @@ def cmd_report(argv: list[str]) -> int:
     p.add_argument("run_id")
     args = p.parse_args(argv)
     try:
-        run_dir = config.outputs_dir() / "runs" / names.run_id(args.run_id)
+        run_dir = runs.run_dir(config.outputs_dir(), args.run_id)
         print(report.write(run_dir))
     except names.InvalidName as err:
         return usage_error(str(err))
@@ -137,7 +137,7 @@ def cmd_run(argv: list[str]) -> int:
     logfile = logsetup.setup(settings.logs_dir, settings.secrets())
 
     if args.resume:
-        previous = runs.read_json(runs.run_dir(settings, run_id) / "manifest.json")
+        previous = runs.read_json(runs.manifest_path(settings, run_id))
         if previous is None:
             return usage_error(f"--resume {run_id}: no run record at {runs.run_dir(settings, run_id)}")
         all_stages = previous["requested_stages"]
@@ -152,7 +152,7 @@ def cmd_run(argv: list[str]) -> int:
     problems = pipeline.preflight(settings, stages, params.get("01_ingest", {}).get("api_url"))
     if problems:
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-        if runs.read_json(runs.run_dir(settings, run_id) / "manifest.json") is not None:
+        if runs.manifest_path(settings, run_id).exists():
             # An existing run: record the stages asked for, so that --resume goes on with them.
             record = pipeline.RunRecord.open(settings, run_id, stages, params)
             record.data["preflight"] = problems

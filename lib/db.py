@@ -27,6 +27,8 @@ WRITE_MODES = ("upsert", "append", "replace")
 LOADS_TABLE = "pipeline_loads"
 LOCK_KEY = (7420, 1)  # (namespace, id) of the pipeline's session advisory lock
 AUDIT_COLUMNS = ("_row_hash", "_run_id", "_loaded_at")
+# Text and list columns read back as Python objects: pandas 3 would infer a string dtype, NaN for NULL.
+OBJECT_COLUMNS = (*LIST_COLUMNS, *TEXT_COLUMNS)
 _SQL_TYPES = {"text": "text", "text[]": "text[]", "bigint": "bigint", "double": "double precision"}
 
 
@@ -256,8 +258,7 @@ def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.Da
 
 def current(conn, schema: str, table: str) -> pd.DataFrame:
     """The current rows, typed as the contract (lists as Python lists)."""
-    # Text and list columns stay Python objects: pandas 3 would infer a string dtype with NaN for NULL.
-    return read_frame(conn, _select_contract(schema, table), object_columns=[*LIST_COLUMNS, *TEXT_COLUMNS])
+    return read_frame(conn, _select_contract(schema, table), object_columns=OBJECT_COLUMNS)
 
 
 def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
@@ -269,7 +270,7 @@ def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
         "WHERE h.valid_from <= l.loaded_at AND (h.valid_to IS NULL OR h.valid_to > l.loaded_at) "
         "ORDER BY h.{k}").format(cols=_cols(COLUMNS, "h"), h=ident(schema, history_table(table)),
                                  loads=ident(schema, LOADS_TABLE), k=sql.Identifier(KEY))
-    return read_frame(conn, query, (run_id, table), object_columns=[*LIST_COLUMNS, *TEXT_COLUMNS])
+    return read_frame(conn, query, (run_id, table), object_columns=OBJECT_COLUMNS)
 
 
 def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFrame:

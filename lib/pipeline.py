@@ -129,20 +129,20 @@ def preflight(settings: config.Settings, stages: list[str], api_url: str | None 
         except source.SourceError as err:
             problems.append(f"API: {err}")
         except requests.Timeout as err:
-            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source._short(err))
+            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source.short_error(err))
         except requests.RequestException as err:
             if settings.snapshot_fallback:
                 log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
-                            url, source._short(err))
+                            url, source.short_error(err))
             else:
-                problems.append(f"API {url} unreachable ({source._short(err)}) and snapshot fallback is off")
+                problems.append(f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off")
     local = {"01_ingest", "02_clean", "03_load", "05_gold"} & set(stages)
     if local:
         s3 = storage.client(settings.store)
         try:
-            s3.list_buckets()
-        except Exception as err:  # noqa: BLE001 - reported, with the endpoint, as one line
-            problems.append(f"object store {settings.store.url}: {storage._fail(s3, 'listing buckets', '-', err)}")
+            storage.check(s3)
+        except storage.StorageError as err:
+            problems.append(f"object store {settings.store.url}: {err}")
     if {"03_load", "04_export"} & set(stages):
         try:
             db.connect(settings.db, attempts=2).close()
@@ -172,7 +172,7 @@ class RunRecord:
 
     @property
     def path(self) -> Path:
-        return self.dir / "manifest.json"
+        return runs.manifest_path(self.settings, self.run_id)
 
     @classmethod
     def open(cls, settings, run_id: str, stages: list[str], params: dict[str, dict]) -> "RunRecord":

@@ -28,12 +28,17 @@ def new_run_id(when: datetime | None = None) -> str:
     return f"{when:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
-def runs_dir(settings: Settings) -> Path:
-    return settings.outputs_dir / "runs"
+def runs_dir(where: Settings | Path) -> Path:
+    """`outputs/runs`, given the settings or just the outputs folder (no services needed)."""
+    return getattr(where, "outputs_dir", where) / "runs"
 
 
-def run_dir(settings: Settings, run_id: str) -> Path:
-    return runs_dir(settings) / names.run_id(run_id)
+def run_dir(where: Settings | Path, run_id: str) -> Path:
+    return runs_dir(where) / names.run_id(run_id)
+
+
+def manifest_path(where: Settings | Path, run_id: str) -> Path:
+    return run_dir(where, run_id) / "manifest.json"
 
 
 def write_json(path: Path, data) -> None:

@@ -62,7 +62,7 @@ def check_url(url: str) -> str:
     return url
 
 
-def _short(err: Exception) -> str:
+def short_error(err: Exception) -> str:
     """A connection error in one readable phrase (requests' own text nests several layers)."""
     text = str(err)
     for pattern in (r"Failed to resolve '[^']+'", r"Connection refused", r"Read timed out",
@@ -105,7 +105,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
             response = http.get(url, timeout=(connect_timeout, read_timeout),
                                 headers={"Accept": "application/json"})
         except (requests.ConnectionError, requests.Timeout) as err:
-            last_problem = _short(err)
+            last_problem = short_error(err)
             attempts.append({"attempt": attempt, "error": type(err).__name__})
         else:
             attempts.append({"attempt": attempt, "status": response.status_code})

@@ -180,9 +180,9 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     older = frame["_object"] < last_object.reindex(frame.index).fillna(frame["_object"])
     kept = frame[~older]
     kept_records = [records[i] for i in kept.index]
-    validated = quality.validate(kept.drop(columns=["_object", "_position"]).reset_index(drop=True), kept_records)
-    # Point each quarantined record at its raw object and its position there.
     where = kept.reset_index(drop=True)
+    validated = quality.validate(where.drop(columns=["_object", "_position"]), kept_records)
+    # Point each quarantined record at its raw object and its position there.
     validated.quarantine.insert(1, "raw_object", [raw[where.at[i, "_object"]]["uri"] for i in validated.quarantine["record"]])
     validated.quarantine["record"] = [int(where.at[i, "_position"]) for i in validated.quarantine["record"]]
     date = backfill_date or objects[0]["key"].split("ingest_date=")[1].split("/")[0]

@@ -94,6 +94,14 @@ def _fail(s3, action: str, bucket: str, err: Exception) -> StorageError:
     return StorageError(f"{action} failed on {endpoint(s3)} bucket {bucket!r}: {detail}")
 
 
+def check(s3) -> None:
+    """Raise StorageError naming the endpoint when the store does not answer or refuses the keys."""
+    try:
+        s3.list_buckets()
+    except Exception as err:  # noqa: BLE001 - any failure, reported with the endpoint as one line
+        raise _fail(s3, "listing buckets", "-", err) from None
+
+
 def ensure_bucket(s3, bucket: str, create: bool = True) -> None:
     names.bucket(bucket)
     try:
