@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Run the countries-medallion stages as papermill notebooks, or manage the embedded stack.
 
-    python run_pipeline.py                      all five stages, a new run id
+    python run_pipeline.py                      every stage, a new run id
     python run_pipeline.py --stages 2-4 --run-id ID -p write_mode=replace
     python run_pipeline.py --resume ID          continue a failed or interrupted run
     python run_pipeline.py stack up|down|status|env
@@ -20,7 +20,8 @@ import logging
 import os
 import sys
 
-from lib import config, db, names, pipeline, report, runs, stack
+from lib import config, db, names, params, registry, report, runner, runs, stack
+from lib.errors import PipelineError
 from lib import log as logsetup
 
 log = logging.getLogger("run_pipeline")
@@ -29,11 +30,12 @@ log = logging.getLogger("run_pipeline")
 def run_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="run_pipeline.py",
-        description="Run the five stage notebooks in order with papermill; each run is recorded in "
+        description="Run the stage notebooks in order with papermill; each run is recorded in "
                     "outputs/runs/<run_id>/ (executed notebooks and manifest.json). "
                     "Other commands: `stack up|down|status|env`, `lab`.",
         epilog="Exit codes: 0 ok, 1 failed, 2 bad arguments/configuration, 3 pipeline lock busy, 130 interrupted.")
-    p.add_argument("--stages", default="1-5", help="stages to run: 1-5, 2-4, 3 or 1,3 (default 1-5)")
+    p.add_argument("--stages", default=registry.ALL,
+                   help=f"stages to run: {registry.ALL}, 2-4, 3 or 1,3 (default {registry.ALL}: all)")
     p.add_argument("--run-id", default="", help="run id (default: a new one, like 20261128T054219Z-3fa2c1)")
     p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
                    help="a notebook parameter, passed to every chosen stage that declares KEY (repeatable)")
@@ -52,7 +54,7 @@ def run_parser() -> argparse.ArgumentParser:
 
 def usage_error(message: str) -> int:
     print(f"run_pipeline.py: error: {message}", file=sys.stderr)
-    return pipeline.EXIT_USAGE
+    return runner.EXIT_USAGE
 
 
 def cmd_stack(argv: list[str]) -> int:
@@ -76,13 +78,13 @@ def cmd_stack(argv: list[str]) -> int:
             print("\n".join(stack.env_lines(sdir)))
     except stack.StackError as err:
         print(f"run_pipeline.py stack {args.action}: {err}", file=sys.stderr)
-        return pipeline.EXIT_FAILED
+        return err.exit_code
     return 0
 
 
 def cmd_lab(argv: list[str]) -> int:
     env = config.environment()
-    pipeline.ensure_stack(env)
+    runner.ensure_stack(env)
     os.chdir(config.ROOT)
     extra = ["--allow-root"] if os.geteuid() == 0 else []  # containers and CI machines often run as root
     os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra,
@@ -102,7 +104,7 @@ def cmd_report(argv: list[str]) -> int:
         return usage_error(str(err))
     except FileNotFoundError as err:
         print(f"run_pipeline.py report: {err}", file=sys.stderr)
-        return pipeline.EXIT_FAILED
+        return runner.EXIT_FAILED
     return 0
 
 
@@ -111,29 +113,28 @@ def cmd_run(argv: list[str]) -> int:
     # 1. Everything the user typed is checked before any service is touched.
     try:
         if args.resume:
-            if args.param or args.run_id or args.stages != "1-5":
-                raise pipeline.UsageError("--resume takes no --stages, --run-id or -p: it reuses the run's own")
+            if args.param or args.run_id or args.stages != registry.ALL:
+                raise params.UsageError("--resume takes no --stages, --run-id or -p: it reuses the run's own")
             run_id = names.run_id(args.resume)
         else:
             run_id = names.run_id(args.run_id) if args.run_id else runs.new_run_id()
-            stages = pipeline.parse_stages(args.stages)
-            params = pipeline.parse_params(args.param, stages)
+            stages = params.parse_stages(args.stages)
+            chosen = params.parse(args.param, stages)
         env = config.environment()
         if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
-            config.load(env)  # a configured stack: its settings can be checked now
-    except (pipeline.UsageError, names.InvalidName, config.ConfigError) as err:
+            config.settings(env)  # a configured stack: its settings can be checked now
+    except PipelineError as err:  # bad arguments or settings: nothing ran
         return usage_error(str(err))
 
     # 2. Services: start the embedded ones if nothing else is configured.
     try:
-        pipeline.ensure_stack(env)
-    except stack.StackError as err:
+        runner.ensure_stack(env)
+        settings = config.settings(env)
+    except PipelineError as err:
+        if err.exit_code == runner.EXIT_USAGE:  # a bad setting: nothing ran
+            return usage_error(str(err))
         print(f"run_pipeline.py: {err}", file=sys.stderr)
-        return pipeline.EXIT_FAILED
-    try:
-        settings = config.load(env)
-    except (config.ConfigError, names.InvalidName) as err:  # a bad setting: nothing ran
-        return usage_error(str(err))
+        return err.exit_code
     logfile = logsetup.setup(settings.logs_dir, settings.secrets())
 
     if args.resume:
@@ -141,53 +142,50 @@ def cmd_run(argv: list[str]) -> int:
         if previous is None:
             return usage_error(f"--resume {run_id}: no run record at {runs.run_dir(settings, run_id)}")
         all_stages = previous["requested_stages"]
-        params = previous["parameters"]
-        stages = all_stages[pipeline.RunRecord(settings, run_id, previous).first_unfinished():]
+        chosen = previous["parameters"]
+        stages = all_stages[runs.RunRecord(settings, run_id, previous).first_unfinished():]
         if not stages:
             print(f"run {run_id} already succeeded: nothing to resume")
             return 0
         log.info("resuming run %s at %s", run_id, stages[0])
 
     # 3. Preflight, then the lock, then the stages.
-    problems = pipeline.preflight(settings, stages, params.get("01_ingest", {}).get("api_url"))
+    problems = runner.preflight(settings, stages, chosen)
     if problems:
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         if runs.manifest_path(settings, run_id).exists():
             # An existing run: record the stages asked for, so that --resume goes on with them.
-            record = pipeline.RunRecord.open(settings, run_id, stages, params)
+            record = runs.RunRecord.open(settings, run_id, stages, chosen)
             record.data["preflight"] = problems
             record.finish("failed")
             print(f"  after fixing the cause: python run_pipeline.py --resume {run_id}", file=sys.stderr)
-        return pipeline.EXIT_FAILED
-    pipeline.install_signal_handlers()
+        return runner.EXIT_FAILED
+    runner.install_signal_handlers()
     try:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
-            return run_stages(settings, run_id, stages, params, args, logfile)
-    except db.LockBusy as err:
+            return run_stages(settings, run_id, stages, chosen, args, logfile)
+    except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)
-        return pipeline.EXIT_LOCKED
-    except db.DatabaseError as err:
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
-        return pipeline.EXIT_FAILED
+        return err.exit_code
 
 
-def run_stages(settings, run_id, stages, params, args, logfile) -> int:
-    record = pipeline.RunRecord.open(settings, run_id, stages, params)
+def run_stages(settings, run_id, stages, chosen, args, logfile) -> int:
+    record = runs.RunRecord.open(settings, run_id, stages, chosen)
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0
     for stage in stages:
         try:
-            pipeline.execute(record, stage, params.get(stage, {}), kernel=args.kernel,
+            runner.execute(record, stage, chosen.get(stage, {}), kernel=args.kernel,
                              start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout)
-        except pipeline.Interrupted as why:
-            status, code = "interrupted", pipeline.EXIT_INTERRUPTED
+        except runner.Interrupted as why:
+            status, code = "interrupted", runner.EXIT_INTERRUPTED
             print(f"\nrun {run_id} interrupted ({why}) during {stage}; "
                   f"resume with: python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
         except Exception as err:  # noqa: BLE001 - any stage failure ends the run the same way
-            status, code = "failed", pipeline.EXIT_FAILED
-            print(f"\nstage {stage} FAILED in {pipeline.failed_cell(err)}\n"
+            status, code = "failed", runner.EXIT_FAILED
+            print(f"\nstage {stage} FAILED in {runner.failed_cell(err)}\n"
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
@@ -198,7 +196,7 @@ def run_stages(settings, run_id, stages, params, args, logfile) -> int:
         print(f"  report:     {report.write(record.dir)}")
     print(f"  log:        {logfile}")
     for stage in record.data["requested_stages"]:
-        print(pipeline.summary_line(stage, record.data["stages"].get(stage, {"status": "not run"})))
+        print(runner.summary_line(stage, record.data["stages"].get(stage, {"status": "not run"})))
     return code
 
 

@@ -27,7 +27,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from lib import config, db, quality, source, stack, storage, transform
+from lib import config, contract, db, formats, quality, source, stack, storage, transform
 
 
 def measure(label: str, fn, *args, max_ms: float | None = None, max_mib: float | None = None, **kwargs):
@@ -63,9 +63,9 @@ def transform_figures(records: list[dict]) -> bytes:
     frame = measure("flatten", transform.flatten, records, max_ms=200 * per_k, max_mib=4 * per_k)
     checked = measure("validate (pandera contract + quarantine)", quality.validate, frame, records,
                       max_ms=500 * per_k, max_mib=4 * per_k)
-    data = measure("to CSV", transform.to_csv, checked.clean, quality.COLUMNS + ["_row_hash"],
+    data = measure("to CSV", formats.csv_encode, checked.clean, contract.COLUMNS + ["_row_hash"],
                    max_ms=400 * per_k, max_mib=4 * per_k)
-    back = measure("read CSV back (typed)", transform.read_csv, data, max_ms=300 * per_k, max_mib=4 * per_k)
+    back = measure("read CSV back (typed)", formats.csv_decode, data, max_ms=300 * per_k, max_mib=4 * per_k)
     measure("fingerprint", quality.fingerprint, back, max_ms=200 * per_k, max_mib=4 * per_k)
     return data
 
@@ -75,11 +75,11 @@ def database_figures(data: bytes, port_base: int, load_ms: float) -> None:
     try:
         stack.init_state(sdir, port_base)
         stack.up(sdir)
-        settings = config.load({"PIPELINE_STATE_DIR": str(sdir)})
+        settings = config.settings({"PIPELINE_STATE_DIR": str(sdir)})
         conn = db.connect(settings.db)
-        measure("load: COPY + merge, new table", db.load, conn, data, schema="public", table="bench",
+        measure("load: COPY + merge, new table", db.merge, conn, data, schema="public", table="bench",
                 run_id="bench-1", max_ms=load_ms)
-        measure("load again: nothing changed", db.load, conn, data, schema="public", table="bench",
+        measure("load again: nothing changed", db.merge, conn, data, schema="public", table="bench",
                 run_id="bench-2", max_ms=load_ms / 2)
         spool = storage.HashingSpool()
         rows = measure("export: COPY TO STDOUT into a spool", db.copy_out, conn, "public", "bench", spool,

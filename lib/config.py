@@ -1,7 +1,7 @@
 """Settings in one typed place, read from the environment, then `.env`, then the embedded stack.
 
 Secrets are wrapped in ``Secret`` so that printing a settings object, a notebook cell or a log line can
-never show them. Nothing here is a papermill parameter: notebooks call ``load()`` themselves.
+never show them. Nothing here is a papermill parameter: notebooks call ``settings()`` themselves.
 """
 
 from __future__ import annotations
@@ -12,18 +12,18 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from lib import names
+from lib import contract, names, params
+from lib.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_API_URL = (
-    "https://restcountries.com/v3.1/all?fields="
-    "name,capital,population,region,subregion,languages,currencies,flags,area,timezones"
-)
+DEFAULT_API_URL = contract.api_url()
 EMULATED_CLOUD_BUCKET = "cloud"
 
 
-class ConfigError(RuntimeError):
+class ConfigError(PipelineError):
     """The configuration is missing or wrong; the message says which variable to set."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -168,11 +168,10 @@ def _flag(env: dict[str, str], name: str, default: bool) -> bool:
     raw = env.get(name, "").strip().lower()
     if raw in ("", "auto"):
         return default
-    if raw in ("1", "true", "yes", "on"):
-        return True
-    if raw in ("0", "false", "no", "off"):
-        return False
-    raise ConfigError(f"{name}={raw!r} is not a boolean: use true or false")
+    try:
+        return params.boolean(raw, name)
+    except params.UsageError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _int(env: dict[str, str], name: str, default: int) -> int:
@@ -203,7 +202,7 @@ def _embedded(sdir: Path):
     return state
 
 
-def load(env: dict[str, str] | None = None) -> Settings:
+def settings(env: dict[str, str] | None = None) -> Settings:
     """Build the settings. Raises ConfigError naming the variable that is missing or wrong."""
     env = environment() if env is None else env
     sdir = state_dir(env)

@@ -19,7 +19,8 @@ from psycopg2 import sql
 
 from lib import names
 from lib.config import Database
-from lib.quality import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, TEXT_COLUMNS
+from lib.errors import PipelineError
+from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, SQL_TYPES, TEXT_COLUMNS
 
 log = logging.getLogger(__name__)
 
@@ -27,17 +28,23 @@ WRITE_MODES = ("upsert", "append", "replace")
 LOADS_TABLE = "pipeline_loads"
 LOCK_KEY = (7420, 1)  # (namespace, id) of the pipeline's session advisory lock
 AUDIT_COLUMNS = ("_row_hash", "_run_id", "_loaded_at")
+HISTORY_COLUMNS = ("version_id", "_row_hash", "_run_id", "valid_from", "valid_to", "is_current")
 # Text and list columns read back as Python objects: pandas 3 would infer a string dtype, NaN for NULL.
 OBJECT_COLUMNS = (*LIST_COLUMNS, *TEXT_COLUMNS)
-_SQL_TYPES = {"text": "text", "text[]": "text[]", "bigint": "bigint", "double": "double precision"}
 
 
-class DatabaseError(RuntimeError):
+class DatabaseError(PipelineError):
     """A database call failed; the message names the server (password masked)."""
+
+
+class ContractMismatch(DatabaseError):
+    """An existing table does not match the contract in a way the load cannot migrate safely."""
 
 
 class LockBusy(DatabaseError):
     """Another run holds the pipeline lock."""
+
+    exit_code = 3
 
 
 def connect_args(db: Database, application_name: str = "countries-medallion") -> dict:
@@ -84,13 +91,57 @@ def history_table(table: str) -> str:
 def _contract_columns(with_key: bool) -> sql.Composed:
     parts = []
     for c in CONTRACT:
-        text = f"{{}} {_SQL_TYPES[c.kind]}" + ("" if c.nullable else " NOT NULL")
+        text = f"{{}} {SQL_TYPES[c.kind]}" + ("" if c.nullable else " NOT NULL")
         if c.name == KEY and with_key:
             text += " PRIMARY KEY"
         if c.name in ("population", "area"):
             text += f" CHECK ({c.name} >= 0)"
         parts.append(sql.SQL(text).format(sql.Identifier(c.name)))
     return sql.SQL(", ").join(parts)
+
+
+def _columns_of(cur, schema: str, table: str) -> dict[str, tuple[str, bool]]:
+    """An existing table's columns: name → (type as PostgreSQL prints it, NOT NULL)."""
+    cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+                (ident(schema, table).as_string(cur),))
+    return {name: (kind, notnull) for name, kind, notnull in cur.fetchall()}
+
+
+def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
+    """Bring an existing table to the contract: a new nullable contract column is added; any other
+    difference (a missing NOT NULL column, another type or nullability, a column the contract no
+    longer has) is refused with what to do. `extra` are the table's own non-contract columns.
+    Returns the columns added."""
+    found = _columns_of(cur, schema, table)
+    where = f"{schema}.{table}"
+    problems, added = [], []
+    for c in CONTRACT:
+        wanted = SQL_TYPES[c.kind]
+        if c.name not in found:
+            if not c.nullable:
+                problems.append(f"column {c.name} ({wanted} NOT NULL) is in the contract but not in {where}: "
+                                "a NOT NULL column cannot be added to existing rows; make it nullable in "
+                                "lib/contract.py, or load into a new table")
+                continue
+            cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                ident(schema, table), sql.Identifier(c.name), sql.SQL(wanted)))
+            added.append(c.name)
+        elif found[c.name][0] != wanted:
+            problems.append(f"column {c.name} of {where} is {found[c.name][0]}, the contract says {wanted}: "
+                            "change it by hand (ALTER TABLE … ALTER COLUMN … TYPE) or load into a new table")
+        elif found[c.name][1] == c.nullable:
+            problems.append(f"column {c.name} of {where} is {'NOT NULL' if found[c.name][1] else 'nullable'}, "
+                            f"the contract says {'nullable' if c.nullable else 'NOT NULL'}: change it by hand "
+                            "or load into a new table")
+    for name in sorted(set(found) - set(COLUMNS) - set(extra)):
+        problems.append(f"column {name} of {where} is not in the contract: drop it (ALTER TABLE … DROP "
+                        "COLUMN) or put it back in lib/contract.py")
+    if problems:
+        raise ContractMismatch(f"{where} does not match the silver contract; nothing was loaded: " + "; ".join(problems))
+    if added:
+        log.info("added contract column(s) %s to %s", ", ".join(added), where)
+    return added
 
 
 def ensure_tables(cur, schema: str, table: str) -> None:
@@ -110,6 +161,8 @@ def ensure_tables(cur, schema: str, table: str) -> None:
         "loaded_at timestamptz NOT NULL, mode text NOT NULL, inserted integer NOT NULL, "
         "updated integer NOT NULL, unchanged integer NOT NULL, retired integer NOT NULL, "
         "PRIMARY KEY (run_id, table_name))").format(ident(schema, LOADS_TABLE)))
+    migrate(cur, schema, table, AUDIT_COLUMNS)
+    migrate(cur, schema, hist, HISTORY_COLUMNS)
 
 
 # --- load --------------------------------------------------------------------------------------------
@@ -148,12 +201,12 @@ def _typed_select() -> sql.Composed:
         if c.kind == "text[]":
             parts.append(sql.SQL("ARRAY(SELECT jsonb_array_elements_text({}::jsonb)) AS {}").format(col, col))
         else:
-            parts.append(sql.SQL("{}::{} AS {}").format(col, sql.SQL(_SQL_TYPES[c.kind]), col))
+            parts.append(sql.SQL("{}::{} AS {}").format(col, sql.SQL(SQL_TYPES[c.kind]), col))
     parts.append(sql.SQL("_row_hash"))
     return sql.SQL(", ").join(parts)
 
 
-def load(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: str = "upsert",
+def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: str = "upsert",
          retire_missing: bool = True) -> dict:
     """Load a silver CSV into `schema.table` in ONE transaction: COPY into a staging table, then merge.
 
@@ -281,6 +334,12 @@ def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFr
                     f"FROM {hist} WHERE {KEY} = :key ORDER BY valid_from")
     with engine_.connect() as conn:
         return pd.read_sql_query(query, conn, params={"key": key})
+
+
+def count(conn, schema: str, table: str) -> int:
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(schema, table)))
+        return cur.fetchone()[0]
 
 
 def table_exists(conn, schema: str, table: str) -> bool:

@@ -7,10 +7,12 @@ import math
 import numpy as np
 import pandas as pd
 
-from lib.quality import COLUMNS, KEY
+from lib import registry
+from lib.contract import COLUMNS, KEY
+from lib.errors import PipelineError
 
 
-class ReconciliationError(RuntimeError):
+class ReconciliationError(PipelineError):
     """Counts or fingerprints disagree between two hops; the message names the hop."""
 
 
@@ -61,41 +63,37 @@ def changes_table(report: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["country", "change", "field", "old", "new"])
 
 
-def reconcile(stages: dict[str, dict | None], gold: dict) -> pd.DataFrame:
-    """The record count and content fingerprint at every hop, and whether each hop agrees with the
-    one before it. `stages` maps stage name to its record; `gold` is {rows, fingerprint, sha256}.
-    Raises ReconciliationError naming the first hop that disagrees (after building the table)."""
-    missing = [s for s, rec in stages.items() if rec is None]
+def _field(details: dict[str, dict], stage: str, ref: str):
+    """A detail of a stage record: `field` of `stage` itself, or `other_stage.field`."""
+    owner, _, name = ref.rpartition(".")
+    return details[owner or stage][name]
+
+
+def reconcile(details: dict[str, dict | None]) -> pd.DataFrame:
+    """The record count and content fingerprint at every hop the stages declare (lib/registry.py), and
+    whether each hop agrees with the one it is compared with. `details` maps each stage name to its
+    record's details. Raises ReconciliationError naming the first hop that disagrees (after building
+    the table)."""
+    missing = [s.name for s in registry.STAGES if s.hops and details.get(s.name) is None]
     if missing:
         raise ReconciliationError(f"cannot reconcile: no record of stage(s) {', '.join(missing)} in this run")
-    ingest, clean, load, export = (stages[s]["details"] for s in ("01_ingest", "02_clean", "03_load", "04_export"))
-    hops = [
-        ("API response", ingest["records"], ingest["response_sha256"], None),
-        ("raw (bronze)", clean["raw_records"], clean["raw_sha256"],
-         None if clean.get("backfill_date") else  # a backfill reads other runs' bronze too
-         ("API response", ingest["records"] == clean["raw_records"]
-          and ingest["response_sha256"] == clean["raw_sha256"])),
-        ("clean + quarantine (silver)", f'{clean["clean_rows"]} + {clean["quarantined"]}'
-         + (f' + {clean["superseded"]} superseded' if clean.get("superseded") else ""),
-         clean["clean_fingerprint"],
-         ("raw (bronze)", clean["clean_rows"] + clean["quarantined"] + clean.get("superseded", 0)
-          == clean["raw_records"])),
-        ("PostgreSQL rows of this batch", load["batch_rows"], load["batch_fingerprint"],
-         ("clean + quarantine (silver)", load["mode"] == "append"
-          or (load["batch_rows"] == clean["clean_rows"] and load["batch_fingerprint"] == clean["clean_fingerprint"]))),
-        ("PostgreSQL current table", load["current_rows"], load["current_fingerprint"], None),
-        ("cloud export", export["rows"], export["fingerprint"],
-         ("PostgreSQL current table", export["rows"] == load["current_rows"]
-          and export["fingerprint"] == load["current_fingerprint"])),
-        ("gold", gold["rows"], gold["fingerprint"],
-         ("cloud export", gold["rows"] == export["rows"] and gold["fingerprint"] == export["fingerprint"]
-          and gold["sha256"] == export["sha256"])),
-    ]
-    table = pd.DataFrame([
-        {"hop": hop, "records": str(rows), "fingerprint": str(fp)[:16],
-         "compared with": check[0] if check else "", "status": ("ok" if check[1] else "MISMATCH") if check else "-"}
-        for hop, rows, fp, check in hops
-    ])
+
+    rows = []
+    for stage in registry.STAGES:
+        mine = details[stage.name]
+        for hop in stage.hops:
+            exempt = (mine.get("unreconciled") or {}).get(hop.label)
+            if hop.against is None:
+                status = "-"
+            elif exempt:
+                status = f"skipped: {exempt}"
+            else:
+                status = "ok" if all(_field(details, stage.name, a) == _field(details, stage.name, b)
+                                     for a, b in hop.equal) else "MISMATCH"
+            rows.append({"hop": hop.label, "records": str(mine[hop.shown] if hop.shown else mine[hop.rows]),
+                         "fingerprint": str(mine[hop.fingerprint])[:16], "compared with": hop.against or "",
+                         "status": status})
+    table = pd.DataFrame(rows, columns=["hop", "records", "fingerprint", "compared with", "status"])
     bad = table[table["status"] == "MISMATCH"]
     if len(bad):
         first = bad.iloc[0]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+from lib.errors import PipelineError
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # S3 bucket naming rules (the subset every S3 implementation accepts).
 BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -15,8 +17,10 @@ PREFIX_PART = re.compile(r"^[A-Za-z0-9_.=-]+$")
 SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
-class InvalidName(ValueError):
+class InvalidName(PipelineError, ValueError):
     """A user-supplied name that is not safe to use."""
+
+    exit_code = 2
 
 
 def run_id(value: str) -> str:

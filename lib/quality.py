@@ -1,5 +1,5 @@
-"""The silver contract (versioned), record-level validation with quarantine, schema drift, and the
-content hashes and fingerprints that reconciliation compares at every hop."""
+"""Record-level validation against the silver contract (lib/contract.py) with quarantine, schema
+drift, and the content hashes and fingerprints that reconciliation compares at every hop."""
 
 from __future__ import annotations
 
@@ -13,42 +13,9 @@ from dataclasses import dataclass
 import pandas as pd
 import pandera.pandas as pa
 
-CONTRACT_VERSION = "1.0.0"
-KEY = "name_common"
-REGIONS = ("Africa", "Americas", "Antarctic", "Asia", "Europe", "Oceania")
+from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
+
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
-SOURCE_FIELDS = ("name", "capital", "population", "region", "subregion", "languages", "currencies",
-                 "flags", "area", "timezones")
-
-
-@dataclass(frozen=True)
-class Column:
-    name: str
-    kind: str  # text, text[], bigint, double
-    nullable: bool
-    description: str
-
-
-CONTRACT = (
-    Column("name_common", "text", False, "common English name; the key, unique"),
-    Column("name_official", "text", False, "official English name"),
-    Column("capital", "text[]", False, "capital cities, source order (may be empty)"),
-    Column("population", "bigint", False, "population, >= 0"),
-    Column("area", "double", False, "area in km², >= 0"),
-    Column("region", "text", False, "one of " + ", ".join(REGIONS)),
-    Column("subregion", "text", True, "subregion, null where the source has none"),
-    Column("language_codes", "text[]", False, "ISO 639-3 codes, sorted"),
-    Column("language_names", "text[]", False, "language names, in code order"),
-    Column("currency_codes", "text[]", False, "ISO 4217 codes, sorted"),
-    Column("currency_names", "text[]", False, "currency names, in code order"),
-    Column("flag_png", "text", True, "URL of the PNG flag"),
-    Column("flag_svg", "text", True, "URL of the SVG flag"),
-    Column("flag_alt", "text", True, "text description of the flag"),
-    Column("timezones", "text[]", False, "UTC offsets shaped UTC±HH:MM (or UTC), at least one"),
-)
-COLUMNS = [c.name for c in CONTRACT]
-LIST_COLUMNS = [c.name for c in CONTRACT if c.kind == "text[]"]
-TEXT_COLUMNS = [c.name for c in CONTRACT if c.kind == "text"]
 
 
 # --- element rules --------------------------------------------------------------------------------
@@ -109,7 +76,7 @@ RECORD_RULES = pa.DataFrameSchema(
     },
     strict=True,
     ordered=True,
-    name=f"silver record rules v{CONTRACT_VERSION}",
+    name=f"silver record rules v{VERSION}",
 )
 
 # The typed silver table every later hop reads back.
@@ -118,7 +85,7 @@ SILVER = pa.DataFrameSchema(
     {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
     strict="filter",
     ordered=False,
-    name=f"silver contract v{CONTRACT_VERSION}",
+    name=f"silver contract v{VERSION}",
 )
 
 
@@ -222,9 +189,3 @@ def drift(records: list[dict]) -> dict:
         "unexpected_fields": {k: n for k, n in sorted(seen.items()) if k not in SOURCE_FIELDS},
         "missing_fields": {f: total - seen.get(f, 0) for f in SOURCE_FIELDS if seen.get(f, 0) < total},
     }
-
-
-def contract_table() -> pd.DataFrame:
-    """The contract as a table, for notebooks and the README."""
-    return pd.DataFrame([{"column": c.name, "type": c.kind, "nullable": c.nullable, "rule": c.description}
-                         for c in CONTRACT])

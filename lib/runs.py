@@ -1,8 +1,9 @@
-"""Run ids, run folders and the records stages leave behind.
+"""Everything about a run's record: run ids, run folders, the stage records and the manifest.
 
-A run lives in `outputs/runs/<run_id>/`: the executed notebooks, `manifest.json` (written by the
-runner) and `stages/<stage>.json` (written by each stage notebook: counts, artifacts with their
-inputs, details). The stage records are what the manifest, lineage and reconciliation are built from.
+A run lives in `outputs/runs/<run_id>/`: the executed notebooks, `manifest.json` (`RunRecord`,
+written by the runner) and `stages/<stage>.json` (`StageRecord`, written by each stage notebook:
+counts, artifacts with their inputs, details). The stage records are what the manifest, lineage and
+reconciliation are built from.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import json
 import os
 import secrets
 from datetime import datetime, timezone
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import names
+from lib import names, registry
 from lib.config import Settings
-
-STAGES = ("01_ingest", "02_clean", "03_load", "04_export", "05_gold")
+from lib.errors import PipelineError
 
 
 def now() -> str:
@@ -73,18 +74,17 @@ def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
     notebooks run one after another in JupyterLab share a run)."""
     if run_id:
         return names.run_id(run_id)
-    if stage == STAGES[0]:
+    if stage == registry.first().name:
         return new_run_id()
     latest = latest_run_id(settings)
     if latest is None:
-        raise ValueError(f"{stage} needs a run id: no run exists yet in {runs_dir(settings)}; "
+        raise PipelineError(f"{stage} needs a run id: no run exists yet in {runs_dir(settings)}; "
                          "run 01_ingest first or set run_id")
     return latest
 
 
 def stage_path(settings: Settings, run_id: str, stage: str) -> Path:
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}")
+    registry.get(stage)  # an unknown stage is refused
     return run_dir(settings, run_id) / "stages" / f"{stage}.json"
 
 
@@ -124,3 +124,99 @@ class StageRecord:
         self.data["finished"] = now()
         write_json(self.path, self.data)
         return self.path
+
+
+@dataclass
+class RunRecord:
+    """`manifest.json`: the run as the runner saw it (status, stages with their attempts), with each
+    stage's counts, objects and details copied from its stage record when it ends."""
+
+    settings: Settings
+    run_id: str
+    data: dict = field(default_factory=dict)
+
+    @property
+    def dir(self) -> Path:
+        return run_dir(self.settings, self.run_id)
+
+    @property
+    def path(self) -> Path:
+        return manifest_path(self.settings, self.run_id)
+
+    @classmethod
+    def open(cls, settings, run_id: str, stages: list[str], params: dict[str, dict]) -> "RunRecord":
+        record = cls(settings, run_id)
+        existing = read_json(record.path)
+        if existing:
+            record.data = existing
+            record.data["status"] = "running"
+            record.data.pop("preflight", None)
+            record.data.setdefault("resumed", []).append(now())
+            record.data["requested_stages"] = [s for s in registry.NAMES
+                                               if s in set(record.data["requested_stages"]) | set(stages)]
+            for s in stages:  # a stage run again takes this invocation's parameters
+                record.data["parameters"][s] = params.get(s, {})
+        else:
+            record.data = {
+                "run_id": run_id,
+                "status": "running",
+                "started": now(),
+                "requested_stages": stages,
+                "parameters": params,
+                "stack": settings.describe(),
+                "stages": {},
+            }
+        record.save()
+        return record
+
+    def save(self) -> None:
+        write_json(self.path, self.data)
+
+    def stage_started(self, stage: str) -> None:
+        entry = self.data["stages"].setdefault(stage, {"attempts": []})
+        entry.update(status="running", started=now(), ended=None, notebook=f"{stage}.ipynb")
+        self.save()
+
+    def stage_ended(self, stage: str, status: str, seconds: float, error: str | None = None) -> None:
+        entry = self.data["stages"][stage]
+        entry.update(status=status, ended=now(), duration_s=round(seconds, 2))
+        if error:
+            entry["error"] = error
+        else:
+            entry.pop("error", None)
+        stage_record = read_stage(self.settings, self.run_id, stage) if status == "succeeded" else None
+        if stage_record:
+            entry.update(rows_in=stage_record["rows_in"], rows_out=stage_record["rows_out"],
+                         objects=stage_record["artifacts"], details=stage_record["details"])
+        self.save()
+
+    def keep_attempt(self, stage: str) -> None:
+        """Move an earlier attempt's executed notebook aside, so a rerun does not overwrite it."""
+        entry = self.data["stages"].get(stage)
+        executed = self.dir / f"{stage}.ipynb"
+        if not entry or not executed.exists():
+            return
+        n = len(entry["attempts"]) + 1
+        kept = self.dir / f"{stage}.attempt{n}.ipynb"
+        executed.rename(kept)
+        entry["attempts"].append({"notebook": kept.name, "status": entry.get("status"),
+                                  "error": entry.get("error"), "started": entry.get("started")})
+
+    def finish(self, status: str) -> None:
+        self.data.update(status=status, ended=now())
+        self.data["lineage"] = [
+            {"stage": s, "from": src, "to": obj.get("uri")}
+            for s, entry in self.data["stages"].items()
+            for obj in entry.get("objects", []) for src in obj.get("inputs", [])
+        ]
+        checked = self.data["stages"].get(registry.reconciler().name, {}).get("details", {})
+        if "reconciliation" in checked:
+            self.data["reconciliation"] = checked["reconciliation"]
+        self.save()
+
+    def first_unfinished(self) -> int:
+        stages = self.data["requested_stages"]
+        for i, s in enumerate(stages):
+            if self.data["stages"].get(s, {}).get("status") != "succeeded":
+                return i
+        return len(stages)

@@ -14,15 +14,15 @@ from urllib.parse import parse_qs, urlsplit
 
 import requests
 
+from lib.contract import MAX_SOURCE_FIELDS, SOURCE_FIELDS
+from lib.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
-FIELDS = ("name", "capital", "population", "region", "subregion", "languages", "currencies", "flags",
-          "area", "timezones")
-MAX_FIELDS = 10  # the live API answers 400 past this
 SNAPSHOT = "countries_v3.1.json"
 
 
-class SourceError(RuntimeError):
+class SourceError(PipelineError):
     """The source could not be read."""
 
 
@@ -54,9 +54,9 @@ def check_url(url: str) -> str:
         raise SourceError(f"API URL {url!r} is not an http(s) URL")
     if parts.path.rstrip("/").endswith("/all"):
         fields = [f for f in ",".join(parse_qs(parts.query).get("fields", [])).split(",") if f.strip()]
-        if not fields or len(fields) > MAX_FIELDS:
+        if not fields or len(fields) > MAX_SOURCE_FIELDS:
             raise SourceError(
-                f"API URL {url!r} must name 1 to {MAX_FIELDS} fields (?fields=a,b,...): "
+                f"API URL {url!r} must name 1 to {MAX_SOURCE_FIELDS} fields (?fields=a,b,...): "
                 "the REST Countries API answers /v3.1/all without them with HTTP 400"
             )
     return url
@@ -136,7 +136,7 @@ def snapshot_bytes() -> bytes:
     return resources.files("lib.data").joinpath(SNAPSHOT).read_bytes()
 
 
-def ingest(url: str, *, fallback: bool, **fetch_options) -> Fetched:
+def fetch_or_snapshot(url: str, *, fallback: bool, **fetch_options) -> Fetched:
     """Fetch from the API; when it cannot be reached and fallback is allowed, use the bundled
     snapshot and say so. An API that answers with an error is never papered over."""
     try:
@@ -179,6 +179,6 @@ def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:
     return payload
 
 
-def project(records: list[dict], fields: tuple[str, ...] = FIELDS) -> list[dict]:
+def project(records: list[dict], fields: tuple[str, ...] = SOURCE_FIELDS) -> list[dict]:
     """Keep only the named fields of each record, as the API does for `?fields=`."""
     return [{k: r[k] for k in fields if k in r} for r in records]

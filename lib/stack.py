@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lib.errors import PipelineError
+
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT_BASE = 18330
@@ -37,7 +39,7 @@ GRPC_OFFSET = 10000
 SERVICES = ("object_store", "database")
 
 
-class StackError(RuntimeError):
+class StackError(PipelineError):
     """The embedded stack could not be started or stopped; the message says why and where to look."""
 
 

@@ -16,6 +16,7 @@ import botocore.exceptions
 
 from lib import names
 from lib.config import Cloud, ObjectStore
+from lib.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,7 @@ CLIENT_CONFIG = dict(
 )
 
 
-class StorageError(RuntimeError):
+class StorageError(PipelineError):
     """An object store call failed; the message names the endpoint and bucket, never credentials."""
 
 

@@ -1,14 +1,10 @@
-"""Raw REST Countries records → one tidy row per country, and the CSV form that silver, the database
-export and gold share (list columns as JSON arrays)."""
+"""Raw REST Countries records → one tidy row per country (the contract's columns, values as found)."""
 
 from __future__ import annotations
 
-import io
-import json
-
 import pandas as pd
 
-from lib.quality import COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
+from lib.contract import COLUMNS
 
 
 def _mapping(value):
@@ -54,30 +50,4 @@ def flatten(records: list[dict]) -> pd.DataFrame:
     rows = [flatten_record(r) for r in records]
     frame = pd.DataFrame({c: pd.Series([row[c] for row in rows], dtype=object) for c in COLUMNS})
     frame.index.name = "record"
-    return frame
-
-
-def to_csv(frame: pd.DataFrame, columns: list[str] | None = None) -> bytes:
-    """CSV with list columns as JSON arrays and nulls as empty fields (COPY's CSV null)."""
-    out = frame[columns or list(frame.columns)]
-    out = out.assign(**{col: out[col].map(lambda v: json.dumps(list(v), ensure_ascii=False))
-                        for col in LIST_COLUMNS if col in out})
-    buf = io.BytesIO()
-    out.to_csv(buf, index=False, lineterminator="\n", encoding="utf-8")
-    return buf.getvalue()
-
-
-def read_csv(data: bytes) -> pd.DataFrame:
-    """A silver, export or gold CSV back into contract types (extra columns are kept as text)."""
-    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
-    missing = [c for c in COLUMNS if c not in frame]
-    if missing:
-        raise ValueError(f"CSV lacks contract columns: {', '.join(missing)}")
-    for col in LIST_COLUMNS:
-        frame[col] = frame[col].map(json.loads).astype(object)
-    for col in TEXT_COLUMNS:
-        # Built as an object Series: with pandas 3 `.map` re-infers a string dtype and None becomes NaN.
-        frame[col] = pd.Series([None if v == "" else v for v in frame[col]], index=frame.index, dtype=object)
-    frame["population"] = frame["population"].astype("int64")
-    frame["area"] = frame["area"].astype("float64")
     return frame

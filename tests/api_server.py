@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
-from lib import source
+from lib import contract, source
 
 FIELDS_MESSAGE = {"status": 400, "message": "'fields' query not specified or you're requesting more than 10 fields"}
 
@@ -58,7 +58,7 @@ class RestCountriesServer:
 
     @property
     def url(self) -> str:
-        return f"{self.base}/v3.1/all?fields={','.join(source.FIELDS)}"
+        return f"{self.base}/v3.1/all?fields={','.join(contract.SOURCE_FIELDS)}"
 
     def reset(self) -> None:
         with self._lock:

@@ -78,7 +78,7 @@ def embedded(pipeline_env, session_dirs):
 
 @pytest.fixture
 def settings(embedded):
-    return config.load()
+    return config.settings()
 
 
 @pytest.fixture(autouse=True)

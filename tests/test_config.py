@@ -38,7 +38,7 @@ def embedded_env(tmp_path):
 
 
 def test_configured_services_need_no_embedded_stack(env):
-    s = config.load(env)
+    s = config.settings(env)
     assert s.store.kind == "configured S3 endpoint" and s.store.url == "http://minio.example:9000"
     assert s.db.kind == "configured PostgreSQL"
     assert (s.db.host, s.db.port, s.db.user, s.db.name) == ("db.example", 6543, "etl", "countries")
@@ -47,7 +47,7 @@ def test_configured_services_need_no_embedded_stack(env):
 
 def test_embedded_services_come_from_the_state_folder(embedded_env):
     env, state = embedded_env
-    s = config.load(env)
+    s = config.settings(env)
     assert s.store.kind == "embedded SeaweedFS" and s.store.url == "http://127.0.0.1:19100"
     assert s.store.access_key.reveal() == state.access_key
     assert s.db.kind == "embedded PostgreSQL"
@@ -58,44 +58,44 @@ def test_embedded_services_come_from_the_state_folder(embedded_env):
 
 def test_minio_url_alone_selects_a_configured_store_and_the_embedded_database(embedded_env):
     env, _ = embedded_env
-    s = config.load({**env, "MINIO_URL": "http://minio:9000", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"})
+    s = config.settings({**env, "MINIO_URL": "http://minio:9000", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"})
     assert s.store.kind == "configured S3 endpoint"
     assert s.db.kind == "embedded PostgreSQL"
 
 
 def test_db_host_alone_selects_a_configured_database_and_the_embedded_store(embedded_env):
     env, _ = embedded_env
-    s = config.load({**env, "DB_HOST": "db", "DB_USER": "u", "DB_NAME": "n"})
+    s = config.settings({**env, "DB_HOST": "db", "DB_USER": "u", "DB_NAME": "n"})
     assert s.store.kind == "embedded SeaweedFS"
     assert s.db.kind == "configured PostgreSQL" and s.db.port == 5432
 
 
 def test_embedded_selection_without_a_state_folder_says_how_to_set_it_up(tmp_path):
     with pytest.raises(ConfigError, match="stack up"):
-        config.load({"PIPELINE_STATE_DIR": str(tmp_path / "none")})
+        config.settings({"PIPELINE_STATE_DIR": str(tmp_path / "none")})
 
 
 @pytest.mark.parametrize("missing", ["MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "DB_USER", "DB_NAME"])
 def test_a_missing_required_variable_is_named(env, missing):
     del env[missing]
     with pytest.raises(ConfigError, match=missing):
-        config.load(env)
+        config.settings(env)
 
 
 @pytest.mark.parametrize("name, value", [("DB_PORT", "five"), ("SNAPSHOT_FALLBACK", "maybe"),
                                          ("DB_CONNECT_TIMEOUT", "10s")])
 def test_a_malformed_value_is_named(env, name, value):
     with pytest.raises(ConfigError, match=name):
-        config.load({**env, name: value})
+        config.settings({**env, name: value})
 
 
 @pytest.mark.parametrize("value, expected", [("true", True), ("1", True), ("off", False), ("auto", False)])
 def test_snapshot_fallback_flag(env, value, expected):
-    assert config.load({**env, "SNAPSHOT_FALLBACK": value}).snapshot_fallback is expected
+    assert config.settings({**env, "SNAPSHOT_FALLBACK": value}).snapshot_fallback is expected
 
 
 def test_cloud_is_emulated_on_the_local_store_when_no_bucket_is_configured(env):
-    s = config.load(env)
+    s = config.settings(env)
     assert s.cloud.emulated and s.cloud.kind.startswith("emulated")
     assert s.cloud.bucket == config.EMULATED_CLOUD_BUCKET
     assert s.cloud.endpoint_url == s.store.url
@@ -105,7 +105,7 @@ def test_cloud_is_emulated_on_the_local_store_when_no_bucket_is_configured(env):
 
 
 def test_a_configured_bucket_without_endpoint_is_real_aws_s3_with_boto3_credentials(env):
-    s = config.load({**env, "S3_BUCKET_NAME": "my-exports", "AWS_PROFILE": "sso-dev", "AWS_REGION": "eu-west-1",
+    s = config.settings({**env, "S3_BUCKET_NAME": "my-exports", "AWS_PROFILE": "sso-dev", "AWS_REGION": "eu-west-1",
                      "S3_FOLDER_PREFIX": "/team/countries/"})
     assert not s.cloud.emulated and s.cloud.kind == "AWS S3"
     assert (s.cloud.bucket, s.cloud.region, s.cloud.profile) == ("my-exports", "eu-west-1", "sso-dev")
@@ -115,7 +115,7 @@ def test_a_configured_bucket_without_endpoint_is_real_aws_s3_with_boto3_credenti
 
 
 def test_aws_endpoint_url_makes_the_configured_bucket_emulated(env):
-    s = config.load({**env, "S3_BUCKET_NAME": "my-exports", "AWS_ENDPOINT_URL": "http://localstack:4566"})
+    s = config.settings({**env, "S3_BUCKET_NAME": "my-exports", "AWS_ENDPOINT_URL": "http://localstack:4566"})
     assert s.cloud.emulated and s.cloud.endpoint_url == "http://localstack:4566"
     assert s.cloud.kind.startswith("emulated")
 
@@ -124,12 +124,12 @@ def test_aws_endpoint_url_makes_the_configured_bucket_emulated(env):
                                          ("CLEAN_BUCKET", "a..b"), ("GOLD_BUCKET", "-gold")])
 def test_bad_bucket_names_from_the_environment_are_refused(env, name, value):
     with pytest.raises(InvalidName, match="bucket name"):
-        config.load({**env, name: value})
+        config.settings({**env, name: value})
 
 
 def test_bad_folder_prefix_is_refused(env):
     with pytest.raises(InvalidName, match="key prefix"):
-        config.load({**env, "S3_FOLDER_PREFIX": "a/../b"})
+        config.settings({**env, "S3_FOLDER_PREFIX": "a/../b"})
 
 
 def test_secret_repr_and_str_are_masked():
@@ -141,7 +141,7 @@ def test_secret_repr_and_str_are_masked():
 
 
 def test_settings_repr_and_describe_show_no_secret_values(env):
-    s = config.load(env)
+    s = config.settings(env)
     secrets = s.secrets()
     assert set(secrets) == {"configured-access", "configured-secret-value", "configured-db-password"}
     described = json.dumps(s.describe())
@@ -153,7 +153,7 @@ def test_settings_repr_and_describe_show_no_secret_values(env):
 
 def test_embedded_describe_has_no_generated_secrets(embedded_env):
     env, state = embedded_env
-    s = config.load(env)
+    s = config.settings(env)
     text = json.dumps(s.describe()) + repr(s)
     for value in (state.access_key, state.secret_key, state.db_password):
         assert value not in text

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from psycopg2 import sql
 
-from lib import db, quality, source, transform
+from lib import contract, db, formats, quality, source, transform
 from lib.config import Secret
 from lib.db import DatabaseError, LockBusy
 from lib.names import InvalidName
-from lib.quality import COLUMNS, KEY
+from lib.contract import COLUMNS, KEY
 
 SCHEMA = "public"
 
@@ -35,7 +35,7 @@ def csv(frame) -> bytes:
     """A silver CSV as 02_clean writes it, with row hashes recomputed from the values."""
     frame = frame.copy()
     frame["_row_hash"] = [quality.row_hash(r) for r in frame[COLUMNS].itertuples(index=False)]
-    return transform.to_csv(frame, COLUMNS + ["_row_hash"])
+    return formats.csv_encode(frame[COLUMNS + ["_row_hash"]])
 
 
 def changed(frame, index, **values):
@@ -56,7 +56,7 @@ def current(pg, table):
 
 
 def load(pg, data, table, run_id, **kw):
-    return db.load(pg, data, schema=SCHEMA, table=table, run_id=run_id, **kw)
+    return db.merge(pg, data, schema=SCHEMA, table=table, run_id=run_id, **kw)
 
 
 def dump(pg, table) -> bytes:
@@ -171,8 +171,8 @@ def test_a_bad_value_in_the_csv_rolls_back_and_leaves_the_table_byte_for_byte(pg
     load(pg, csv(clean.head(5)), table, "r1")
     before = dump(pg, table)
     frame = clean.head(6).astype({column: object})
-    frame.at[5, column] = ["FORGED"] if column in quality.LIST_COLUMNS else "FORGED"
-    data = transform.to_csv(frame, COLUMNS + ["_row_hash"])
+    frame.at[5, column] = ["FORGED"] if column in contract.LIST_COLUMNS else "FORGED"
+    data = formats.csv_encode(frame[COLUMNS + ["_row_hash"]])
     data = data.replace(b'"[""FORGED""]"', forged).replace(b"FORGED", forged)
     assert data.count(b"FORGED") == 0 and len(data.splitlines()) == 7
     with pytest.raises(DatabaseError, match=f"loading public.{table} failed and was rolled back"):
@@ -184,14 +184,14 @@ def test_a_failed_first_load_leaves_no_table_behind(pg, clean, table):
     forged = clean.head(2).astype({"population": object})
     forged.at[1, "population"] = "x"
     with pytest.raises(DatabaseError):
-        load(pg, transform.to_csv(forged, COLUMNS + ["_row_hash"]), table, "r1")
+        load(pg, formats.csv_encode(forged[COLUMNS + ["_row_hash"]]), table, "r1")
     assert not db.table_exists(pg, SCHEMA, table)
     assert not db.table_exists(pg, SCHEMA, f"{table}_history")
 
 
 def test_a_csv_without_the_row_hash_column_is_refused(pg, clean, table):
     with pytest.raises(DatabaseError, match="rolled back"):
-        load(pg, transform.to_csv(clean.head(2), COLUMNS), table, "r1")
+        load(pg, formats.csv_encode(clean.head(2)[COLUMNS]), table, "r1")
 
 
 # --- names are checked before SQL --------------------------------------------------------------------
@@ -203,7 +203,7 @@ def test_unsafe_identifiers_are_refused_before_any_sql_runs(pg, clean, schema, n
         cur.execute("SELECT count(*) FROM information_schema.tables")
         tables_before = cur.fetchone()[0]
     with pytest.raises(InvalidName):
-        db.load(pg, csv(clean.head(1)), schema=schema, table=name, run_id="r1")
+        db.merge(pg, csv(clean.head(1)), schema=schema, table=name, run_id="r1")
     with pytest.raises(InvalidName):
         db.current(pg, schema, name)
     with pg.cursor() as cur:
@@ -213,7 +213,7 @@ def test_unsafe_identifiers_are_refused_before_any_sql_runs(pg, clean, schema, n
 
 def test_a_table_whose_history_table_name_would_be_too_long_is_refused(pg, clean):
     with pytest.raises(InvalidName, match="history table name"):
-        db.load(pg, csv(clean.head(1)), schema=SCHEMA, table="t" * 60, run_id="r1")
+        db.merge(pg, csv(clean.head(1)), schema=SCHEMA, table="t" * 60, run_id="r1")
     assert not db.table_exists(pg, SCHEMA, "t" * 60)
 
 
@@ -234,7 +234,7 @@ def test_the_whole_snapshot_round_trips_through_the_database_with_the_same_finge
     assert quality.fingerprint(db.current(pg, SCHEMA, table)) == quality.fingerprint(clean)
     sink = io.BytesIO()
     rows = db.copy_out(pg, SCHEMA, table, sink)
-    exported = transform.read_csv(sink.getvalue())
+    exported = formats.csv_decode(sink.getvalue())
     assert rows == 250
     assert quality.fingerprint(exported) == quality.fingerprint(clean)
     assert list(exported["_row_hash"]) == list(clean.sort_values(KEY)["_row_hash"])
@@ -291,3 +291,42 @@ def test_current_reads_null_text_back_as_none_and_lists_as_lists(pg, clean, tabl
     assert antarctica["capital"] == []
     assert rows.loc["South Africa", "capital"] == ["Pretoria", "Bloemfontein", "Cape Town"]
     assert rows["population"].dtype == "int64" and rows["area"].dtype == "float64"
+
+
+# --- migrating an existing table to the contract -----------------------------------------------------
+
+def alter(pg, table, statement: str) -> None:
+    """Run an ALTER TABLE on the table and its history, as an older or hand-edited schema would have."""
+    with pg.cursor() as cur:
+        for name in (table, f"{table}_history"):
+            cur.execute(sql.SQL(statement).format(t=db.ident(SCHEMA, name)))
+
+
+def test_a_nullable_contract_column_missing_from_an_existing_table_is_added_by_the_load(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r1")
+    alter(pg, table, "ALTER TABLE {t} DROP COLUMN flag_alt")  # a table made before the column existed
+    result = load(pg, csv(clean.head(6)), table, "r2")
+    assert result["inserted"] == 1 and result["current_rows"] == 6
+    got = current(pg, table)
+    newest = clean.iloc[5]
+    assert got.at[newest[KEY], "flag_alt"] == newest["flag_alt"]
+    with pg.cursor() as cur:
+        cur.execute("SELECT count(*) FROM information_schema.columns WHERE table_name IN (%s, %s) "
+                    "AND column_name = 'flag_alt'", (table, f"{table}_history"))
+        assert cur.fetchone()[0] == 2
+
+
+@pytest.mark.parametrize("statement, problem", [
+    ("ALTER TABLE {t} DROP COLUMN region", r"column region \(text NOT NULL\) is in the contract but not in"),
+    ("ALTER TABLE {t} ALTER COLUMN population TYPE integer", "population of .* is integer, the contract says bigint"),
+    ("ALTER TABLE {t} ALTER COLUMN name_official DROP NOT NULL", "name_official of .* is nullable, the contract says NOT NULL"),
+    ("ALTER TABLE {t} ADD COLUMN extra text", "column extra of .* is not in the contract: drop it"),
+])
+def test_any_other_difference_from_the_contract_is_refused_and_nothing_is_loaded(pg, clean, table, statement,
+                                                                                  problem):
+    load(pg, csv(clean.head(5)), table, "r1")
+    alter(pg, table, statement)
+    before = dump(pg, table)
+    with pytest.raises(db.ContractMismatch, match=f"does not match the silver contract; nothing was loaded: .*{problem}"):
+        load(pg, csv(clean.head(6)), table, "r2")
+    assert dump(pg, table) == before

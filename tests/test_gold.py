@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from lib import gold, quality, source, transform
+from lib import formats, gold, quality, source, transform
 from lib.gold import ReconciliationError
 
 
@@ -79,61 +79,66 @@ def test_nulls_on_both_sides_are_not_a_change(clean):
 
 
 def test_an_unchanged_table_after_a_csv_round_trip_has_no_changes(clean):
-    back = transform.read_csv(transform.to_csv(clean))
+    back = formats.csv_decode(formats.csv_encode(clean))
     report = gold.changes(clean, back, "r")
     assert report["added"] == report["removed"] == [] and report["changed"] == {}
 
 
 # --- reconcile -------------------------------------------------------------------------------------
 
-def stage_records(rows=250, fp="f" * 64, sha="s" * 64, mode="upsert"):
+def stage_records(rows=250, fp="f" * 64, sha="s" * 64, mode="upsert", gold_sha="e" * 64, gold_rows=248):
+    """Details of each stage's record as a run that reconciles leaves them."""
     return {
-        "01_ingest": {"details": {"records": rows, "response_sha256": sha}},
-        "02_clean": {"details": {"raw_records": rows, "raw_sha256": sha, "clean_rows": rows - 2,
-                                 "quarantined": 2, "clean_fingerprint": fp}},
-        "03_load": {"details": {"batch_rows": rows - 2, "batch_fingerprint": fp, "current_rows": rows - 2,
-                                "current_fingerprint": fp, "mode": mode}},
-        "04_export": {"details": {"rows": rows - 2, "fingerprint": fp, "sha256": "e" * 64}},
+        "01_ingest": {"records": rows, "response_sha256": sha},
+        "02_clean": {"raw_records": rows, "raw_sha256": sha, "clean_rows": rows - 2, "quarantined": 2,
+                     "silver_records": rows, "silver_breakdown": f"{rows - 2} + 2", "clean_fingerprint": fp},
+        "03_load": {"batch_rows": rows - 2, "batch_fingerprint": fp, "current_rows": rows - 2,
+                    "current_fingerprint": fp, "mode": mode,
+                    "unreconciled": {"PostgreSQL rows of this batch": "append"} if mode == "append" else {}},
+        "04_export": {"rows": rows - 2, "fingerprint": fp, "sha256": "e" * 64},
+        "05_gold": {"gold_rows": gold_rows, "gold_fingerprint": fp, "gold_sha256": gold_sha},
     }
 
 
 def test_reconcile_of_agreeing_hops_is_all_ok():
-    table = gold.reconcile(stage_records(), {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+    table = gold.reconcile(stage_records())
     assert list(table["hop"]) == ["API response", "raw (bronze)", "clean + quarantine (silver)",
                                   "PostgreSQL rows of this batch", "PostgreSQL current table", "cloud export",
                                   "gold"]
     assert "MISMATCH" not in set(table["status"])
     assert list(table["status"]).count("ok") == 5
+    assert table.loc[table["hop"] == "clean + quarantine (silver)", "records"].item() == "248 + 2"
 
 
 def test_reconcile_names_the_first_hop_that_disagrees():
-    stages = stage_records()
-    stages["04_export"]["details"]["rows"] = 247
+    details = stage_records(gold_rows=247)
+    details["04_export"]["rows"] = 247
     with pytest.raises(ReconciliationError, match="'PostgreSQL current table → cloud export'"):
-        gold.reconcile(stages, {"rows": 247, "fingerprint": "f" * 64, "sha256": "e" * 64})
+        gold.reconcile(details)
 
 
 def test_reconcile_catches_a_changed_gold_object():
     with pytest.raises(ReconciliationError, match="cloud export → gold"):
-        gold.reconcile(stage_records(), {"rows": 248, "fingerprint": "f" * 64, "sha256": "x" * 64})
+        gold.reconcile(stage_records(gold_sha="x" * 64))
 
 
 def test_reconcile_catches_records_lost_between_bronze_and_silver():
-    stages = stage_records()
-    stages["02_clean"]["details"]["quarantined"] = 1
+    details = stage_records()
+    details["02_clean"]["silver_records"] = 249
     with pytest.raises(ReconciliationError, match="raw \\(bronze\\) → clean \\+ quarantine"):
-        gold.reconcile(stages, {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+        gold.reconcile(details)
 
 
-def test_an_append_batch_is_not_compared_with_silver():
-    stages = stage_records(mode="append")
-    stages["03_load"]["details"]["batch_rows"] = 3
-    table = gold.reconcile(stages, {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+def test_a_hop_the_stage_exempts_is_shown_as_skipped_with_its_reason():
+    details = stage_records(mode="append")
+    details["03_load"]["batch_rows"] = 3
+    table = gold.reconcile(details)
     assert "MISMATCH" not in set(table["status"])
+    assert table.loc[table["hop"] == "PostgreSQL rows of this batch", "status"].item() == "skipped: append"
 
 
 def test_reconcile_without_a_stage_record_says_which():
-    stages = stage_records()
-    stages["03_load"] = None
+    details = stage_records()
+    details["03_load"] = None
     with pytest.raises(ReconciliationError, match="no record of stage\\(s\\) 03_load"):
-        gold.reconcile(stages, {"rows": 248, "fingerprint": "f" * 64, "sha256": "e" * 64})
+        gold.reconcile(details)

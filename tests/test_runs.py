@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -9,14 +10,18 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lib import config, names, runs, storage
+from lib import config, names, registry, runs, storage
+from lib.errors import PipelineError
 from lib.names import InvalidName
+from lib.runs import RunRecord
+
+ALL = list(registry.NAMES)
 
 
 @pytest.fixture
 def settings(tmp_path):
     """Settings whose outputs live in tmp_path; no service is contacted by lib.runs."""
-    return config.load({"MINIO_URL": "http://s3.invalid", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b",
+    return config.settings({"MINIO_URL": "http://s3.invalid", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b",
                         "DB_HOST": "db.invalid", "DB_USER": "u", "DB_NAME": "n",
                         "PIPELINE_STATE_DIR": str(tmp_path / "state"),
                         "PIPELINE_OUTPUTS_DIR": str(tmp_path / "outputs")})
@@ -68,7 +73,7 @@ def test_resolve_run_id(settings):
     assert runs.resolve_run_id(settings, "given-1", "03_load") == "given-1"
     with pytest.raises(InvalidName):
         runs.resolve_run_id(settings, "bad/id", "03_load")
-    with pytest.raises(ValueError, match="run 01_ingest first"):
+    with pytest.raises(PipelineError, match="run 01_ingest first"):
         runs.resolve_run_id(settings, "", "02_clean")
     new = runs.resolve_run_id(settings, "", "01_ingest")
     assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", new)
@@ -96,3 +101,116 @@ def test_stage_record_saves_counts_artifacts_and_details(settings):
 
 def test_read_stage_of_a_stage_that_did_not_run_is_none(settings):
     assert runs.read_stage(settings, "r1", "05_gold") is None
+
+
+# --- the run record ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def offline(tmp_path):
+    return config.settings({"MINIO_URL": "http://s3.invalid", "MINIO_ACCESS_KEY": "access-value",
+                        "MINIO_SECRET_KEY": "secret-value", "DB_HOST": "db.invalid", "DB_USER": "u",
+                        "DB_PASSWORD": "password-value", "DB_NAME": "n",
+                        "PIPELINE_STATE_DIR": str(tmp_path / "state"),
+                        "PIPELINE_OUTPUTS_DIR": str(tmp_path / "outputs")})
+
+
+def stage_succeeds(record: RunRecord, stage: str, rows: int = 250) -> None:
+    """What running a stage notebook successfully leaves behind."""
+    record.stage_started(stage)
+    rec = runs.StageRecord(record.settings, record.run_id, stage)
+    rec.output({"uri": f"s3://b/{stage}", "inputs": [f"s3://b/before-{stage}"]})
+    rec.update(rows_in=rows, rows_out=rows, step=stage)
+    rec.save()
+    (record.dir / f"{stage}.ipynb").write_text("{}")
+    record.stage_ended(stage, "succeeded", 1.234)
+
+
+def test_a_new_run_record_says_what_was_asked_and_shows_no_secrets(offline):
+    record = RunRecord.open(offline, "run-1", ALL[:3], {"03_load": {"table": "t"}})
+    text = record.path.read_text()
+    saved = json.loads(text)
+    assert saved["status"] == "running" and saved["requested_stages"] == ALL[:3]
+    assert saved["parameters"] == {"03_load": {"table": "t"}}
+    assert saved["stack"]["object_store"]["endpoint"] == "http://s3.invalid"
+    for secret in offline.secrets():
+        assert secret not in text
+
+
+def test_a_succeeded_stage_takes_its_counts_objects_and_details_from_the_stage_record(offline):
+    record = RunRecord.open(offline, "run-1", ALL[:2], {})
+    stage_succeeds(record, "01_ingest", rows=250)
+    entry = json.loads(record.path.read_text())["stages"]["01_ingest"]
+    assert entry["status"] == "succeeded" and entry["duration_s"] == 1.23
+    assert (entry["rows_in"], entry["rows_out"]) == (250, 250)
+    assert entry["objects"][0]["uri"] == "s3://b/01_ingest" and entry["details"] == {"step": "01_ingest"}
+    assert entry["ended"] is not None and "error" not in entry
+
+
+def test_first_unfinished_points_at_the_failed_stage(offline):
+    record = RunRecord.open(offline, "run-1", ALL, {})
+    assert record.first_unfinished() == 0
+    stage_succeeds(record, "01_ingest")
+    stage_succeeds(record, "02_clean")
+    record.stage_started("03_load")
+    record.stage_ended("03_load", "failed", 0.5, "cell [4]: DatabaseError: boom")
+    record.finish("failed")
+    assert record.first_unfinished() == 2
+    entry = record.data["stages"]["03_load"]
+    assert entry["status"] == "failed" and entry["error"] == "cell [4]: DatabaseError: boom"
+    assert "rows_in" not in entry
+
+
+def test_resuming_keeps_the_history_and_records_the_resume(offline):
+    first = RunRecord.open(offline, "run-1", ALL[:3], {"03_load": {"table": "t"}})
+    stage_succeeds(first, "01_ingest")
+    first.stage_started("02_clean")
+    (first.dir / "02_clean.ipynb").write_text("{}")
+    first.stage_ended("02_clean", "failed", 0.1, "boom")
+    first.data["preflight"] = ["database: down"]
+    first.finish("failed")
+
+    again = RunRecord.open(offline, "run-1", ["02_clean", "05_gold"], {"02_clean": {"min_records": 9}})
+    assert again.data["status"] == "running" and len(again.data["resumed"]) == 1
+    assert "preflight" not in again.data  # an earlier preflight failure is not this attempt's
+    assert again.data["requested_stages"] == ["01_ingest", "02_clean", "03_load", "05_gold"]
+    assert again.data["stages"]["01_ingest"]["status"] == "succeeded"
+    # Stages run again take this invocation's parameters; the others keep theirs.
+    assert again.data["parameters"] == {"03_load": {"table": "t"}, "02_clean": {"min_records": 9}, "05_gold": {}}
+    assert again.first_unfinished() == 1
+
+    again.keep_attempt("02_clean")  # the failed attempt's notebook is moved aside, not overwritten
+    assert not (again.dir / "02_clean.ipynb").exists()
+    assert (again.dir / "02_clean.attempt1.ipynb").exists()
+    assert again.data["stages"]["02_clean"]["attempts"] == [
+        {"notebook": "02_clean.attempt1.ipynb", "status": "failed", "error": "boom",
+         "started": first.data["stages"]["02_clean"]["started"]}]
+    stage_succeeds(again, "02_clean")
+    assert "error" not in again.data["stages"]["02_clean"]
+    assert again.first_unfinished() == 2
+
+    RunRecord.open(offline, "run-1", ["03_load"], {})
+    assert len(runs.read_json(again.path)["resumed"]) == 2
+
+
+def test_keep_attempt_without_an_earlier_notebook_does_nothing(offline):
+    record = RunRecord.open(offline, "run-1", ALL[:1], {})
+    record.keep_attempt("01_ingest")
+    record.stage_started("01_ingest")
+    record.keep_attempt("01_ingest")
+    assert record.data["stages"]["01_ingest"]["attempts"] == []
+
+
+def test_finish_builds_lineage_and_copies_reconciliation(offline):
+    record = RunRecord.open(offline, "run-1", ["01_ingest", "05_gold"], {})
+    stage_succeeds(record, "01_ingest")
+    record.stage_started("05_gold")
+    rec = runs.StageRecord(offline, "run-1", "05_gold")
+    rec.update(rows_in=1, rows_out=1, reconciliation=[{"hop": "gold", "status": "ok"}])
+    rec.save()
+    record.stage_ended("05_gold", "succeeded", 2)
+    record.finish("succeeded")
+    saved = runs.read_json(record.path)
+    assert saved["status"] == "succeeded" and saved["ended"]
+    assert saved["lineage"] == [{"stage": "01_ingest", "from": "s3://b/before-01_ingest", "to": "s3://b/01_ingest"}]
+    assert saved["reconciliation"] == [{"hop": "gold", "status": "ok"}]
+    assert record.first_unfinished() == 2

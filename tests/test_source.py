@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from lib import source
+from lib import contract, source
 from lib.source import HttpError, PayloadError, SourceError, Unreachable
 from tests.api_server import FIELDS_MESSAGE, Scripted
 
@@ -23,7 +23,7 @@ def test_fetch_returns_the_api_answer_with_the_ten_fields(api):
     records = source.parse_payload(got.data)
     assert got.origin == "api" and got.url == api.url
     assert len(records) == 250
-    assert all(set(r) <= set(source.FIELDS) for r in records)
+    assert all(set(r) <= set(contract.SOURCE_FIELDS) for r in records)
     assert got.attempts == [{"attempt": 1, "status": 200}]
     assert len(api.requests) == 1
 
@@ -138,7 +138,7 @@ def test_check_url_refuses_non_http_urls(url):
 
 
 @pytest.mark.parametrize("url", [
-    "https://restcountries.com/v3.1/all?fields=" + ",".join(source.FIELDS),
+    "https://restcountries.com/v3.1/all?fields=" + ",".join(contract.SOURCE_FIELDS),
     "http://127.0.0.1:8080/v3.1/all?fields=name",
     "https://restcountries.com/v3.1/name/peru",
 ])
@@ -198,7 +198,7 @@ def test_project_keeps_only_the_named_fields():
 # --- ingest ------------------------------------------------------------------------------------------
 
 def test_ingest_falls_back_to_the_snapshot_when_allowed_and_says_why():
-    got = source.ingest(CLOSED, fallback=True, max_attempts=2, **FAST)
+    got = source.fetch_or_snapshot(CLOSED, fallback=True, max_attempts=2, **FAST)
     assert got.origin == "snapshot"
     assert got.data == source.snapshot_bytes()
     assert "Connection refused" in got.fallback_reason
@@ -206,14 +206,14 @@ def test_ingest_falls_back_to_the_snapshot_when_allowed_and_says_why():
 
 def test_ingest_without_fallback_raises_unreachable():
     with pytest.raises(Unreachable):
-        source.ingest(CLOSED, fallback=False, max_attempts=2, **FAST)
+        source.fetch_or_snapshot(CLOSED, fallback=False, max_attempts=2, **FAST)
 
 
 def test_ingest_never_papers_over_an_api_error(api):
     with pytest.raises(HttpError):
-        source.ingest(f"{api.base}/v3.1/all?fields=name,", fallback=True, **FAST)
+        source.fetch_or_snapshot(f"{api.base}/v3.1/all?fields=name,", fallback=True, **FAST)
 
 
 def test_ingest_uses_the_api_when_it_answers(api):
-    got = source.ingest(api.url, fallback=True)
+    got = source.fetch_or_snapshot(api.url, fallback=True)
     assert got.origin == "api" and got.fallback_reason is None

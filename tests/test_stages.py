@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib import gold, runs, stages, storage
+from lib import gold, layout, runs, stages, storage
 
 
 def run_stages(run_id: str, table: str, upto: int = 5, **ingest_options) -> dict:
@@ -27,6 +27,7 @@ def run_stages(run_id: str, table: str, upto: int = 5, **ingest_options) -> dict
         stage = stages.begin("05_gold", run_id)
         out["gold"] = stages.build_gold(stage, table=table)
         stages.reconcile(stage, out["gold"])
+        stages.publish(stage, out["gold"])
         stage.finish()
     return out
 
@@ -37,8 +38,8 @@ def gold_keys(s3, settings, run_id: str) -> list[str]:
 
 
 def test_ingest_date_comes_from_a_generated_run_id():
-    assert stages.ingest_date("20310715T101500Z-abc123") == "2031-07-15"
-    assert len(stages.ingest_date("nightly-42")) == 10  # today, for a run id without a date
+    assert layout.ingest_date("20310715T101500Z-abc123") == "2031-07-15"
+    assert len(layout.ingest_date("nightly-42")) == 10  # today, for a run id without a date
 
 
 def test_running_ingest_again_for_a_run_reuses_its_bronze(settings, s3, api, unique):
@@ -48,7 +49,7 @@ def test_running_ingest_again_for_a_run_reuses_its_bronze(settings, s3, api, uni
     assert not first.reused and again.reused
     assert again.artifact.sha256 == first.artifact.sha256 and again.artifact.key == first.artifact.key
     assert len(api.requests) == 1  # the API was asked once
-    assert len(stages.run_keys(s3, settings.raw_bucket, run_id)) == 1
+    assert len(stages.run_objects(s3, settings.raw_bucket, run_id)) == 1
 
 
 def test_gold_refuses_an_export_whose_checksum_does_not_match(settings, s3, unique):
@@ -81,6 +82,8 @@ def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(se
     golden = stages.build_gold(stage, table=table)
     with pytest.raises(gold.ReconciliationError, match="'clean \\+ quarantine \\(silver\\) → PostgreSQL rows of this batch'"):
         stages.reconcile(stage, golden)
+    with pytest.raises(stages.StageError, match="has not reconciled: nothing was published"):
+        stages.publish(stage, golden)
     latest = storage.head(s3, settings.gold_bucket, f"countries/latest/{table}.csv")
     assert latest["metadata"]["run-id"] == good  # latest still points at the last good run
 
@@ -96,6 +99,7 @@ def test_running_gold_again_compares_with_the_previous_run_not_itself(settings, 
     stage = stages.begin("05_gold", second)
     again = stages.build_gold(stage, table=table)
     stages.reconcile(stage, again)
+    stages.publish(stage, again)
     assert again.changes["previous_run_id"] == first
     assert list(again.changes["changed"]) == [changed]
     assert set(again.changes["changed"][changed]) == {"population"}

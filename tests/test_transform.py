@@ -1,16 +1,11 @@
-"""lib.transform: flattening source records and the CSV form every later hop shares."""
+"""lib.transform: flattening source records into the contract's columns."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
-
-import pandas as pd
 import pytest
 
-from lib import quality, source, transform
-from lib.quality import COLUMNS, LIST_COLUMNS
+from lib import source, transform
+from lib.contract import COLUMNS
 
 
 @pytest.fixture(scope="module")
@@ -74,44 +69,3 @@ def test_source_quirks_survive_flattening(flat):
     assert row(flat, "Monaco")["area"] == 2.02 and row(flat, "Vatican City")["area"] == 0.49
     assert row(flat, "Bouvet Island")["population"] == 0
     assert row(flat, "Antarctica")["subregion"] is None
-
-
-def test_csv_round_trip_keeps_every_value_and_type(records, flat):
-    clean = quality.validate(flat, records).clean
-    back = transform.read_csv(transform.to_csv(clean, COLUMNS + ["_row_hash"]))
-    assert list(back.columns) == COLUMNS + ["_row_hash"]
-    assert back["population"].dtype == "int64" and back["area"].dtype == "float64"
-    pd.testing.assert_frame_equal(back[COLUMNS], clean[COLUMNS], check_dtype=False)
-    assert back.loc[back["name_common"] == "Monaco", "area"].item() == 2.02
-    assert back.loc[back["name_common"] == "Antarctica", "subregion"].item() is None
-    assert list(back["_row_hash"]) == list(clean["_row_hash"])  # extra columns come back as text
-
-
-def test_csv_writes_lists_as_json_arrays_nulls_as_empty_fields_and_keeps_unicode(records, flat):
-    clean = quality.validate(flat, records).clean
-    text = transform.to_csv(clean[clean["name_common"].isin(["Antarctica", "Åland Islands"])]).decode("utf-8")
-    assert "Åland Islands" in text and "\\u" not in text
-    antarctica = next(line for line in text.splitlines() if line.startswith("Antarctica,"))
-    assert ',[],' in antarctica  # no capital: an empty JSON array
-    assert ',,' in antarctica  # no subregion: an empty field
-    header = text.splitlines()[0].split(",")
-    assert header == list(clean.columns)
-
-
-def test_to_csv_with_columns_writes_only_those(flat):
-    rows = list(csv.reader(io.StringIO(transform.to_csv(flat.head(2), ["name_common", "capital"]).decode())))
-    assert rows[0] == ["name_common", "capital"]
-    assert rows[1][0] == "Aruba" and json.loads(rows[1][1]) == ["Oranjestad"]
-
-
-def test_read_csv_names_missing_contract_columns(flat):
-    data = transform.to_csv(flat.head(2), [c for c in COLUMNS if c not in ("area", "timezones")])
-    with pytest.raises(ValueError, match="area, timezones"):
-        transform.read_csv(data)
-
-
-def test_list_columns_are_python_lists_after_reading(records, flat):
-    clean = quality.validate(flat, records).clean
-    back = transform.read_csv(transform.to_csv(clean))
-    for col in LIST_COLUMNS:
-        assert all(isinstance(v, list) for v in back[col])

@@ -22,11 +22,11 @@ import botocore.exceptions
 import psycopg2
 import pytest
 
-from lib import config, db, runs, source, stack, storage, transform
+from lib import config, contract, db, formats, registry, runs, source, stack, storage
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
-VALID_BODY = json.dumps(source.project(json.loads(source.snapshot_bytes()), source.FIELDS),
+VALID_BODY = json.dumps(source.project(json.loads(source.snapshot_bytes()), contract.SOURCE_FIELDS),
                         ensure_ascii=False).encode("utf-8")
 
 
@@ -256,7 +256,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
         assert not db.table_exists(pg, "public", table)
         # The attempt is recorded in the run's record, so that --resume knows which stages are left.
         m = manifest(settings, run_id)
-        assert m["status"] == "failed" and m["requested_stages"] == list(runs.STAGES)
+        assert m["status"] == "failed" and m["requested_stages"] == list(registry.NAMES)
         assert any(state.s3_url in p for p in m["preflight"])
         assert m["parameters"]["03_load"] == {"table": table}
         assert set(m["stages"]) == {"01_ingest", "02_clean"}
@@ -274,8 +274,8 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     assert f"run {run_id} SUCCEEDED" in res.stdout
     m = manifest(settings, run_id)
     assert m["status"] == "succeeded"
-    assert m["requested_stages"] == list(runs.STAGES)
-    assert all(m["stages"][s]["status"] == "succeeded" for s in runs.STAGES)
+    assert m["requested_stages"] == list(registry.NAMES)
+    assert all(m["stages"][s]["status"] == "succeeded" for s in registry.NAMES)
     assert m["stages"]["03_load"]["details"]["table"] == table
     assert "preflight" not in m
     assert len(run_keys(s3, settings.raw_bucket, run_id)) == 1
@@ -284,7 +284,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     cloud = storage.cloud_client(settings.cloud)
     exports = run_keys(cloud, settings.cloud.bucket, run_id)
     assert exports == [f"{settings.cloud.prefix}/{table}/run_id={run_id}/{table}.csv"]
-    assert len(transform.read_csv(storage.get_bytes(cloud, settings.cloud.bucket, exports[0])[0])) == 250
+    assert len(formats.csv_decode(storage.get_bytes(cloud, settings.cloud.bucket, exports[0])[0])) == 250
     for secret in (state.access_key, state.secret_key, state.db_password):
         assert secret not in json.dumps(m)
 
@@ -417,7 +417,7 @@ def test_sigint_during_stage_1_exits_130_and_resume_completes(run_pipeline, sett
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     m = manifest(settings, run_id)
     assert m["status"] == "succeeded"
-    assert all(m["stages"][s]["status"] == "succeeded" for s in runs.STAGES)
+    assert all(m["stages"][s]["status"] == "succeeded" for s in registry.NAMES)
     assert len(m["resumed"]) == 1
     rdir = runs.run_dir(settings, run_id)
     assert (rdir / "01_ingest.ipynb").exists()

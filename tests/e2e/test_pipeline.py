@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lib import db, runs, storage, transform
+from lib import db, formats, registry, runs, storage
 
 
 def manifest(settings, run_id):
@@ -21,7 +21,7 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
 
     m = manifest(settings, first)
     assert m["status"] == "succeeded"
-    assert list(m["stages"]) == list(runs.STAGES)
+    assert list(m["stages"]) == list(registry.NAMES)
     for stage, entry in m["stages"].items():
         assert entry["status"] == "succeeded", stage
         assert entry["rows_out"] == 250, stage
@@ -39,13 +39,13 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     data, meta = storage.get_bytes(s3, raw["bucket"], raw["key"])
     assert len(json.loads(data)) == 250 and meta["run-id"] == first and meta["sha256"] == raw["sha256"]
     clean = m["stages"]["02_clean"]["objects"][0]
-    assert len(transform.read_csv(storage.get_bytes(s3, clean["bucket"], clean["key"])[0])) == 250
+    assert len(formats.csv_decode(storage.get_bytes(s3, clean["bucket"], clean["key"])[0])) == 250
     assert len(db.current(pg, "public", table)) == 250
     export = m["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
-    assert len(transform.read_csv(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == 250
+    assert len(formats.csv_decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == 250
     gold_obj = m["stages"]["05_gold"]["objects"][0]
-    assert len(transform.read_csv(storage.get_bytes(s3, gold_obj["bucket"], gold_obj["key"])[0])) == 250
+    assert len(formats.csv_decode(storage.get_bytes(s3, gold_obj["bucket"], gold_obj["key"])[0])) == 250
     # The API was asked with its 10 fields, once.
     assert len(api.requests) >= 1 and "fields=" in api.requests[-1]["path"]
 

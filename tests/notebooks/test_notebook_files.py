@@ -12,9 +12,9 @@ import tokenize
 import papermill
 import pytest
 
-from lib import pipeline, runs
+from lib import registry
 
-NOTEBOOKS = sorted(pipeline.NOTEBOOKS.glob("*.ipynb"))
+NOTEBOOKS = sorted(registry.NOTEBOOKS.glob("*.ipynb"))
 
 
 def source(cell) -> str:
@@ -22,7 +22,7 @@ def source(cell) -> str:
 
 
 def test_every_stage_has_its_notebook():
-    assert [p.stem for p in NOTEBOOKS] == list(runs.STAGES)
+    assert [p.stem for p in NOTEBOOKS] == list(registry.NAMES)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])

@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 
-from lib import db, storage, transform
+from lib import db, formats, storage
 from tests.notebooks.helpers import (by_name, counts_shown, executed, keys_of_run, manifest, payload,
                                      read_csv_object, renamed, snapshot, table_exists, cell_output)
 
@@ -72,7 +72,7 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
 
     # Silver and PostgreSQL hold exactly the 250 good countries, with their own values.
     clean_key = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if k.endswith("/capitals_clean.csv")]
-    clean = transform.read_csv(storage.get_bytes(s3, settings.clean_bucket, clean_key[0])[0])
+    clean = formats.csv_decode(storage.get_bytes(s3, settings.clean_bucket, clean_key[0])[0])
     current = db.current(pg, "public", table)
     for frame in (clean, current):
         assert len(frame) == 250 and frame["name_common"].is_unique
@@ -169,7 +169,7 @@ def test_backfill_merges_the_raw_objects_of_a_date_newest_copy_wins(run_pipeline
     keys = keys_of_run(s3, settings.clean_bucket, backfill)
     clean_key = f"countries/ingest_date={date}/run_id={backfill}/capitals_clean.csv"
     assert sorted(keys) == [clean_key, f"quarantine/ingest_date={date}/run_id={backfill}/quarantine.csv"]
-    clean = transform.read_csv(storage.get_bytes(s3, settings.clean_bucket, clean_key)[0]).set_index("name_common")
+    clean = formats.csv_decode(storage.get_bytes(s3, settings.clean_bucket, clean_key)[0]).set_index("name_common")
     original = by_name(snapshot())
     assert len(clean) == 251 and clean.index.is_unique
     assert clean.at["Chile", "population"] == original["Chile"]["population"] + 1000  # the newer copy

@@ -1,0 +1,15 @@
+"""One base for every error the pipeline raises on purpose, so callers catch one type.
+
+Each module keeps its specific errors (``config.ConfigError``, ``storage.StorageError``, ...) as
+subclasses of ``PipelineError``; the message always says what was wrong and what (not) to do next.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(RuntimeError):
+    """Something the pipeline checked went wrong; the message says what, and what was (not) written.
+    `exit_code` is what the runner exits with when this ends a command: 1 unless a subclass says
+    otherwise (2 for bad input or configuration, where nothing ran; 3 for a busy lock)."""
+
+    exit_code = 1

@@ -1,0 +1,109 @@
+"""How a frame becomes the bytes of an object and back: one encode/decode pair per file format.
+
+`decode` gives the contract's types (lists as Python lists, None for a null text) whichever format
+wrote the bytes, so every hop reads the same values. PostgreSQL's own hop (COPY) always speaks CSV.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Callable
+
+import pandas as pd
+
+from lib.contract import COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
+from lib.errors import PipelineError
+
+# The default format of silver and gold objects (see docs/benchmark.md for how it was chosen).
+DEFAULT = "csv"
+
+
+class FormatError(PipelineError):
+    """An unknown format, or bytes that do not hold the contract's columns."""
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    extension: str
+    content_type: str
+    encode: Callable[[pd.DataFrame], bytes]
+    decode: Callable[[bytes], pd.DataFrame]
+
+
+def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
+    """Contract types for a frame read from any format (extra columns are kept as read)."""
+    missing = [c for c in COLUMNS if c not in frame]
+    if missing:
+        raise FormatError(f"{what} lacks contract columns: {', '.join(missing)}")
+    for col in TEXT_COLUMNS:
+        # Built as an object Series: with pandas 3 `.map` re-infers a string dtype and None becomes NaN.
+        frame[col] = pd.Series([None if v is None or v == "" or v is pd.NA else v for v in frame[col]],
+                               index=frame.index, dtype=object)
+    frame["population"] = frame["population"].astype("int64")
+    frame["area"] = frame["area"].astype("float64")
+    return frame
+
+
+# --- CSV: list columns as JSON arrays, nulls as empty fields (COPY's CSV null) ----------------------
+
+def csv_encode(frame: pd.DataFrame) -> bytes:
+    out = frame.assign(**{col: frame[col].map(lambda v: json.dumps(list(v), ensure_ascii=False))
+                          for col in LIST_COLUMNS if col in frame})
+    buf = io.BytesIO()
+    out.to_csv(buf, index=False, lineterminator="\n", encoding="utf-8")
+    return buf.getvalue()
+
+
+def csv_decode(data: bytes) -> pd.DataFrame:
+    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    for col in LIST_COLUMNS:
+        if col in frame:
+            frame[col] = frame[col].map(json.loads).astype(object)
+    return _typed(frame, "CSV")
+
+
+# --- Parquet (pyarrow): list columns as list<string>, typed numbers ----------------------------------
+
+def parquet_encode(frame: pd.DataFrame) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def parquet_decode(data: bytes) -> pd.DataFrame:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(io.BytesIO(data))
+    frame = pd.DataFrame({
+        name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
+    return _typed(frame, "Parquet")
+
+
+FORMATS = {
+    "csv": Format("csv", "csv", "text/csv", csv_encode, csv_decode),
+    "parquet": Format("parquet", "parquet", "application/vnd.apache.parquet", parquet_encode, parquet_decode),
+}
+
+
+def get(name: str = "") -> Format:
+    """A format by name ('' for the default)."""
+    try:
+        return FORMATS[name or DEFAULT]
+    except KeyError:
+        raise FormatError(f"file format {name!r} is not one of {', '.join(FORMATS)}") from None
+
+
+def of_key(key: str) -> Format:
+    """The format of an object, from its key's extension."""
+    extension = key.rsplit(".", 1)[-1]
+    for fmt in FORMATS.values():
+        if fmt.extension == extension:
+            return fmt
+    raise FormatError(f"object {key!r} has no known format extension ({', '.join(FORMATS)})")

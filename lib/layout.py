@@ -1,0 +1,92 @@
+"""Where every object lives: each key of each layer is built here and nowhere else.
+
+    raw        countries/ingest_date=D/run_id=R/countries.json          (bytes as the API sent them)
+    clean      countries/ingest_date=D/run_id=R/capitals_clean.<ext>
+               quarantine/ingest_date=D/run_id=R/quarantine.<ext>
+    cloud      <prefix>/<table>/run_id=R/<table>.csv                      (+ <prefix>/<table>/latest/)
+    gold       countries/run_id=R/<table>.<ext>, aggregates/run_id=R/by_region.<ext>,
+               aggregates/run_id=R/by_subregion.<ext>, changes/run_id=R/changes.json   (+ …/latest/…)
+
+A `latest` key is the run-scoped key with `run_id=R` replaced by `latest`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+from lib import names
+
+DATASET = "countries"
+RAW_NAME = "countries.json"
+CLEAN_NAME = "capitals_clean"
+QUARANTINE = "quarantine"
+AGGREGATES = "aggregates"
+CHANGES = "changes"
+LATEST = "latest"
+
+
+def ingest_date(run_id: str) -> str:
+    """The partition date of a run: from its id when it is a generated one, else today (UTC)."""
+    match = re.match(r"^(\d{4})(\d{2})(\d{2})T", run_id)
+    if match:
+        return "-".join(match.groups())
+    return f"{datetime.now(timezone.utc):%Y-%m-%d}"
+
+
+def _partition(date: str, run_id: str) -> str:
+    return f"ingest_date={date}/run_id={names.run_id(run_id)}"
+
+
+def raw_key(run_id: str) -> str:
+    return f"{DATASET}/{_partition(ingest_date(run_id), run_id)}/{RAW_NAME}"
+
+
+def dataset_prefix(date: str | None = None) -> str:
+    """Where to list raw or clean objects: all of them, or those of one ingest date."""
+    return f"{DATASET}/ingest_date={date}/" if date else f"{DATASET}/"
+
+
+def clean_key(date: str, run_id: str, extension: str) -> str:
+    return f"{DATASET}/{_partition(date, run_id)}/{CLEAN_NAME}.{extension}"
+
+
+def quarantine_key(date: str, run_id: str, extension: str) -> str:
+    return f"{QUARANTINE}/{_partition(date, run_id)}/{QUARANTINE}.{extension}"
+
+
+def is_clean(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith(CLEAN_NAME + ".")
+
+
+def export_key(prefix: str, table: str, run_id: str) -> str:
+    lead = f"{prefix}/" if prefix else ""
+    return f"{lead}{table}/run_id={names.run_id(run_id)}/{table}.csv"
+
+
+def gold_keys(table: str, run_id: str, extension: str) -> dict[str, str]:
+    part = f"run_id={names.run_id(run_id)}"
+    return {
+        "table": f"{DATASET}/{part}/{table}.{extension}",
+        "by_region": f"{AGGREGATES}/{part}/by_region.{extension}",
+        "by_subregion": f"{AGGREGATES}/{part}/by_subregion.{extension}",
+        "changes": f"{CHANGES}/{part}/changes.json",
+    }
+
+
+def latest(key: str) -> str:
+    """The stable `latest` key of a run-scoped key."""
+    found = re.search(r"/run_id=[^/]+/", key)
+    if not found:
+        raise ValueError(f"{key!r} is not a run-scoped key")
+    return f"{key[:found.start()]}/{LATEST}/{key[found.end():]}"
+
+
+def run_of(key: str) -> str | None:
+    found = re.search(r"/run_id=([^/]+)/", key)
+    return found.group(1) if found else None
+
+
+def date_of(key: str) -> str | None:
+    found = re.search(r"ingest_date=([^/]+)/", key)
+    return found.group(1) if found else None

@@ -1,0 +1,119 @@
+"""The stages, each declared once: its notebook, the services it needs, the layers it reads and
+writes, and the hops it reports for reconciliation. The runner (`--stages`, preflight, resume), the run
+record, reconciliation and the reports read this table; nothing else names a stage.
+
+Adding a stage: its notebook in notebooks/, one entry below, its function in lib/stages.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lib.errors import PipelineError
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+# What a stage can need, checked by the runner's preflight before any kernel starts.
+SERVICES = ("api", "store", "db", "cloud")
+
+
+class UnknownStage(PipelineError, ValueError):
+    """A stage name that is not in the registry."""
+
+
+@dataclass(frozen=True)
+class Hop:
+    """One place the data passes, with its record count and content fingerprint as the stage that
+    saw it recorded them (fields of that stage record's `details`). `equal` pairs a field of this
+    stage with `stage.field` of an earlier one; all pairs must agree for the hop to reconcile with
+    the hop named `against`. A stage can exempt a hop for a run by recording
+    `unreconciled: {label: reason}`."""
+
+    label: str
+    rows: str
+    fingerprint: str
+    against: str | None = None
+    equal: tuple[tuple[str, str], ...] = ()
+    shown: str | None = None  # a readable count (e.g. "249 + 1 quarantined") instead of `rows`
+
+
+@dataclass(frozen=True)
+class Stage:
+    number: int
+    name: str
+    title: str
+    needs: frozenset[str]
+    reads: tuple[str, ...]
+    writes: tuple[str, ...]
+    hops: tuple[Hop, ...] = ()
+    reconciles: bool = False  # checks every hop of the run, then publishes the `latest` keys
+
+    @property
+    def notebook(self) -> Path:
+        return NOTEBOOKS / f"{self.name}.ipynb"
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(1, "01_ingest", "REST Countries API → raw (bronze)", frozenset({"api", "store"}),
+          reads=("api",), writes=("raw",),
+          hops=(Hop("API response", "records", "response_sha256"),)),
+    Stage(2, "02_clean", "raw → clean (silver) + quarantine", frozenset({"store"}),
+          reads=("raw",), writes=("clean", "quarantine"),
+          hops=(Hop("raw (bronze)", "raw_records", "raw_sha256", against="API response",
+                    equal=(("raw_records", "01_ingest.records"), ("raw_sha256", "01_ingest.response_sha256"))),
+                Hop("clean + quarantine (silver)", "silver_records", "clean_fingerprint", against="raw (bronze)",
+                    equal=(("silver_records", "raw_records"),), shown="silver_breakdown"))),
+    Stage(3, "03_load", "clean → PostgreSQL table (with history)", frozenset({"store", "db"}),
+          reads=("clean",), writes=("table",),
+          hops=(Hop("PostgreSQL rows of this batch", "batch_rows", "batch_fingerprint",
+                    against="clean + quarantine (silver)",
+                    equal=(("batch_rows", "02_clean.clean_rows"),
+                           ("batch_fingerprint", "02_clean.clean_fingerprint"))),
+                Hop("PostgreSQL current table", "current_rows", "current_fingerprint"))),
+    Stage(4, "04_export", "PostgreSQL → cloud bucket", frozenset({"db", "cloud"}),
+          reads=("table",), writes=("cloud",),
+          hops=(Hop("cloud export", "rows", "fingerprint", against="PostgreSQL current table",
+                    equal=(("rows", "03_load.current_rows"), ("fingerprint", "03_load.current_fingerprint"))),)),
+    Stage(5, "05_gold", "cloud → gold bucket (aggregates, changes, reconciliation)",
+          frozenset({"cloud", "store"}), reads=("cloud",), writes=("gold",),
+          hops=(Hop("gold", "gold_rows", "gold_fingerprint", against="cloud export",
+                    equal=(("gold_rows", "04_export.rows"), ("gold_fingerprint", "04_export.fingerprint"),
+                           ("gold_sha256", "04_export.sha256"))),),
+          reconciles=True),
+)
+NAMES = tuple(s.name for s in STAGES)
+ALL = f"1-{len(STAGES)}"  # the default `--stages`
+
+
+def get(name: str) -> Stage:
+    for s in STAGES:
+        if s.name == name:
+            return s
+    raise UnknownStage(f"unknown stage {name!r}: stages are {', '.join(NAMES)}")
+
+
+def by_number(number: int) -> Stage | None:
+    return next((s for s in STAGES if s.number == number), None)
+
+
+def first() -> Stage:
+    return STAGES[0]
+
+
+def writer_of(layer: str) -> Stage:
+    """The stage that writes a layer ("raw", "clean", "table", "cloud", "gold")."""
+    return next(s for s in STAGES if layer in s.writes)
+
+
+def before(name: str) -> tuple[Stage, ...]:
+    """The stages that run before `name`."""
+    return STAGES[:NAMES.index(name)]
+
+
+def reconciler() -> Stage:
+    return next(s for s in STAGES if s.reconciles)
+
+
+def needing(service: str, names: list[str]) -> list[str]:
+    """Which of the chosen stages need a service."""
+    return [n for n in names if service in get(n).needs]

@@ -1,0 +1,75 @@
+"""lib.formats: the encode/decode pair of each file format gives back the contract's values and types."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from lib import formats, quality, source, transform
+from lib.contract import COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
+
+FORMATS = sorted(formats.FORMATS)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    records = source.parse_payload(source.snapshot_bytes())
+    return quality.validate(transform.flatten(records), records).clean
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_round_trip_keeps_every_value_type_and_row_hash(clean, name):
+    fmt = formats.get(name)
+    back = fmt.decode(fmt.encode(clean[COLUMNS + ["_row_hash"]]))
+    assert list(back.columns) == COLUMNS + ["_row_hash"]
+    assert back["population"].dtype == "int64" and back["area"].dtype == "float64"
+    pd.testing.assert_frame_equal(back[COLUMNS], clean[COLUMNS], check_dtype=False)
+    assert back.loc[back["name_common"] == "Monaco", "area"].item() == 2.02
+    assert back.loc[back["name_common"] == "Antarctica", "subregion"].item() is None
+    assert list(back["_row_hash"]) == list(clean["_row_hash"])
+    assert quality.fingerprint(back) == quality.fingerprint(clean)
+    for col in LIST_COLUMNS:
+        assert all(isinstance(v, list) for v in back[col])
+    for col in TEXT_COLUMNS:
+        assert all(v is None or isinstance(v, str) for v in back[col])
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_decode_names_missing_contract_columns(clean, name):
+    fmt = formats.get(name)
+    data = fmt.encode(clean.head(2)[[c for c in COLUMNS if c not in ("area", "timezones")]])
+    with pytest.raises(formats.FormatError, match="lacks contract columns: area, timezones"):
+        fmt.decode(data)
+
+
+def test_csv_writes_lists_as_json_arrays_nulls_as_empty_fields_and_keeps_unicode(clean):
+    text = formats.csv_encode(clean[clean["name_common"].isin(["Antarctica", "Åland Islands"])]).decode("utf-8")
+    assert "Åland Islands" in text and "\\u" not in text
+    antarctica = next(line for line in text.splitlines() if line.startswith("Antarctica,"))
+    assert ',[],' in antarctica  # no capital: an empty JSON array
+    assert ',,' in antarctica  # no subregion: an empty field
+    assert text.splitlines()[0].split(",") == list(clean.columns)
+
+
+def test_csv_of_some_columns_writes_only_those(clean):
+    rows = list(csv.reader(io.StringIO(formats.csv_encode(clean.head(2)[["name_common", "capital"]]).decode())))
+    assert rows[0] == ["name_common", "capital"]
+    assert json.loads(rows[1][1]) == list(clean.iloc[0]["capital"])
+
+
+def test_parquet_is_smaller_than_csv_for_the_same_table(clean):
+    assert len(formats.parquet_encode(clean)) < len(formats.csv_encode(clean))
+
+
+def test_a_format_is_found_by_name_or_key_and_an_unknown_one_is_refused():
+    assert formats.get("").name == formats.DEFAULT
+    assert formats.of_key("countries/run_id=r/capitals_clean.parquet").name == "parquet"
+    assert formats.of_key("a/b.csv").content_type == "text/csv"
+    with pytest.raises(formats.FormatError, match="'xml' is not one of csv, parquet"):
+        formats.get("xml")
+    with pytest.raises(formats.FormatError, match="no known format extension"):
+        formats.of_key("a/b.json")

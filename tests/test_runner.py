@@ -1,0 +1,42 @@
+"""lib.runner: preflight against real services, and the summary lines a run ends with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from lib import config, registry, runner
+
+ALL = list(registry.NAMES)
+CLOSED_API = {"01_ingest": {"api_url": "http://127.0.0.1:9/v3.1/all?fields=name"}}
+
+
+def test_summary_line_shows_rows_objects_snapshot_and_errors():
+    ok = runner.summary_line("01_ingest", {"status": "succeeded", "duration_s": 1.5, "rows_in": 250,
+                                             "rows_out": 250, "objects": [{"uri": "s3://raw/k"}],
+                                             "details": {"origin": "snapshot"}})
+    assert "rows 250 → 250" in ok and "s3://raw/k" in ok and "BUNDLED SNAPSHOT" in ok
+    failed = runner.summary_line("03_load", {"status": "failed", "duration_s": 0.2, "error": "x" * 500})
+    assert "failed" in failed and "x" * 200 in failed and "x" * 201 not in failed
+
+
+# --- preflight (real services) ----------------------------------------------------------------------
+
+def test_preflight_with_every_service_up_finds_no_problem(settings):
+    assert runner.preflight(settings, ALL, {}) == []
+
+
+def test_preflight_names_an_unreachable_api_when_fallback_is_off(settings):
+    off = dataclasses.replace(settings, snapshot_fallback=False)
+    problems = runner.preflight(off, ["01_ingest"], CLOSED_API)
+    assert len(problems) == 1 and "unreachable" in problems[0] and "fallback is off" in problems[0]
+    on = dataclasses.replace(settings, snapshot_fallback=True)
+    assert runner.preflight(on, ["01_ingest"], CLOSED_API) == []
+
+
+def test_preflight_names_a_database_that_refuses_the_password(settings):
+    db = dataclasses.replace(settings.db, password=config.Secret("not-the-password"))
+    wrong = dataclasses.replace(settings, db=db)
+    problems = runner.preflight(wrong, ["03_load"], {})
+    assert len(problems) == 1 and problems[0].startswith("database:")
+    assert "password authentication failed" in problems[0] and ":***@" in problems[0]
+    assert "not-the-password" not in problems[0]
