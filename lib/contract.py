@@ -76,3 +76,7 @@ def markdown_table() -> str:
     lines = ["| column | type | nullable | rule |", "| --- | --- | --- | --- |"]
     lines += [f"| `{c.name}` | {c.kind} | {'yes' if c.nullable else 'no'} | {c.description} |" for c in CONTRACT]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m lib.contract: the table for docs/data-model.md
+    print(markdown_table())

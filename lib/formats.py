@@ -16,8 +16,9 @@ import pandas as pd
 from lib.contract import COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
 from lib.errors import PipelineError
 
-# The default format of silver and gold objects (see docs/benchmark.md for how it was chosen).
-DEFAULT = "csv"
+# The default formats of silver and gold objects (docs/benchmark.md says how they were chosen).
+SILVER = "parquet"
+GOLD = "parquet"
 
 
 class FormatError(PipelineError):
@@ -92,10 +93,10 @@ FORMATS = {
 }
 
 
-def get(name: str = "") -> Format:
-    """A format by name ('' for the default)."""
+def get(name: str) -> Format:
+    """A format by name."""
     try:
-        return FORMATS[name or DEFAULT]
+        return FORMATS[name]
     except KeyError:
         raise FormatError(f"file format {name!r} is not one of {', '.join(FORMATS)}") from None
 

@@ -4,8 +4,8 @@
     clean      countries/ingest_date=D/run_id=R/capitals_clean.<ext>
                quarantine/ingest_date=D/run_id=R/quarantine.<ext>
     cloud      <prefix>/<table>/run_id=R/<table>.csv                      (+ <prefix>/<table>/latest/)
-    gold       countries/run_id=R/<table>.<ext>, aggregates/run_id=R/by_region.<ext>,
-               aggregates/run_id=R/by_subregion.<ext>, changes/run_id=R/changes.json   (+ …/latest/…)
+    gold       countries/run_id=R/<table>.<ext>, aggregates/run_id=R/<aggregate>.<ext> (one per
+               lib/gold.py aggregate), changes/run_id=R/changes.json                       (+ …/latest/…)
 
 A `latest` key is the run-scoped key with `run_id=R` replaced by `latest`.
 """
@@ -64,14 +64,16 @@ def export_key(prefix: str, table: str, run_id: str) -> str:
     return f"{lead}{table}/run_id={names.run_id(run_id)}/{table}.csv"
 
 
-def gold_keys(table: str, run_id: str, extension: str) -> dict[str, str]:
-    part = f"run_id={names.run_id(run_id)}"
-    return {
-        "table": f"{DATASET}/{part}/{table}.{extension}",
-        "by_region": f"{AGGREGATES}/{part}/by_region.{extension}",
-        "by_subregion": f"{AGGREGATES}/{part}/by_subregion.{extension}",
-        "changes": f"{CHANGES}/{part}/changes.json",
-    }
+def gold_table_key(table: str, run_id: str, extension: str) -> str:
+    return f"{DATASET}/run_id={names.run_id(run_id)}/{table}.{extension}"
+
+
+def aggregate_key(name: str, run_id: str, extension: str) -> str:
+    return f"{AGGREGATES}/run_id={names.run_id(run_id)}/{name}.{extension}"
+
+
+def changes_key(run_id: str) -> str:
+    return f"{CHANGES}/run_id={names.run_id(run_id)}/changes.json"
 
 
 def latest(key: str) -> str:

@@ -55,8 +55,7 @@ def _checks() -> dict:
         "snapshot_fallback": lambda v: (v if str(v).strip().lower() in ("auto", *TRUE, *FALSE)
                                         else _bad(f"snapshot_fallback {v!r} is not auto, true or false")),
         "api_url": lambda v: v if v == "" else source.check_url(v),
-        "silver_format": lambda v: v if v == "" else formats.get(v).name,
-        "gold_format": lambda v: v if v == "" else formats.get(v).name,
+        **{k: (lambda v: v if v == "" else formats.get(v).name) for k in ("silver_format", "gold_format")},
         "max_invalid_fraction": lambda v: v if 0 <= v <= 1 else _bad(f"max_invalid_fraction {v} is not between 0 and 1"),
         "min_records": lambda v: v if v >= 1 else _bad(f"min_records {v} must be at least 1"),
         "max_attempts": lambda v: v if v >= 1 else _bad(f"max_attempts {v} must be at least 1"),

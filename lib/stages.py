@@ -184,7 +184,7 @@ def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float
     """Check the share of bad records, then write the clean table and the quarantine with reasons,
     in `silver_format` ('' for lib/formats.py's default)."""
     settings = stage.settings
-    fmt = formats.get(silver_format)
+    fmt = formats.get(silver_format or formats.SILVER)
     counts = prepared.validated.counts
     total = counts["records"]
     fraction = counts["quarantined"] / total if total else 1.0
@@ -319,8 +319,7 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
 @dataclass
 class Golden:
     table: pd.DataFrame
-    by_region: pd.DataFrame
-    by_subregion: pd.DataFrame
+    aggregates: dict[str, pd.DataFrame]
     changes: dict
     reconciliation: pd.DataFrame | None
     artifacts: list[storage.Artifact]
@@ -330,7 +329,7 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[pd.DataFra
     """The gold table of the previous successful run: the `latest` one, unless that is this run
     (a rerun), in which case the one it replaced. Whatever format either was written in."""
     for fmt in formats.FORMATS.values():
-        latest = storage.head(s3, bucket, layout.latest(layout.gold_keys(table, run_id, fmt.extension)["table"]))
+        latest = storage.head(s3, bucket, layout.latest(layout.gold_table_key(table, run_id, fmt.extension)))
         if latest is None:
             continue
         previous = latest["metadata"].get("run-id")
@@ -339,7 +338,7 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[pd.DataFra
         if not previous:
             return None, None
         for kind in formats.FORMATS.values():
-            key = layout.gold_keys(table, previous, kind.extension)["table"]
+            key = layout.gold_table_key(table, previous, kind.extension)
             if storage.head(s3, bucket, key) is not None:
                 data, _ = storage.get_bytes(s3, bucket, key)
                 return kind.decode(data), previous
@@ -353,7 +352,7 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     follow."""
     settings = stage.settings
     params.check("table", table)
-    fmt = formats.get(gold_format)
+    fmt = formats.get(gold_format or formats.GOLD)
     cloud = storage.cloud_client(settings.cloud)
     key = layout.export_key(settings.cloud.prefix, table, stage.run_id)
     data, meta = storage.get_bytes(cloud, settings.cloud.bucket, key)
@@ -371,17 +370,17 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
     report = gold.changes(previous, frame, previous_id)
-    by_region, by_subregion = gold.aggregates(frame, "region"), gold.aggregates(frame, "subregion")
+    aggregates = {name: fn(frame) for name, fn in gold.AGGREGATES.items()}
     source_uri = f"s3://{settings.cloud.bucket}/{key}"
     meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
-    keys = layout.gold_keys(table, stage.run_id, fmt.extension)
     changes = json.dumps(report, indent=2, ensure_ascii=False, default=str).encode()
     outputs = [
-        (keys["table"], data if fmt.name == "csv" else fmt.encode(frame), len(frame), fmt.content_type),
-        (keys["by_region"], fmt.encode(by_region), len(by_region), fmt.content_type),
-        (keys["by_subregion"], fmt.encode(by_subregion), len(by_subregion), fmt.content_type),
-        (keys["changes"], changes, len(report["added"]) + len(report["removed"]) + len(report["changed"]),
-         "application/json"),
+        (layout.gold_table_key(table, stage.run_id, fmt.extension),
+         data if fmt.name == "csv" else fmt.encode(frame), len(frame), fmt.content_type),
+        *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
+          for name, agg in aggregates.items()),
+        (layout.changes_key(stage.run_id), changes,
+         len(report["added"]) + len(report["removed"]) + len(report["changed"]), "application/json"),
     ]
     artifacts = [storage.put_bytes(s3, settings.gold_bucket, k, body, rows=rows, inputs=[source_uri],
                                    metadata=meta_out, content_type=content_type)
@@ -392,7 +391,7 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     stage.record.update(rows_in=len(frame), rows_out=len(frame), gold_rows=len(frame),
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
                         format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"})
-    return Golden(frame, by_region, by_subregion, report, None, artifacts)
+    return Golden(frame, aggregates, report, None, artifacts)
 
 
 def reconcile(stage: Stage, golden: Golden) -> pd.DataFrame:

@@ -18,7 +18,7 @@ def clean():
 
 
 def test_region_aggregates_add_up_to_the_whole_table(clean):
-    agg = gold.aggregates(clean, "region")
+    agg = gold.by_region(clean)
     assert list(agg.columns) == ["region", "countries", "population", "area_km2", "density_per_km2"]
     assert set(agg["region"]) == set(clean["region"])
     assert agg["countries"].sum() == 250
@@ -30,7 +30,7 @@ def test_region_aggregates_add_up_to_the_whole_table(clean):
 
 
 def test_subregion_aggregates_name_a_missing_subregion(clean):
-    agg = gold.aggregates(clean, "subregion")
+    agg = gold.by_subregion(clean)
     assert list(agg.columns[:2]) == ["region", "subregion"]
     assert agg["countries"].sum() == 250
     none = agg[agg["subregion"] == "(none)"]
@@ -41,9 +41,22 @@ def test_density_is_empty_where_the_area_is_zero(clean):
     frame = clean.head(2).copy()
     frame["region"] = ["Asia", "Europe"]
     frame.loc[frame.index[0], "area"] = 0.0
-    agg = gold.aggregates(frame, "region").set_index("region")
+    agg = gold.by_region(frame).set_index("region")
     assert math.isnan(agg.at["Asia", "density_per_km2"])
     assert not math.isnan(agg.at["Europe", "density_per_km2"])
+
+
+def test_area_sums_are_exact(clean):
+    europe = clean[clean["region"] == "Europe"]
+    agg = gold.by_region(clean).set_index("region")
+    assert agg.at["Europe", "area_km2"] == math.fsum(europe["area"])
+    assert repr(float(agg.at["Europe", "area_km2"])) == "23129737.51"
+
+
+def test_every_registered_aggregate_is_a_frame_with_countries_adding_up(clean):
+    assert {"by_region", "by_subregion"} <= set(gold.AGGREGATES)
+    for name, fn in gold.AGGREGATES.items():
+        assert fn(clean)["countries"].sum() == 250, name
 
 
 def test_first_gold_table_reports_every_country_as_added(clean):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 
-import pandas as pd
 import pytest
 
 from lib import formats, quality, source, transform

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from lib import gold, layout, runs, stages, storage
+from lib import formats, gold, layout, runs, stages, storage
 
 
 def run_stages(run_id: str, table: str, upto: int = 5, **ingest_options) -> dict:
@@ -84,7 +84,7 @@ def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(se
         stages.reconcile(stage, golden)
     with pytest.raises(stages.StageError, match="has not reconciled: nothing was published"):
         stages.publish(stage, golden)
-    latest = storage.head(s3, settings.gold_bucket, f"countries/latest/{table}.csv")
+    latest = storage.head(s3, settings.gold_bucket, layout.latest(layout.gold_table_key(table, good, formats.GOLD)))
     assert latest["metadata"]["run-id"] == good  # latest still points at the last good run
 
 

@@ -22,7 +22,7 @@ import botocore.exceptions
 import psycopg2
 import pytest
 
-from lib import config, contract, db, formats, registry, runs, source, stack, storage
+from lib import config, contract, db, formats, layout, registry, runs, source, stack, storage
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
@@ -279,7 +279,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     assert m["stages"]["03_load"]["details"]["table"] == table
     assert "preflight" not in m
     assert len(run_keys(s3, settings.raw_bucket, run_id)) == 1
-    assert len([k for k in run_keys(s3, settings.clean_bucket, run_id) if k.endswith("/capitals_clean.csv")]) == 1
+    assert len([k for k in run_keys(s3, settings.clean_bucket, run_id) if layout.is_clean(k)]) == 1
     assert len(db.current(pg, "public", table)) == 250
     cloud = storage.cloud_client(settings.cloud)
     exports = run_keys(cloud, settings.cloud.bucket, run_id)

@@ -39,20 +39,26 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     data, meta = storage.get_bytes(s3, raw["bucket"], raw["key"])
     assert len(json.loads(data)) == 250 and meta["run-id"] == first and meta["sha256"] == raw["sha256"]
     clean = m["stages"]["02_clean"]["objects"][0]
-    assert len(formats.csv_decode(storage.get_bytes(s3, clean["bucket"], clean["key"])[0])) == 250
+    assert len(formats.of_key(clean["key"]).decode(storage.get_bytes(s3, clean["bucket"], clean["key"])[0])) == 250
     assert len(db.current(pg, "public", table)) == 250
     export = m["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
     assert len(formats.csv_decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == 250
     gold_obj = m["stages"]["05_gold"]["objects"][0]
-    assert len(formats.csv_decode(storage.get_bytes(s3, gold_obj["bucket"], gold_obj["key"])[0])) == 250
+    assert len(formats.of_key(gold_obj["key"]).decode(storage.get_bytes(s3, gold_obj["bucket"], gold_obj["key"])[0])) == 250
     # The API was asked with its 10 fields, once.
     assert len(api.requests) >= 1 and "fields=" in api.requests[-1]["path"]
 
+    # The second run writes silver and gold in the other format: readers follow each key's format.
+    other = next(f for f in formats.FORMATS if f != formats.SILVER)
     second = f"e2e-{unique}-2"
-    res = run_pipeline("--run-id", second, "-p", f"table={table}")
+    res = run_pipeline("--run-id", second, "-p", f"table={table}", "-p", f"silver_format={other}",
+                       "-p", f"gold_format={other}")
     assert res.returncode == 0, res.stderr[-3000:]
     m2 = manifest(settings, second)
     assert m2["status"] == "succeeded"
+    assert m2["stages"]["02_clean"]["objects"][0]["key"].endswith(f".{other}")
+    assert m2["stages"]["05_gold"]["objects"][0]["key"].endswith(f".{other}")
     assert m2["stages"]["03_load"]["details"]["unchanged"] == 250
     assert m2["stages"]["05_gold"]["details"]["previous_run_id"] == first
+    assert m2["stages"]["05_gold"]["details"]["changes"] == {"added": 0, "removed": 0, "changed": 0}

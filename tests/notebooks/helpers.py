@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lib import runs, source, storage
+from lib import formats, runs, source, storage
 
 
 def snapshot() -> list[dict]:
@@ -79,9 +79,17 @@ def keys_of_run(s3, bucket: str, run_id: str) -> list[str]:
     return [o["key"] for o in storage.list_objects(s3, bucket) if f"/run_id={run_id}/" in o["key"]]
 
 
-def read_csv_object(s3, bucket: str, key: str) -> pd.DataFrame:
+def read_object(s3, bucket: str, key: str) -> pd.DataFrame:
+    """Any table object (quarantine, aggregates) as plain pandas reads it, by its format."""
     data, _ = storage.get_bytes(s3, bucket, key)
+    if formats.of_key(key).name == "parquet":
+        return pd.read_parquet(io.BytesIO(data))
     return pd.read_csv(io.BytesIO(data), keep_default_na=False, na_values=[""])
+
+
+def read_table(s3, bucket: str, key: str) -> pd.DataFrame:
+    """A contract table object (silver, export, gold), typed, whatever its format."""
+    return formats.of_key(key).decode(storage.get_bytes(s3, bucket, key)[0])
 
 
 def table_exists(pg, schema: str, table: str) -> bool:

@@ -10,9 +10,9 @@ import json
 import pandas as pd
 import pytest
 
-from lib import db, formats, storage
+from lib import db, formats, layout, storage
 from tests.notebooks.helpers import (by_name, counts_shown, executed, keys_of_run, manifest, payload,
-                                     read_csv_object, renamed, snapshot, table_exists, cell_output)
+                                     read_object, read_table, renamed, snapshot, table_exists, cell_output)
 
 
 def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipeline, settings, s3, pg,
@@ -52,8 +52,8 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
 
     # The quarantine object lists exactly the four bad records, each with its reason and its source.
     quarantine_keys = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if k.startswith("quarantine/")]
-    assert len(quarantine_keys) == 1 and quarantine_keys[0].endswith("/quarantine.csv")
-    quarantine = read_csv_object(s3, settings.clean_bucket, quarantine_keys[0])
+    assert len(quarantine_keys) == 1 and quarantine_keys[0].endswith(f"/quarantine.{formats.SILVER}")
+    quarantine = read_object(s3, settings.clean_bucket, quarantine_keys[0])
     assert list(quarantine.columns) == ["record", "raw_object", "name_common", "reasons", "source"]
     assert set(quarantine["raw_object"]) == {details["raw_objects"][0]["uri"]}  # traceable to its source
     assert sorted(quarantine["record"]) == sorted(bad)
@@ -71,8 +71,8 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
     assert reasons[i(duplicate)] == "name_common 'France' duplicates an earlier record"
 
     # Silver and PostgreSQL hold exactly the 250 good countries, with their own values.
-    clean_key = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if k.endswith("/capitals_clean.csv")]
-    clean = formats.csv_decode(storage.get_bytes(s3, settings.clean_bucket, clean_key[0])[0])
+    clean_key = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if layout.is_clean(k)]
+    clean = read_table(s3, settings.clean_bucket, clean_key[0])
     current = db.current(pg, "public", table)
     for frame in (clean, current):
         assert len(frame) == 250 and frame["name_common"].is_unique
@@ -167,9 +167,9 @@ def test_backfill_merges_the_raw_objects_of_a_date_newest_copy_wins(run_pipeline
         "raw objects": 2, "records in": 500, "clean": 251, "quarantined": 0, "superseded": 249}
 
     keys = keys_of_run(s3, settings.clean_bucket, backfill)
-    clean_key = f"countries/ingest_date={date}/run_id={backfill}/capitals_clean.csv"
-    assert sorted(keys) == [clean_key, f"quarantine/ingest_date={date}/run_id={backfill}/quarantine.csv"]
-    clean = formats.csv_decode(storage.get_bytes(s3, settings.clean_bucket, clean_key)[0]).set_index("name_common")
+    clean_key = f"countries/ingest_date={date}/run_id={backfill}/capitals_clean.{formats.SILVER}"
+    assert sorted(keys) == [clean_key, f"quarantine/ingest_date={date}/run_id={backfill}/quarantine.{formats.SILVER}"]
+    clean = read_table(s3, settings.clean_bucket, clean_key).set_index("name_common")
     original = by_name(snapshot())
     assert len(clean) == 251 and clean.index.is_unique
     assert clean.at["Chile", "population"] == original["Chile"]["population"] + 1000  # the newer copy
