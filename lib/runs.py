@@ -79,7 +79,7 @@ def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
     latest = latest_run_id(settings)
     if latest is None:
         raise PipelineError(f"{stage} needs a run id: no run exists yet in {runs_dir(settings)}; "
-                         "run 01_ingest first or set run_id")
+                            f"run {registry.first().name} first or set run_id")
     return latest
 
 
