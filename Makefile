@@ -2,8 +2,10 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Apache Airflow, for the DAG in airflow/: a virtual environment of its own (its pins are not ours).
+AIRFLOW_VENV := .venv-airflow
 
-.PHONY: run test lab stack-up stack-down stack-status bench clean
+.PHONY: run test lab stack-up stack-down stack-status bench clean airflow-venv
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -22,8 +24,19 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 run: $(VENV)/.installed
 	$(BIN)/python run_pipeline.py $(ARGS)
 
+$(AIRFLOW_VENV)/.installed: airflow/requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	rm -rf $(AIRFLOW_VENV)
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -r airflow/requirements.txt
+	@touch $@
+
+## airflow-venv: Apache Airflow 3 in .venv-airflow/ (installed once; again only when its pins change)
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
 ## test: the whole suite against real services (starts its own embedded stack and HTTP server)
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## lab: JupyterLab on notebooks/, on the same stack as `make run`
@@ -38,4 +51,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/benchmark.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache
