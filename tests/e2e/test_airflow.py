@@ -25,13 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from lib import db, names, registry, runs, source
+from lib import contract, db, names, registry, runs, source
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
 AIRFLOW = ROOT / ".venv-airflow" / "bin" / "airflow"
 DAG_ID = "countries_medallion"
-VALID_BODY = json.dumps(source.project(json.loads(source.snapshot_bytes()), source.FIELDS)).encode("utf-8")
+VALID_BODY = json.dumps(source.project(json.loads(source.snapshot_bytes()), contract.SOURCE_FIELDS)).encode("utf-8")
 HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>Down for maintenance</title></head><body></body></html>"
 
 
