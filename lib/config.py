@@ -152,8 +152,9 @@ def environment() -> dict[str, str]:
 
 def resolve_secret_files(env: dict[str, str]) -> dict[str, str]:
     """A copy of `env` where each `<NAME>_FILE` of a secret setting is replaced by the file's content
-    (one trailing newline dropped). Raises ConfigError when both NAME and NAME_FILE are set, or the file
-    is missing, unreadable or empty; the message names the variable and the path, never a value."""
+    (one trailing newline dropped; a relative path is taken from the project folder). Raises
+    ConfigError when both NAME and NAME_FILE are set, or the file is missing, unreadable or empty; the
+    message names the variable and the path, never a value."""
     out = dict(env)
     for name in SECRET_SETTINGS:
         path = env.get(f"{name}_FILE")
@@ -161,8 +162,9 @@ def resolve_secret_files(env: dict[str, str]) -> dict[str, str]:
             continue
         if env.get(name):
             raise ConfigError(f"both {name} and {name}_FILE are set: keep one of them")
+        file = Path(path) if Path(path).is_absolute() else ROOT / path  # relative: to the project folder
         try:
-            value = Path(path).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+            value = file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
         except FileNotFoundError:
             raise ConfigError(f"{name}_FILE={path}: no such file") from None
         except (OSError, UnicodeDecodeError) as err:

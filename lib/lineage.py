@@ -163,7 +163,7 @@ def _quiet(name: str):
 def _dotenv_into_environ() -> None:
     """OPENLINEAGE_* settings from `.env` too, as the client reads only the process environment."""
     for key, value in config.environment().items():
-        if key.startswith("OPENLINEAGE") and key not in os.environ:
+        if value and key.startswith("OPENLINEAGE") and key not in os.environ:
             os.environ[key] = value
 
 

@@ -249,3 +249,13 @@ def test_a_secret_file_named_in_the_env_file_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPELINE_ENV_FILE", str(dotenv))
     monkeypatch.delenv("DB_PASSWORD", raising=False)
     assert config.resolve_secret_files(config.environment())["DB_PASSWORD"] == "pw-from-file"
+
+
+def test_a_relative_secret_file_is_taken_from_the_project_folder(tmp_path):
+    name = f".test-secret-{tmp_path.name}"
+    path = config.ROOT / name
+    path.write_text("relative-secret\n")
+    try:
+        assert config.resolve_secret_files({"DB_PASSWORD_FILE": name})["DB_PASSWORD"] == "relative-secret"
+    finally:
+        path.unlink()
