@@ -149,8 +149,8 @@ def _now() -> str:
 
 @contextmanager
 def _quiet(name: str):
-    """The client warns when nothing is configured (and it would print to the console): here that
-    only means no HTTP destination, since the run folder always gets the events."""
+    """The client logs which transport it uses, and warns when nothing is configured (it would print
+    to the console): here that only means no lineage service, since the run folder gets the events."""
     logger = logging.getLogger(name)
     level = logger.level
     logger.setLevel(logging.ERROR)
@@ -170,13 +170,13 @@ def _dotenv_into_environ() -> None:
 def clients(run_dir: Path) -> list[OpenLineageClient]:
     """The run folder's file client, and the configured one when the client's settings name any."""
     _dotenv_into_environ()
-    with _quiet("openlineage.client.client"):
+    with _quiet("openlineage"):
         configured = OpenLineageClient()
-    if configured.transport.kind == "noop":  # OPENLINEAGE_DISABLED=true
-        return []
-    run_dir.mkdir(parents=True, exist_ok=True)
-    out = [OpenLineageClient(transport=FileTransport(FileConfig(log_file_path=str(run_dir / EVENTS_FILE),
-                                                                append=True)))]
+        if configured.transport.kind == "noop":  # OPENLINEAGE_DISABLED=true
+            return []
+        run_dir.mkdir(parents=True, exist_ok=True)
+        out = [OpenLineageClient(transport=FileTransport(FileConfig(
+            log_file_path=str(run_dir / EVENTS_FILE), append=True)))]
     if configured.transport.kind != "console":
         out.append(configured)
     return out
