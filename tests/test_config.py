@@ -196,7 +196,7 @@ def test_secret_files_reach_the_settings(env, tmp_path):
                DB_PASSWORD_FILE=_secret_file(tmp_path, "db", "db pass from file\r\n"),
                S3_BUCKET_NAME="my-exports", AWS_ACCESS_KEY_ID="AKIAEXAMPLE",
                AWS_SECRET_ACCESS_KEY_FILE=_secret_file(tmp_path, "aws", "aws-secret-from-file"))
-    s = config.load(env)
+    s = config.settings(env)
     assert s.store.secret_key.reveal() == "minio-from-file"
     assert s.db.password.reveal() == "db pass from file"  # inner spaces kept, only the newline dropped
     assert s.cloud.secret_key.reveal() == "aws-secret-from-file"
@@ -207,7 +207,7 @@ def test_secret_files_reach_the_settings(env, tmp_path):
 def test_a_secret_set_both_ways_is_refused(env, tmp_path):
     env["DB_PASSWORD_FILE"] = _secret_file(tmp_path, "db", "other")
     with pytest.raises(ConfigError, match="both DB_PASSWORD and DB_PASSWORD_FILE are set") as err:
-        config.load(env)
+        config.settings(env)
     assert "configured-db-password" not in str(err.value) and "other" not in str(err.value)
 
 
@@ -215,7 +215,7 @@ def test_a_missing_secret_file_is_named(env, tmp_path):
     del env["MINIO_SECRET_KEY"]
     env["MINIO_SECRET_KEY_FILE"] = str(tmp_path / "nope")
     with pytest.raises(ConfigError, match=r"MINIO_SECRET_KEY_FILE=.*nope: no such file"):
-        config.load(env)
+        config.settings(env)
 
 
 @pytest.mark.parametrize("content", ["", "\n", "   \n"])
@@ -223,14 +223,14 @@ def test_an_empty_secret_file_is_refused(env, tmp_path, content):
     del env["DB_PASSWORD"]
     env["DB_PASSWORD_FILE"] = _secret_file(tmp_path, "db", content)
     with pytest.raises(ConfigError, match="DB_PASSWORD_FILE=.*the file is empty"):
-        config.load(env)
+        config.settings(env)
 
 
 def test_an_unreadable_secret_file_is_refused(env, tmp_path):
     del env["DB_PASSWORD"]
     env["DB_PASSWORD_FILE"] = str(tmp_path)  # a folder: reading it fails as it would for any unreadable file
     with pytest.raises(ConfigError, match="DB_PASSWORD_FILE=.*cannot be read"):
-        config.load(env)
+        config.settings(env)
 
 
 def test_a_secret_file_that_is_not_text_is_refused(env, tmp_path):
@@ -239,7 +239,7 @@ def test_a_secret_file_that_is_not_text_is_refused(env, tmp_path):
     path.write_bytes(b"\xff\xfe\x00")
     env["DB_PASSWORD_FILE"] = str(path)
     with pytest.raises(ConfigError, match="DB_PASSWORD_FILE=.*not UTF-8"):
-        config.load(env)
+        config.settings(env)
 
 
 def test_a_secret_file_named_in_the_env_file_is_read(tmp_path, monkeypatch):
