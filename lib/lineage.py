@@ -86,22 +86,25 @@ def _holds_contract_rows(obj: dict, details: dict) -> bool:
             or (key.startswith(f"{layout.DATASET}/run_id=")))
 
 
-def schema_facet() -> schema_dataset.SchemaDatasetFacet:
+def schema_facet(upper: bool = False) -> schema_dataset.SchemaDatasetFacet:
+    """The contract's columns; upper-case names for an export written with column_case=upper."""
     return schema_dataset.SchemaDatasetFacet(fields=[
-        schema_dataset.SchemaDatasetFacetFields(name=c.name, type=contract.SQL_TYPES.get(c.kind, c.kind),
+        schema_dataset.SchemaDatasetFacetFields(name=c.name.upper() if upper else c.name,
+                                                type=contract.SQL_TYPES.get(c.kind, c.kind),
                                                 description=c.description, ordinal_position=i)
         for i, c in enumerate(contract.CONTRACT, start=1)])
 
 
-def datasets(stage: str, entry: dict) -> tuple[list[InputDataset], list[OutputDataset]]:
+def datasets(entry: dict) -> tuple[list[InputDataset], list[OutputDataset]]:
     """The inputs and outputs of a finished stage, from its manifest entry."""
     details = entry.get("details") or {}
+    upper = details.get("column_case") == "upper"
     outputs, inputs, seen = [], [], set()
     for obj in entry.get("objects") or []:
         ns, name = dataset_name(obj["uri"])
         facets = {}
         if _holds_contract_rows(obj, details):
-            facets["schema"] = schema_facet()
+            facets["schema"] = schema_facet(upper and obj.get("key") == details.get("key"))
         output_facets = {"outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
             rowCount=obj.get("rows"), size=obj.get("size"))}
         outputs.append(OutputDataset(namespace=ns, name=name, facets=facets, outputFacets=output_facets))
@@ -127,7 +130,7 @@ def stage_event(run_id: str, stage: str, entry: dict, event_type: RunState) -> R
     else:
         when = entry.get("ended")
         if event_type == RunState.COMPLETE:
-            inputs, outputs = datasets(stage, entry)
+            inputs, outputs = datasets(entry)
         elif entry.get("error"):
             run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
                 message=entry["error"][:2000], programmingLanguage="python")

@@ -192,3 +192,15 @@ def test_the_spec_check_finds_what_is_wrong_in_an_event(registry):
     assert "'producer' is a required property" in errors
     assert "'not-a-uuid' is not a 'uuid'" in errors
     assert "42 is not of type 'string'" in errors
+
+
+def test_an_upper_case_export_has_upper_case_names_in_its_schema_facet():
+    key = "exports/capitals_clean/run_id=r1/capitals_clean.csv"
+    entry = {"details": {"key": key, "column_case": "upper"},
+             "objects": [{"uri": f"s3://cloud/{key}", "key": key, "rows": 250, "size": 9,
+                          "inputs": ["postgresql://127.0.0.1:5432/countries/public.capitals_clean"]}]}
+    _, outputs = lineage.datasets(entry)
+    names = [f.name for f in outputs[0].facets["schema"].fields]
+    assert names == [c.upper() for c in contract.COLUMNS]
+    entry["details"]["column_case"] = "lower"
+    assert [f.name for f in lineage.datasets(entry)[1][0].facets["schema"].fields] == contract.COLUMNS
