@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 
-from lib import config, db, names, params, registry, report, runner, runs, stack
+from lib import alerts, config, db, names, params, registry, report, runner, runs, stack
 from lib.errors import PipelineError
 from lib import log as logsetup
 
@@ -190,6 +190,7 @@ def run_stages(settings, run_id, stages, chosen, args, logfile) -> int:
                   f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
     record.finish(status)
+    alerts.after_run(record.data, record.dir, settings.secrets())  # hook: alerts (never raises, exit code unchanged)
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
     if args.html:

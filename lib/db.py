@@ -15,6 +15,7 @@ import pandas as pd
 import psycopg2
 import psycopg2.errors
 import sqlalchemy as sa
+import tenacity
 from psycopg2 import sql
 
 from lib import names
@@ -52,19 +53,35 @@ def connect_args(db: Database, application_name: str = "countries-medallion") ->
             "dbname": db.name, "connect_timeout": db.connect_timeout, "application_name": application_name}
 
 
+class _NotAnswering(Exception):
+    """A connection attempt that may succeed later (the server starting, a network blip)."""
+
+
 def connect(db: Database, application_name: str = "countries-medallion", attempts: int = 4,
             backoff: float = 0.5):
-    """A psycopg2 connection, with bounded retries on connection failures."""
-    for attempt in range(1, attempts + 1):
+    """A psycopg2 connection, with bounded retries (a tenacity policy: exponential backoff with
+    jitter) on connection failures. A refused password is final at once."""
+    def once():
         try:
             return psycopg2.connect(**connect_args(db, application_name))
         except psycopg2.OperationalError as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if "password authentication failed" in message or attempt == attempts:
+            if "password authentication failed" in message:
                 raise DatabaseError(f"cannot connect to PostgreSQL at {db.masked_url}: {message}") from None
-            wait = backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-            log.warning("PostgreSQL at %s not answering (%s); retry in %.1fs", db.masked_url, message, wait)
-            time.sleep(wait)
+            raise _NotAnswering(message) from None
+
+    exponential = tenacity.wait_exponential(multiplier=backoff)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_NotAnswering),
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=lambda state: exponential(state) * random.uniform(0.5, 1.0),
+        before_sleep=lambda state: log.warning("PostgreSQL at %s not answering (%s); retry in %.1fs", db.masked_url,
+                                               state.outcome.exception(), state.upcoming_sleep))
+    try:
+        return retrying(once)
+    except tenacity.RetryError as err:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.masked_url}: "
+                            f"{err.last_attempt.exception()}") from None
 
 
 def engine(db: Database, application_name: str = "countries-medallion") -> sa.Engine:

@@ -276,12 +276,13 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
 # --- 4. PostgreSQL → cloud ----------------------------------------------------------------------------
 
 def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clean",
-           export_all_tables: bool = False) -> list[storage.Artifact]:
+           export_all_tables: bool = False, column_case: str = "lower") -> list[storage.Artifact]:
     """Stream each table with COPY ... TO STDOUT into the cloud bucket, under a run-scoped key and a
-    stable `latest` key."""
+    stable `latest` key. column_case="upper" gives the CSV header the seed's upper-case names."""
     settings = stage.settings
     params.check("db_schema", db_schema)
     params.check("table", table)
+    params.check("column_case", column_case)
     cloud = storage.cloud_client(settings.cloud)
     storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
     conn = stage.db_connection()
@@ -294,7 +295,8 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             key = layout.export_key(settings.cloud.prefix, name, stage.run_id)
             spool = storage.HashingSpool()
             try:
-                rows = db.copy_out(conn, db_schema, name, spool, pipeline_table=name == table)
+                sink = formats.UpperHeader(spool) if column_case == "upper" else spool
+                rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
                 if name == table:
                     fp = quality.fingerprint(formats.get("csv").decode(spool.rewound().read()))
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
@@ -310,7 +312,7 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
     finally:
         conn.close()
     stage.record.update(rows_in=artifacts[0].rows, rows_out=artifacts[0].rows,
-                        tables=[a.key for a in artifacts], cloud=settings.cloud.kind)
+                        tables=[a.key for a in artifacts], cloud=settings.cloud.kind, column_case=column_case)
     return artifacts
 
 

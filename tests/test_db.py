@@ -330,3 +330,14 @@ def test_any_other_difference_from_the_contract_is_refused_and_nothing_is_loaded
     with pytest.raises(db.ContractMismatch, match=f"does not match the silver contract; nothing was loaded: .*{problem}"):
         load(pg, csv(clean.head(6)), table, "r2")
     assert dump(pg, table) == before
+
+
+def test_connect_retries_a_server_that_does_not_answer_then_names_it(settings, caplog):
+    from tests.sinks import closed_port
+
+    down = dataclasses.replace(settings.db, port=closed_port())
+    with caplog.at_level("WARNING", logger="lib.db"):
+        with pytest.raises(DatabaseError, match=f"cannot connect to PostgreSQL at .*:{down.port}/.*refused"):
+            db.connect(down, attempts=3, backoff=0.01)
+    retries = [r.getMessage() for r in caplog.records if "not answering" in r.getMessage()]
+    assert len(retries) == 2  # three attempts: two waits
