@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import stat
 import subprocess
@@ -104,7 +105,9 @@ def test_init_state_creates_fresh_private_credentials_once(tmp_path):
     assert first.port_base == 19200
     assert {first.secret_key, first.db_password}.isdisjoint({other.secret_key, other.db_password})
     assert len(first.secret_key) >= 30 and first.access_key.startswith("medallion-")
-    assert mode(tmp_path / "a" / "credentials.json") == 0o600 and mode(tmp_path / "a") == 0o700
+    assert mode(tmp_path / "a" / "credentials.json") == 0o600
+    # 0700; as root 0710 with group pgserver, so the PostgreSQL system user can pass through
+    assert mode(tmp_path / "a") == (0o710 if os.geteuid() == 0 else 0o700)
 
 
 def test_weed_is_told_to_bind_loopback_only(tmp_path):
