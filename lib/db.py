@@ -221,6 +221,7 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
     if mode not in WRITE_MODES:
         raise ValueError(f"write mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
     names.run_id(run_id)
+    names.schema(schema)
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
     retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
     data_cols = _cols(COLUMNS)
