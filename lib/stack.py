@@ -789,7 +789,7 @@ def up(sdir: Path, services: tuple[str, ...] = SERVICES) -> EmbeddedState:
             start_object_store(sdir, state)
         if "database" in services:
             start_database(sdir, state)
-        return state
+        return read_state(sdir)  # a migrated cluster has a new pipeline role
 
 
 def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:

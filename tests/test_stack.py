@@ -124,7 +124,7 @@ def test_weed_is_told_to_bind_loopback_only(tmp_path):
 
 # --- orphaned stacks and stubborn servers -------------------------------------------------------------
 
-ORPHAN_BASE = TEST_PORT_BASE + 500
+ORPHAN_BASE = TEST_PORT_BASE + 40  # the next 100 ports belong to this suite: stay inside them
 
 
 def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
@@ -170,7 +170,7 @@ def test_stop_orphans_leaves_live_stacks_and_other_programs_alone(sdir, embedded
 
 def test_down_kills_a_weed_that_ignores_sigterm(tmp_path):
     sdir = tmp_path / ".state"
-    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 50)
+    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 20)
     stack.up(sdir, ("object_store",))
     pid = int((sdir / "seaweedfs" / "weed.pid").read_text())
     os.kill(pid, signal.SIGSTOP)  # a stopped process does not act on SIGTERM; SIGKILL still ends it

@@ -234,3 +234,53 @@ def test_the_postgres_system_user_reaches_its_data_and_nothing_else(session_dirs
     for path in (sdir / "credentials.json", sdir / "stack.json", sdir / "seaweedfs" / "weed.log"):
         assert as_user(stack.PG_SYSTEM_USER, "cat", str(path)).returncode != 0, path
     assert as_user(stack.PG_SYSTEM_USER, "ls", str(sdir)).returncode != 0
+
+
+def test_a_cluster_from_before_the_administrator_is_migrated(tmp_path):
+    from tests.conftest import TEST_PORT_BASE
+
+    sdir = tmp_path / ".state"
+    state = stack.init_state(sdir, port_base=TEST_PORT_BASE + 80)
+    # The layout the previous version wrote: no administrator, the pipeline role bootstraps the cluster.
+    ports = json.loads((sdir / "stack.json").read_text())
+    del ports["db_admin"]
+    stack._write_private(sdir / "stack.json", ports)
+    user = stack._pg_user()
+    stack._prepare_pg_dirs(sdir, user)
+    stack._initdb(sdir, user, state.db_user, state.db_password)
+    try:
+        stack._start_server(sdir, user, state.pg_port, 60)
+        old = dict(host="127.0.0.1", port=state.pg_port, connect_timeout=5)
+        conn = psycopg2.connect(**old, user=state.db_user, password=state.db_password, dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE countries")
+        conn.close()
+        conn = psycopg2.connect(**old, user=state.db_user, password=state.db_password, dbname="countries")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE SCHEMA gold; CREATE TABLE gold.capitals (name text); "
+                              "INSERT INTO gold.capitals VALUES ('Lima'); CREATE TABLE public.loads (n int)")
+        conn.close()
+        stack.stop_database(sdir)
+
+        migrated = stack.up(sdir, ("database",))
+        assert migrated.db_user == stack.MIGRATED_DB_USER and migrated.db_password == state.db_password
+        assert json.loads((sdir / "stack.json").read_text())["db_admin"] == state.db_user
+        conn = psycopg2.connect(**old, user=migrated.db_user, password=migrated.db_password, dbname="countries")
+        try:
+            with conn.cursor() as cur:
+                cur.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
+                assert cur.fetchone() == (False, False, False)
+                cur.execute("INSERT INTO gold.capitals VALUES ('Quito'); INSERT INTO public.loads VALUES (1)")
+                cur.execute("SELECT name FROM gold.capitals ORDER BY name")
+                assert cur.fetchall() == [("Lima",), ("Quito",)]
+                cur.execute("SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class c JOIN pg_namespace n "
+                            "ON n.oid = c.relnamespace WHERE nspname IN ('gold', 'public')")
+                assert cur.fetchall() == [(migrated.db_user,)]
+        finally:
+            conn.close()
+        # The old superuser login no longer opens with the password the pipeline (and `stack env`) used.
+        with pytest.raises(psycopg2.OperationalError, match="password"):
+            psycopg2.connect(**old, user=state.db_user, password=state.db_password, dbname="countries")
+        assert stack.up(sdir, ("database",)) == migrated  # once only
+    finally:
+        stack.down(sdir)
