@@ -284,3 +284,37 @@ def test_a_cluster_from_before_the_administrator_is_migrated(tmp_path):
         assert stack.up(sdir, ("database",)) == migrated  # once only
     finally:
         stack.down(sdir)
+
+
+def test_the_compose_init_script_creates_an_unprivileged_pipeline_role(session_dirs, embedded):
+    """docker/postgres-init.sh, run as the postgres image runs it (as the administrator), here against
+    the embedded server; then the role it made is examined."""
+    sdir = session_dirs["state"]
+    admin, admin_password = stack._admin(sdir)
+    tag = uuid.uuid4().hex[:8]
+    app = {"APP_DB_USER": f"app_{tag}", "APP_DB_PASSWORD": f"pw-{tag}'; DROP ROLE x; --", "APP_DB_NAME": f"db_{tag}"}
+    env = {"PATH": f"{Path(stack._pg_bin('psql')).parent}:{os.environ['PATH']}", "POSTGRES_USER": admin,
+           "PGPASSWORD": admin_password, "PGHOST": "127.0.0.1", "PGPORT": str(embedded.pg_port), **app}
+    script = Path(__file__).resolve().parents[2] / "docker" / "postgres-init.sh"
+    result = subprocess.run(["sh", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    conn = psycopg2.connect(host="127.0.0.1", port=embedded.pg_port, user=app["APP_DB_USER"],
+                            password=app["APP_DB_PASSWORD"], dbname=app["APP_DB_NAME"], connect_timeout=5)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user")
+            assert cur.fetchone() == (False, False, False)
+            cur.execute("CREATE TABLE public.capitals (name text)")  # its own schema: allowed
+            for statement in ("CREATE ROLE intruder", "CREATE DATABASE intruder",
+                              "CREATE TABLE information_schema.intruder (x int)"):
+                with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+                    cur.execute(statement)
+    finally:
+        conn.close()
+        admin_conn = stack._admin_connect(sdir, embedded)
+        admin_conn.autocommit = True
+        with admin_conn.cursor() as cur:
+            cur.execute(f'DROP DATABASE "{app["APP_DB_NAME"]}"')
+            cur.execute(f'DROP ROLE "{app["APP_DB_USER"]}"')
+        admin_conn.close()
