@@ -180,6 +180,8 @@ def cmd_run(argv: list[str]) -> int:
     runner.install_signal_handlers()
     try:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
+            if args.resume:  # hook (issue 9): a killed kernel's session would block the resumed load
+                db.end_run_sessions(settings.db, run_id)
             return run_stages(settings, run_id, stages, chosen, args, logfile)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)
