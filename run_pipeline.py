@@ -69,7 +69,10 @@ def cmd_stack(argv: list[str]) -> int:
         return usage_error("--orphans goes with `stack down` only")
     env = config.environment()
     sdir = config.state_dir(env)
-    logsetup.setup(config.Path(env.get("PIPELINE_LOGS_DIR") or config.ROOT / "logs"))
+    try:
+        logsetup.setup(config.logs_dir(env))
+    except logsetup.LogWriteError as err:
+        return usage_error(str(err))
     try:
         if args.action == "up":
             stack.up(sdir)
@@ -138,6 +141,7 @@ def cmd_run(argv: list[str]) -> int:
             stages = params.parse_stages(args.stages)
             chosen = params.parse(args.param, stages)
         env = config.environment()
+        config.check_for_run(env)  # hook (issue 9): API URL, outputs and logs folders, before anything starts
         if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
             config.settings(env)  # a configured stack: its settings can be checked now
     except PipelineError as err:  # bad arguments or settings: nothing ran
@@ -152,7 +156,11 @@ def cmd_run(argv: list[str]) -> int:
             return usage_error(str(err))
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return err.exit_code
-    logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+    try:
+        logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+    except logsetup.LogWriteError as err:  # hook (issue 9): a log that takes no lines fails the run
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return runner.EXIT_FAILED
 
     if args.resume:
         previous = runs.read_json(runs.manifest_path(settings, run_id))
