@@ -1,16 +1,18 @@
 """The embedded stack: a real S3 server (SeaweedFS `weed mini`) and a real PostgreSQL server (the
 binaries of the `pgserver` package), both on loopback, both persisting under one state folder.
 
-Layout of the state folder (git-ignored, mode 0700):
+Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgserver, see below):
 
-    stack.json           ports, database user and name
-    credentials.json     generated S3 keys and database password (mode 0600)
-    seaweedfs/           weed data, weed.log, weed.pid
+    stack.json           ports, role names (pipeline, administrator), database name (0600)
+    credentials.json     generated S3 keys, database passwords, SeaweedFS signing keys (0600)
+    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077)
+    seaweedfs/config/    security.toml (JWT keys, mutual TLS) and tls/ (CA and weed certificate)
     postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
 
 Ports come from one base (PIPELINE_STACK_PORT_BASE, default 18330): S3 base, master +1, volume +2,
-filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. The defaults collide
-neither with JupyterLab (8888) nor with the Compose services (5432, 9000, 9001).
+filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. Only the S3 API and
+PostgreSQL answer without a client certificate of the stack's CA, and both demand their credentials.
+docs/stack.md says, port by port, what listens and what it requires.
 """
 
 from __future__ import annotations
