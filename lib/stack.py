@@ -334,7 +334,13 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
     wdir = _weed_dir(sdir)
     wdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     wdir.chmod(0o700)
-    if _weed_pid(sdir):
+    pid = _weed_pid(sdir)
+    if pid and f"-config_dir={_weed_config_dir(sdir)}".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        # Started by an older version, without security.toml: its filer and master answer anyone.
+        log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
+        stop_object_store(sdir)
+        pid = None
+    if pid:
         _wait_for(lambda: _s3_ready(state), "SeaweedFS S3 gateway", timeout, wdir / "weed.log")
         return
     busy = [name for name, off in PORT_OFFSETS.items()

@@ -181,3 +181,28 @@ def test_down_kills_a_weed_that_ignores_sigterm(tmp_path):
             os.kill(pid, signal.SIGCONT)
     assert stack.holders(state.port_base) == []
     assert not (sdir / "seaweedfs" / "weed.pid").exists()
+
+
+def test_up_restarts_a_weed_started_without_the_security_configuration(tmp_path):
+    sdir = tmp_path / ".state"
+    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 30)
+    (sdir / "seaweedfs").mkdir()
+    # As the previous version started it: no -config_dir, so no security.toml.
+    old = [arg for arg in stack.weed_command(sdir, state) if not arg.startswith(("-config_dir=", "-disableHttp"))]
+    with open(sdir / "seaweedfs" / "weed.log", "ab") as log:
+        proc = subprocess.Popen(old, cwd=sdir / "seaweedfs", stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    (sdir / "seaweedfs" / "weed.pid").write_text(str(proc.pid))
+    try:
+        stack._wait_for(lambda: stack._port_open(state.port_base + 3), "old filer", 60, sdir / "seaweedfs" / "weed.log")
+        stack.up(sdir, ("object_store",))
+        assert proc.wait(timeout=30) is not None  # the insecure weed is gone ...
+        new = int((sdir / "seaweedfs" / "weed.pid").read_text())
+        assert new != proc.pid and b"-config_dir=" in Path(f"/proc/{new}/cmdline").read_bytes()
+        import requests  # ... and its filer no longer answers strangers
+        with pytest.raises(requests.RequestException):
+            requests.get(f"http://127.0.0.1:{state.port_base + 3}/", timeout=5).raise_for_status()
+    finally:
+        stack.down(sdir)
+        if proc.poll() is None:
+            proc.kill()
