@@ -61,17 +61,37 @@ def cmd_stack(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="run_pipeline.py stack", description="Manage the embedded stack "
                                 "(SeaweedFS S3 and PostgreSQL on loopback, state under .state/).")
     p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--orphans", action="store_true",
+                   help="with down: stop an orphaned stack of this project on this port base (its state "
+                        "folder deleted): only our own weed and PostgreSQL servers are stopped")
     args = p.parse_args(argv)
+    if args.orphans and args.action != "down":
+        return usage_error("--orphans goes with `stack down` only")
     env = config.environment()
     sdir = config.state_dir(env)
-    logsetup.setup(config.Path(env.get("PIPELINE_LOGS_DIR") or config.ROOT / "logs"))
+    try:
+        logsetup.setup(config.logs_dir(env))
+    except logsetup.LogWriteError as err:
+        return usage_error(str(err))
     try:
         if args.action == "up":
             stack.up(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
+        elif args.action == "down" and args.orphans:
+            stopped = stack.stop_orphans(stack.port_base(sdir))
+            for holder in stopped:
+                print(f"stopped {holder.describe()}")
+            if not stopped:
+                print(f"no orphaned stack on the ports of base {stack.port_base(sdir)}")
         elif args.action == "down":
             stack.down(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
+            left = stack.holders(stack.port_base(sdir))
+            if left:
+                raise stack.StackError("still listening on this stack's ports: "
+                                       + "; ".join(h.describe() for h in left)
+                                       + (" -- `stack down --orphans` stops an orphaned stack of this project"
+                                          if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
             print(json.dumps(stack.status(sdir), indent=2))
         else:
@@ -121,6 +141,7 @@ def cmd_run(argv: list[str]) -> int:
             stages = params.parse_stages(args.stages)
             chosen = params.parse(args.param, stages)
         env = config.environment()
+        config.check_for_run(env)  # hook (issue 9): API URL, outputs and logs folders, before anything starts
         if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
             config.settings(env)  # a configured stack: its settings can be checked now
     except PipelineError as err:  # bad arguments or settings: nothing ran
@@ -135,7 +156,11 @@ def cmd_run(argv: list[str]) -> int:
             return usage_error(str(err))
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return err.exit_code
-    logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+    try:
+        logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+    except logsetup.LogWriteError as err:  # hook (issue 9): a log that takes no lines fails the run
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return runner.EXIT_FAILED
 
     if args.resume:
         previous = runs.read_json(runs.manifest_path(settings, run_id))
@@ -163,6 +188,8 @@ def cmd_run(argv: list[str]) -> int:
     runner.install_signal_handlers()
     try:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
+            if args.resume:  # hook (issue 9): a killed kernel's session would block the resumed load
+                db.end_run_sessions(settings.db, run_id)
             return run_stages(settings, run_id, stages, chosen, args, logfile)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)

@@ -186,6 +186,34 @@ def outputs_dir(env: dict[str, str] | None = None) -> Path:
     return Path(env.get("PIPELINE_OUTPUTS_DIR") or ROOT / "outputs").resolve()
 
 
+def logs_dir(env: dict[str, str] | None = None) -> Path:
+    env = environment() if env is None else env
+    return Path(env.get("PIPELINE_LOGS_DIR") or ROOT / "logs").resolve()
+
+
+def _usable_dir(path: Path, variable: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{variable}: {path} is not a usable folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{variable}: {path} is not writable")
+
+
+def check_for_run(env: dict[str, str]) -> None:
+    """What a run needs from its configuration that can be checked before anything starts: the API
+    URL (scheme, field count) and usable outputs and logs folders. Raises ConfigError."""
+    from lib import source  # late import: keeps config free of the HTTP client for notebooks
+
+    if env.get("API_BASE_URL"):
+        try:
+            source.check_url(env["API_BASE_URL"])
+        except source.SourceError as err:
+            raise ConfigError(f"API_BASE_URL: {err}") from None
+    _usable_dir(outputs_dir(env), "PIPELINE_OUTPUTS_DIR")
+    _usable_dir(logs_dir(env), "PIPELINE_LOGS_DIR")
+
+
 def uses_embedded_store(env: dict[str, str]) -> bool:
     return not env.get("MINIO_URL")
 

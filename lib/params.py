@@ -48,7 +48,7 @@ def _checks() -> dict:
     from lib import db, formats, source  # late: they import this module's neighbours
 
     return {
-        "db_schema": lambda v: names.sql_identifier(v, "schema"),
+        "db_schema": names.schema,
         "table": lambda v: names.sql_identifier(v, "table"),
         "write_mode": _one_of("write_mode", db.WRITE_MODES),
         "column_case": _one_of("column_case", ("lower", "upper")),
