@@ -34,9 +34,12 @@ class Stage:
     record: runs.StageRecord
 
     def finish(self) -> str:
+        """Save the record; returns its path, which a notebook displays as what was recorded."""
+        from lib.report import RecordView
+
         path = self.record.save()
         log.info("%s of run %s done; record %s", self.name, self.run_id, path)
-        return str(path)
+        return RecordView(path, self.record.data)
 
     def meta(self, **extra) -> dict:
         """The metadata every object of this stage carries."""
@@ -390,7 +393,9 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     fp = quality.fingerprint(frame)
     stage.record.update(rows_in=len(frame), rows_out=len(frame), gold_rows=len(frame),
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
-                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"})
+                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"},
+                        by_region=dict(zip(aggregates["by_region"]["region"].astype(str),
+                                           aggregates["by_region"]["population"].astype(int).tolist())))
     return Golden(frame, aggregates, report, None, artifacts)
 
 
