@@ -37,8 +37,11 @@ def log_file(logs_dir: Path) -> Path:
     return logs_dir / f"pipeline_{datetime.now(timezone.utc):%Y%m%d}.log"
 
 
-def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, stream=None) -> Path:
-    """Send `lib` and runner logs to the console and the daily file. Safe to call again."""
+def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, stream=None,
+          stream_level: int | None = None, stream_format: str = FORMAT) -> Path:
+    """Send `lib` and runner logs to the console and the daily file. Safe to call again.
+    `stream_level`/`stream_format` quieten the console alone (a notebook shows warnings, the file
+    keeps everything)."""
     logs_dir.mkdir(parents=True, exist_ok=True)
     path = log_file(logs_dir)
     redact = RedactSecrets(list(secrets))
@@ -47,9 +50,14 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
         if getattr(handler, "_medallion", False):
             root.removeHandler(handler)
             handler.close()
-    for handler in (logging.StreamHandler(stream or sys.stderr), logging.FileHandler(path, encoding="utf-8")):
+    console = logging.StreamHandler(stream or sys.stderr)
+    console.setFormatter(logging.Formatter(stream_format))
+    if stream_level is not None:
+        console.setLevel(stream_level)
+    logfile = logging.FileHandler(path, encoding="utf-8")
+    logfile.setFormatter(logging.Formatter(FORMAT))
+    for handler in (console, logfile):
         handler._medallion = True
-        handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(redact)
         root.addHandler(handler)
     root.setLevel(level)

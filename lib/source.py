@@ -101,14 +101,17 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
     last_problem = ""
     for attempt in range(1, max_attempts + 1):
         wait = None
+        sent = time.monotonic()
         try:
             response = http.get(url, timeout=(connect_timeout, read_timeout),
                                 headers={"Accept": "application/json"})
         except (requests.ConnectionError, requests.Timeout) as err:
             last_problem = short_error(err)
-            attempts.append({"attempt": attempt, "error": type(err).__name__})
+            attempts.append({"attempt": attempt, "error": type(err).__name__,
+                             "seconds": round(time.monotonic() - sent, 3)})
         else:
-            attempts.append({"attempt": attempt, "status": response.status_code})
+            attempts.append({"attempt": attempt, "status": response.status_code,
+                             "seconds": round(time.monotonic() - sent, 3)})
             if response.status_code < 400:
                 log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code,
                          len(response.content), attempt)
@@ -127,6 +130,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         if wait > remaining:
             last_problem += f" (next retry in {wait:.1f}s would pass the {max_total_seconds:.0f}s budget)"
             break
+        attempts[-1]["wait_before_next_s"] = round(wait, 2)
         log.warning("GET %s failed (%s); retry %d in %.1fs", url, last_problem, attempt + 1, wait)
         time.sleep(wait)
     raise Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {last_problem}")

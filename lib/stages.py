@@ -59,8 +59,10 @@ def begin(stage: str, run_id: str = "", **parameters) -> Stage:
     for name, value in parameters.items():
         params.check(name, value)
     settings = config.settings()
-    # In a notebook, progress is ordinary output (stderr would show every line as an alarm).
-    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout)
+    # In a notebook only what went wrong is shown, briefly (stderr would show every line as an alarm);
+    # the daily log file keeps every line with its time.
+    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
+                   stream_format="%(levelname)s: %(message)s")
     rid = runs.resolve_run_id(settings, run_id, stage)
     log.info("%s of run %s starting", stage, rid)
     return Stage(stage, rid, settings, runs.StageRecord(settings, rid, stage, parameters))
@@ -431,9 +433,10 @@ def publish(stage: Stage, golden: Golden) -> list[str]:
 # --- previews ---------------------------------------------------------------------------------------
 
 def preview(frame: pd.DataFrame, rows: int = 10, by: str | None = contract.KEY) -> pd.DataFrame:
-    """A small, sorted preview with long text cut short, so run records stay light."""
+    """A small, sorted preview with long free text cut short, so run records stay light; URIs and
+    keys are shown whole."""
     out = frame.sort_values(by).head(rows) if by and by in frame else frame.head(rows)
-    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 else v)
+    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 and "://" not in v else v)
 
 
 def schema(frame: pd.DataFrame) -> pd.DataFrame:
