@@ -133,7 +133,9 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         attempts[-1]["wait_before_next_s"] = round(wait, 2)
         log.warning("GET %s failed (%s); retry %d in %.1fs", url, last_problem, attempt + 1, wait)
         time.sleep(wait)
-    raise Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {last_problem}")
+    unreachable = Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {last_problem}")
+    unreachable.attempts = attempts  # shown by stage 1 when the snapshot is used instead
+    raise unreachable
 
 
 def snapshot_bytes() -> bytes:
@@ -149,7 +151,7 @@ def fetch_or_snapshot(url: str, *, fallback: bool, **fetch_options) -> Fetched:
         if not fallback:
             raise
         log.warning("API unreachable, USING THE BUNDLED SNAPSHOT instead: %s", err)
-        return Fetched(snapshot_bytes(), "snapshot", url, fallback_reason=str(err))
+        return Fetched(snapshot_bytes(), "snapshot", url, getattr(err, "attempts", []), fallback_reason=str(err))
 
 
 def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:
