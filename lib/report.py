@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lib import review, runs
+from lib import registry, review, runs
 
 log = logging.getLogger(__name__)
 e = html.escape
@@ -85,6 +85,15 @@ def _read_object(obj: dict, store) -> tuple[bytes | None, str | None]:
         return None, str(err)
 
 
+def _records(key: str, data: bytes) -> list[dict]:
+    """The rows of a quarantine object (CSV or Parquet) as dicts of plain values."""
+    if key.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(io.BytesIO(data)).to_pylist()
+    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+
+
 def _object(manifest: dict, stage: str, predicate) -> dict | None:
     for obj in (manifest.get("stages", {}).get(stage) or {}).get("objects", []) or []:
         if obj.get("key") and predicate(obj["key"]):
@@ -116,7 +125,7 @@ def _short(uri: str) -> str:
 def lineage_svg(manifest: dict) -> str:
     """API or snapshot → raw → clean/quarantine → table → export → gold, as inline SVG (no script)."""
     column: dict[str, int] = {}
-    for n, stage in enumerate(runs.STAGES, start=1):
+    for n, stage in enumerate(registry.NAMES, start=1):
         for obj in (manifest.get("stages", {}).get(stage) or {}).get("objects", []) or []:
             if obj.get("uri"):
                 column.setdefault(obj["uri"], n)
@@ -169,13 +178,13 @@ def _source_banner(s: dict) -> str:
 
 def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> str:
     """The quarantine answer on report.html; writes quarantine.html with every record and reason."""
-    obj = _object(manifest, "02_clean", lambda k: k.startswith("quarantine/"))
+    obj = _object(manifest, review.CLEAN, lambda k: k.startswith("quarantine/"))
     if s["quarantined"] is None or obj is None:
         return '<p id="quarantine-answer">Not known: stage 2 (clean) did not finish in this run.</p>'
     count = s["quarantined"]
     data, why = _read_object(obj, store) if count else (b"", None)
     if data is not None:
-        rows = list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+        rows = _records(obj["key"], data)
         columns = list(rows[0]) if rows else ["record", "raw_object", "name_common", "reasons", "source"]
         listing = _table(rows, columns, uri_columns=("raw_object", "source"), table_id="quarantined")
     else:
@@ -198,7 +207,7 @@ def _changes(manifest: dict, s: dict, store) -> str:
                else "the first gold table (nothing to compare with)")
     text = (f'<p id="changes-answer">{s["added"]} added, {s["removed"]} removed, {s["changed"]} changed — '
             f'{against}.</p>')
-    obj = _object(manifest, "05_gold", lambda k: k.endswith("/changes.json"))
+    obj = _object(manifest, review.GOLD, lambda k: k.endswith("/changes.json"))
     if obj is None or not (s["removed"] or s["changed"] or (s["added"] and s["previous_run_id"])):
         return text
     data, why = _read_object(obj, store)
@@ -211,7 +220,7 @@ def _changes(manifest: dict, s: dict, store) -> str:
 
 
 def _objects(manifest: dict) -> str:
-    rows = [{"stage": stage, **obj} for stage in runs.STAGES
+    rows = [{"stage": stage, **obj} for stage in registry.NAMES
             for obj in (manifest.get("stages", {}).get(stage) or {}).get("objects", []) or []]
     if not rows:
         return '<p id="objects-answer">No object was written.</p>'

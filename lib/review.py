@@ -11,17 +11,14 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from lib import names, runs
+from lib import names, registry, runs
 
-LAYERS = {"01_ingest": "raw", "02_clean": "clean", "03_load": "table", "04_export": "export", "05_gold": "gold"}
+# The stage writing each layer (from the registry), and the layer's column name in the index.
+LAYERS = {registry.writer_of(layer).name: label for layer, label in
+          (("raw", "raw"), ("clean", "clean"), ("table", "table"), ("cloud", "export"), ("gold", "gold"))}
+INGEST, CLEAN, GOLD = (registry.writer_of(layer).name for layer in ("raw", "quarantine", "gold"))
 # What each stage publishes: said for a run that ended before the stage succeeded.
-PUBLISHES = {
-    "01_ingest": "the raw (bronze) object of the API response",
-    "02_clean": "the clean (silver) CSV and the quarantine",
-    "03_load": "the merge into the PostgreSQL table and its history",
-    "04_export": "the export to the cloud bucket (run-scoped and latest keys)",
-    "05_gold": "gold (table, aggregates, change report) and the move of the gold `latest` keys",
-}
+PUBLISHES = {s.name: s.title for s in registry.STAGES}
 
 
 def _seconds(start: str | None, end: str | None) -> float | None:
@@ -34,8 +31,8 @@ def _seconds(start: str | None, end: str | None) -> float | None:
 def summary(manifest: dict, run_dir: Path | None = None) -> dict:
     """One run in a few plain fields: what the index and the `runs` table show."""
     stages = manifest.get("stages", {})
-    details = {s: (stages.get(s) or {}).get("details") or {} for s in runs.STAGES}
-    changes = details["05_gold"].get("changes") or {}
+    details = {s: (stages.get(s) or {}).get("details") or {} for s in registry.NAMES}
+    changes = details[GOLD].get("changes") or {}
     failed = next(({"stage": s, "error": e.get("error", "")} for s, e in stages.items()
                    if e.get("status") in ("failed", "interrupted")), None)
     requested = manifest.get("requested_stages", [])
@@ -48,22 +45,22 @@ def summary(manifest: dict, run_dir: Path | None = None) -> dict:
         "ended": manifest.get("ended"),
         "origin": manifest.get("origin") or "runner",
         "status": manifest.get("status", "?"),
-        "source": details["01_ingest"].get("origin"),  # "api", "snapshot" or None (stage 1 not run)
-        "fallback_reason": details["01_ingest"].get("fallback_reason"),
-        "attempts": len(details["01_ingest"].get("attempts") or []),
+        "source": details[INGEST].get("origin"),  # "api", "snapshot" or None (stage 1 not run)
+        "fallback_reason": details[INGEST].get("fallback_reason"),
+        "attempts": len(details[INGEST].get("attempts") or []),
         "rows": {layer: (stages.get(s) or {}).get("rows_out") for s, layer in LAYERS.items()},
-        "quarantined": details["02_clean"].get("quarantined"),
+        "quarantined": details[CLEAN].get("quarantined"),
         "added": changes.get("added"),
         "removed": changes.get("removed"),
         "changed": changes.get("changed"),
-        "previous_run_id": details["05_gold"].get("previous_run_id"),
+        "previous_run_id": details[GOLD].get("previous_run_id"),
         "duration_s": _seconds(manifest.get("started"), manifest.get("ended"))
         if manifest.get("ended") else (round(sum(durations.values()), 1) if durations else None),
         "stage_seconds": durations,
         "requested_stages": requested,
         "failed": failed,
         "unpublished": unpublished if manifest.get("status") != "running" else [],
-        "by_region": details["05_gold"].get("by_region") or {},
+        "by_region": details[GOLD].get("by_region") or {},
         "notebooks": notebooks,
         "report": (run_dir / "report.html").exists() if run_dir else False,
     }
@@ -117,20 +114,22 @@ class DiffError(RuntimeError):
 
 def gold_table(settings, run_id: str):
     """The gold table a run wrote (its export when gold is missing), as a DataFrame, and its URI."""
-    from lib import stages, storage, transform
+    from lib import formats, layout, storage
 
     names.run_id(run_id)
     manifest = runs.read_json(runs.manifest_path(settings, run_id)) or {}
-    table = (manifest.get("parameters", {}).get("05_gold") or {}).get("table") or "capitals_clean"
+    gold_stage = registry.writer_of("gold").name
+    table = (manifest.get("parameters", {}).get(gold_stage) or {}).get("table") or "capitals_clean"
     names.sql_identifier(table, "table")
     s3 = storage.client(settings.store)
-    places = [(s3, settings.gold_bucket, f"countries/run_id={run_id}/{table}.csv"),
-              (storage.cloud_client(settings.cloud), settings.cloud.bucket,
-               stages.export_key(settings, table, run_id))]
+    places = [(s3, settings.gold_bucket, layout.gold_table_key(table, run_id, fmt.extension))
+              for fmt in formats.FORMATS.values()]
+    places.append((storage.cloud_client(settings.cloud), settings.cloud.bucket,
+                   layout.export_key(settings.cloud.prefix, table, run_id)))
     for client, bucket, key in places:
         if storage.head(client, bucket, key) is not None:
             data, _ = storage.get_bytes(client, bucket, key)
-            return transform.read_csv(data), f"s3://{bucket}/{key}"
+            return formats.of_key(key).decode(data), f"s3://{bucket}/{key}"
     looked = ", ".join(f"s3://{b}/{k}" for _, b, k in places)
     raise DiffError(f"run {run_id} has no gold table nor export (looked for {looked})")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lib import review, runs
+from lib import registry, review, runs
 
 
 def manifest(run_id, started, *, status="succeeded", origin=None, source="api", quarantined=0, error=None):
@@ -16,7 +16,7 @@ def manifest(run_id, started, *, status="succeeded", origin=None, source="api", 
     if error:
         stages["03_load"] = {"status": "failed", "duration_s": 0.5, "error": error}
     data = {"run_id": run_id, "status": status, "started": started, "ended": started.replace(":00.000", ":09.500"),
-            "requested_stages": list(runs.STAGES), "stages": stages}
+            "requested_stages": list(registry.NAMES), "stages": stages}
     if origin:
         data["origin"] = origin
     return data
