@@ -184,7 +184,7 @@ def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> str:
     count = s["quarantined"]
     data, why = _read_object(obj, store) if count else (b"", None)
     if data is not None:
-        rows = _records(obj["key"], data)
+        rows = _records(obj["key"], data) if count else []
         columns = list(rows[0]) if rows else ["record", "raw_object", "name_common", "reasons", "source"]
         listing = _table(rows, columns, uri_columns=("raw_object", "source"), table_id="quarantined")
     else:
@@ -422,7 +422,7 @@ class RecordView(str):
                f"{len(objects)} object{'s' if len(objects) != 1 else ''} written. Record file: "
                f"<code>{e(str(self))}</code></p>"]
         if objects:
-            out.append(_table(objects, ["uri", "size", "sha256", "rows", "inputs"], uri_columns=("uri", "inputs")))
+            out.append(_table(objects, ["uri", "size", "sha256", "rows"], uri_columns=("uri",)))
         for key, rows in tables:
             columns = list(dict.fromkeys(k for r in rows for k in r))
             out.append(f"<p><b>{e(key)}</b></p>" + _table(rows, columns))
