@@ -51,9 +51,11 @@ def log_file(logs_dir: Path) -> Path:
     return logs_dir / f"pipeline_{datetime.now(timezone.utc):%Y%m%d}.log"
 
 
-def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, stream=None) -> Path:
-    """Send `lib` and runner logs to the console and the daily file. Safe to call again. Raises
-    LogWriteError when the file cannot be opened or written."""
+def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, stream=None,
+          stream_level: int | None = None, stream_format: str = FORMAT) -> Path:
+    """Send `lib` and runner logs to the console and the daily file. Safe to call again.
+    `stream_level`/`stream_format` quieten the console alone (a notebook shows warnings, the file
+    keeps everything). Raises LogWriteError when the file cannot be opened or written."""
     try:
         logs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -65,13 +67,17 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
         if getattr(handler, "_medallion", False):
             root.removeHandler(handler)
             handler.close()
+    console = logging.StreamHandler(stream or sys.stderr)
+    console.setFormatter(logging.Formatter(stream_format))
+    if stream_level is not None:
+        console.setLevel(stream_level)
     try:
         file_handler = _FileHandler(path, encoding="utf-8")
     except OSError as err:
         raise LogWriteError(f"the log file {path} cannot be opened: {err}") from None
-    for handler in (logging.StreamHandler(stream or sys.stderr), file_handler):
+    file_handler.setFormatter(logging.Formatter(FORMAT))
+    for handler in (console, file_handler):
         handler._medallion = True
-        handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(redact)
         root.addHandler(handler)
     # One line now, so a file that takes no writes (a full disk) is found before anything runs.

@@ -100,12 +100,13 @@ class _Retryable(SourceError):
 def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempts: list[dict]) -> requests.Response:
     """One request. Returns a good answer, raises HttpError for a final one, _Retryable otherwise."""
     attempt = len(attempts) + 1
+    sent = time.monotonic()
     try:
         response = http.get(url, timeout=timeout, headers={"Accept": "application/json"})
     except (requests.ConnectionError, requests.Timeout) as err:
-        attempts.append({"attempt": attempt, "error": type(err).__name__})
+        attempts.append({"attempt": attempt, "error": type(err).__name__, "seconds": round(time.monotonic() - sent, 3)})
         raise _Retryable(short_error(err)) from None
-    attempts.append({"attempt": attempt, "status": response.status_code})
+    attempts.append({"attempt": attempt, "status": response.status_code, "seconds": round(time.monotonic() - sent, 3)})
     if response.status_code < 400:
         log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code, len(response.content), attempt)
         return response
@@ -135,6 +136,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         return seconds
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
+        attempts[-1]["wait_before_next_s"] = round(state.upcoming_sleep, 2)
         log.warning("GET %s failed (%s); retry %d in %.1fs", url, state.outcome.exception(),
                     state.attempt_number + 1, state.upcoming_sleep)
 
@@ -150,7 +152,9 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         problem = str(err.last_attempt.exception())
         if len(attempts) < max_attempts:
             problem += f" (next retry in {upcoming[-1]:.1f}s would pass the {max_total_seconds:.0f}s budget)"
-        raise Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {problem}") from None
+        unreachable = Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {problem}")
+        unreachable.attempts = attempts  # shown by stage 1 when the snapshot is used instead
+        raise unreachable from None
     return Fetched(response.content, "api", url, attempts)
 
 
@@ -167,7 +171,7 @@ def fetch_or_snapshot(url: str, *, fallback: bool, **fetch_options) -> Fetched:
         if not fallback:
             raise
         log.warning("API unreachable, USING THE BUNDLED SNAPSHOT instead: %s", err)
-        return Fetched(snapshot_bytes(), "snapshot", url, fallback_reason=str(err))
+        return Fetched(snapshot_bytes(), "snapshot", url, getattr(err, "attempts", []), fallback_reason=str(err))
 
 
 def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:

@@ -34,9 +34,12 @@ class Stage:
     record: runs.StageRecord
 
     def finish(self) -> str:
+        """Save the record; returns its path, which a notebook displays as what was recorded."""
+        from lib.report import RecordView
+
         path = self.record.save()
         log.info("%s of run %s done; record %s", self.name, self.run_id, path)
-        return str(path)
+        return RecordView(path, self.record.data)
 
     def meta(self, **extra) -> dict:
         """The metadata every object of this stage carries."""
@@ -56,8 +59,10 @@ def begin(stage: str, run_id: str = "", **parameters) -> Stage:
     for name, value in parameters.items():
         params.check(name, value)
     settings = config.settings()
-    # In a notebook, progress is ordinary output (stderr would show every line as an alarm).
-    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout)
+    # In a notebook only what went wrong is shown, briefly (stderr would show every line as an alarm);
+    # the daily log file keeps every line with its time.
+    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
+                   stream_format="%(levelname)s: %(message)s")
     rid = runs.resolve_run_id(settings, run_id, stage)
     log.info("%s of run %s starting", stage, rid)
     return Stage(stage, rid, settings, runs.StageRecord(settings, rid, stage, parameters))
@@ -392,7 +397,9 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     fp = quality.fingerprint(frame)
     stage.record.update(rows_in=len(frame), rows_out=len(frame), gold_rows=len(frame),
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
-                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"})
+                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"},
+                        by_region=dict(zip(aggregates["by_region"]["region"].astype(str),
+                                           aggregates["by_region"]["population"].astype(int).tolist())))
     return Golden(frame, aggregates, report, None, artifacts)
 
 
@@ -428,9 +435,10 @@ def publish(stage: Stage, golden: Golden) -> list[str]:
 # --- previews ---------------------------------------------------------------------------------------
 
 def preview(frame: pd.DataFrame, rows: int = 10, by: str | None = contract.KEY) -> pd.DataFrame:
-    """A small, sorted preview with long text cut short, so run records stay light."""
+    """A small, sorted preview with long free text cut short, so run records stay light; URIs and
+    keys are shown whole."""
     out = frame.sort_values(by).head(rows) if by and by in frame else frame.head(rows)
-    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 else v)
+    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 and "://" not in v else v)
 
 
 def schema(frame: pd.DataFrame) -> pd.DataFrame:

@@ -363,7 +363,7 @@ def lingering(settings, clean, table, unique):
 
 def test_a_load_gives_up_on_a_lock_held_by_another_session(pg, clean, table, lingering):
     before = lingering[1].get_backend_pid()
-    with pytest.raises(DatabaseError, match=rf"waited 1s for a lock held by another session.*--resume"):
+    with pytest.raises(DatabaseError, match=r"waited 1s for a lock held by another session.*--resume"):
         load(pg, csv(clean.head(5)), table, "r2", lock_timeout="1s")
     assert lingering[1].get_backend_pid() == before  # the other session was left alone
 

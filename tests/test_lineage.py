@@ -19,7 +19,7 @@ CORE = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
 
 
 @pytest.fixture(scope="module")
-def registry() -> Registry:
+def schemas() -> Registry:
     resources = []
     for path in SPEC.glob("*.json"):
         schema = json.loads(path.read_text())
@@ -27,11 +27,11 @@ def registry() -> Registry:
     return Registry().with_resources(resources)
 
 
-def spec_errors(event: dict, registry: Registry) -> list[str]:
+def spec_errors(event: dict, schemas: Registry) -> list[str]:
     """Errors of the event against the RunEvent schema, and of each facet against its own schema
     (found by its _schemaURL; a facet whose schema is not vendored is an error too)."""
     def check(instance, ref):
-        validator = Draft202012Validator({"$ref": ref}, registry=registry,
+        validator = Draft202012Validator({"$ref": ref}, registry=schemas,
                                          format_checker=Draft202012Validator.FORMAT_CHECKER)
         return [f"{ref}: {e.message} at {list(e.absolute_path)}" for e in validator.iter_errors(instance)]
 
@@ -82,7 +82,7 @@ def marquez():
     sink.close()
 
 
-def test_a_full_run_emits_spec_valid_events_matching_the_manifest(run_pipeline, settings, unique, registry,
+def test_a_full_run_emits_spec_valid_events_matching_the_manifest(run_pipeline, settings, unique, schemas,
                                                                   marquez):
     run_id, table = f"ol-{unique}", f"ol_{unique}"
     before = len(marquez.posts)
@@ -96,7 +96,7 @@ def test_a_full_run_emits_spec_valid_events_matching_the_manifest(run_pipeline, 
     assert [(e["job"]["name"].rsplit(".", 1)[1], e["eventType"]) for e in events] == [
         (s, t) for s in registry.NAMES for t in ("START", "COMPLETE")]
     for event in events:
-        assert spec_errors(event, registry) == []
+        assert spec_errors(event, schemas) == []
     assert {e["job"]["namespace"] for e in events} == {lineage.DEFAULT_NAMESPACE}
     parents = {e["run"]["facets"]["parent"]["run"]["runId"] for e in events}
     assert parents == {lineage.run_uuid(run_id)}
@@ -136,7 +136,7 @@ def test_a_full_run_emits_spec_valid_events_matching_the_manifest(run_pipeline, 
 
 
 def test_a_failed_stage_emits_fail_with_its_error_and_a_dead_lineage_server_changes_nothing(
-        run_pipeline, settings, unique, registry):
+        run_pipeline, settings, unique, schemas):
     run_id = f"olfail-{unique}"
     res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}",
                        env={"OPENLINEAGE__TRANSPORT__TYPE": "http",
@@ -148,7 +148,7 @@ def test_a_failed_stage_emits_fail_with_its_error_and_a_dead_lineage_server_chan
     events = lineage.read_events(runs.run_dir(settings, run_id))
     assert [e["eventType"] for e in events] == ["START", "FAIL"]
     for event in events:
-        assert spec_errors(event, registry) == []
+        assert spec_errors(event, schemas) == []
     fail = events[1]
     assert "does not exist" in fail["run"]["facets"]["errorMessage"]["message"]
     assert fail["outputs"] == [] and fail["inputs"] == []
@@ -179,16 +179,16 @@ def test_the_http_transport_alone_reaches_a_real_server(marquez, tmp_path, monke
     assert post["json"]["eventType"] == "START"
 
 
-def test_the_spec_check_finds_what_is_wrong_in_an_event(registry):
+def test_the_spec_check_finds_what_is_wrong_in_an_event(schemas):
     from openlineage.client.serde import Serde
 
     entry = {"attempts": [], "started": runs.now(), "ended": runs.now(), "status": "failed", "error": "boom"}
     event = json.loads(Serde.to_json(lineage.stage_event("r1", "03_load", entry, lineage.RunState.FAIL)))
-    assert spec_errors(event, registry) == []
+    assert spec_errors(event, schemas) == []
     del event["producer"]
     event["run"]["runId"] = "not-a-uuid"
     event["run"]["facets"]["errorMessage"]["message"] = 42
-    errors = "\n".join(spec_errors(event, registry))
+    errors = "\n".join(spec_errors(event, schemas))
     assert "'producer' is a required property" in errors
     assert "'not-a-uuid' is not a 'uuid'" in errors
     assert "42 is not of type 'string'" in errors
