@@ -47,11 +47,56 @@ def _is_timezone_list(v) -> bool:
     return _is_text_list(v) and len(v) > 0 and all(TIMEZONE.match(x) for x in v)
 
 
+def _has_nul(v) -> bool:
+    return isinstance(v, str) and "\x00" in v
+
+
+def _has_lone_surrogate(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _texts(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def safe_text(v):
+    """A string that can be written anywhere (UTF-8): lone surrogates as \\udXXX escapes. For the
+    quarantine and previews only; silver never holds such a value (it is quarantined)."""
+    if isinstance(v, list):
+        return [safe_text(x) for x in v]
+    if isinstance(v, str) and _has_lone_surrogate(v):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
+
+
 def _rule(fn, message: str) -> pa.Check:
     return pa.Check(fn, element_wise=True, error=message)
 
 
+def _storable(column: Column) -> list[pa.Check]:
+    """Text that cannot survive every hop byte for byte is refused by name: PostgreSQL text cannot
+    hold NUL, and UTF-8 (Parquet, CSV, PostgreSQL) cannot encode a lone surrogate."""
+    return [
+        _rule(lambda v: not any(_has_nul(x) for x in _texts(v)),
+              f"{column.name} contains a NUL character (\\x00), which PostgreSQL text cannot store"),
+        _rule(lambda v: not any(_has_lone_surrogate(x) for x in _texts(v)),
+              f"{column.name} contains a lone surrogate (like \\ud800), which UTF-8 cannot encode"),
+    ]
+
+
 def _rules_for(column: Column) -> list[pa.Check]:
+    if column.kind in ("text", "text[]"):
+        return _value_rules(column) + _storable(column)
+    return _value_rules(column)
+
+
+def _value_rules(column: Column) -> list[pa.Check]:
     if column.name == "population":
         return [_rule(_is_count, "population must be a whole number >= 0")]
     if column.name == "area":
@@ -70,8 +115,7 @@ RECORD_RULES = pa.DataFrameSchema(
     {
         c.name: pa.Column(
             None, nullable=c.nullable, checks=_rules_for(c),
-            unique=c.name == KEY, report_duplicates="exclude_first",
-        )
+        )  # duplicate keys: see `duplicates`, decided independently of the record order
         for c in CONTRACT
     },
     strict=True,
@@ -93,6 +137,7 @@ SILVER = pa.DataFrameSchema(
 class Validated:
     clean: pd.DataFrame  # typed, contract columns plus _row_hash
     quarantine: pd.DataFrame  # record, name_common, reasons, record (the source record as JSON)
+    duplicates: dict | None = None  # key → how its copies were settled
 
     @property
     def counts(self) -> dict:
@@ -117,32 +162,67 @@ def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
         check = str(check)
         if check == "not_nullable":
             text = f"{column} is missing"
-        elif check.startswith("field_uniqueness") or "unique" in check:
-            text = f"{column} {value!r} duplicates an earlier record"
+        elif "contains a" in check:  # a NUL or lone surrogate: the reason names the field, not the value
+            text = check
         else:
-            text = f"{check} (got {value!r})"
+            shown = repr(value)
+            text = f"{check} (got {shown[:80] + '…' if len(shown) > 81 else shown})"
         reasons.setdefault(int(index), []).append(text)
     return reasons
+
+
+def duplicates(frame: pd.DataFrame) -> tuple[dict[int, str], dict]:
+    """Records sharing a key within one payload, settled so that the outcome does not depend on the
+    order the API sent them in: identical copies keep one (the clean table is the same whichever),
+    copies that differ are all quarantined. Returns reasons by record and a summary by key."""
+    groups: dict[str, list[int]] = {}
+    for index, key in frame[KEY].items():
+        if isinstance(key, str):
+            groups.setdefault(key, []).append(index)
+    reasons, summary = {}, {}
+    for key, indices in groups.items():
+        if len(indices) < 2:
+            continue
+        shapes = {json.dumps([frame.at[i, c] for c in COLUMNS], sort_keys=True, default=str, ensure_ascii=True)
+                  for i in indices}
+        if len(shapes) == 1:
+            for i in indices[1:]:
+                reasons[i] = f"{KEY} {safe_text(key)!r}: identical copy of another record (one copy kept)"
+            summary[safe_text(key)] = {"copies": len(indices), "outcome": "identical: one copy kept"}
+        else:
+            for i in indices:
+                reasons[i] = (f"{KEY} {safe_text(key)!r} appears {len(indices)} times with different values: "
+                              "every copy quarantined")
+            summary[safe_text(key)] = {"copies": len(indices), "outcome": "different values: all quarantined"}
+    return reasons, summary
+
+
+def _source_json(record) -> str:
+    text = json.dumps(record, ensure_ascii=False, sort_keys=True, default=str)
+    return text if not _has_lone_surrogate(text) else json.dumps(record, ensure_ascii=True, sort_keys=True, default=str)
 
 
 def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     """Split flattened records into typed clean rows and quarantined ones with their reasons.
     Every record lands in exactly one of the two."""
     reasons = _reasons(frame)
+    copies, summary = duplicates(frame)
+    for index, reason in copies.items():
+        reasons.setdefault(index, []).append(reason)
     bad = sorted(reasons)
     quarantine = pd.DataFrame(
         {
             "record": bad,
-            "name_common": [frame.at[i, KEY] for i in bad],
-            "reasons": ["; ".join(reasons[i]) for i in bad],
-            "source": [json.dumps(records[i], ensure_ascii=False, sort_keys=True, default=str) for i in bad],
+            "name_common": [safe_text(frame.at[i, KEY]) for i in bad],
+            "reasons": [safe_text("; ".join(reasons[i])) for i in bad],
+            "source": [_source_json(records[i]) for i in bad],
         },
         columns=["record", "name_common", "reasons", "source"],
     )
     good = frame.drop(index=bad)
     clean = typed(good)
     clean["_row_hash"] = [row_hash(r) for r in clean[COLUMNS].itertuples(index=False)]
-    return Validated(clean.reset_index(drop=True), quarantine)
+    return Validated(clean.reset_index(drop=True), quarantine, summary)
 
 
 def typed(frame: pd.DataFrame) -> pd.DataFrame:
