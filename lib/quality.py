@@ -16,6 +16,8 @@ import pandera.pandas as pa
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
+# A B-tree index entry holds at most ~2700 bytes: the key (primary key, history index) must fit.
+KEY_MAX_BYTES = 2000
 
 
 # --- element rules --------------------------------------------------------------------------------
@@ -79,24 +81,30 @@ def _rule(fn, message: str) -> pa.Check:
     return pa.Check(fn, element_wise=True, error=message)
 
 
-def _storable(column: Column) -> list[pa.Check]:
-    """Text that cannot survive every hop byte for byte is refused by name: PostgreSQL text cannot
-    hold NUL, and UTF-8 (Parquet, CSV, PostgreSQL) cannot encode a lone surrogate."""
-    return [
-        _rule(lambda v: not any(_has_nul(x) for x in _texts(v)),
-              f"{column.name} contains a NUL character (\\x00), which PostgreSQL text cannot store"),
-        _rule(lambda v: not any(_has_lone_surrogate(x) for x in _texts(v)),
-              f"{column.name} contains a lone surrogate (like \\ud800), which UTF-8 cannot encode"),
-    ]
+def unstorable(frame: pd.DataFrame) -> dict[int, list[str]]:
+    """Text that cannot survive every hop byte for byte, refused by field name: PostgreSQL text
+    cannot hold NUL, UTF-8 (Parquet, CSV, PostgreSQL) cannot encode a lone surrogate, and a key
+    longer than KEY_MAX_BYTES cannot be indexed (other text may be as long as it likes). Checked
+    here rather than by pandera, which cannot report a lone surrogate it finds."""
+    reasons: dict[int, list[str]] = {}
+    for index, key in frame[KEY].items():
+        if isinstance(key, str) and len(key.encode("utf-8", "surrogatepass")) > KEY_MAX_BYTES:
+            reasons.setdefault(int(index), []).append(
+                f"{KEY} is {len(key.encode('utf-8', 'surrogatepass'))} bytes long, more than the {KEY_MAX_BYTES} "
+                "a key may have (PostgreSQL indexes it)")
+    for column in TEXT_COLUMNS + LIST_COLUMNS:
+        for index, value in frame[column].items():
+            texts = _texts(value)
+            if any(_has_nul(x) for x in texts):
+                reasons.setdefault(int(index), []).append(
+                    f"{column} contains a NUL character (\\x00), which PostgreSQL text cannot store")
+            if any(_has_lone_surrogate(x) for x in texts):
+                reasons.setdefault(int(index), []).append(
+                    f"{column} contains a lone surrogate (like \\ud800), which UTF-8 cannot encode")
+    return reasons
 
 
 def _rules_for(column: Column) -> list[pa.Check]:
-    if column.kind in ("text", "text[]"):
-        return _value_rules(column) + _storable(column)
-    return _value_rules(column)
-
-
-def _value_rules(column: Column) -> list[pa.Check]:
     if column.name == "population":
         return [_rule(_is_count, "population must be a whole number >= 0")]
     if column.name == "area":
@@ -162,8 +170,6 @@ def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
         check = str(check)
         if check == "not_nullable":
             text = f"{column} is missing"
-        elif "contains a" in check:  # a NUL or lone surrogate: the reason names the field, not the value
-            text = check
         else:
             shown = repr(value)
             text = f"{check} (got {shown[:80] + '…' if len(shown) > 81 else shown})"
@@ -205,7 +211,12 @@ def _source_json(record) -> str:
 def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     """Split flattened records into typed clean rows and quarantined ones with their reasons.
     Every record lands in exactly one of the two."""
-    reasons = _reasons(frame)
+    reasons = unstorable(frame)
+    readable = frame.copy()
+    for column in TEXT_COLUMNS + LIST_COLUMNS:
+        readable[column] = pd.Series([safe_text(v) for v in frame[column]], index=frame.index, dtype=object)
+    for index, found in _reasons(readable).items():
+        reasons.setdefault(index, []).extend(found)
     copies, summary = duplicates(frame)
     for index, reason in copies.items():
         reasons.setdefault(index, []).append(reason)

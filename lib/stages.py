@@ -257,7 +257,9 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
                     "sha256": storage.sha256(data)})
     frame = pd.concat(frames, ignore_index=True)
     # Across objects the newest copy of a key wins; within one object duplicates are quarantined.
-    last_object = frame.groupby(contract.KEY, dropna=True)["_object"].transform("max")
+    # Grouped by the key's bytes: a key holding a lone surrogate (quarantined later) must not break this.
+    key_bytes = frame[contract.KEY].map(lambda v: v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v)
+    last_object = frame.groupby(key_bytes, dropna=True)["_object"].transform("max")
     older = frame["_object"] < last_object.reindex(frame.index).fillna(frame["_object"])
     kept = frame[~older]
     kept_records = [records[i] for i in kept.index]
