@@ -139,19 +139,21 @@ def _database_uri(settings: config.Settings, schema: str, table: str) -> str:
     return f"postgresql://{settings.db.host}:{settings.db.port}/{settings.db.name}/{schema}.{table}"
 
 
-def verify_input(stage: Stage, s3, bucket: str, key: str, layer: str, *, required: bool = True) -> tuple[bytes, dict]:
+def verify_input(stage: Stage, s3, bucket: str, key: str, layer: str, *, required: bool = True,
+                 against_record: bool = True) -> tuple[bytes, dict]:
     """Read an input object and prove it is what the stage that wrote it recorded: its sha256 must
-    match the object's own metadata and the writer's stage record. Raises StageError naming the
-    object and the disagreeing side before anything is written."""
+    match the object's own metadata and the writer's stage record (when `required`, that record
+    must exist; `against_record=False` checks the metadata only, for another run's objects). Raises
+    StageError naming the object and the disagreeing side before anything is written."""
     data, meta = storage.get_bytes(s3, bucket, key)
     digest = storage.sha256(data)
     uri = f"s3://{bucket}/{key}"
     expected = {"the object's metadata": meta.get("sha256")}
-    record = stage.previous_record(layer)
+    record = stage.previous_record(layer) if against_record else None
     if record is not None:
         listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
         expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
-    elif required:
+    elif required and against_record:
         writer = registry.writer_of(layer).name
         raise StageError(f"{uri}: no {writer} record to check it against in run {stage.input_run(layer)}; "
                          f"run {writer} first; nothing was written")
@@ -243,9 +245,10 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
                          f"run {registry.writer_of('raw').name} first")
     frames, records, raw = [], [], []
     for obj in objects:
-        # A backfill reads other runs' bronze too: those are checked against their metadata.
-        data, _ = verify_input(stage, s3, settings.raw_bucket, obj["key"], "raw",
-                               required=layout.run_of(obj["key"]) == source_run and not backfill_date)
+        # Bronze put in place by hand has no stage 1 record: its metadata is checked. A backfill
+        # reads other runs' bronze too: checked against their metadata.
+        data, _ = verify_input(stage, s3, settings.raw_bucket, obj["key"], "raw", required=False,
+                               against_record=layout.run_of(obj["key"]) == source_run)
         try:
             batch = source.parse_payload(data, min_records)
         except source.PayloadError as err:
