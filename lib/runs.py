@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import names, registry
+from lib import lineage, names, registry
 from lib.config import Settings
 from lib.errors import PipelineError
 
@@ -395,6 +395,7 @@ class RunRecord:
         record.data.update(origin="runner", notebook=f"{stage}.ipynb")
         record._write()
         self.refresh()
+        lineage.stage_started(self, stage)  # hook: OpenLineage START (never raises)
 
     def stage_ended(self, stage: str, status: str, seconds: float, error: str | None = None) -> None:
         """The runner's verdict on a stage, written into its record (the record the notebook left,
@@ -410,6 +411,7 @@ class RunRecord:
             record.pop("error", None)
         write_json(path, record)
         self.refresh()
+        lineage.stage_ended(self, stage)  # hook: OpenLineage COMPLETE / FAIL / ABORT (never raises)
 
     def keep_attempt(self, stage: str) -> None:
         """Move an earlier attempt's record and executed notebook aside (see `keep_attempt`)."""
