@@ -442,7 +442,7 @@ def _refuse_rewind(cur, loads, schema: str, table: str, run_id: str, data_as_of:
         raise RewindRefused(
             f"run {run_id}'s data (fetched {data_as_of}) is older than what {schema}.{table} holds (loaded by "
             f"run {latest[0]}, data fetched {latest[1].isoformat()}): loading it would take the table back in "
-            "time; nothing was loaded. To do it on purpose, set the 03_load parameter allow_rewind=true")
+            "time; nothing was loaded. To do it on purpose: -p allow_rewind=true (a parameter of the load)")
 
 
 # --- reads -------------------------------------------------------------------------------------------
