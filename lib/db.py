@@ -44,6 +44,14 @@ class ContractMismatch(DatabaseError):
     """An existing table does not match the contract in a way the load cannot migrate safely."""
 
 
+class BatchMismatch(DatabaseError):
+    """The rows a load left in the table are not the batch it was given: rolled back."""
+
+
+class RewindRefused(DatabaseError):
+    """A load of older data over newer data, without allow_rewind."""
+
+
 class LockBusy(DatabaseError):
     """Another run holds the pipeline lock."""
 
@@ -176,12 +184,63 @@ def ensure_tables(cur, schema: str, table: str) -> None:
     cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE is_current").format(
         ident(f"{hist}_current"[:63]), ident(schema, hist), sql.Identifier(KEY)))
     cur.execute(sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (run_id text NOT NULL, table_name text NOT NULL, "
-        "loaded_at timestamptz NOT NULL, mode text NOT NULL, inserted integer NOT NULL, "
-        "updated integer NOT NULL, unchanged integer NOT NULL, retired integer NOT NULL, "
-        "PRIMARY KEY (run_id, table_name))").format(ident(schema, LOADS_TABLE)))
+        "CREATE TABLE IF NOT EXISTS {} (load_id bigserial PRIMARY KEY, run_id text NOT NULL, "
+        "table_name text NOT NULL, loaded_at timestamptz NOT NULL, mode text NOT NULL, "
+        "inserted integer NOT NULL, updated integer NOT NULL, unchanged integer NOT NULL, "
+        "retired integer NOT NULL, repaired integer NOT NULL DEFAULT 0, data_as_of timestamptz)").format(
+        ident(schema, LOADS_TABLE)))
+    migrate_loads(cur, schema)
     migrate(cur, schema, table, AUDIT_COLUMNS)
     migrate(cur, schema, hist, HISTORY_COLUMNS)
+
+
+def migrate_loads(cur, schema: str) -> None:
+    """A load log from before every load had its own row (PRIMARY KEY (run_id, table_name)) gets a
+    `load_id` key, numbered in load order, and the columns added since."""
+    loads = ident(schema, LOADS_TABLE)
+    found = _columns_of(cur, schema, LOADS_TABLE)
+    if "load_id" not in found:
+        cur.execute("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+                    (loads.as_string(cur),))
+        for (name,) in cur.fetchall():
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(loads, sql.Identifier(name)))
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN load_id bigint").format(loads))
+        cur.execute(sql.SQL("UPDATE {t} l SET load_id = o.n FROM (SELECT ctid, row_number() OVER "
+                            "(ORDER BY loaded_at, run_id) AS n FROM {t}) o WHERE l.ctid = o.ctid").format(t=loads))
+        sequence = ident(schema, f"{LOADS_TABLE}_load_id_seq")
+        cur.execute(sql.SQL("CREATE SEQUENCE IF NOT EXISTS {} OWNED BY {}.load_id").format(sequence, loads))
+        cur.execute(sql.SQL("SELECT setval(%s, coalesce((SELECT max(load_id) FROM {}), 0) + 1, false)").format(loads),
+                    (sequence.as_string(cur),))
+        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN load_id SET DEFAULT nextval(%s::regclass), "
+                            "ALTER COLUMN load_id SET NOT NULL, ADD PRIMARY KEY (load_id)").format(loads),
+                    (sequence.as_string(cur),))
+        log.info("%s.%s: every load now gets its own row (load_id)", schema, LOADS_TABLE)
+    if "repaired" not in found:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN repaired integer NOT NULL DEFAULT 0").format(loads))
+    if "data_as_of" not in found:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN data_as_of timestamptz").format(loads))
+
+
+def _hashes(cur, query: sql.Composable, params=()) -> dict[str, tuple[str, str | None]]:
+    """key → (hash recomputed from the row's values, the row's stored _row_hash), for a query
+    returning the contract columns and _row_hash."""
+    from lib import quality  # late: quality pulls in pandera
+
+    cur.execute(query, params)
+    return {row[0]: (quality.row_hash(row[:len(COLUMNS)]), row[len(COLUMNS)]) for row in cur.fetchall()}
+
+
+def _fingerprint(hashes: dict[str, tuple[str, str | None]]) -> str:
+    """quality.fingerprint of rows, from their recomputed hashes."""
+    import hashlib
+
+    lines = sorted(f"{k}\t{h}" for k, (h, _) in hashes.items())
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _short(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(repr(k) for k in keys[:10]) + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
 
 
 # --- load --------------------------------------------------------------------------------------------
@@ -226,7 +285,9 @@ def _typed_select() -> sql.Composed:
 
 
 def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: str = "upsert",
-         retire_missing: bool = True, lock_timeout: str = LOAD_LOCK_TIMEOUT) -> dict:
+          retire_missing: bool = True, lock_timeout: str = LOAD_LOCK_TIMEOUT,
+          expected_fingerprint: str | None = None, data_as_of: str | None = None,
+          allow_rewind: bool = False) -> dict:
     """Load a silver CSV into `schema.table` in ONE transaction: COPY into a staging table, then merge.
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
@@ -235,6 +296,14 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
     append:  only keys not present yet are inserted; existing rows are never changed.
     replace: the current table becomes exactly the batch (every row rewritten by this run); history
              as for upsert with retire_missing.
+    "Unchanged" is decided from the values, not from the stored `_row_hash`: a row edited in the
+    table behind the pipeline's back (its values no longer give its `_row_hash`) is reported as
+    drift and, in upsert and replace, repaired. Append never changes a row, so a key it skips must
+    already hold the batch's values.
+    Before committing, the batch's rows are read back as stored and their fingerprint compared with
+    `expected_fingerprint` (stage 2's `clean_fingerprint`): any difference rolls the load back.
+    `data_as_of` (when the batch's data was fetched) is kept in the load log; a batch older than
+    the table's latest load is refused unless `allow_rewind`.
     On any error the transaction is rolled back and the tables are as they were. A lock held by another
     session (a killed run's, say) is waited for `lock_timeout` at most, then the load fails saying so.
     """
@@ -256,13 +325,32 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                                 .format(data_cols).as_string(conn), io.BytesIO(csv_data))
                 cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(
                     _typed_select()))
+                cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(loads))
+                _refuse_rewind(cur, loads, schema, table, run_id, data_as_of, allow_rewind)
+                batch_hashes = _hashes(cur, sql.SQL("SELECT {}, _row_hash FROM _batch").format(data_cols))
+                stored_before = _hashes(cur, sql.SQL(
+                    "SELECT {cols}, t._row_hash FROM {t} t JOIN _batch b ON b.{k} = t.{k}").format(
+                    cols=_cols(COLUMNS, "t"), t=target, k=sql.Identifier(KEY)))
+                # Drift: a row whose values no longer give the hash the pipeline stored with them.
+                drift = sorted(k for k, (values, stored) in stored_before.items() if values != stored)
+                differs = sql.SQL(" OR ").join(
+                    sql.SQL("t.{c} IS DISTINCT FROM b.{c}").format(c=sql.Identifier(c)) for c in COLUMNS[1:])
                 cur.execute(sql.SQL(
                     "CREATE TEMP TABLE _changes ON COMMIT DROP AS "
                     "SELECT b.{k} AS key, CASE WHEN t.{k} IS NULL THEN 'insert' "
-                    "WHEN t._row_hash IS DISTINCT FROM b._row_hash THEN 'update' ELSE 'unchanged' END AS change "
-                    "FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k}").format(k=sql.Identifier(KEY), t=target))
+                    "WHEN {differs} OR t._row_hash IS DISTINCT FROM b._row_hash THEN 'update' "
+                    "ELSE 'unchanged' END AS change "
+                    "FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k}").format(
+                    k=sql.Identifier(KEY), t=target, differs=differs))
                 if mode == "append":
-                    cur.execute("UPDATE _changes SET change = 'unchanged' WHERE change = 'update'")
+                    cur.execute("SELECT key FROM _changes WHERE change = 'update'")
+                    kept = [r[0] for r in cur.fetchall()]
+                    if kept:
+                        raise BatchMismatch(
+                            f"append mode keeps existing rows, but {len(kept)} key(s) of the batch are in "
+                            f"{schema}.{table} with other values: {_short(kept)}"
+                            + (f" (changed in the table behind the pipeline's back: {_short(drift)})" if drift else "")
+                            + "; nothing was loaded. Load with write_mode=upsert to update (and repair) them")
                 if retire:
                     cur.execute(sql.SQL(
                         "INSERT INTO _changes SELECT t.{k}, 'retire' FROM {t} t "
@@ -297,13 +385,31 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                     t=target, cols=data_cols, k=sql.Identifier(KEY), updates=updates), (run_id,))
                 cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
                 counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
+                repaired = sorted(set(drift) & {k for k, (h, _) in batch_hashes.items()})
+                # Audit before commit: the batch's rows as now stored are exactly the batch.
+                stored = _hashes(cur, sql.SQL(
+                    "SELECT {cols}, t._row_hash FROM {t} t JOIN _batch b ON b.{k} = t.{k}").format(
+                    cols=_cols(COLUMNS, "t"), t=target, k=sql.Identifier(KEY)))
+                wrong = sorted(k for k, (h, _) in batch_hashes.items() if stored.get(k, (None,))[0] != h)
+                fingerprint = _fingerprint(stored)
+                if wrong:
+                    raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: {_short(wrong)}; "
+                                        "rolled back")
+                if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+                    raise BatchMismatch(
+                        f"the {len(stored)} rows loaded have fingerprint {fingerprint[:16]}, the silver "
+                        f"record says {expected_fingerprint[:16]}: the batch is not the silver table; rolled back")
                 cur.execute(sql.SQL(
-                    "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired) "
-                    "VALUES (%s, %s, now(), %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING").format(loads),
+                    "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired, "
+                    "repaired, data_as_of) VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s, %s) RETURNING load_id").format(
+                    loads),
                     (run_id, table, mode, counts["insert"], counts["update"], counts["unchanged"],
-                     counts["retire"]))
+                     counts["retire"], len(repaired), data_as_of))
+                load_id = cur.fetchone()[0]
                 cur.execute(sql.SQL("SELECT count(*) FROM {}").format(target))
                 current = cur.fetchone()[0]
+    except DatabaseError:
+        raise
     except psycopg2.errors.LockNotAvailable:
         raise DatabaseError(
             f"loading {schema}.{table} waited {lock_timeout} for a lock held by another session and was "
@@ -314,9 +420,29 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
                             ) from None
     result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
-              "retired": counts["retire"], "current_rows": current, "mode": mode}
+              "retired": counts["retire"], "current_rows": current, "mode": mode, "load_id": load_id,
+              "batch_rows": len(stored), "batch_fingerprint": fingerprint,
+              "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(repaired)}}
+    if drift:
+        log.warning("%s.%s: %d row(s) had been changed outside the pipeline (%s); %s", schema, table, len(drift),
+                    _short(drift), "repaired" if repaired else "reported")
     log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
     return result
+
+
+def _refuse_rewind(cur, loads, schema: str, table: str, run_id: str, data_as_of: str | None,
+                   allow_rewind: bool) -> None:
+    """Refuse to load data fetched before the data of the table's latest load, unless asked to."""
+    if data_as_of is None or allow_rewind:
+        return
+    cur.execute(sql.SQL("SELECT run_id, data_as_of, data_as_of > %s::timestamptz FROM {} WHERE table_name = %s "
+                        "ORDER BY load_id DESC LIMIT 1").format(loads), (data_as_of, table))
+    latest = cur.fetchone()
+    if latest is not None and latest[2]:
+        raise RewindRefused(
+            f"run {run_id}'s data (fetched {data_as_of}) is older than what {schema}.{table} holds (loaded by "
+            f"run {latest[0]}, data fetched {latest[1].isoformat()}): loading it would take the table back in "
+            "time; nothing was loaded. To do it on purpose: -p allow_rewind=true (a parameter of the load)")
 
 
 # --- reads -------------------------------------------------------------------------------------------
@@ -342,11 +468,12 @@ def current(conn, schema: str, table: str) -> pd.DataFrame:
 
 
 def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
-    """The table as it was right after run `run_id` loaded it, from the history table."""
+    """The table as it was right after run `run_id` loaded it (its latest load, when it loaded more
+    than once), from the history table."""
     names.run_id(run_id)
     query = sql.SQL(
         "SELECT {cols}, h._run_id, h.valid_from, h.valid_to FROM {h} h JOIN {loads} l "
-        "ON l.run_id = %s AND l.table_name = %s "
+        "ON l.load_id = (SELECT max(load_id) FROM {loads} WHERE run_id = %s AND table_name = %s) "
         "WHERE h.valid_from <= l.loaded_at AND (h.valid_to IS NULL OR h.valid_to > l.loaded_at) "
         "ORDER BY h.{k}").format(cols=_cols(COLUMNS, "h"), h=ident(schema, history_table(table)),
                                  loads=ident(schema, LOADS_TABLE), k=sql.Identifier(KEY))

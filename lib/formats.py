@@ -48,13 +48,16 @@ def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
     return frame
 
 
-# --- CSV: list columns as JSON arrays, nulls as empty fields (COPY's CSV null) ----------------------
+# --- CSV: list columns as JSON arrays, nulls as empty fields (COPY's CSV null), CRLF rows -----------
 
 def csv_encode(frame: pd.DataFrame) -> bytes:
     out = frame.assign(**{col: frame[col].map(lambda v: json.dumps(list(v), ensure_ascii=False))
                           for col in LIST_COLUMNS if col in frame})
     buf = io.BytesIO()
-    out.to_csv(buf, index=False, lineterminator="\n", encoding="utf-8")
+    # CRLF rows (RFC 4180): the csv writer quotes a field holding any character of the line
+    # terminator, so a value with a lone CR is quoted too (with "\n" it would be written bare and
+    # split the row on reading).
+    out.to_csv(buf, index=False, lineterminator="\r\n", encoding="utf-8")
     return buf.getvalue()
 
 

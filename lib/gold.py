@@ -14,7 +14,12 @@ from lib.errors import PipelineError
 
 
 class ReconciliationError(PipelineError):
-    """Counts or fingerprints disagree between two hops; the message names the hop."""
+    """Counts or fingerprints disagree between two hops; the message names the hop, `table` is the
+    whole reconciliation table (None when it could not be built)."""
+
+    def __init__(self, message: str, table: pd.DataFrame | None = None):
+        super().__init__(message)
+        self.table = table
 
 
 def _summary(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
@@ -122,5 +127,5 @@ def reconcile(details: dict[str, dict | None]) -> pd.DataFrame:
         first = bad.iloc[0]
         raise ReconciliationError(
             f"reconciliation failed at hop '{first['compared with']} → {first['hop']}': "
-            f"{first['records']} records, fingerprint {first['fingerprint']}\n{table.to_string(index=False)}")
+            f"{first['records']} records, fingerprint {first['fingerprint']}\n{table.to_string(index=False)}", table)
     return table

@@ -27,8 +27,9 @@ LATEST = "latest"
 
 
 def ingest_date(run_id: str) -> str:
-    """The partition date of a run: from its id when it is a generated one, else today (UTC)."""
-    match = re.match(r"^(\d{4})(\d{2})(\d{2})T", run_id)
+    """The partition date of a run: from its id when it is a generated one (`lab-`/`papermill-` ids
+    of interactive runs included), else today (UTC)."""
+    match = re.match(r"^(?:[a-z]+-)?(\d{4})(\d{2})(\d{2})T", run_id)
     if match:
         return "-".join(match.groups())
     return f"{datetime.now(timezone.utc):%Y-%m-%d}"

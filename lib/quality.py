@@ -16,6 +16,8 @@ import pandera.pandas as pa
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
+# A B-tree index entry holds at most ~2700 bytes: the key (primary key, history index) must fit.
+KEY_MAX_BYTES = 2000
 
 
 # --- element rules --------------------------------------------------------------------------------
@@ -47,8 +49,59 @@ def _is_timezone_list(v) -> bool:
     return _is_text_list(v) and len(v) > 0 and all(TIMEZONE.match(x) for x in v)
 
 
+def _has_nul(v) -> bool:
+    return isinstance(v, str) and "\x00" in v
+
+
+def _has_lone_surrogate(v) -> bool:
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
+
+
+def _texts(v) -> list:
+    return v if isinstance(v, list) else [v]
+
+
+def safe_text(v):
+    """A string that can be written anywhere (UTF-8): lone surrogates as \\udXXX escapes. For the
+    quarantine and previews only; silver never holds such a value (it is quarantined)."""
+    if isinstance(v, list):
+        return [safe_text(x) for x in v]
+    if isinstance(v, str) and _has_lone_surrogate(v):
+        return v.encode("utf-8", "backslashreplace").decode("utf-8")
+    return v
+
+
 def _rule(fn, message: str) -> pa.Check:
     return pa.Check(fn, element_wise=True, error=message)
+
+
+def unstorable(frame: pd.DataFrame) -> dict[int, list[str]]:
+    """Text that cannot survive every hop byte for byte, refused by field name: PostgreSQL text
+    cannot hold NUL, UTF-8 (Parquet, CSV, PostgreSQL) cannot encode a lone surrogate, and a key
+    longer than KEY_MAX_BYTES cannot be indexed (other text may be as long as it likes). Checked
+    here rather than by pandera, which cannot report a lone surrogate it finds."""
+    reasons: dict[int, list[str]] = {}
+    for index, key in frame[KEY].items():
+        if isinstance(key, str) and len(key.encode("utf-8", "surrogatepass")) > KEY_MAX_BYTES:
+            reasons.setdefault(int(index), []).append(
+                f"{KEY} is {len(key.encode('utf-8', 'surrogatepass'))} bytes long, more than the {KEY_MAX_BYTES} "
+                "a key may have (PostgreSQL indexes it)")
+    for column in TEXT_COLUMNS + LIST_COLUMNS:
+        for index, value in frame[column].items():
+            texts = _texts(value)
+            if any(_has_nul(x) for x in texts):
+                reasons.setdefault(int(index), []).append(
+                    f"{column} contains a NUL character (\\x00), which PostgreSQL text cannot store")
+            if any(_has_lone_surrogate(x) for x in texts):
+                reasons.setdefault(int(index), []).append(
+                    f"{column} contains a lone surrogate (like \\ud800), which UTF-8 cannot encode")
+    return reasons
 
 
 def _rules_for(column: Column) -> list[pa.Check]:
@@ -70,8 +123,7 @@ RECORD_RULES = pa.DataFrameSchema(
     {
         c.name: pa.Column(
             None, nullable=c.nullable, checks=_rules_for(c),
-            unique=c.name == KEY, report_duplicates="exclude_first",
-        )
+        )  # duplicate keys: see `duplicates`, decided independently of the record order
         for c in CONTRACT
     },
     strict=True,
@@ -93,6 +145,7 @@ SILVER = pa.DataFrameSchema(
 class Validated:
     clean: pd.DataFrame  # typed, contract columns plus _row_hash
     quarantine: pd.DataFrame  # record, name_common, reasons, record (the source record as JSON)
+    duplicates: dict | None = None  # key → how its copies were settled
 
     @property
     def counts(self) -> dict:
@@ -117,32 +170,70 @@ def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
         check = str(check)
         if check == "not_nullable":
             text = f"{column} is missing"
-        elif check.startswith("field_uniqueness") or "unique" in check:
-            text = f"{column} {value!r} duplicates an earlier record"
         else:
-            text = f"{check} (got {value!r})"
+            shown = repr(value)
+            text = f"{check} (got {shown[:80] + '…' if len(shown) > 81 else shown})"
         reasons.setdefault(int(index), []).append(text)
     return reasons
+
+
+def duplicates(frame: pd.DataFrame) -> tuple[dict[int, str], dict]:
+    """Records sharing a key within one payload, settled so that the outcome does not depend on the
+    order the API sent them in: identical copies keep one (the clean table is the same whichever),
+    copies that differ are all quarantined. Returns reasons by record and a summary by key."""
+    groups: dict[str, list[int]] = {}
+    for index, key in frame[KEY].items():
+        if isinstance(key, str):
+            groups.setdefault(key, []).append(index)
+    reasons, summary = {}, {}
+    for key, indices in groups.items():
+        if len(indices) < 2:
+            continue
+        shapes = {json.dumps([frame.at[i, c] for c in COLUMNS], sort_keys=True, default=str, ensure_ascii=True)
+                  for i in indices}
+        if len(shapes) == 1:
+            for i in indices[1:]:
+                reasons[i] = f"{KEY} {safe_text(key)!r}: identical copy of another record (one copy kept)"
+            summary[safe_text(key)] = {"copies": len(indices), "outcome": "identical: one copy kept"}
+        else:
+            for i in indices:
+                reasons[i] = (f"{KEY} {safe_text(key)!r} appears {len(indices)} times with different values: "
+                              "every copy quarantined")
+            summary[safe_text(key)] = {"copies": len(indices), "outcome": "different values: all quarantined"}
+    return reasons, summary
+
+
+def _source_json(record) -> str:
+    text = json.dumps(record, ensure_ascii=False, sort_keys=True, default=str)
+    return text if not _has_lone_surrogate(text) else json.dumps(record, ensure_ascii=True, sort_keys=True, default=str)
 
 
 def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     """Split flattened records into typed clean rows and quarantined ones with their reasons.
     Every record lands in exactly one of the two."""
-    reasons = _reasons(frame)
+    reasons = unstorable(frame)
+    readable = frame.copy()
+    for column in TEXT_COLUMNS + LIST_COLUMNS:
+        readable[column] = pd.Series([safe_text(v) for v in frame[column]], index=frame.index, dtype=object)
+    for index, found in _reasons(readable).items():
+        reasons.setdefault(index, []).extend(found)
+    copies, summary = duplicates(frame)
+    for index, reason in copies.items():
+        reasons.setdefault(index, []).append(reason)
     bad = sorted(reasons)
     quarantine = pd.DataFrame(
         {
             "record": bad,
-            "name_common": [frame.at[i, KEY] for i in bad],
-            "reasons": ["; ".join(reasons[i]) for i in bad],
-            "source": [json.dumps(records[i], ensure_ascii=False, sort_keys=True, default=str) for i in bad],
+            "name_common": [safe_text(frame.at[i, KEY]) for i in bad],
+            "reasons": [safe_text("; ".join(reasons[i])) for i in bad],
+            "source": [_source_json(records[i]) for i in bad],
         },
         columns=["record", "name_common", "reasons", "source"],
     )
     good = frame.drop(index=bad)
     clean = typed(good)
     clean["_row_hash"] = [row_hash(r) for r in clean[COLUMNS].itertuples(index=False)]
-    return Validated(clean.reset_index(drop=True), quarantine)
+    return Validated(clean.reset_index(drop=True), quarantine, summary)
 
 
 def typed(frame: pd.DataFrame) -> pd.DataFrame:

@@ -6,6 +6,7 @@ stages themselves are declared in lib/registry.py.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 
@@ -86,11 +87,13 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
             cell_timeout: int) -> None:
     import papermill
 
-    record.keep_attempt(stage)
-    record.stage_started(stage)
+    record.stage_started(stage)  # an earlier execution's record and notebook become an attempt
     started = time.monotonic()
     output = record.dir / f"{stage}.ipynb"
     log.info("stage %s: running %s", stage, output)
+    # The kernel inherits this: it tells `stages.begin` that the runner owns the run's record.
+    saved = os.environ.get(runs.RUNNER_ENV)
+    os.environ[runs.RUNNER_ENV] = record.run_id
     try:
         papermill.execute_notebook(
             str(registry.get(stage).notebook), str(output),
@@ -106,6 +109,11 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
     except BaseException as err:
         record.stage_ended(stage, "failed", time.monotonic() - started, failed_cell(err))
         raise
+    finally:
+        if saved is None:
+            os.environ.pop(runs.RUNNER_ENV, None)
+        else:
+            os.environ[runs.RUNNER_ENV] = saved
     record.stage_ended(stage, "succeeded", time.monotonic() - started)
 
 

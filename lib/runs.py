@@ -20,13 +20,37 @@ from lib.config import Settings
 from lib.errors import PipelineError
 
 
+RUNNER_ENV = "MEDALLION_RUNNER_RUN"  # set by the runner for the kernels it starts: the run id
+ORIGINS = ("runner", "jupyterlab", "papermill")
+# Interactive run ids say where they came from: lab-20261128T184700Z-3fa2c1, papermill-…
+INTERACTIVE_PREFIX = {"jupyterlab": "lab", "papermill": "papermill"}
+
+
+class RecordClosed(PipelineError):
+    """A notebook outside the runner named a run the runner recorded: its record is never rewritten."""
+
+    exit_code = 2
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def new_run_id(when: datetime | None = None) -> str:
+def origin() -> str:
+    """Who is executing this process's stage: the runner (it sets RUNNER_ENV for its kernels),
+    JupyterLab (its sessions give kernels JPY_SESSION_NAME), or anything else executing the notebook
+    (plain papermill, nbclient, a script): "papermill"."""
+    if os.environ.get(RUNNER_ENV):
+        return "runner"
+    if os.environ.get("JPY_SESSION_NAME"):
+        return "jupyterlab"
+    return "papermill"
+
+
+def new_run_id(when: datetime | None = None, origin: str = "runner") -> str:
     when = when or datetime.now(timezone.utc)
-    return f"{when:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+    lead = f"{INTERACTIVE_PREFIX[origin]}-" if origin in INTERACTIVE_PREFIX else ""
+    return f"{lead}{when:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def runs_dir(where: Settings | Path) -> Path:
@@ -46,7 +70,12 @@ def write_json(path: Path, data) -> None:
     """Write JSON atomically: readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(data, indent=2, default=str, ensure_ascii=False)
+    try:
+        body = text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate somewhere: JSON escapes keep it exactly
+        body = json.dumps(data, indent=2, default=str, ensure_ascii=True).encode("ascii")
+    tmp.write_bytes(body + b"\n")
     os.replace(tmp, path)
 
 
@@ -69,18 +98,78 @@ def latest_run_id(settings: Settings) -> str | None:
                else p.stat().st_mtime).name
 
 
+def run_origin(settings: Settings, run_id: str) -> str | None:
+    """Who started a run ("runner", "jupyterlab", "papermill"), None when it has no record yet. A
+    manifest without an origin was written by the runner before origins were recorded."""
+    manifest = read_json(manifest_path(settings, run_id))
+    if manifest is None:
+        return None
+    return manifest.get("origin", "runner")
+
+
 def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
-    """The run a notebook works on: the given id, a new one for ingest, else the latest run (so
-    notebooks run one after another in JupyterLab share a run)."""
+    """The run a stage writes into.
+
+    Under the runner: the run it passes (RUNNER_ENV and `run_id` must agree).
+    Outside it (JupyterLab, papermill, nbclient), a finished run's record is never touched:
+    - an empty run_id at the first stage starts a new interactive run (`lab-…`, `papermill-…`);
+    - an empty run_id at a later stage continues the latest run when that is an interactive one,
+      else starts a new interactive run *based on* the latest run: it reads that run's data (its
+      bronze, silver or export, recorded as inputs) and writes only into its own run;
+    - a named run is used when it is interactive (or new, at the first stage); a run the runner
+      recorded is refused with how to re-run a stage through the runner.
+    New interactive runs get their manifest from `open_interactive`."""
+    runner_run = os.environ.get(RUNNER_ENV)
+    if runner_run:
+        names.run_id(runner_run)
+        if run_id and run_id != runner_run:
+            raise PipelineError(f"{stage}: run_id {run_id!r} differs from the runner's run {runner_run!r}")
+        return runner_run
+    number = registry.get(stage).number
     if run_id:
-        return names.run_id(run_id)
+        names.run_id(run_id)
+        found = run_origin(settings, run_id)
+        if found == "runner":
+            raise RecordClosed(
+                f"run {run_id} was recorded by the runner and its record is never rewritten from a notebook. "
+                f"To run {stage} again in that run (the earlier attempt is kept): python run_pipeline.py "
+                f"--stages {number} --run-id {run_id}. To explore its data, leave run_id empty: the notebook "
+                f"starts its own run that reads run {run_id}'s data")
+        if found is None and stage != registry.first().name and not run_dir(settings, run_id).is_dir():
+            raise PipelineError(f"{stage}: there is no run {run_id} in {runs_dir(settings)}; run "
+                                f"{registry.first().name} first, or leave run_id empty")
+        return run_id
     if stage == registry.first().name:
-        return new_run_id()
+        return new_run_id(origin=origin())
     latest = latest_run_id(settings)
     if latest is None:
-        raise PipelineError(f"{stage} needs a run id: no run exists yet in {runs_dir(settings)}; "
+        raise PipelineError(f"{stage} needs a run: no run exists yet in {runs_dir(settings)}; "
                             f"run {registry.first().name} first or set run_id")
-    return latest
+    if run_origin(settings, latest) in INTERACTIVE_PREFIX:
+        return latest
+    return new_run_id(origin=origin())
+
+
+def based_on(settings: Settings, run_id: str) -> str | None:
+    """The run an interactive run reads its earlier stages' data from (None: its own)."""
+    return (read_json(manifest_path(settings, run_id)) or {}).get("based_on")
+
+
+def open_interactive(settings: Settings, run_id: str, stage: str) -> None:
+    """Give a run started outside the runner its manifest (once): where it came from and, when its
+    first stage is not the first stage, which run it reads from (the latest run)."""
+    if os.environ.get(RUNNER_ENV) or manifest_path(settings, run_id).exists():
+        return
+    base = None
+    if stage != registry.first().name and not (run_dir(settings, run_id) / "stages").is_dir():
+        base = latest_run_id(settings)
+    record = RunRecord(settings, run_id, {
+        "run_id": run_id, "origin": origin(), "status": "running", "started": now(),
+        "based_on": base, "requested_stages": [], "parameters": {}, "stack": settings.describe(),
+        "stages": {}})
+    if os.environ.get("JPY_SESSION_NAME"):
+        record.data["notebook_session"] = os.environ["JPY_SESSION_NAME"]
+    record.save()
 
 
 def stage_path(settings: Settings, run_id: str, stage: str) -> Path:
@@ -92,15 +181,50 @@ def read_stage(settings: Settings, run_id: str, stage: str) -> dict | None:
     return read_json(stage_path(settings, run_id, stage))
 
 
+def attempt_paths(settings: Settings, run_id: str, stage: str) -> list[Path]:
+    """The records of a stage's earlier executions in a run, oldest first."""
+    folder = stage_path(settings, run_id, stage).parent
+    found = [(int(p.name[len(stage) + len(".attempt"):-len(".json")]), p)
+             for p in folder.glob(f"{stage}.attempt*.json") if p.name[len(stage) + 8:-5].isdigit()]
+    return [p for _, p in sorted(found)]
+
+
+def keep_attempt(settings: Settings, run_id: str, stage: str) -> int | None:
+    """Move a stage's current record (and the runner's executed notebook of it) aside as attempt N,
+    so executing the stage again never overwrites what the earlier execution recorded. Returns N."""
+    path = stage_path(settings, run_id, stage)
+    record = read_json(path)
+    if record is None:
+        return None
+    n = len(attempt_paths(settings, run_id, stage)) + 1
+    if record.get("status") == "running":  # its process ended without saying how
+        record.update(status="abandoned", finished=record.get("finished") or now())
+    executed = run_dir(settings, run_id) / f"{stage}.ipynb"
+    if record.get("notebook") == executed.name and executed.exists():
+        kept = executed.with_name(f"{stage}.attempt{n}.ipynb")
+        executed.rename(kept)
+        record["notebook"] = kept.name
+    write_json(path.with_name(f"{stage}.attempt{n}.json"), record)
+    path.unlink()
+    return n
+
+
 class StageRecord:
-    """What one stage did, saved to `stages/<stage>.json` by the notebook as its last step."""
+    """What one execution of a stage did, in `stages/<stage>.json`: written when the stage starts,
+    kept up to date as it writes objects (so a failed stage still lists them), and marked succeeded
+    by `save()`, the notebook's last step. An earlier execution's record is kept as
+    `stages/<stage>.attemptN.json` (`keep_attempt`); the manifest is derived from these files."""
 
     def __init__(self, settings: Settings, run_id: str, stage: str, parameters: dict | None = None):
         self.settings = settings
+        self.run_id = run_id
+        self.stage = stage
         self.path = stage_path(settings, run_id, stage)
         self.data = {
             "stage": stage,
             "run_id": run_id,
+            "status": "running",
+            "origin": origin(),
             "started": now(),
             "parameters": parameters or {},
             "rows_in": None,
@@ -109,9 +233,27 @@ class StageRecord:
             "details": {},
         }
 
+    def start(self) -> "StageRecord":
+        """Begin this execution's record. The runner writes a record when it starts a stage; the
+        kernel it starts takes that one over. Any other earlier record becomes an attempt."""
+        existing = read_json(self.path)
+        if (existing and existing.get("status") == "running" and existing.get("origin") == "runner"
+                and self.data["origin"] == "runner"):
+            for name in ("started", "notebook", "attempt"):
+                if name in existing:
+                    self.data[name] = existing[name]
+        else:
+            keep_attempt(self.settings, self.run_id, self.stage)
+        self._write()
+        return self
+
+    def _write(self) -> None:
+        write_json(self.path, self.data)
+
     def output(self, artifact) -> None:
         """Record an object or table written by the stage (an Artifact or a dict)."""
         self.data["artifacts"].append(artifact.to_dict() if hasattr(artifact, "to_dict") else dict(artifact))
+        self._write()
 
     def update(self, rows_in: int | None = None, rows_out: int | None = None, **details) -> None:
         if rows_in is not None:
@@ -119,17 +261,55 @@ class StageRecord:
         if rows_out is not None:
             self.data["rows_out"] = int(rows_out)
         self.data["details"].update(details)
+        self._write()
+
+    def fail(self, error: str) -> None:
+        self.data.update(status="failed", error=error, finished=now())
+        self._write()
 
     def save(self) -> Path:
-        self.data["finished"] = now()
-        write_json(self.path, self.data)
+        self.data.update(status="succeeded", finished=now())
+        self.data.pop("error", None)
+        self._write()
         return self.path
+
+
+def _entry(record: dict) -> dict:
+    """A stage record as the manifest shows it."""
+    entry = {"status": record.get("status", "succeeded"), "origin": record.get("origin"),
+             "started": record.get("started"), "ended": record.get("finished"),
+             "duration_s": record.get("duration_s"), "notebook": record.get("notebook"),
+             "rows_in": record.get("rows_in"), "rows_out": record.get("rows_out"),
+             "objects": record.get("artifacts", []), "details": record.get("details", {})}
+    if record.get("error"):
+        entry["error"] = record["error"]
+    return entry
+
+
+def derive_stages(settings: Settings, run_id: str) -> dict:
+    """The manifest's `stages`, built only from the stage records: each stage's current execution
+    and, under `attempts`, every earlier one."""
+    out = {}
+    for stage in registry.NAMES:
+        record = read_stage(settings, run_id, stage)
+        earlier = attempt_paths(settings, run_id, stage)
+        if record is None and not earlier:
+            continue
+        # Between moving an attempt aside and starting the next one, the stage has no current record.
+        entry = _entry(record) if record is not None else {"status": "pending"}
+        entry["attempts"] = []
+        for n, path in enumerate(earlier, start=1):
+            earlier = read_json(path)
+            entry["attempts"].append({"attempt": n, "record": f"stages/{path.name}",
+                                      **{k: v for k, v in _entry(earlier).items() if k not in ("objects", "details")}})
+        out[stage] = entry
+    return out
 
 
 @dataclass
 class RunRecord:
-    """`manifest.json`: the run as the runner saw it (status, stages with their attempts), with each
-    stage's counts, objects and details copied from its stage record when it ends."""
+    """`manifest.json`: the run as a whole (who started it, status, parameters, the stack), with its
+    stages derived from the stage records (`derive_stages`), so the two can never disagree."""
 
     settings: Settings
     run_id: str
@@ -159,6 +339,7 @@ class RunRecord:
         else:
             record.data = {
                 "run_id": run_id,
+                "origin": "runner",
                 "status": "running",
                 "started": now(),
                 "requested_stages": stages,
@@ -172,49 +353,74 @@ class RunRecord:
     def save(self) -> None:
         write_json(self.path, self.data)
 
-    def stage_started(self, stage: str) -> None:
-        entry = self.data["stages"].setdefault(stage, {"attempts": []})
-        entry.update(status="running", started=now(), ended=None, notebook=f"{stage}.ipynb")
+    def refresh(self, status: str | None = None) -> None:
+        """Rebuild everything derived from the stage records: stages with their attempts, lineage,
+        the reconciliation table (passed or failed) and what was (not) published."""
+        if not self.data:
+            self.data = read_json(self.path) or {"run_id": self.run_id, "origin": origin(), "stages": {}}
+        stages = derive_stages(self.settings, self.run_id)
+        self.data["stages"] = stages
+        if status is None and self.data.get("origin", "runner") != "runner":
+            # An interactive run has no end: its status is its stages' status.
+            states = [e["status"] for e in stages.values()]
+            status = ("running" if "running" in states else "failed" if set(states) - {"succeeded"}
+                      else "succeeded")
+        if status is not None:
+            self.data["status"] = status
+        self.data["lineage"] = [
+            {"stage": s, "from": src, "to": obj.get("uri")}
+            for s, entry in stages.items()
+            for obj in entry.get("objects", []) for src in obj.get("inputs", [])
+        ]
+        checked = stages.get(registry.reconciler().name, {}).get("details", {})
+        if "reconciliation" in checked:
+            self.data["reconciliation"] = checked["reconciliation"]
+            if checked.get("reconciliation_error"):
+                self.data["reconciliation_error"] = checked["reconciliation_error"]
+            else:
+                self.data.pop("reconciliation_error", None)
+        published = checked.get("published") or []
+        objects = [o["uri"] for e in stages.values() for o in e.get("objects", [])
+                   if str(o.get("uri", "")).startswith("s3://")]
+        self.data["published"] = published
+        # Objects nobody should take for this run's proven result: all of them until it has published.
+        self.data["unpublished"] = [] if published else objects
         self.save()
+
+    def stage_started(self, stage: str) -> None:
+        """The runner starts a stage: an earlier execution's record becomes an attempt, and a new
+        record says the stage is running (the kernel takes it over in `stages.begin`)."""
+        keep_attempt(self.settings, self.run_id, stage)
+        record = StageRecord(self.settings, self.run_id, stage, self.data.get("parameters", {}).get(stage, {}))
+        record.data.update(origin="runner", notebook=f"{stage}.ipynb")
+        record._write()
+        self.refresh()
         lineage.stage_started(self, stage)  # hook: OpenLineage START (never raises)
 
     def stage_ended(self, stage: str, status: str, seconds: float, error: str | None = None) -> None:
-        entry = self.data["stages"][stage]
-        entry.update(status=status, ended=now(), duration_s=round(seconds, 2))
+        """The runner's verdict on a stage, written into its record (the record the notebook left,
+        with its objects and details), then the manifest derived again."""
+        path = stage_path(self.settings, self.run_id, stage)
+        record = read_json(path) or {"stage": stage, "run_id": self.run_id, "artifacts": [], "details": {}}
+        record.update(status=status, duration_s=round(seconds, 2), finished=record.get("finished") or now())
+        if status != "succeeded" or not record.get("finished"):
+            record["finished"] = now()
         if error:
-            entry["error"] = error
+            record["error"] = error
         else:
-            entry.pop("error", None)
-        stage_record = read_stage(self.settings, self.run_id, stage) if status == "succeeded" else None
-        if stage_record:
-            entry.update(rows_in=stage_record["rows_in"], rows_out=stage_record["rows_out"],
-                         objects=stage_record["artifacts"], details=stage_record["details"])
-        self.save()
+            record.pop("error", None)
+        write_json(path, record)
+        self.refresh()
         lineage.stage_ended(self, stage)  # hook: OpenLineage COMPLETE / FAIL / ABORT (never raises)
 
     def keep_attempt(self, stage: str) -> None:
-        """Move an earlier attempt's executed notebook aside, so a rerun does not overwrite it."""
-        entry = self.data["stages"].get(stage)
-        executed = self.dir / f"{stage}.ipynb"
-        if not entry or not executed.exists():
-            return
-        n = len(entry["attempts"]) + 1
-        kept = self.dir / f"{stage}.attempt{n}.ipynb"
-        executed.rename(kept)
-        entry["attempts"].append({"notebook": kept.name, "status": entry.get("status"),
-                                  "error": entry.get("error"), "started": entry.get("started")})
+        """Move an earlier attempt's record and executed notebook aside (see `keep_attempt`)."""
+        keep_attempt(self.settings, self.run_id, stage)
+        self.refresh()
 
     def finish(self, status: str) -> None:
-        self.data.update(status=status, ended=now())
-        self.data["lineage"] = [
-            {"stage": s, "from": src, "to": obj.get("uri")}
-            for s, entry in self.data["stages"].items()
-            for obj in entry.get("objects", []) for src in obj.get("inputs", [])
-        ]
-        checked = self.data["stages"].get(registry.reconciler().name, {}).get("details", {})
-        if "reconciliation" in checked:
-            self.data["reconciliation"] = checked["reconciliation"]
-        self.save()
+        self.data.update(ended=now())
+        self.refresh(status)
 
     def first_unfinished(self) -> int:
         stages = self.data["requested_stages"]

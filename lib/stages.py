@@ -39,7 +39,14 @@ class Stage:
 
         path = self.record.save()
         log.info("%s of run %s done; record %s", self.name, self.run_id, path)
+        self.refresh_manifest()
         return RecordView(path, self.record.data)
+
+    def refresh_manifest(self) -> None:
+        """An interactive run's manifest, derived again from its stage records (the runner does
+        this itself for its runs)."""
+        if self.record.data["origin"] != "runner":
+            runs.RunRecord(self.settings, self.run_id).refresh()
 
     def meta(self, **extra) -> dict:
         """The metadata every object of this stage carries."""
@@ -48,9 +55,28 @@ class Stage:
     def db_connection(self):
         return db.connect(self.settings.db, application_name=f"countries-medallion {self.name} {self.run_id}")
 
+    @property
+    def based_on(self) -> str | None:
+        """The run an interactive run reads from when it did not run the earlier stages itself."""
+        return runs.based_on(self.settings, self.run_id)
+
+    def source_run(self, stage_name: str) -> str:
+        """The run whose execution of `stage_name` this stage builds on: this run when it executed
+        that stage, else the run it is based on (lib/runs.py `resolve_run_id`)."""
+        if runs.read_stage(self.settings, self.run_id, stage_name) is None:
+            base = self.based_on
+            if base and runs.read_stage(self.settings, base, stage_name) is not None:
+                return base
+        return self.run_id
+
+    def input_run(self, layer: str) -> str:
+        """The run whose `layer` objects this stage reads."""
+        return self.source_run(registry.writer_of(layer).name)
+
     def previous_record(self, layer: str) -> dict | None:
-        """The record of the stage of this run that wrote `layer`."""
-        return runs.read_stage(self.settings, self.run_id, registry.writer_of(layer).name)
+        """The record of the stage that wrote `layer` (in this run, or the run it is based on)."""
+        writer = registry.writer_of(layer).name
+        return runs.read_stage(self.settings, self.source_run(writer), writer)
 
 
 def begin(stage: str, run_id: str = "", **parameters) -> Stage:
@@ -64,8 +90,46 @@ def begin(stage: str, run_id: str = "", **parameters) -> Stage:
     logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
                    stream_format="%(levelname)s: %(message)s")
     rid = runs.resolve_run_id(settings, run_id, stage)
-    log.info("%s of run %s starting", stage, rid)
-    return Stage(stage, rid, settings, runs.StageRecord(settings, rid, stage, parameters))
+    runs.open_interactive(settings, rid, stage)
+    record = runs.StageRecord(settings, rid, stage, parameters).start()
+    log.info("%s of run %s starting (%s)", stage, rid, record.data["origin"])
+    current = Stage(stage, rid, settings, record)
+    if record.data["origin"] != "runner":
+        if current.based_on:
+            log.info("run %s reads the data of run %s and writes only into its own record", rid, current.based_on)
+        _watch_cells(current)
+        current.refresh_manifest()
+    return current
+
+
+_WATCHER = None  # the post_run_cell hook of the stage begun last in this kernel
+
+
+def _watch_cells(stage: Stage) -> None:
+    """Outside the runner nobody else sees a cell fail: in an IPython kernel, a failing cell marks
+    the stage record failed (and the manifest follows)."""
+    global _WATCHER
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    if _WATCHER is not None:
+        try:
+            shell.events.unregister("post_run_cell", _WATCHER)
+        except ValueError:
+            pass
+
+    def watcher(result):
+        error = result.error_in_exec or result.error_before_exec
+        if error is not None and stage.record.data.get("status") == "running":
+            stage.record.fail(f"{type(error).__name__}: {error}")
+            stage.refresh_manifest()
+
+    shell.events.register("post_run_cell", watcher)
+    _WATCHER = watcher
 
 
 def run_objects(s3, bucket: str, run_id: str | None = None, date: str | None = None) -> list[dict]:
@@ -78,6 +142,31 @@ def run_objects(s3, bucket: str, run_id: str | None = None, date: str | None = N
 
 def _database_uri(settings: config.Settings, schema: str, table: str) -> str:
     return f"postgresql://{settings.db.host}:{settings.db.port}/{settings.db.name}/{schema}.{table}"
+
+
+def verify_input(stage: Stage, s3, bucket: str, key: str, layer: str, *, required: bool = True,
+                 against_record: bool = True) -> tuple[bytes, dict]:
+    """Read an input object and prove it is what the stage that wrote it recorded: its sha256 must
+    match the object's own metadata and the writer's stage record (when `required`, that record
+    must exist; `against_record=False` checks the metadata only, for another run's objects). Raises
+    StageError naming the object and the disagreeing side before anything is written."""
+    data, meta = storage.get_bytes(s3, bucket, key)
+    digest = storage.sha256(data)
+    uri = f"s3://{bucket}/{key}"
+    expected = {"the object's metadata": meta.get("sha256")}
+    record = stage.previous_record(layer) if against_record else None
+    if record is not None:
+        listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
+        expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
+    elif required and against_record:
+        writer = registry.writer_of(layer).name
+        raise StageError(f"{uri}: no {writer} record to check it against in run {stage.input_run(layer)}; "
+                         f"run {writer} first; nothing was written")
+    for where, value in expected.items():
+        if value != digest:
+            raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
+                             f"nothing was written by {stage.name}")
+    return data, meta
 
 
 # --- 1. ingest -----------------------------------------------------------------------------------
@@ -138,6 +227,7 @@ class Prepared:
     superseded: int
     date: str
     backfill_date: str = ""
+    data_as_of: str | None = None  # when the newest bronze object read was written
 
     @property
     def raw_records(self) -> int:
@@ -151,15 +241,19 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     settings = stage.settings
     params.check("backfill_date", backfill_date)
     s3 = storage.client(settings.store)
+    source_run = stage.input_run("raw")
     objects = (run_objects(s3, settings.raw_bucket, date=backfill_date) if backfill_date
-               else run_objects(s3, settings.raw_bucket, stage.run_id))
-    where = f"date {backfill_date}" if backfill_date else f"run {stage.run_id}"
+               else run_objects(s3, settings.raw_bucket, source_run))
+    where = f"date {backfill_date}" if backfill_date else f"run {source_run}"
     if not objects:
         raise StageError(f"no raw objects for {where} in bucket {settings.raw_bucket!r}: "
                          f"run {registry.writer_of('raw').name} first")
     frames, records, raw = [], [], []
     for obj in objects:
-        data, _ = storage.get_bytes(s3, settings.raw_bucket, obj["key"])
+        # Bronze put in place by hand has no stage 1 record: its metadata is checked. A backfill
+        # reads other runs' bronze too: checked against their metadata.
+        data, _ = verify_input(stage, s3, settings.raw_bucket, obj["key"], "raw", required=False,
+                               against_record=layout.run_of(obj["key"]) == source_run)
         try:
             batch = source.parse_payload(data, min_records)
         except source.PayloadError as err:
@@ -171,7 +265,9 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
                     "sha256": storage.sha256(data)})
     frame = pd.concat(frames, ignore_index=True)
     # Across objects the newest copy of a key wins; within one object duplicates are quarantined.
-    last_object = frame.groupby(contract.KEY, dropna=True)["_object"].transform("max")
+    # Grouped by the key's bytes: a key holding a lone surrogate (quarantined later) must not break this.
+    key_bytes = frame[contract.KEY].map(lambda v: v.encode("utf-8", "surrogatepass") if isinstance(v, str) else v)
+    last_object = frame.groupby(key_bytes, dropna=True)["_object"].transform("max")
     older = frame["_object"] < last_object.reindex(frame.index).fillna(frame["_object"])
     kept = frame[~older]
     kept_records = [records[i] for i in kept.index]
@@ -181,7 +277,8 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     validated.quarantine.insert(1, "raw_object", [raw[where.at[i, "_object"]]["uri"] for i in validated.quarantine["record"]])
     validated.quarantine["record"] = [int(where.at[i, "_position"]) for i in validated.quarantine["record"]]
     date = backfill_date or layout.date_of(objects[0]["key"])
-    return Prepared(validated, raw, quality.drift(records), int(older.sum()), date, backfill_date)
+    fetched = max(o["last_modified"] for o in objects).isoformat()
+    return Prepared(validated, raw, quality.drift(records), int(older.sum()), date, backfill_date, fetched)
 
 
 def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float = 0.05,
@@ -224,6 +321,7 @@ def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float
         silver_records=silver, silver_breakdown=breakdown,
         clean_fingerprint=quality.fingerprint(clean)["fingerprint"], drift=prepared.drift,
         contract_version=contract.VERSION, format=fmt.name, backfill_date=prepared.backfill_date or None,
+        data_as_of=prepared.data_as_of, duplicates=prepared.validated.duplicates,
         unreconciled=({"raw (bronze)": "a backfill reads other runs' bronze too"} if prepared.backfill_date else {}))
     return artifacts
 
@@ -238,52 +336,85 @@ class Loaded:
 
 
 def clean_object(stage: Stage, s3) -> dict:
-    found = [o for o in run_objects(s3, stage.settings.clean_bucket, stage.run_id) if layout.is_clean(o["key"])]
+    """The silver table this load reads: the one stage 2's record lists (in this run, or the run an
+    interactive run is based on); without a record, the run's newest clean object."""
+    record = stage.previous_record("clean")
+    if record is not None:
+        listed = [a for a in record.get("artifacts", []) if layout.is_clean(a.get("key", ""))]
+        if listed:
+            return {"key": listed[-1]["key"]}
+    run = stage.input_run("clean")
+    found = [o for o in run_objects(s3, stage.settings.clean_bucket, run) if layout.is_clean(o["key"])]
     if not found:
-        raise StageError(f"no clean object for run {stage.run_id} in bucket {stage.settings.clean_bucket!r}: "
+        raise StageError(f"no clean object for run {run} in bucket {stage.settings.clean_bucket!r}: "
                          f"run {registry.writer_of('clean').name} first")
     return found[-1]
 
 
 def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clean", write_mode: str = "upsert",
-         retire_missing: bool = True) -> Loaded:
-    """Merge the run's silver table into PostgreSQL (lib/db.py `merge`: one transaction, history)."""
+         retire_missing: bool = True, allow_rewind: bool = False) -> Loaded:
+    """Merge the run's silver table into PostgreSQL (lib/db.py `merge`: one transaction, history).
+    The silver object is checked against stage 2's record first; inside the transaction the rows
+    as stored are compared with stage 2's fingerprint, and a mismatch rolls the load back. Loading
+    data older than the table's latest load needs allow_rewind=true."""
     settings = stage.settings
     for name, value in (("db_schema", db_schema), ("table", table), ("write_mode", write_mode)):
         params.check(name, value)
+    allow_rewind = params.boolean(allow_rewind, "allow_rewind")
     s3 = storage.client(settings.store)
     obj = clean_object(stage, s3)
-    data, _ = storage.get_bytes(s3, settings.clean_bucket, obj["key"])
+    data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
+    cleaned = stage.previous_record("clean")["details"]
     fmt = formats.of_key(obj["key"])
     batch = fmt.decode(data)
     csv_data = data if fmt.name == "csv" else formats.get("csv").encode(batch)  # COPY reads CSV
     conn = stage.db_connection()
     try:
-        result = db.merge(conn, csv_data, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
-                          retire_missing=retire_missing)
+        try:
+            result = db.merge(conn, csv_data, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
+                              retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
+                              data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
+        except db.DatabaseError as err:
+            raise StageError(str(err)) from None
         current = db.current(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))
     finally:
         conn.close()
-    in_batch = current[current[contract.KEY].isin(batch[contract.KEY])]
-    batch_fp, current_fp = quality.fingerprint(in_batch), quality.fingerprint(current)
+    current_fp = quality.fingerprint(current)
     stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": len(current),
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
-    unreconciled = ({"PostgreSQL rows of this batch": "append mode keeps rows already present"}
-                    if write_mode == "append" else {})
     stage.record.update(rows_in=len(batch), rows_out=len(current), **result, schema=db_schema, table=table,
-                        batch_rows=batch_fp["rows"], batch_fingerprint=batch_fp["fingerprint"],
                         current_fingerprint=current_fp["fingerprint"], history_rows=history_rows,
-                        unreconciled=unreconciled)
+                        allow_rewind=allow_rewind)
     return Loaded(result, current, history_rows)
 
 
 # --- 4. PostgreSQL → cloud ----------------------------------------------------------------------------
 
+def _check_table(stage: Stage, schema: str, table: str, rows: int, fingerprint: str) -> None:
+    """The table about to be exported must be the one stage 3 left (no load or edit since)."""
+    loaded = stage.previous_record("table")
+    if loaded is None:
+        raise StageError(f"no {registry.writer_of('table').name} record in run {stage.input_run('table')} to "
+                         f"check {schema}.{table} against; run it first; nothing was exported")
+    details = loaded["details"]
+    if (details.get("schema"), details.get("table")) != (schema, table):
+        raise StageError(f"{registry.writer_of('table').name} of run {loaded['run_id']} loaded "
+                         f"{details.get('schema')}.{details.get('table')}, not {schema}.{table}; nothing was exported")
+    if (details.get("current_rows"), details.get("current_fingerprint")) != (rows, fingerprint):
+        raise StageError(
+            f"{schema}.{table} is not the table run {loaded['run_id']} loaded: {rows} rows, fingerprint "
+            f"{fingerprint[:16]}, the load recorded {details.get('current_rows')} rows, fingerprint "
+            f"{str(details.get('current_fingerprint'))[:16]} (loaded or edited since); nothing was exported. "
+            f"Load again first: python run_pipeline.py --stages 3-5 --run-id {stage.run_id}")
+
+
 def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clean",
            export_all_tables: bool = False, column_case: str = "lower") -> list[storage.Artifact]:
-    """Stream each table with COPY ... TO STDOUT into the cloud bucket, under a run-scoped key and a
-    stable `latest` key. column_case="upper" gives the CSV header the seed's upper-case names."""
+    """Stream each table with COPY ... TO STDOUT into the cloud bucket under a run-scoped key, once
+    the table is proven to be what stage 3 recorded. The `latest` keys move in stage 5's `publish`,
+    after the whole run has reconciled. column_case="upper" gives the CSV header the seed's
+    upper-case names."""
     settings = stage.settings
     params.check("db_schema", db_schema)
     params.check("table", table)
@@ -304,6 +435,7 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
                 rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
                 if name == table:
                     fp = quality.fingerprint(formats.get("csv").decode(spool.rewound().read()))
+                    _check_table(stage, db_schema, table, rows, fp["fingerprint"])
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(
                     cloud, settings.cloud.bucket, key, spool.rewound(), size=spool.size, digest=spool.sha256,
@@ -311,8 +443,7 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
                     content_type="text/csv", metadata=stage.meta(table=f"{db_schema}.{name}"))
             finally:
                 spool.close()
-            storage.copy(cloud, settings.cloud.bucket, key, layout.latest(key))
-            stage.record.output(artifact)
+            stage.record.output(artifact)  # its `latest` key moves only once the run has reconciled
             artifacts.append(artifact)
     finally:
         conn.close()
@@ -361,17 +492,9 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     params.check("table", table)
     fmt = formats.get(gold_format or formats.GOLD)
     cloud = storage.cloud_client(settings.cloud)
-    key = layout.export_key(settings.cloud.prefix, table, stage.run_id)
-    data, meta = storage.get_bytes(cloud, settings.cloud.bucket, key)
+    key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
+    data, _ = verify_input(stage, cloud, settings.cloud.bucket, key, "cloud", required=False)
     digest = storage.sha256(data)
-    exported = stage.previous_record("cloud")
-    expected = {"object metadata": meta.get("sha256")}
-    if exported is not None:
-        expected[f"{registry.writer_of('cloud').name} record"] = exported["details"].get("sha256")
-    for where, value in expected.items():
-        if value != digest:
-            raise StageError(f"checksum mismatch for s3://{settings.cloud.bucket}/{key}: sha256 {digest} but "
-                             f"{where} says {value}; nothing was written to gold")
     frame = formats.get("csv").decode(data)
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.gold_bucket)
@@ -405,30 +528,37 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
 
 def reconcile(stage: Stage, golden: Golden) -> pd.DataFrame:
     """Counts and fingerprints at every hop of this run (lib/registry.py); raises naming the first hop
-    that disagrees. Nothing is published here."""
-    details = {s.name: (runs.read_stage(stage.settings, stage.run_id, s.name) or {}).get("details")
+    that disagrees. The table is recorded either way. Nothing is published here."""
+    details = {s.name: (runs.read_stage(stage.settings, stage.source_run(s.name), s.name) or {}).get("details")
                for s in registry.before(stage.name)}
     details[stage.name] = stage.record.data["details"]
     try:
         table = gold.reconcile(details)
     except gold.ReconciliationError as err:
-        stage.record.update(reconciliation=str(err))
+        rows = err.table.to_dict(orient="records") if err.table is not None else []
+        stage.record.update(reconciliation=rows, reconciliation_error=str(err).split("\n")[0])
         raise
-    stage.record.update(reconciliation=table.to_dict(orient="records"))
+    stage.record.update(reconciliation=table.to_dict(orient="records"), reconciliation_error=None)
     golden.reconciliation = table
     return table
 
 
 def publish(stage: Stage, golden: Golden) -> list[str]:
-    """Move the `latest` gold keys to this run's objects, once every hop has reconciled."""
+    """Once every hop has reconciled, move the run's `latest` keys: the cloud export(s) of stage 4,
+    then the gold objects. Until then consumers see the previous proven run."""
     if golden.reconciliation is None:
         raise StageError(f"run {stage.run_id} has not reconciled: nothing was published")
-    s3 = storage.client(stage.settings.store)
+    settings = stage.settings
+    exported = stage.previous_record("cloud") or {}
+    moves = [(storage.cloud_client(settings.cloud), a) for a in exported.get("artifacts", [])
+             if a.get("role") == "cloud" and layout.run_of(a["key"])]
+    s3 = storage.client(settings.store)
+    moves += [(s3, a.to_dict()) for a in golden.artifacts]
     published = []
-    for artifact in golden.artifacts:
-        storage.copy(s3, artifact.bucket, artifact.key, layout.latest(artifact.key))
-        published.append(f"s3://{artifact.bucket}/{layout.latest(artifact.key)}")
-    stage.record.update(published=published)
+    for client, artifact in moves:
+        storage.copy(client, artifact["bucket"], artifact["key"], layout.latest(artifact["key"]))
+        published.append(f"s3://{artifact['bucket']}/{layout.latest(artifact['key'])}")
+        stage.record.update(published=published)
     return published
 
 
@@ -438,7 +568,8 @@ def preview(frame: pd.DataFrame, rows: int = 10, by: str | None = contract.KEY) 
     """A small, sorted preview with long free text cut short, so run records stay light; URIs and
     keys are shown whole."""
     out = frame.sort_values(by).head(rows) if by and by in frame else frame.head(rows)
-    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 and "://" not in v else v)
+    return out.map(lambda v: quality.safe_text((v[:60] + "…") if isinstance(v, str) and len(v) > 61
+                                                and "://" not in v else v))
 
 
 def schema(frame: pd.DataFrame) -> pd.DataFrame:
@@ -447,5 +578,6 @@ def schema(frame: pd.DataFrame) -> pd.DataFrame:
         "column": frame.columns,
         "dtype": [str(t) for t in frame.dtypes],
         "non_null": [int(frame[c].notna().sum()) for c in frame.columns],
-        "example": [str(frame[c].dropna().iloc[0])[:40] if frame[c].notna().any() else "" for c in frame.columns],
+        "example": [quality.safe_text(str(frame[c].dropna().iloc[0])[:40]) if frame[c].notna().any() else ""
+                    for c in frame.columns],
     })

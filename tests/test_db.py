@@ -55,8 +55,13 @@ def current(pg, table):
     return db.current(pg, SCHEMA, table).set_index(KEY)
 
 
-def load(pg, data, table, run_id, **kw):
-    return db.merge(pg, data, schema=SCHEMA, table=table, run_id=run_id, **kw)
+COUNTS = ("inserted", "updated", "unchanged", "retired", "current_rows", "mode")
+
+
+def load(pg, data, table, run_id, full=False, **kw):
+    """A merge; its counts (`full`: everything it returns, with the fingerprint, drift and load id)."""
+    result = db.merge(pg, data, schema=SCHEMA, table=table, run_id=run_id, **kw)
+    return result if full else {k: result[k] for k in COUNTS}
 
 
 def dump(pg, table) -> bytes:
@@ -125,13 +130,23 @@ def test_without_retire_missing_an_absent_key_stays(pg, clean, table):
 def test_append_only_inserts_new_keys_and_never_updates_or_removes(pg, clean, table):
     load(pg, csv(clean.head(5)), table, "r1")
     before = current(pg, table)
-    batch = changed(clean.iloc[3:8].reset_index(drop=True), 0, population=1)  # key 3 changed, 5-7 new
-    result = load(pg, csv(batch), table, "r2", mode="append")
-    assert (result["inserted"], result["updated"], result["retired"]) == (3, 0, 0)
+    batch = clean.iloc[3:8].reset_index(drop=True)  # keys 3-4 already there (same values), 5-7 new
+    result = load(pg, csv(batch), table, "r2", mode="append", full=True)
+    assert (result["inserted"], result["updated"], result["unchanged"], result["retired"]) == (3, 0, 2, 0)
+    assert result["batch_rows"] == 5 and result["batch_fingerprint"] == quality.fingerprint(batch)["fingerprint"]
     after = current(pg, table)
     assert len(after) == 8
     assert after.loc[before.index].equals(before)  # the five earlier rows exactly as they were
     assert len(history(pg, table)) == 8
+
+
+def test_append_refuses_a_batch_whose_existing_keys_hold_other_values(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r1")
+    before = dump(pg, table)
+    batch = changed(clean.iloc[3:8].reset_index(drop=True), 0, population=1)  # key 3 changed
+    with pytest.raises(db.BatchMismatch, match=f"append mode keeps existing rows.*{clean.at[3, KEY]!r}.*upsert"):
+        load(pg, csv(batch), table, "r2", mode="append")
+    assert dump(pg, table) == before  # nothing inserted either
 
 
 def test_replace_rewrites_the_table_as_exactly_the_batch(pg, clean, table):
@@ -144,6 +159,82 @@ def test_replace_rewrites_the_table_as_exactly_the_batch(pg, clean, table):
     assert set(after["_run_id"]) == {"r2"}  # every row rewritten by this run
     versions = history(pg, table)
     assert versions["is_current"].sum() == 5 and len(versions) == 7
+
+
+# --- proof inside the transaction, drift, rewinds ------------------------------------------------
+
+def test_a_batch_that_is_not_the_silver_table_is_rolled_back(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r1")
+    before = dump(pg, table)
+    silver = quality.fingerprint(clean.head(5))["fingerprint"]
+    edited = changed(clean.head(5), 1, name_official="Edited between stages")  # what stage 3 read
+    with pytest.raises(db.BatchMismatch, match="the silver record says .*rolled back"):
+        load(pg, csv(edited), table, "r2", expected_fingerprint=silver)
+    assert dump(pg, table) == before
+    result = load(pg, csv(clean.head(5)), table, "r2", expected_fingerprint=silver, full=True)
+    assert result["batch_fingerprint"] == silver
+
+
+@pytest.mark.parametrize("mode", ["upsert", "replace"])
+def test_a_row_changed_behind_the_pipelines_back_is_repaired_and_reported(pg, clean, table, mode):
+    batch = clean.head(5)
+    load(pg, csv(batch), table, "r1")
+    victim = batch.at[2, KEY]
+    with pg.cursor() as cur:  # an edit outside the pipeline: values change, _row_hash stays
+        cur.execute(sql.SQL("UPDATE {} SET population = population + 7, capital = ARRAY['Elsewhere'] "
+                            "WHERE {} = %s").format(db.ident(SCHEMA, table), sql.Identifier(KEY)), (victim,))
+    result = load(pg, csv(batch), table, "r2", mode=mode, full=True,
+                  expected_fingerprint=quality.fingerprint(batch)["fingerprint"])
+    assert result["drift"] == {"rows": 1, "keys": [victim], "repaired": 1}
+    if mode == "upsert":
+        assert (result["updated"], result["unchanged"]) == (1, 4)
+    after = current(pg, table)
+    assert quality.fingerprint(after.reset_index())["fingerprint"] == quality.fingerprint(batch)["fingerprint"]
+    assert after.at[victim, "population"] == batch.at[2, "population"]
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("SELECT repaired FROM {} WHERE table_name = %s AND run_id = 'r2'").format(
+            db.ident(SCHEMA, "pipeline_loads")), (table,))
+        assert cur.fetchone()[0] == 1
+
+
+def test_older_data_is_refused_over_newer_unless_allowed_and_every_load_has_its_own_row(pg, clean, table):
+    load(pg, csv(clean.head(5)), table, "r-old", data_as_of="2026-01-01T00:00:00+00:00")
+    newer = changed(clean.head(5), 0, population=5)
+    load(pg, csv(newer), table, "r-new", data_as_of="2026-02-01T00:00:00+00:00")
+    before = dump(pg, table)
+    with pytest.raises(db.RewindRefused, match="run r-old's data .* is older .*r-new.*allow_rewind=true"):
+        load(pg, csv(clean.head(5)), table, "r-old", data_as_of="2026-01-01T00:00:00+00:00")
+    assert dump(pg, table) == before
+    result = load(pg, csv(clean.head(5)), table, "r-old", data_as_of="2026-01-01T00:00:00+00:00",
+                  allow_rewind=True, full=True)
+    assert result["updated"] == 1
+    loads = db.read_frame(pg, sql.SQL("SELECT load_id, run_id FROM {} WHERE table_name = %s ORDER BY load_id").format(
+        db.ident(SCHEMA, "pipeline_loads")), (table,))
+    assert loads["run_id"].tolist() == ["r-old", "r-new", "r-old"] and loads["load_id"].is_unique
+    # as_of a run that loaded twice: the table after its latest load (the rewind).
+    assert db.as_of(pg, SCHEMA, table, "r-old").set_index(KEY).at[clean.at[0, KEY], "population"] == \
+        clean.at[0, "population"]
+    assert db.as_of(pg, SCHEMA, table, "r-new").set_index(KEY).at[clean.at[0, KEY], "population"] == 5
+
+
+def test_a_load_log_from_before_load_ids_is_migrated(pg, clean, unique):
+    schema, table = f"old_{unique}", f"t_{unique}"
+    with pg.cursor() as cur:  # the load log as earlier versions created it
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        cur.execute(sql.SQL(
+            "CREATE TABLE {} (run_id text NOT NULL, table_name text NOT NULL, loaded_at timestamptz NOT NULL, "
+            "mode text NOT NULL, inserted integer NOT NULL, updated integer NOT NULL, unchanged integer NOT NULL, "
+            "retired integer NOT NULL, PRIMARY KEY (run_id, table_name))").format(
+            sql.Identifier(schema, "pipeline_loads")))
+        cur.execute(sql.SQL("INSERT INTO {} VALUES ('b', 'x', '2026-01-02', 'upsert', 1, 0, 0, 0), "
+                            "('a', 'x', '2026-01-01', 'upsert', 1, 0, 0, 0)").format(
+            sql.Identifier(schema, "pipeline_loads")))
+    db.merge(pg, csv(clean.head(3)), schema=schema, table=table, run_id="r1")
+    db.merge(pg, csv(clean.head(3)), schema=schema, table=table, run_id="r1")
+    loads = db.read_frame(pg, sql.SQL("SELECT load_id, run_id FROM {} ORDER BY load_id").format(
+        sql.Identifier(schema, "pipeline_loads")))
+    assert loads.values.tolist() == [[1, "a"], [2, "b"], [3, "r1"], [4, "r1"]]
+    assert len(db.as_of(pg, schema, table, "r1")) == 3
 
 
 # --- point in time -----------------------------------------------------------------------------------

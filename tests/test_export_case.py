@@ -52,6 +52,7 @@ def test_export_column_case_and_reconciliation(settings, s3, unique, case):
 
 def test_an_unknown_column_case_is_refused(settings):
     with pytest.raises(UsageError, match="column_case 'title' is not one of lower, upper"):
+        stages.begin("01_ingest", "case-bad-run")  # the run exists (a notebook names only existing runs)
         stages.export(stages.begin("04_export", "case-bad-run"), column_case="title")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import pandas as pd
 import pytest
 
 from lib import formats, quality, source, transform
@@ -76,13 +77,31 @@ def test_a_broken_record_is_quarantined_with_a_reason_naming_the_column(records,
     assert len(result.clean) + len(result.quarantine) == len(records)
 
 
-def test_a_duplicate_key_quarantines_the_later_copy_only(records):
+def test_an_identical_duplicate_keeps_one_copy_and_says_so(records):
     records.append(copy.deepcopy(records[3]))
     result = validate(records)
     assert result.counts == {"clean": 250, "quarantined": 1, "records": 251}
     bad = result.quarantine.iloc[0]
     assert bad["record"] == 250
-    assert bad["reasons"] == f"name_common {records[3]['name']['common']!r} duplicates an earlier record"
+    name = records[3]["name"]["common"]
+    assert bad["reasons"] == f"name_common {name!r}: identical copy of another record (one copy kept)"
+    assert result.duplicates == {name: {"copies": 2, "outcome": "identical: one copy kept"}}
+
+
+def test_differing_duplicates_are_all_quarantined_whatever_the_order(records):
+    name = records[3]["name"]["common"]
+    other = copy.deepcopy(records[3])
+    other["population"] += 1
+    outcomes = []
+    for ordered in (records + [other], [other] + records):
+        result = validate(copy.deepcopy(ordered))
+        assert result.counts == {"clean": 249, "quarantined": 2, "records": 251}
+        assert set(result.quarantine["name_common"]) == {name}
+        assert all("appears 2 times with different values: every copy quarantined" in r
+                   for r in result.quarantine["reasons"])
+        assert result.duplicates == {name: {"copies": 2, "outcome": "different values: all quarantined"}}
+        outcomes.append(result.clean.sort_values("name_common", ignore_index=True))
+    pd.testing.assert_frame_equal(*outcomes)  # the clean table does not depend on the API's order
 
 
 def test_several_broken_records_each_land_once_with_all_their_reasons(records):

@@ -69,16 +69,47 @@ def test_latest_run_id_is_none_without_runs_and_then_the_most_recent(settings):
     assert runs.latest_run_id(settings) == "a-newer"
 
 
-def test_resolve_run_id(settings):
-    assert runs.resolve_run_id(settings, "given-1", "03_load") == "given-1"
+def test_resolve_run_id_outside_the_runner(settings, monkeypatch):
+    monkeypatch.delenv(runs.RUNNER_ENV, raising=False)
+    monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    assert runs.resolve_run_id(settings, "given-1", "01_ingest") == "given-1"  # a new named run
     with pytest.raises(InvalidName):
         runs.resolve_run_id(settings, "bad/id", "03_load")
     with pytest.raises(PipelineError, match="run 01_ingest first"):
         runs.resolve_run_id(settings, "", "02_clean")
+    with pytest.raises(PipelineError, match="there is no run nope"):
+        runs.resolve_run_id(settings, "nope", "02_clean")
     new = runs.resolve_run_id(settings, "", "01_ingest")
-    assert re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{6}", new)
-    runs.StageRecord(settings, "r-latest", "01_ingest").save()
-    assert runs.resolve_run_id(settings, "", "02_clean") == "r-latest"
+    assert re.fullmatch(r"papermill-\d{8}T\d{6}Z-[0-9a-f]{6}", new)
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/01_ingest.ipynb")
+    assert runs.resolve_run_id(settings, "", "01_ingest").startswith("lab-")
+
+    # The latest run is the runner's: a later stage starts its own run, based on it.
+    RunRecord.open(settings, "r-runner", ALL, {})
+    runs.StageRecord(settings, "r-runner", "01_ingest").save()
+    own = runs.resolve_run_id(settings, "", "02_clean")
+    assert own.startswith("lab-") and own != "r-runner"
+    runs.open_interactive(settings, own, "02_clean")
+    saved = runs.read_json(runs.manifest_path(settings, own))
+    assert saved["origin"] == "jupyterlab" and saved["based_on"] == "r-runner"
+    assert runs.based_on(settings, own) == "r-runner"
+    # Naming the runner's run is refused, with how to re-run a stage properly.
+    with pytest.raises(runs.RecordClosed, match="python run_pipeline.py --stages 3 --run-id r-runner"):
+        runs.resolve_run_id(settings, "r-runner", "03_load")
+
+    # The latest run is an interactive one: later stages continue it.
+    runs.StageRecord(settings, own, "02_clean").save()
+    assert runs.resolve_run_id(settings, "", "03_load") == own
+    assert runs.resolve_run_id(settings, own, "03_load") == own
+
+
+def test_resolve_run_id_under_the_runner(settings, monkeypatch):
+    monkeypatch.setenv(runs.RUNNER_ENV, "r-9")
+    assert runs.resolve_run_id(settings, "", "03_load") == "r-9"
+    assert runs.resolve_run_id(settings, "r-9", "03_load") == "r-9"
+    with pytest.raises(PipelineError, match="differs from the runner's run"):
+        runs.resolve_run_id(settings, "other", "03_load")
+    assert runs.origin() == "runner"
 
 
 def test_stage_record_saves_counts_artifacts_and_details(settings):
@@ -157,7 +188,7 @@ def test_first_unfinished_points_at_the_failed_stage(offline):
     assert record.first_unfinished() == 2
     entry = record.data["stages"]["03_load"]
     assert entry["status"] == "failed" and entry["error"] == "cell [4]: DatabaseError: boom"
-    assert "rows_in" not in entry
+    assert entry["rows_in"] is None
 
 
 def test_resuming_keeps_the_history_and_records_the_resume(offline):
@@ -181,9 +212,11 @@ def test_resuming_keeps_the_history_and_records_the_resume(offline):
     again.keep_attempt("02_clean")  # the failed attempt's notebook is moved aside, not overwritten
     assert not (again.dir / "02_clean.ipynb").exists()
     assert (again.dir / "02_clean.attempt1.ipynb").exists()
-    assert again.data["stages"]["02_clean"]["attempts"] == [
-        {"notebook": "02_clean.attempt1.ipynb", "status": "failed", "error": "boom",
-         "started": first.data["stages"]["02_clean"]["started"]}]
+    assert not runs.stage_path(offline, "run-1", "02_clean").exists()
+    [kept] = again.data["stages"]["02_clean"]["attempts"]
+    assert {k: kept[k] for k in ("attempt", "record", "notebook", "status", "error", "started")} == {
+        "attempt": 1, "record": "stages/02_clean.attempt1.json", "notebook": "02_clean.attempt1.ipynb",
+        "status": "failed", "error": "boom", "started": first.data["stages"]["02_clean"]["started"]}
     stage_succeeds(again, "02_clean")
     assert "error" not in again.data["stages"]["02_clean"]
     assert again.first_unfinished() == 2
@@ -192,12 +225,19 @@ def test_resuming_keeps_the_history_and_records_the_resume(offline):
     assert len(runs.read_json(again.path)["resumed"]) == 2
 
 
-def test_keep_attempt_without_an_earlier_notebook_does_nothing(offline):
+def test_every_execution_of_a_stage_is_kept_as_an_attempt(offline):
     record = RunRecord.open(offline, "run-1", ALL[:1], {})
-    record.keep_attempt("01_ingest")
+    record.keep_attempt("01_ingest")  # nothing to keep yet
     record.stage_started("01_ingest")
-    record.keep_attempt("01_ingest")
     assert record.data["stages"]["01_ingest"]["attempts"] == []
+    record.stage_started("01_ingest")  # the first execution never ended: kept as abandoned
+    [first] = record.data["stages"]["01_ingest"]["attempts"]
+    assert first["status"] == "abandoned" and first["record"] == "stages/01_ingest.attempt1.json"
+    stage_succeeds(record, "01_ingest")
+    attempts = record.data["stages"]["01_ingest"]["attempts"]
+    assert [a["status"] for a in attempts] == ["abandoned", "abandoned"]
+    assert record.data["stages"]["01_ingest"]["status"] == "succeeded"
+    assert record.data["stages"] == runs.derive_stages(offline, "run-1")
 
 
 def test_finish_builds_lineage_and_copies_reconciliation(offline):

@@ -62,7 +62,7 @@ def test_gold_refuses_an_export_whose_checksum_does_not_match(settings, s3, uniq
     assert tampered != data
     cloud.put_object(Bucket=export.bucket, Key=export.key, Body=tampered, Metadata=meta)  # metadata kept
 
-    with pytest.raises(stages.StageError, match="checksum mismatch.*nothing was written to gold"):
+    with pytest.raises(stages.StageError, match="checksum mismatch.*nothing was written by 05_gold"):
         stages.build_gold(stages.begin("05_gold", run_id), table=table)
     assert gold_keys(s3, settings, run_id) == []
 

@@ -17,9 +17,10 @@ from tests.notebooks.helpers import (by_name, counts_shown, executed, keys_of_ru
 
 def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipeline, settings, s3, pg,
                                                                          api, unique):
-    """A good response with four bad records mixed in, an extra field on every record and one record
-    without `flags`: the four land in quarantine with their reasons, the 250 good rows reach
-    PostgreSQL, and the counts and the drift are in the run record and the executed notebook."""
+    """A good response with four bad records mixed in (one a second France with other values), an
+    extra field on every record and one record without `flags`: the bad ones and both Frances (the
+    API's order must not decide which wins) land in quarantine with their reasons, the 249 other rows
+    reach PostgreSQL, and the counts and the drift are in the run record and the executed notebook."""
     table, run_id = f"t_{unique}", f"silver-{unique}"
     good = snapshot()
     first = by_name(good)
@@ -33,20 +34,21 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
         records.insert(position, record)
     for record in records:
         record["startOfWeek"] = "monday"  # drift: a field nobody asked for
-    bad = {records.index(r): r for r in (without_name, lots, negative, duplicate)}
+    bad = {records.index(r): r for r in (without_name, lots, negative, duplicate, first["France"])}
     assert records.index(first["France"]) < records.index(duplicate)
     api.payload = payload(records)
 
     res = run_pipeline("--run-id", run_id, "--stages", "1-3", "-p", f"table={table}", "-p", "min_records=200")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert "[4 quarantined]" in res.stdout
+    assert "[5 quarantined]" in res.stdout
 
     # The run record: every record in is either clean or quarantined.
     details = manifest(settings, run_id)["stages"]["02_clean"]["details"]
     assert details["raw_records"] == 254
-    assert (details["clean_rows"], details["quarantined"], details["superseded"]) == (250, 4, 0)
+    assert (details["clean_rows"], details["quarantined"], details["superseded"]) == (249, 5, 0)
     assert details["clean_rows"] + details["quarantined"] == details["raw_records"]
-    assert details["invalid_fraction"] == round(4 / 254, 6)
+    assert details["invalid_fraction"] == round(5 / 254, 6)
+    assert details["duplicates"] == {"France": {"copies": 2, "outcome": "different values: all quarantined"}}
     assert details["drift"] == {"unexpected_fields": {"startOfWeek": 254},
                                 "missing_fields": {"name": 1, "flags": 1}}
 
@@ -68,23 +70,24 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
     assert reasons[i(lots)] == "population must be a whole number >= 0 (got 'lots')"
     assert names_[i(lots)] == "Atlantis"
     assert reasons[i(negative)] == "area must be a number >= 0 (got -5.0)"
-    assert reasons[i(duplicate)] == "name_common 'France' duplicates an earlier record"
+    for copy_ in (duplicate, first["France"]):
+        assert reasons[i(copy_)] == "name_common 'France' appears 2 times with different values: every copy quarantined"
 
-    # Silver and PostgreSQL hold exactly the 250 good countries, with their own values.
+    # Silver and PostgreSQL hold exactly the 249 good countries, with their own values.
     clean_key = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if layout.is_clean(k)]
     clean = read_table(s3, settings.clean_bucket, clean_key[0])
     current = db.current(pg, "public", table)
     for frame in (clean, current):
-        assert len(frame) == 250 and frame["name_common"].is_unique
+        assert len(frame) == 249 and frame["name_common"].is_unique
         assert dict(zip(frame["name_common"], frame["population"])) == {
-            r["name"]["common"]: r["population"] for r in good}
+            r["name"]["common"]: r["population"] for r in good if r["name"]["common"] != "France"}
     kenya = current.set_index("name_common").loc["Kenya"]
     assert pd.isna(kenya["flag_png"]) and pd.isna(kenya["flag_svg"]) and pd.isna(kenya["flag_alt"])
     assert set(current["_run_id"]) == {run_id}
 
     # The executed notebook shows the counts, the quarantined records and the drift.
     notebook = executed(settings, run_id, "02_clean")
-    assert counts_shown(notebook) == {"raw objects": 1, "records in": 254, "clean": 250, "quarantined": 4,
+    assert counts_shown(notebook) == {"raw objects": 1, "records in": 254, "clean": 249, "quarantined": 5,
                                       "superseded": 0}
     shown = cell_output(notebook, "prepared.validated.quarantine")
     assert "Atlantis" in shown and "Lemuria" in shown and "France" in shown
