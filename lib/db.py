@@ -11,16 +11,20 @@ import logging
 import random
 import time
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 import psycopg2
 import psycopg2.errors
-import sqlalchemy as sa
 from psycopg2 import sql
 
 from lib import names
 from lib.config import Database
 from lib.errors import PipelineError
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, SQL_TYPES, TEXT_COLUMNS
+
+if TYPE_CHECKING:  # pandas and SQLAlchemy are imported where they are used: the runner needs neither
+    import pandas as pd
+    import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ def connect(db: Database, application_name: str = "countries-medallion", attempt
 
 def engine(db: Database, application_name: str = "countries-medallion") -> sa.Engine:
     """A SQLAlchemy engine for reads and previews (pandas.read_sql)."""
+    import sqlalchemy as sa
+
     return sa.create_engine(
         "postgresql+psycopg2://",
         creator=lambda: connect(db, application_name),
@@ -301,6 +307,8 @@ def _select_contract(schema: str, table: str, where: sql.Composable = sql.SQL(""
 
 def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.DataFrame:
     """A query's rows as a frame; `object_columns` keep Python values (lists, None) as read."""
+    import pandas as pd
+
     with conn.cursor() as cur:
         cur.execute(query, params)
         columns = [d[0] for d in cur.description]
@@ -328,6 +336,9 @@ def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
 
 def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFrame:
     """Every version of one country in the history table, oldest first (through SQLAlchemy)."""
+    import pandas as pd
+    import sqlalchemy as sa
+
     quote = engine_.dialect.identifier_preparer.quote
     hist = f"{quote(names.sql_identifier(schema, 'schema'))}.{quote(history_table(table))}"
     query = sa.text(f"SELECT {KEY}, population, area, capital, _run_id, valid_from, valid_to, is_current "
