@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import json.encoder
 import math
 import re
 from collections import Counter
@@ -141,7 +142,7 @@ def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     )
     good = frame.drop(index=bad)
     clean = typed(good)
-    clean["_row_hash"] = [row_hash(r) for r in clean[COLUMNS].itertuples(index=False)]
+    clean["_row_hash"] = row_hashes(clean)
     return Validated(clean.reset_index(drop=True), quarantine)
 
 
@@ -153,6 +154,39 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
     for col in TEXT_COLUMNS + LIST_COLUMNS:
         out[col] = out[col].astype(object)
     return SILVER.validate(out)
+
+
+def _canonical_encoder():
+    """json.dumps(row, ensure_ascii=False) for a flat row, without building an encoder per call: the C
+    encoder json.dumps itself uses, made once (the pure-Python json.dumps where there is none)."""
+    if json.encoder.c_make_encoder is None:
+        return lambda row: json.dumps(row, ensure_ascii=False)
+    encode = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring, None,
+                                         ": ", ", ", False, False, True)
+    return lambda row: "".join(encode(row, 0))
+
+
+_CANONICAL = _canonical_encoder()
+
+
+def _canonical_column(kind: str, values: list) -> list:
+    """One column's values in the canonical form of `row_hash`, converted column-wise."""
+    if kind == "text[]":
+        return [v if all(type(x) is str for x in v) else [str(x) for x in v] for v in values]
+    if kind == "bigint":
+        return [int(v) for v in values]
+    if kind == "double":
+        return [float(v) for v in values]
+    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else (v if type(v) is str else str(v))
+            for v in values]
+
+
+def row_hashes(frame: pd.DataFrame) -> list[str]:
+    """`row_hash` of every row of a contract frame, computed column by column (the same hashes,
+    several times faster than row by row)."""
+    columns = [_canonical_column(c.kind, frame[c.name].tolist()) for c in CONTRACT]
+    sha = hashlib.sha256
+    return [sha(_CANONICAL(row).encode("utf-8")).hexdigest() for row in zip(*columns)]
 
 
 def row_hash(values) -> str:
@@ -176,8 +210,7 @@ def row_hash(values) -> str:
 
 def fingerprint(frame: pd.DataFrame) -> dict:
     """Row count and a content fingerprint of a contract frame, recomputed from its values."""
-    hashes = sorted(f"{k}\t{row_hash(r)}" for k, r in
-                    zip(frame[KEY], frame[COLUMNS].itertuples(index=False)))
+    hashes = sorted(f"{k}\t{h}" for k, h in zip(frame[KEY], row_hashes(frame)))
     return {"rows": len(hashes), "fingerprint": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
 
 
