@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import json.encoder
 import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 
 import pandas as pd
 import pandera.pandas as pa
 
+from lib.formats import json_text
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
@@ -156,23 +157,15 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
     return SILVER.validate(out)
 
 
-def _canonical_encoder():
-    """json.dumps(row, ensure_ascii=False) for a flat row, without building an encoder per call: the C
-    encoder json.dumps itself uses, made once (the pure-Python json.dumps where there is none)."""
-    if json.encoder.c_make_encoder is None:
-        return lambda row: json.dumps(row, ensure_ascii=False)
-    encode = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring, None,
-                                         ": ", ", ", False, False, True)
-    return lambda row: "".join(encode(row, 0))
-
-
-_CANONICAL = _canonical_encoder()
+_CANONICAL = json_text
 
 
 def _canonical_column(kind: str, values: list) -> list:
     """One column's values in the canonical form of `row_hash`, converted column-wise."""
     if kind == "text[]":
-        return [v if all(type(x) is str for x in v) else [str(x) for x in v] for v in values]
+        if all(type(v) in (list, tuple) for v in values) and all(type(x) is str for x in chain.from_iterable(values)):
+            return values  # lists of text already (the usual case): checked once for the whole column
+        return [[str(x) for x in v] for v in values]
     if kind == "bigint":
         return [int(v) for v in values]
     if kind == "double":
@@ -210,8 +203,22 @@ def row_hash(values) -> str:
 
 def fingerprint(frame: pd.DataFrame) -> dict:
     """Row count and a content fingerprint of a contract frame, recomputed from its values."""
-    hashes = sorted(f"{k}\t{h}" for k, h in zip(frame[KEY], row_hashes(frame)))
-    return {"rows": len(hashes), "fingerprint": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
+    return Fingerprint().add(frame).result()
+
+
+class Fingerprint:
+    """`fingerprint` of a table read in chunks: only each row's key and hash are kept, never the rows."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, frame: pd.DataFrame) -> "Fingerprint":
+        self.lines += [f"{k}\t{h}" for k, h in zip(frame[KEY], row_hashes(frame))]
+        return self
+
+    def result(self) -> dict:
+        self.lines.sort()
+        return {"rows": len(self.lines), "fingerprint": hashlib.sha256("\n".join(self.lines).encode()).hexdigest()}
 
 
 def drift(records: list[dict]) -> dict:

@@ -228,7 +228,8 @@ def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float
 @dataclass
 class Loaded:
     result: dict
-    current: pd.DataFrame
+    preview: pd.DataFrame  # the first current rows by key (the table itself is never read whole)
+    current_rows: int
     history_rows: int
 
 
@@ -252,25 +253,34 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
     fmt = formats.of_key(obj["key"])
     batch = fmt.decode(data)
     csv_data = data if fmt.name == "csv" else formats.get("csv").encode(batch)  # COPY reads CSV
+    del data
+    batch_rows, batch_keys = len(batch), set(batch[contract.KEY])
+    del batch
     conn = stage.db_connection()
     try:
         result = db.merge(conn, csv_data, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
                           retire_missing=retire_missing)
-        current = db.current(conn, db_schema, table)
+        del csv_data
+        # The fingerprints of the table and of this batch's rows in it, read back in chunks.
+        batch_fp, current_fp, current_rows = quality.Fingerprint(), quality.Fingerprint(), 0
+        for chunk in db.current_chunks(conn, db_schema, table):
+            current_fp.add(chunk)
+            batch_fp.add(chunk[chunk[contract.KEY].isin(batch_keys)])
+            current_rows += len(chunk)
+        sample = db.preview(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))
     finally:
         conn.close()
-    in_batch = current[current[contract.KEY].isin(batch[contract.KEY])]
-    batch_fp, current_fp = quality.fingerprint(in_batch), quality.fingerprint(current)
-    stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": len(current),
+    batch_fp, current_fp = batch_fp.result(), current_fp.result()
+    stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
     unreconciled = ({"PostgreSQL rows of this batch": "append mode keeps rows already present"}
                     if write_mode == "append" else {})
-    stage.record.update(rows_in=len(batch), rows_out=len(current), **result, schema=db_schema, table=table,
+    stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
                         batch_rows=batch_fp["rows"], batch_fingerprint=batch_fp["fingerprint"],
                         current_fingerprint=current_fp["fingerprint"], history_rows=history_rows,
                         unreconciled=unreconciled)
-    return Loaded(result, current, history_rows)
+    return Loaded(result, sample, current_rows, history_rows)
 
 
 # --- 4. PostgreSQL → cloud ----------------------------------------------------------------------------
@@ -295,8 +305,11 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             spool = storage.HashingSpool()
             try:
                 rows = db.copy_out(conn, db_schema, name, spool, pipeline_table=name == table)
-                if name == table:
-                    fp = quality.fingerprint(formats.get("csv").decode(spool.rewound().read()))
+                if name == table:  # the fingerprint of what was exported, read back in chunks
+                    fp = quality.Fingerprint()
+                    for chunk in formats.csv_chunks(spool.rewound()):
+                        fp.add(chunk)
+                    fp = fp.result()
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(
                     cloud, settings.cloud.bucket, key, spool.rewound(), size=spool.size, digest=spool.sha256,

@@ -185,6 +185,15 @@ def get_bytes(s3, bucket: str, key: str) -> tuple[bytes, dict[str, str]]:
         raise _fail(s3, f"reading {key}", bucket, err) from None
 
 
+def open_object(s3, bucket: str, key: str):
+    """An object's body as a file object to read from (close it after), and its metadata."""
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+        return obj["Body"], obj.get("Metadata", {})
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"reading {key}", bucket, err) from None
+
+
 def head(s3, bucket: str, key: str) -> dict | None:
     """An object's size and metadata, or None when it does not exist."""
     try:
