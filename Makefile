@@ -2,8 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# Apache Airflow, for the DAG in airflow/: a virtual environment of its own (its pins are not ours).
+AIRFLOW_VENV := .venv-airflow
+CHROMIUM := /usr/bin/chromium
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lab stack-up stack-down stack-status bench clean
+.PHONY: run test lab stack-up stack-down stack-status bench clean airflow-venv git-filters screenshots
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -11,10 +15,12 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 $(VENV)/.installed: requirements.txt pyproject.toml | $(BIN)/python
+	@echo "Installing requirements.txt into $(VENV) (the first install takes a few minutes; later ones are quick)"
 	$(BIN)/python -m pip install --quiet -r requirements.txt
 	@touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
+	@echo "Installing requirements-dev.txt into $(VENV) (test tools)"
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	@touch $@
 
@@ -22,13 +28,41 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 run: $(VENV)/.installed
 	$(BIN)/python run_pipeline.py $(ARGS)
 
+$(AIRFLOW_VENV)/.installed: airflow/requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
+	rm -rf $(AIRFLOW_VENV)
+	$(PYTHON) -m venv $(AIRFLOW_VENV)
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(AIRFLOW_VENV)/bin/python -m pip install --quiet -r airflow/requirements.txt
+	@touch $@
+
+## airflow-venv: Apache Airflow 3 in .venv-airflow/ (installed once; again only when its pins change)
+airflow-venv: $(AIRFLOW_VENV)/.installed
+
 ## test: the whole suite against real services (starts its own embedded stack and HTTP server)
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-## lab: JupyterLab on notebooks/, on the same stack as `make run`
-lab: $(VENV)/.installed
-	$(BIN)/python run_pipeline.py lab
+## chromium: the headless browser the page tests drive, from the OS packages (installed when missing)
+$(CHROMIUM):
+	@echo "Installing Chromium from the OS packages for the browser tests (once, a minute or two)"
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+## lab: JupyterLab on notebooks/, on the same stack as `make run`; ARGS="--port 8899" picks the port
+lab: $(VENV)/.installed git-filters
+	$(BIN)/python run_pipeline.py lab $(ARGS)
+
+## git-filters: notebooks saved in the lab reach git without outputs (nbstripout as a git filter)
+git-filters: $(VENV)/.installed
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean ".venv/bin/nbstripout --keep-id" && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config diff.ipynb.textconv ".venv/bin/nbstripout --keep-id -t"; fi
+
+## screenshots: docs/index.png and docs/report.png from the runs in outputs/ (README pictures)
+screenshots: $(VENV)/.installed-dev $(CHROMIUM)
+	$(BIN)/python docs/screenshots.py
 
 stack-up stack-down stack-status: $(VENV)/.installed
 	$(BIN)/python run_pipeline.py stack $(subst stack-,,$@)
@@ -38,4 +72,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m bench.benchmark $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache

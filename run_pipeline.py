@@ -6,7 +6,9 @@
     python run_pipeline.py --resume ID          continue a failed or interrupted run
     python run_pipeline.py stack up|down|status|env
     python run_pipeline.py lab                  JupyterLab on the same stack
-    python run_pipeline.py report ID            HTML pages of a run for reviewers (report.html)
+    python run_pipeline.py report ID|--all      HTML pages of a run (report.html) and the run index
+    python run_pipeline.py runs [--json]        every run, newest first
+    python run_pipeline.py diff A B             countries added, removed and changed from run A to run B
 
 Exit codes: 0 success, 1 a stage or preflight failed, 2 bad arguments or configuration (nothing ran),
 3 another run holds the pipeline lock, 130 interrupted.
@@ -20,7 +22,7 @@ import logging
 import os
 import sys
 
-from lib import config, db, names, params, registry, report, runner, runs, stack
+from lib import alerts, config, db, names, params, progress, registry, report, review, runner, runs, stack
 from lib.errors import PipelineError
 from lib import log as logsetup
 
@@ -48,7 +50,7 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-lock", type=float, default=0, metavar="SECONDS",
                    help="when another run holds the pipeline lock, wait this long before giving up (default 0)")
     p.add_argument("--html", action="store_true",
-                   help="also render the run as HTML pages (report.html) when it ends")
+                   help="kept for old scripts: every run now ends by writing report.html and outputs/index.html")
     return p
 
 
@@ -61,17 +63,37 @@ def cmd_stack(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="run_pipeline.py stack", description="Manage the embedded stack "
                                 "(SeaweedFS S3 and PostgreSQL on loopback, state under .state/).")
     p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--orphans", action="store_true",
+                   help="with down: stop an orphaned stack of this project on this port base (its state "
+                        "folder deleted): only our own weed and PostgreSQL servers are stopped")
     args = p.parse_args(argv)
+    if args.orphans and args.action != "down":
+        return usage_error("--orphans goes with `stack down` only")
     env = config.environment()
     sdir = config.state_dir(env)
-    logsetup.setup(config.Path(env.get("PIPELINE_LOGS_DIR") or config.ROOT / "logs"))
+    try:
+        logsetup.setup(config.logs_dir(env))
+    except logsetup.LogWriteError as err:
+        return usage_error(str(err))
     try:
         if args.action == "up":
             stack.up(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
+        elif args.action == "down" and args.orphans:
+            stopped = stack.stop_orphans(stack.port_base(sdir))
+            for holder in stopped:
+                print(f"stopped {holder.describe()}")
+            if not stopped:
+                print(f"no orphaned stack on the ports of base {stack.port_base(sdir)}")
         elif args.action == "down":
             stack.down(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
+            left = stack.holders(stack.port_base(sdir))
+            if left:
+                raise stack.StackError("still listening on this stack's ports: "
+                                       + "; ".join(h.describe() for h in left)
+                                       + (" -- `stack down --orphans` stops an orphaned stack of this project"
+                                          if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
             print(json.dumps(stack.status(sdir), indent=2))
         else:
@@ -94,17 +116,56 @@ def cmd_lab(argv: list[str]) -> int:
 
 def cmd_report(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="run_pipeline.py report",
-                                description="Render a run's executed notebooks and an index as HTML.")
-    p.add_argument("run_id")
+                                description="Render a run's report and executed notebooks as HTML, and the "
+                                            "run index outputs/index.html.")
+    p.add_argument("run_id", nargs="?", help="the run to render")
+    p.add_argument("--all", action="store_true", help="render every run, then the index")
     args = p.parse_args(argv)
+    if bool(args.run_id) == args.all:
+        return usage_error("report: give a RUN_ID or --all")
     try:
+        if args.all:
+            print(report.write_all(config.outputs_dir()))
+            return 0
         run_dir = runs.run_dir(config.outputs_dir(), args.run_id)
         print(report.write(run_dir))
+        print(report.write_index(config.outputs_dir()))
     except names.InvalidName as err:
         return usage_error(str(err))
     except FileNotFoundError as err:
         print(f"run_pipeline.py report: {err}", file=sys.stderr)
         return runner.EXIT_FAILED
+    return 0
+
+
+def cmd_runs(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_pipeline.py runs", description="Every run, newest first.")
+    p.add_argument("--json", action="store_true", help="print the runs as JSON")
+    args = p.parse_args(argv)
+    rows = review.summaries(config.outputs_dir())
+    print(review.runs_json(rows) if args.json else review.runs_table(rows))
+    return 0
+
+
+def cmd_diff(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_pipeline.py diff",
+                                description="Countries added, removed and changed (old → new) between the gold "
+                                            "tables of two runs.")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--json", action="store_true", help="print the difference as JSON")
+    args = p.parse_args(argv)
+    try:
+        names.run_id(args.run_a), names.run_id(args.run_b)
+        env = config.environment()
+        runner.ensure_stack(env)
+        report_ = review.diff(config.settings(env), args.run_a, args.run_b)
+    except names.InvalidName as err:
+        return usage_error(str(err))
+    except RuntimeError as err:  # PipelineError and the diff's own: a run's data is missing or unreadable
+        print(f"run_pipeline.py diff: {err}", file=sys.stderr)
+        return runner.EXIT_FAILED
+    print(review.runs_json(report_) if args.json else review.diff_text(report_))
     return 0
 
 
@@ -121,21 +182,27 @@ def cmd_run(argv: list[str]) -> int:
             stages = params.parse_stages(args.stages)
             chosen = params.parse(args.param, stages)
         env = config.environment()
+        config.check_for_run(env)  # hook (issue 9): API URL, outputs and logs folders, before anything starts
         if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
             config.settings(env)  # a configured stack: its settings can be checked now
     except PipelineError as err:  # bad arguments or settings: nothing ran
         return usage_error(str(err))
 
     # 2. Services: start the embedded ones if nothing else is configured.
+    progress.install()  # [review hook] progress lines on stderr while the run goes
     try:
-        runner.ensure_stack(env)
+        progress.start_stack(env)  # [review hook] was runner.ensure_stack(env), now says what it starts
         settings = config.settings(env)
     except PipelineError as err:
         if err.exit_code == runner.EXIT_USAGE:  # a bad setting: nothing ran
             return usage_error(str(err))
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return err.exit_code
-    logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+    try:
+        logfile = logsetup.setup(settings.logs_dir, settings.secrets())
+    except logsetup.LogWriteError as err:  # hook (issue 9): a log that takes no lines fails the run
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return runner.EXIT_FAILED
 
     if args.resume:
         previous = runs.read_json(runs.manifest_path(settings, run_id))
@@ -167,6 +234,8 @@ def cmd_run(argv: list[str]) -> int:
     runner.install_signal_handlers()
     try:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
+            if args.resume:  # hook (issue 9): a killed kernel's session would block the resumed load
+                db.end_run_sessions(settings.db, run_id)
             return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)
@@ -201,10 +270,11 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     if kernels is not None:
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
+    report.after_run(record.dir)  # report.html of the run and outputs/index.html
+    alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
-    if args.html:
-        print(f"  report:     {report.write(record.dir)}")
+    print(f"  report:     {record.dir / 'report.html'}  (all runs: {record.dir.parent.parent / 'index.html'})")
     print(f"  log:        {logfile}")
     for stage in record.data["requested_stages"]:
         print(runner.summary_line(stage, record.data["stages"].get(stage, {"status": "not run"})))
@@ -219,6 +289,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_lab(argv[1:])
     if argv and argv[0] == "report":
         return cmd_report(argv[1:])
+    if argv and argv[0] == "runs":
+        return cmd_runs(argv[1:])
+    if argv and argv[0] == "diff":
+        return cmd_diff(argv[1:])
     return cmd_run(argv)
 
 

@@ -18,6 +18,10 @@ from lib.errors import PipelineError
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_API_URL = contract.api_url()
 EMULATED_CLOUD_BUCKET = "cloud"
+# Settings that are secrets: each also accepts <NAME>_FILE, a file holding the value (Docker and
+# Kubernetes secrets, or a 0600 file written from a secrets manager by the scheduler).
+SECRET_SETTINGS = ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "DB_PASSWORD", "AWS_ACCESS_KEY_ID",
+                   "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "ALERT_URLS")
 
 
 class ConfigError(PipelineError):
@@ -146,6 +150,32 @@ def environment() -> dict[str, str]:
     return merged
 
 
+def resolve_secret_files(env: dict[str, str]) -> dict[str, str]:
+    """A copy of `env` where each `<NAME>_FILE` of a secret setting is replaced by the file's content
+    (one trailing newline dropped; a relative path is taken from the project folder). Raises
+    ConfigError when both NAME and NAME_FILE are set, or the file is missing, unreadable or empty; the
+    message names the variable and the path, never a value."""
+    out = dict(env)
+    for name in SECRET_SETTINGS:
+        path = env.get(f"{name}_FILE")
+        if not path:
+            continue
+        if env.get(name):
+            raise ConfigError(f"both {name} and {name}_FILE are set: keep one of them")
+        file = Path(path) if Path(path).is_absolute() else ROOT / path  # relative: to the project folder
+        try:
+            value = file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+        except FileNotFoundError:
+            raise ConfigError(f"{name}_FILE={path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{name}_FILE={path}: cannot be read ({type(err).__name__}: "
+                              f"{getattr(err, 'strerror', None) or 'not UTF-8 text'})") from None
+        if not value.strip():
+            raise ConfigError(f"{name}_FILE={path}: the file is empty")
+        out[name] = value
+    return out
+
+
 def state_dir(env: dict[str, str] | None = None) -> Path:
     env = environment() if env is None else env
     return Path(env.get("PIPELINE_STATE_DIR") or ROOT / ".state").resolve()
@@ -154,6 +184,34 @@ def state_dir(env: dict[str, str] | None = None) -> Path:
 def outputs_dir(env: dict[str, str] | None = None) -> Path:
     env = environment() if env is None else env
     return Path(env.get("PIPELINE_OUTPUTS_DIR") or ROOT / "outputs").resolve()
+
+
+def logs_dir(env: dict[str, str] | None = None) -> Path:
+    env = environment() if env is None else env
+    return Path(env.get("PIPELINE_LOGS_DIR") or ROOT / "logs").resolve()
+
+
+def _usable_dir(path: Path, variable: str) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"{variable}: {path} is not a usable folder ({err.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{variable}: {path} is not writable")
+
+
+def check_for_run(env: dict[str, str]) -> None:
+    """What a run needs from its configuration that can be checked before anything starts: the API
+    URL (scheme, field count) and usable outputs and logs folders. Raises ConfigError."""
+    from lib import source  # late import: keeps config free of the HTTP client for notebooks
+
+    if env.get("API_BASE_URL"):
+        try:
+            source.check_url(env["API_BASE_URL"])
+        except source.SourceError as err:
+            raise ConfigError(f"API_BASE_URL: {err}") from None
+    _usable_dir(outputs_dir(env), "PIPELINE_OUTPUTS_DIR")
+    _usable_dir(logs_dir(env), "PIPELINE_LOGS_DIR")
 
 
 def uses_embedded_store(env: dict[str, str]) -> bool:
@@ -204,7 +262,7 @@ def _embedded(sdir: Path):
 
 def settings(env: dict[str, str] | None = None) -> Settings:
     """Build the settings. Raises ConfigError naming the variable that is missing or wrong."""
-    env = environment() if env is None else env
+    env = resolve_secret_files(environment() if env is None else env)
     sdir = state_dir(env)
     state = _embedded(sdir) if (uses_embedded_store(env) or uses_embedded_db(env)) else None
     region = env.get("AWS_REGION") or "us-east-1"

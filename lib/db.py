@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.errors
+import tenacity
 from psycopg2 import sql
 
 from lib import names
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 WRITE_MODES = ("upsert", "append", "replace")
 LOADS_TABLE = "pipeline_loads"
 LOCK_KEY = (7420, 1)  # (namespace, id) of the pipeline's session advisory lock
+LOAD_LOCK_TIMEOUT = "60s"  # longest wait of a load for a lock held by another session
+APP_NAME = "countries-medallion"  # sessions are named "countries-medallion <stage> <run id>"
 AUDIT_COLUMNS = ("_row_hash", "_run_id", "_loaded_at")
 HISTORY_COLUMNS = ("version_id", "_row_hash", "_run_id", "valid_from", "valid_to", "is_current")
 # Text and list columns read back as Python objects: pandas 3 would infer a string dtype, NaN for NULL.
@@ -56,19 +59,35 @@ def connect_args(db: Database, application_name: str = "countries-medallion") ->
             "dbname": db.name, "connect_timeout": db.connect_timeout, "application_name": application_name}
 
 
+class _NotAnswering(Exception):
+    """A connection attempt that may succeed later (the server starting, a network blip)."""
+
+
 def connect(db: Database, application_name: str = "countries-medallion", attempts: int = 4,
             backoff: float = 0.5):
-    """A psycopg2 connection, with bounded retries on connection failures."""
-    for attempt in range(1, attempts + 1):
+    """A psycopg2 connection, with bounded retries (a tenacity policy: exponential backoff with
+    jitter) on connection failures. A refused password is final at once."""
+    def once():
         try:
             return psycopg2.connect(**connect_args(db, application_name))
         except psycopg2.OperationalError as err:
             message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            if "password authentication failed" in message or attempt == attempts:
+            if "password authentication failed" in message:
                 raise DatabaseError(f"cannot connect to PostgreSQL at {db.masked_url}: {message}") from None
-            wait = backoff * 2 ** (attempt - 1) * random.uniform(0.5, 1.0)
-            log.warning("PostgreSQL at %s not answering (%s); retry in %.1fs", db.masked_url, message, wait)
-            time.sleep(wait)
+            raise _NotAnswering(message) from None
+
+    exponential = tenacity.wait_exponential(multiplier=backoff)
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_NotAnswering),
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=lambda state: exponential(state) * random.uniform(0.5, 1.0),
+        before_sleep=lambda state: log.warning("PostgreSQL at %s not answering (%s); retry in %.1fs", db.masked_url,
+                                               state.outcome.exception(), state.upcoming_sleep))
+    try:
+        return retrying(once)
+    except tenacity.RetryError as err:
+        raise DatabaseError(f"cannot connect to PostgreSQL at {db.masked_url}: "
+                            f"{err.last_attempt.exception()}") from None
 
 
 def engine(db: Database, application_name: str = "countries-medallion") -> sa.Engine:
@@ -213,7 +232,7 @@ def _typed_select() -> sql.Composed:
 
 
 def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: str = "upsert",
-         retire_missing: bool = True) -> dict:
+         retire_missing: bool = True, lock_timeout: str = LOAD_LOCK_TIMEOUT) -> dict:
     """Load a silver CSV into `schema.table` in ONE transaction: COPY into a staging table, then merge.
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
@@ -222,17 +241,20 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
     append:  only keys not present yet are inserted; existing rows are never changed.
     replace: the current table becomes exactly the batch (every row rewritten by this run); history
              as for upsert with retire_missing.
-    On any error the transaction is rolled back and the tables are as they were.
+    On any error the transaction is rolled back and the tables are as they were. A lock held by another
+    session (a killed run's, say) is waited for `lock_timeout` at most, then the load fails saying so.
     """
     if mode not in WRITE_MODES:
         raise ValueError(f"write mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
     names.run_id(run_id)
+    names.schema(schema)
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
     retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
     data_cols = _cols(COLUMNS)
     try:
         with transaction(conn):
             with conn.cursor() as cur:
+                cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
                 ensure_tables(cur, schema, table)
                 cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
                     sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
@@ -288,6 +310,11 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                      counts["retire"]))
                 cur.execute(sql.SQL("SELECT count(*) FROM {}").format(target))
                 current = cur.fetchone()[0]
+    except psycopg2.errors.LockNotAvailable:
+        raise DatabaseError(
+            f"loading {schema}.{table} waited {lock_timeout} for a lock held by another session and was "
+            "rolled back: a killed run's session may still hold it (--resume ends the run's own sessions)"
+        ) from None
     except psycopg2.Error as err:
         raise DatabaseError(f"loading {schema}.{table} failed and was rolled back: "
                             f"{str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}"
@@ -445,3 +472,33 @@ def pipeline_lock(db: Database, run_id: str, wait_seconds: float = 0.0):
     finally:
         with contextlib.suppress(psycopg2.Error):
             conn.close()  # closing the session releases the lock
+
+
+def end_run_sessions(db: Database, run_id: str) -> list[dict]:
+    """End the server sessions that a dead run of `run_id` left behind (a kernel killed mid-load keeps
+    its session, locks included, until the server notices). Call it holding the pipeline lock, so no
+    live run of `run_id` can own them. Sessions are recognised by their application_name, which every
+    stage sets to "countries-medallion <stage> <run id>"; the runner's own ("run") session is spared."""
+    names.run_id(run_id)
+    conn = connect(db, application_name=f"{APP_NAME} resume {run_id}")
+    conn.autocommit = True
+    ended = []
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pid, application_name, state, backend_start FROM pg_stat_activity "
+                        "WHERE pid <> pg_backend_pid() AND datname = current_database() "
+                        "AND usename = current_user AND application_name LIKE %s",
+                        (f"{APP_NAME} % {run_id}",))
+            for pid, app, state, started in cur.fetchall():
+                parts = app.split(" ")
+                if len(parts) != 3 or parts[2] != run_id or parts[1] in ("run", "resume"):
+                    continue
+                cur.execute("SELECT pg_terminate_backend(%s, 5000)", (pid,))
+                if cur.fetchone()[0]:
+                    ended.append({"pid": pid, "stage": parts[1], "state": state, "since": started})
+    finally:
+        conn.close()
+    for s in ended:
+        log.warning("ended a lingering session of run %s: server pid %s (%s, %s since %s)", run_id, s["pid"],
+                    s["stage"], s["state"], f"{s['since']:%Y-%m-%d %H:%M:%S %Z}")
+    return ended

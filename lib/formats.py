@@ -84,12 +84,34 @@ def csv_chunks(fileobj, rows: int = 50_000):
 
 
 def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
+    frame.columns = [c.lower() for c in frame.columns]  # an export may carry upper-case names (column_case)
     for col in LIST_COLUMNS:
         if col in frame:
             # Each cell is a JSON array: the whole column parses as one array of them, in one call.
             frame[col] = pd.Series(json.loads("[" + ",".join(frame[col].tolist()) + "]") if len(frame) else [],
                                    index=frame.index, dtype=object)
     return _typed(frame, "CSV")
+
+
+class UpperHeader:
+    """A write-through sink that upper-cases the first line (the CSV header) of what passes through
+    it: the seed's upper-case column names for an export streamed by COPY, the rows untouched."""
+
+    def __init__(self, sink):
+        self.sink = sink
+        self.pending = b""  # the header until its newline has arrived; None after
+
+    def write(self, chunk) -> int:
+        if isinstance(chunk, str):
+            chunk = chunk.encode("utf-8")
+        if self.pending is None:
+            return self.sink.write(chunk)
+        self.pending += chunk
+        head, newline, rest = self.pending.partition(b"\n")
+        if newline:
+            self.sink.write(head.upper() + newline + rest)
+            self.pending = None
+        return len(chunk)
 
 
 # --- Parquet (pyarrow): list columns as list<string>, typed numbers ----------------------------------

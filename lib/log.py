@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,13 +34,32 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+class LogWriteError(OSError):
+    """The log file cannot be written (disk full, read-only, /dev/full): lines would be lost."""
+
+
+class _FileHandler(logging.FileHandler):
+    """A file handler that fails loudly: a line that cannot be written raises instead of being
+    dropped with a note on stderr, so a run cannot succeed with its log lost."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        err = sys.exc_info()[1]
+        raise LogWriteError(f"the log file {self.baseFilename} cannot be written: {err}") from None
+
+
 def log_file(logs_dir: Path) -> Path:
     return logs_dir / f"pipeline_{datetime.now(timezone.utc):%Y%m%d}.log"
 
 
-def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, stream=None) -> Path:
-    """Send `lib` and runner logs to the console and the daily file. Safe to call again."""
-    logs_dir.mkdir(parents=True, exist_ok=True)
+def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, stream=None,
+          stream_level: int | None = None, stream_format: str = FORMAT) -> Path:
+    """Send `lib` and runner logs to the console and the daily file. Safe to call again.
+    `stream_level`/`stream_format` quieten the console alone (a notebook shows warnings, the file
+    keeps everything). Raises LogWriteError when the file cannot be opened or written."""
+    try:
+        logs_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LogWriteError(f"the logs folder {logs_dir} cannot be used: {err}") from None
     path = log_file(logs_dir)
     redact = RedactSecrets(list(secrets))
     root = logging.getLogger()
@@ -47,11 +67,22 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
         if getattr(handler, "_medallion", False):
             root.removeHandler(handler)
             handler.close()
-    for handler in (logging.StreamHandler(stream or sys.stderr), logging.FileHandler(path, encoding="utf-8")):
+    console = logging.StreamHandler(stream or sys.stderr)
+    console.setFormatter(logging.Formatter(stream_format))
+    if stream_level is not None:
+        console.setLevel(stream_level)
+    try:
+        file_handler = _FileHandler(path, encoding="utf-8")
+    except OSError as err:
+        raise LogWriteError(f"the log file {path} cannot be opened: {err}") from None
+    file_handler.setFormatter(logging.Formatter(FORMAT))
+    for handler in (console, file_handler):
         handler._medallion = True
-        handler.setFormatter(logging.Formatter(FORMAT))
         handler.addFilter(redact)
         root.addHandler(handler)
+    # One line now, so a file that takes no writes (a full disk) is found before anything runs.
+    file_handler.handle(logging.LogRecord(__name__, logging.INFO, __file__, 0, "log opened by pid %s",
+                                          (os.getpid(),), None))
     root.setLevel(level)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "papermill", "traitlets", "asyncio"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

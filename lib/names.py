@@ -67,3 +67,15 @@ def sql_identifier(value: str, what: str = "identifier") -> str:
             "starting with a letter or '_'"
         )
     return value
+
+
+SYSTEM_SCHEMAS = ("information_schema", "pg_catalog", "pg_toast")
+
+
+def schema(value: str) -> str:
+    """A schema the pipeline may write to: a valid identifier that is not one of PostgreSQL's own
+    (information_schema, pg_catalog, pg_toast, or anything starting with pg_, which is reserved)."""
+    sql_identifier(value, "schema")
+    if value in SYSTEM_SCHEMAS or value.startswith("pg_"):
+        raise InvalidName(f"schema {value!r} is a system schema of PostgreSQL: choose another db_schema")
+    return value

@@ -48,9 +48,10 @@ def _checks() -> dict:
     from lib import db, formats, source  # late: they import this module's neighbours
 
     return {
-        "db_schema": lambda v: names.sql_identifier(v, "schema"),
+        "db_schema": names.schema,
         "table": lambda v: names.sql_identifier(v, "table"),
         "write_mode": _one_of("write_mode", db.WRITE_MODES),
+        "column_case": _one_of("column_case", ("lower", "upper")),
         "backfill_date": lambda v: v if v == "" or DATE.match(v) else _bad(f"backfill_date {v!r} is not YYYY-MM-DD"),
         "snapshot_fallback": lambda v: (v if str(v).strip().lower() in ("auto", *TRUE, *FALSE)
                                         else _bad(f"snapshot_fallback {v!r} is not auto, true or false")),

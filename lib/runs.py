@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import names, registry
+from lib import lineage, names, registry
 from lib.config import Settings
 from lib.errors import PipelineError
 
@@ -79,7 +79,7 @@ def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
     latest = latest_run_id(settings)
     if latest is None:
         raise PipelineError(f"{stage} needs a run id: no run exists yet in {runs_dir(settings)}; "
-                         "run 01_ingest first or set run_id")
+                            f"run {registry.first().name} first or set run_id")
     return latest
 
 
@@ -176,6 +176,7 @@ class RunRecord:
         entry = self.data["stages"].setdefault(stage, {"attempts": []})
         entry.update(status="running", started=now(), ended=None, notebook=f"{stage}.ipynb")
         self.save()
+        lineage.stage_started(self, stage)  # hook: OpenLineage START (never raises)
 
     def stage_ended(self, stage: str, status: str, seconds: float, error: str | None = None) -> None:
         entry = self.data["stages"][stage]
@@ -189,6 +190,7 @@ class RunRecord:
             entry.update(rows_in=stage_record["rows_in"], rows_out=stage_record["rows_out"],
                          objects=stage_record["artifacts"], details=stage_record["details"])
         self.save()
+        lineage.stage_ended(self, stage)  # hook: OpenLineage COMPLETE / FAIL / ABORT (never raises)
 
     def keep_attempt(self, stage: str) -> None:
         """Move an earlier attempt's executed notebook aside, so a rerun does not overwrite it."""

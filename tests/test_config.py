@@ -172,3 +172,90 @@ def test_env_file_is_read_and_the_process_environment_wins(tmp_path, monkeypatch
 def test_empty_env_file_setting_reads_no_file(monkeypatch):
     monkeypatch.setenv("PIPELINE_ENV_FILE", "")
     assert config.env_file() is None
+
+
+# --- secrets from files (<NAME>_FILE) ------------------------------------------------------------------
+
+def _secret_file(tmp_path, name: str, content: str, mode: int = 0o600):
+    path = tmp_path / name
+    path.write_text(content)
+    path.chmod(mode)
+    return str(path)
+
+
+@pytest.mark.parametrize("name", config.SECRET_SETTINGS)
+def test_every_secret_setting_accepts_a_file(tmp_path, name):
+    path = _secret_file(tmp_path, name.lower(), f"value-of-{name}\n")  # Docker secrets end with a newline
+    assert config.resolve_secret_files({f"{name}_FILE": path})[name] == f"value-of-{name}"
+
+
+def test_secret_files_reach_the_settings(env, tmp_path):
+    for name in ("MINIO_SECRET_KEY", "DB_PASSWORD", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(name, None)
+    env.update(MINIO_SECRET_KEY_FILE=_secret_file(tmp_path, "minio", "minio-from-file\n"),
+               DB_PASSWORD_FILE=_secret_file(tmp_path, "db", "db pass from file\r\n"),
+               S3_BUCKET_NAME="my-exports", AWS_ACCESS_KEY_ID="AKIAEXAMPLE",
+               AWS_SECRET_ACCESS_KEY_FILE=_secret_file(tmp_path, "aws", "aws-secret-from-file"))
+    s = config.settings(env)
+    assert s.store.secret_key.reveal() == "minio-from-file"
+    assert s.db.password.reveal() == "db pass from file"  # inner spaces kept, only the newline dropped
+    assert s.cloud.secret_key.reveal() == "aws-secret-from-file"
+    assert {"minio-from-file", "db pass from file", "aws-secret-from-file"} <= set(s.secrets())
+    assert "from-file" not in repr(s) + json.dumps(s.describe())
+
+
+def test_a_secret_set_both_ways_is_refused(env, tmp_path):
+    env["DB_PASSWORD_FILE"] = _secret_file(tmp_path, "db", "other")
+    with pytest.raises(ConfigError, match="both DB_PASSWORD and DB_PASSWORD_FILE are set") as err:
+        config.settings(env)
+    assert "configured-db-password" not in str(err.value) and "other" not in str(err.value)
+
+
+def test_a_missing_secret_file_is_named(env, tmp_path):
+    del env["MINIO_SECRET_KEY"]
+    env["MINIO_SECRET_KEY_FILE"] = str(tmp_path / "nope")
+    with pytest.raises(ConfigError, match=r"MINIO_SECRET_KEY_FILE=.*nope: no such file"):
+        config.settings(env)
+
+
+@pytest.mark.parametrize("content", ["", "\n", "   \n"])
+def test_an_empty_secret_file_is_refused(env, tmp_path, content):
+    del env["DB_PASSWORD"]
+    env["DB_PASSWORD_FILE"] = _secret_file(tmp_path, "db", content)
+    with pytest.raises(ConfigError, match="DB_PASSWORD_FILE=.*the file is empty"):
+        config.settings(env)
+
+
+def test_an_unreadable_secret_file_is_refused(env, tmp_path):
+    del env["DB_PASSWORD"]
+    env["DB_PASSWORD_FILE"] = str(tmp_path)  # a folder: reading it fails as it would for any unreadable file
+    with pytest.raises(ConfigError, match="DB_PASSWORD_FILE=.*cannot be read"):
+        config.settings(env)
+
+
+def test_a_secret_file_that_is_not_text_is_refused(env, tmp_path):
+    del env["DB_PASSWORD"]
+    path = tmp_path / "binary"
+    path.write_bytes(b"\xff\xfe\x00")
+    env["DB_PASSWORD_FILE"] = str(path)
+    with pytest.raises(ConfigError, match="DB_PASSWORD_FILE=.*not UTF-8"):
+        config.settings(env)
+
+
+def test_a_secret_file_named_in_the_env_file_is_read(tmp_path, monkeypatch):
+    secret = _secret_file(tmp_path, "pw", "pw-from-file\n")
+    dotenv = tmp_path / "custom.env"
+    dotenv.write_text(f"DB_PASSWORD_FILE={secret}\n")
+    monkeypatch.setenv("PIPELINE_ENV_FILE", str(dotenv))
+    monkeypatch.delenv("DB_PASSWORD", raising=False)
+    assert config.resolve_secret_files(config.environment())["DB_PASSWORD"] == "pw-from-file"
+
+
+def test_a_relative_secret_file_is_taken_from_the_project_folder(tmp_path):
+    name = f".test-secret-{tmp_path.name}"
+    path = config.ROOT / name
+    path.write_text("relative-secret\n")
+    try:
+        assert config.resolve_secret_files({"DB_PASSWORD_FILE": name})["DB_PASSWORD"] == "relative-secret"
+    finally:
+        path.unlink()

@@ -330,3 +330,59 @@ def test_any_other_difference_from_the_contract_is_refused_and_nothing_is_loaded
     with pytest.raises(db.ContractMismatch, match=f"does not match the silver contract; nothing was loaded: .*{problem}"):
         load(pg, csv(clean.head(6)), table, "r2")
     assert dump(pg, table) == before
+
+
+def test_connect_retries_a_server_that_does_not_answer_then_names_it(settings, caplog):
+    from tests.sinks import closed_port
+
+    down = dataclasses.replace(settings.db, port=closed_port())
+    with caplog.at_level("WARNING", logger="lib.db"):
+        with pytest.raises(DatabaseError, match=f"cannot connect to PostgreSQL at .*:{down.port}/.*refused"):
+            db.connect(down, attempts=3, backoff=0.01)
+    retries = [r.getMessage() for r in caplog.records if "not answering" in r.getMessage()]
+    assert len(retries) == 2  # three attempts: two waits
+
+
+# --- a killed run's session -----------------------------------------------------------------------
+
+@pytest.fixture
+def lingering(settings, clean, table, unique):
+    """A session left by a kernel killed mid-load: named like a stage's, idle in a transaction that
+    holds an exclusive lock on the table."""
+    run_id = f"dead-{unique}"
+    setup = db.connect(settings.db)
+    setup.autocommit = True
+    db.merge(setup, csv(clean.head(3)), schema=SCHEMA, table=table, run_id="r1")
+    setup.close()
+    conn = db.connect(settings.db, application_name=f"countries-medallion 03_load {run_id}")
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(db.ident(SCHEMA, table)))
+    yield run_id, conn
+    conn.close()
+
+
+def test_a_load_gives_up_on_a_lock_held_by_another_session(pg, clean, table, lingering):
+    before = lingering[1].get_backend_pid()
+    with pytest.raises(DatabaseError, match=r"waited 1s for a lock held by another session.*--resume"):
+        load(pg, csv(clean.head(5)), table, "r2", lock_timeout="1s")
+    assert lingering[1].get_backend_pid() == before  # the other session was left alone
+
+
+def test_ending_a_dead_runs_sessions_frees_its_locks_and_spares_the_others(settings, pg, clean, table,
+                                                                            lingering, unique):
+    run_id, dead = lingering
+    other = db.connect(settings.db, application_name=f"countries-medallion 03_load other-{unique}")
+    runner = db.connect(settings.db, application_name=f"countries-medallion run {run_id}")
+    try:
+        ended = db.end_run_sessions(settings.db, run_id)
+        assert [(s["pid"], s["stage"]) for s in ended] == [(dead.get_backend_pid(), "03_load")]
+        with pytest.raises(Exception):  # the dead run's session is gone ...
+            dead.cursor().execute("SELECT 1")
+        for alive in (other, runner, pg):  # ... the others are not
+            with alive.cursor() as cur:
+                cur.execute("SELECT 1")
+        assert load(pg, csv(clean.head(5)), table, "r2", lock_timeout="5s")["current_rows"] == 5
+        assert db.end_run_sessions(settings.db, run_id) == []
+    finally:
+        other.close()
+        runner.close()

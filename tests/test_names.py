@@ -57,3 +57,14 @@ def test_sql_identifier_refuses_unsafe_names_and_says_what(value):
 
 def test_invalid_name_is_a_value_error():
     assert issubclass(InvalidName, ValueError)
+
+
+@pytest.mark.parametrize("value", ["information_schema", "pg_catalog", "pg_toast", "pg_temp_3", "pg_anything"])
+def test_schema_refuses_system_schemas(value):
+    with pytest.raises(InvalidName, match="system schema"):
+        names.schema(value)
+
+
+@pytest.mark.parametrize("value", ["public", "gold", "pgx", "my_pg_schema"])
+def test_schema_accepts_ordinary_schemas(value):
+    assert names.schema(value) == value

@@ -53,3 +53,54 @@ def test_report_shows_the_reconciliation_table(run_dir):
 def test_report_of_a_missing_run_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match="no run record"):
         report.write(tmp_path / "nope")
+
+
+HOSTILE = '<img src=x onerror="window.pwned=1"><script>window.pwned=1</script>'
+
+
+def test_index_lists_runs_newest_first_with_every_outside_string_escaped(tmp_path):
+    for run_id, started, source in (("a-1", "2026-11-28T10:00:00+00:00", "snapshot"),
+                                    ("b-2", "2026-11-28T11:00:00+00:00", "api")):
+        runs.write_json(runs.manifest_path(tmp_path, run_id), {
+            "run_id": run_id, "status": "failed" if source == "api" else "succeeded", "started": started,
+            "ended": started, "origin": HOSTILE, "requested_stages": ["01_ingest", "02_clean"],
+            "stages": {"01_ingest": {"status": "succeeded", "duration_s": 1.2, "rows_out": 250,
+                                     "details": {"origin": source, "fallback_reason": HOSTILE}},
+                       "02_clean": {"status": "failed", "error": f"cell [3]: ValueError: {HOSTILE}"}
+                       if source == "api" else {"status": "succeeded", "rows_out": 249, "details": {"quarantined": 1}}}})
+    index = report.write_all(tmp_path)
+    page = index.read_text()
+    assert index == tmp_path / "index.html"
+    assert page.index('href="runs/b-2/report.html"') < page.index('href="runs/a-1/report.html"')
+    assert "SNAPSHOT" in page and "1 of these runs used the bundled snapshot" in page
+    assert "<script>" not in page and "<img src=x" not in page and "&lt;img src=x onerror=" in page
+    assert 'src="trend-rows.png"' in page and (tmp_path / "trend-rows.png").exists()
+    for run_id in ("a-1", "b-2"):
+        text = (runs.run_dir(tmp_path, run_id) / "report.html").read_text()
+        assert "<script" not in text and "<img src=x" not in text
+    failed = (runs.run_dir(tmp_path, "b-2") / "report.html").read_text()
+    assert "Left unpublished" in failed and "&lt;script&gt;" in failed
+
+
+def test_lineage_picture_escapes_uris_and_draws_every_hop():
+    svg = report.lineage_svg({"run_id": "r", "stages": {
+        "01_ingest": {"objects": [{"uri": f"s3://raw/{HOSTILE}.json", "inputs": ["bundled snapshot lib/data/x"]}]},
+        "02_clean": {"objects": [{"uri": "s3://clean/q/quarantine/x.csv"}]}},
+        "lineage": [{"from": "bundled snapshot lib/data/x", "to": f"s3://raw/{HOSTILE}.json"},
+                    {"from": f"s3://raw/{HOSTILE}.json", "to": "s3://clean/q/quarantine/x.csv"}]})
+    assert svg.count("<rect") == 3 and svg.count("<line") == 2
+    assert "<script" not in svg and "<img" not in svg and "bundled snapshot" in svg
+
+
+def test_a_stage_record_displays_as_tables_with_whole_uris_and_escaped_values(tmp_path):
+    uri = "s3://clean/countries/ingest_date=2026-11-28/run_id=" + "x" * 80 + "/capitals_clean.csv"
+    view = report.RecordView(tmp_path / "02_clean.json", {
+        "stage": "02_clean", "run_id": "r", "rows_in": 251, "rows_out": 250,
+        "artifacts": [{"uri": uri, "size": 10, "sha256": "a" * 64, "rows": 250, "inputs": []}],
+        "details": {"quarantined": 1, "note": HOSTILE,
+                    "attempts": [{"attempt": 1, "status": 503}, {"attempt": 2, "status": 200}]}})
+    assert view == str(tmp_path / "02_clean.json")  # still the record's path
+    page = view._repr_html_()
+    assert uri in page and "a" * 64 in page and "<script" not in page and "&lt;script&gt;" in page
+    assert "<b>attempts</b>" in page and "503" in page
+    assert uri in repr(view) and "rows 251 → 250" in repr(view)

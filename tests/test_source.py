@@ -24,7 +24,8 @@ def test_fetch_returns_the_api_answer_with_the_ten_fields(api):
     assert got.origin == "api" and got.url == api.url
     assert len(records) == 250
     assert all(set(r) <= set(contract.SOURCE_FIELDS) for r in records)
-    assert got.attempts == [{"attempt": 1, "status": 200}]
+    assert [(a["attempt"], a["status"]) for a in got.attempts] == [(1, 200)]
+    assert set(got.attempts[0]) == {"attempt", "status", "seconds"}  # no wait: nothing was retried
     assert len(api.requests) == 1
 
 
@@ -122,7 +123,8 @@ def test_the_total_budget_cuts_retries_short():
 def test_a_slow_answer_times_out_and_is_retried(api):
     api.queue(Scripted(200, b"[]", delay=1.5))
     got = source.fetch(api.url, read_timeout=0.3, **FAST)
-    assert got.attempts[0] == {"attempt": 1, "error": "ReadTimeout"}
+    assert (got.attempts[0]["attempt"], got.attempts[0]["error"]) == (1, "ReadTimeout")
+    assert {"seconds", "wait_before_next_s"} <= set(got.attempts[0])
     assert got.attempts[-1]["status"] == 200
 
 

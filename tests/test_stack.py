@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import signal
+import socket
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 
 from lib import stack
 from lib.stack import StackError
+from tests.conftest import TEST_PORT_BASE
 
 
 @pytest.fixture
@@ -104,10 +111,98 @@ def test_init_state_creates_fresh_private_credentials_once(tmp_path):
     assert first.port_base == 19200
     assert {first.secret_key, first.db_password}.isdisjoint({other.secret_key, other.db_password})
     assert len(first.secret_key) >= 30 and first.access_key.startswith("medallion-")
-    assert mode(tmp_path / "a" / "credentials.json") == 0o600 and mode(tmp_path / "a") == 0o700
+    assert mode(tmp_path / "a" / "credentials.json") == 0o600
+    # 0700; as root 0710 with group pgserver, so the PostgreSQL system user can pass through
+    assert mode(tmp_path / "a") == (0o710 if os.geteuid() == 0 else 0o700)
 
 
 def test_weed_is_told_to_bind_loopback_only(tmp_path):
     state = stack.init_state(tmp_path, port_base=19400)
     command = stack.weed_command(tmp_path, state)
     assert "-ip.bind=127.0.0.1" in command and "-s3.port=19400" in command
+
+
+# --- orphaned stacks and stubborn servers -------------------------------------------------------------
+
+ORPHAN_BASE = TEST_PORT_BASE + 40  # the next 100 ports belong to this suite: stay inside them
+
+
+def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
+    gone = tmp_path / "deleted-clone" / ".state"
+    stack.init_state(gone, port_base=ORPHAN_BASE)
+    stack.up(gone)
+    weed = int((gone / "seaweedfs" / "weed.pid").read_text())
+    shutil.rmtree(gone.parent)  # the clone is deleted while its stack runs
+    fresh = tmp_path / "new-clone" / ".state"
+    stack.init_state(fresh, port_base=ORPHAN_BASE)
+    with pytest.raises(StackError) as refused:
+        stack.up(fresh)
+    message = str(refused.value)
+    assert "taken by another program" in message and f"pid {weed} " in message
+    assert f"state folder {gone} (deleted" in message and "stack down --orphans" in message
+    env = {"PIPELINE_STATE_DIR": str(fresh), "PIPELINE_STACK_PORT_BASE": str(ORPHAN_BASE)}
+    down = run_pipeline("stack", "down", env=env)  # the new clone's own stack: nothing to stop ...
+    assert down.returncode == 1 and "still listening" in down.stderr and f"pid {weed} " in down.stderr
+    orphans = run_pipeline("stack", "down", "--orphans", env=env)
+    assert orphans.returncode == 0, orphans.stderr
+    assert f"stopped pid {weed} " in orphans.stdout
+    assert stack.holders(ORPHAN_BASE) == []
+    try:
+        assert stack.up(fresh).port_base == ORPHAN_BASE  # the ports are free again
+    finally:
+        stack.down(fresh)
+
+
+def test_stop_orphans_leaves_live_stacks_and_other_programs_alone(sdir, embedded):
+    with pytest.raises(StackError, match="not provably an orphaned stack"):
+        stack.stop_orphans(embedded.port_base)
+    assert stack.status(sdir)["object_store"]["running"] and stack.status(sdir)["database"]["running"]
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", ORPHAN_BASE + 3))
+        other.listen()
+        with pytest.raises(StackError, match=rf"not provably.*pid {os.getpid()} "):
+            stack.stop_orphans(ORPHAN_BASE)
+        state = stack.init_state(Path(tempfile.mkdtemp(prefix="medallion-busy-")), port_base=ORPHAN_BASE)
+        with pytest.raises(StackError, match=rf"taken by another program \(pid {os.getpid()} "):
+            stack.start_object_store(Path(tempfile.mkdtemp(prefix="medallion-busy-")), state)
+
+
+def test_down_kills_a_weed_that_ignores_sigterm(tmp_path):
+    sdir = tmp_path / ".state"
+    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 20)
+    stack.up(sdir, ("object_store",))
+    pid = int((sdir / "seaweedfs" / "weed.pid").read_text())
+    os.kill(pid, signal.SIGSTOP)  # a stopped process does not act on SIGTERM; SIGKILL still ends it
+    try:
+        stack.down(sdir, ("object_store",))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+    assert stack.holders(state.port_base) == []
+    assert not (sdir / "seaweedfs" / "weed.pid").exists()
+
+
+def test_up_restarts_a_weed_started_without_the_security_configuration(tmp_path):
+    sdir = tmp_path / ".state"
+    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 30)
+    (sdir / "seaweedfs").mkdir()
+    # As the previous version started it: no -config_dir, so no security.toml.
+    old = [arg for arg in stack.weed_command(sdir, state) if not arg.startswith(("-config_dir=", "-disableHttp"))]
+    with open(sdir / "seaweedfs" / "weed.log", "ab") as log:
+        proc = subprocess.Popen(old, cwd=sdir / "seaweedfs", stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    (sdir / "seaweedfs" / "weed.pid").write_text(str(proc.pid))
+    try:
+        stack._wait_for(lambda: stack._port_open(state.port_base + 3), "old filer", 60, sdir / "seaweedfs" / "weed.log")
+        stack.up(sdir, ("object_store",))
+        assert proc.wait(timeout=30) is not None  # the insecure weed is gone ...
+        new = int((sdir / "seaweedfs" / "weed.pid").read_text())
+        assert new != proc.pid and b"-config_dir=" in Path(f"/proc/{new}/cmdline").read_bytes()
+        import requests  # ... and its filer no longer answers strangers
+        with pytest.raises(requests.RequestException):
+            requests.get(f"http://127.0.0.1:{state.port_base + 3}/", timeout=5).raise_for_status()
+    finally:
+        stack.down(sdir)
+        if proc.poll() is None:
+            proc.kill()

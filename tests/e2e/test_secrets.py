@@ -17,6 +17,7 @@ import pytest
 from lib import runs, stack, storage
 from lib.config import Cloud, Secret
 from tests.conftest import TEST_PORT_BASE
+from tests.sinks import HttpSink
 
 PORT_BASE = TEST_PORT_BASE + 300
 
@@ -61,8 +62,19 @@ def sentinel_stack(tmp_path):
         assert stack.status(dirs["state"])["object_store"]["running"] is False
 
 
-def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack, unique):
+@pytest.fixture
+def webhook():
+    sink = HttpSink()
+    yield sink
+    sink.close()
+
+
+def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack, unique, webhook):
     state, sentinels, dirs, env = sentinel_stack
+    # Alerts (failed runs) go to a real local webhook; its URL carries a sentinel token too.
+    token = f"SENTINELTK{uuid.uuid4().hex}"
+    scanned = {**sentinels, "alert_token": token}
+    env = {**env, "ALERT_URLS": f"json://alerts:{token}@127.0.0.1:{webhook.port}/"}
     table = f"secrets_{unique}"
     ok, failing, resumed = f"sec-{unique}-ok", f"sec-{unique}-bad", f"sec-{unique}-cred"
     outputs = []
@@ -119,13 +131,19 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
     assert {"manifest.json", "01_ingest.ipynb", "04_export.ipynb", "05_gold.ipynb"} <= names
     assert any(p.suffix == ".log" and p.stat().st_size > 0 for p in files)
     assert len([p for p in files if p.parent.name == "stages"]) >= 5
-    hits = [(str(p), label) for p in files for label, value in sentinels.items()
+    hits = [(str(p), label) for p in files for label, value in scanned.items()
             if value.encode() in p.read_bytes()]
     assert hits == []
     # The search itself finds them where they belong: the stack's private credentials file.
     creds = (dirs["state"] / "credentials.json").read_bytes()
     assert all(value.encode() in creds for value in sentinels.values())
-    printed = [(" ".join(r.args[2:]), label) for r in outputs for label, value in sentinels.items()
+    printed = [(" ".join(r.args[2:]), label) for r in outputs for label, value in scanned.items()
                if value in r.stdout or value in r.stderr]
     assert printed == []
+    # The run that failed in a stage was alerted (the others failed their preflight, before any run
+    # record), and no alert carried a credential.
+    assert [p["json"]["title"] for p in webhook.posts] == [f"countries-medallion: run {failing} FAILED"]
+    alerted = [(p["json"]["title"], label) for p in webhook.posts for label, value in scanned.items()
+               if value.encode() in p["body"]]
+    assert alerted == []
     assert runs.read_json(dirs["outputs"] / "runs" / resumed / "manifest.json")["status"] == "succeeded"

@@ -1,0 +1,124 @@
+"""One short message when a run needs a person's attention, sent with Apprise.
+
+A run is worth an alert when it failed (or was interrupted), fell back to the bundled snapshot,
+quarantined more records than ALERT_QUARANTINE_THRESHOLD (default 0: any), or failed reconciliation.
+The message says the run id, what happened and where the run record is; nothing else (no settings,
+no credentials).
+
+Destinations are Apprise URLs in ALERT_URLS (or a file named by ALERT_URLS_FILE), separated by commas
+or spaces: `slack://...`, `msteams://...`, `mailto://user:pass@host?smtp=...`, `json://host:port/path`
+and the many others Apprise knows. A destination that cannot be reached is logged and never changes
+the run's outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from lib import config, registry
+
+log = logging.getLogger(__name__)
+
+TITLE = "countries-medallion"
+MAX_ERROR = 300
+
+
+def settings(env: dict[str, str] | None = None) -> tuple[list[str], int]:
+    """(destination URLs, quarantine threshold) from the environment and `.env`."""
+    env = config.resolve_secret_files(config.environment() if env is None else env)
+    urls = [u for u in re.split(r"[,\s]+", env.get("ALERT_URLS", "")) if u]
+    raw = env.get("ALERT_QUARANTINE_THRESHOLD") or "0"
+    try:
+        threshold = int(raw)
+    except ValueError:
+        raise config.ConfigError(f"ALERT_QUARANTINE_THRESHOLD={raw!r} is not a whole number") from None
+    if threshold < 0:
+        raise config.ConfigError(f"ALERT_QUARANTINE_THRESHOLD={threshold} must not be negative")
+    return urls, threshold
+
+
+def reasons(manifest: dict, quarantine_threshold: int = 0) -> list[str]:
+    """What in this run deserves an alert, as short phrases (empty: nothing)."""
+    found = []
+    stages = manifest.get("stages", {})
+    status = manifest.get("status")
+    if status in ("failed", "interrupted"):
+        bad = [(s, e) for s, e in stages.items() if e.get("status") in ("failed", "interrupted")]
+        if bad:
+            stage, entry = bad[-1]
+            error = entry.get("error") or status
+            if "ReconciliationError" in error:
+                found.append(f"reconciliation failed in {stage}: {error}")
+            else:
+                found.append(f"stage {stage} {entry.get('status')}: {error}")
+        elif manifest.get("preflight"):
+            found.append("preflight failed: " + "; ".join(manifest["preflight"]))
+        else:
+            found.append(f"run {status}")
+    ingest = stages.get(registry.writer_of("raw").name, {}).get("details", {})
+    if ingest.get("origin") == "snapshot":
+        found.append("the API could not be reached: the bundled snapshot was used")
+    quarantined = stages.get(registry.writer_of("quarantine").name, {}).get("details", {}).get("quarantined") or 0
+    if quarantined > quarantine_threshold:
+        found.append(f"{quarantined} records quarantined (threshold {quarantine_threshold})")
+    return found
+
+
+def message(manifest: dict, record_dir: Path, found: list[str]) -> tuple[str, str]:
+    """(title, body): run id, status, what happened, where the record is."""
+    run_id = manifest.get("run_id", "?")
+    status = str(manifest.get("status", "?")).upper()
+    lines = [f"run {run_id} {status}"]
+    for reason in found:
+        reason = " ".join(reason.split())  # one line each: tracebacks and tables are in the record
+        lines.append("- " + (reason if len(reason) <= MAX_ERROR else reason[:MAX_ERROR] + "…"))
+    lines.append(f"record: {record_dir / 'manifest.json'}")
+    return f"{TITLE}: run {run_id} {status}", "\n".join(lines)
+
+
+def send(urls: list[str], title: str, body: str, redact: list[str] = ()) -> int:
+    """Send to each destination; returns how many took it. Failures are logged, never raised.
+    Destinations are logged in Apprise's privacy form (tokens and passwords masked)."""
+    import apprise
+
+    for secret in redact:
+        if secret:
+            title, body = title.replace(secret, "***"), body.replace(secret, "***")
+    delivered = 0
+    for n, url in enumerate(urls, start=1):
+        server = apprise.Apprise.instantiate(url)
+        if not server:
+            log.warning("alert destination %d of ALERT_URLS is not a URL Apprise understands; skipped", n)
+            continue
+        where = server.url(privacy=True)
+        try:
+            ok = server.notify(body=body, title=title)
+        except Exception as err:  # noqa: BLE001 - a broken destination must not change the run
+            ok = False
+            log.warning("alert to %s failed: %s", where, type(err).__name__)
+        if ok:
+            delivered += 1
+            log.info("alert sent to %s", where)
+        else:
+            log.warning("alert to %s was not delivered (the run's outcome is unchanged)", where)
+    return delivered
+
+
+def after_run(manifest: dict, record_dir: Path, secrets: list[str] = ()) -> int:
+    """The runner's hook after a run ends: alert if anything deserves it. Never raises."""
+    try:
+        urls, threshold = settings()
+        found = reasons(manifest, threshold)
+        if not found:
+            return 0
+        if not urls:
+            log.info("run %s needs attention (%s); no ALERT_URLS configured", manifest.get("run_id"),
+                     "; ".join(r.split("\n")[0][:120] for r in found))
+            return 0
+        title, body = message(manifest, record_dir, found)
+        return send(urls, title, body, list(secrets))
+    except Exception as err:  # noqa: BLE001
+        log.warning("alerts not sent: %s", err)
+        return 0

@@ -1,0 +1,90 @@
+"""Trend pictures for the run index (PNG files beside `outputs/index.html`), drawn with matplotlib."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lib.review import LAYERS
+
+FILES = {"rows": "trend-rows.png", "durations": "trend-durations.png", "regions": "trend-regions.png"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _labels(rows: list[dict]) -> list[str]:
+    # "11-28 05:54" reads better than a 20-character run id under each tick.
+    return [f"{(s['started'] or '')[5:16].replace('T', ' ')}\n{s['run_id'][-6:]}" for s in rows]
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    _pyplot().close(fig)
+
+
+def write(summaries: list[dict], folder: Path, last: int = 30) -> dict[str, str | None]:
+    """Draw the trends of the newest `last` runs, oldest on the left. Returns picture name → file name
+    (None when no run has the data yet, and any old file of that name is removed)."""
+    plt = _pyplot()
+    chosen = list(reversed(summaries[:last]))
+    out: dict[str, str | None] = {}
+
+    with_rows = [s for s in chosen if any(v is not None for v in s["rows"].values())]
+    if with_rows:
+        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=[3, 1.3])
+        x = range(len(with_rows))
+        for layer in LAYERS.values():
+            top.plot(x, [s["rows"][layer] if s["rows"][layer] is not None else float("nan") for s in with_rows],
+                     marker="o", label=layer)
+        top.set_ylabel("rows")
+        top.legend(loc="lower left", ncol=5, fontsize=8)
+        top.set_title("Rows at each layer, and records quarantined, per run")
+        bottom.bar(x, [s["quarantined"] or 0 for s in with_rows], color="#c44e52")
+        bottom.set_ylabel("quarantined")
+        bottom.set_xticks(list(x), _labels(with_rows), fontsize=7)
+        _save(fig, folder / FILES["rows"])
+        out["rows"] = FILES["rows"]
+
+    with_times = [s for s in chosen if s["stage_seconds"]]
+    if with_times:
+        fig, ax = plt.subplots(figsize=(9, 3.6))
+        x = range(len(with_times))
+        bottom = [0.0] * len(with_times)
+        for stage in LAYERS:
+            values = [s["stage_seconds"].get(stage) or 0.0 for s in with_times]
+            ax.bar(x, values, bottom=bottom, label=stage)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        ax.set_ylabel("seconds")
+        ax.set_title("Stage durations per run")
+        ax.legend(fontsize=8, ncol=5, loc="upper left")
+        ax.set_xticks(list(x), _labels(with_times), fontsize=7)
+        _save(fig, folder / FILES["durations"])
+        out["durations"] = FILES["durations"]
+
+    with_regions = [s for s in chosen if s["by_region"]]
+    if with_regions:
+        fig, ax = plt.subplots(figsize=(9, 3.6))
+        x = range(len(with_regions))
+        regions = sorted({r for s in with_regions for r in s["by_region"]})
+        for region in regions:
+            ax.plot(x, [s["by_region"].get(region, float("nan")) / 1e9 for s in with_regions], marker="o",
+                    label=region)
+        ax.set_ylabel("population (billions)")
+        ax.set_title("Population by region, per run (gold)")
+        ax.legend(fontsize=8, ncol=3, loc="upper left")
+        ax.set_xticks(list(x), _labels(with_regions), fontsize=7)
+        _save(fig, folder / FILES["regions"])
+        out["regions"] = FILES["regions"]
+
+    for name, filename in FILES.items():
+        if name not in out:
+            (folder / filename).unlink(missing_ok=True)
+            out[name] = None
+    return out

@@ -1,0 +1,157 @@
+"""lib.alerts: which runs deserve an alert, and real runs alerting a real local webhook server and a
+real local SMTP server through Apprise; a destination that is down never changes a run's outcome, and
+no credential is ever part of a message."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from email import message_from_bytes
+
+import pytest
+
+from lib import alerts, runs, source
+from lib.config import ConfigError
+from tests.sinks import HttpSink, SmtpSink, closed_port
+
+
+def _manifest(status="succeeded", **stages):
+    return {"run_id": "r1", "status": status, "stages": {s: e for s, e in stages.items()}}
+
+
+# --- what deserves an alert ----------------------------------------------------------------------------
+
+def test_a_clean_successful_run_deserves_no_alert():
+    m = _manifest(**{"01_ingest": {"status": "succeeded", "details": {"origin": "api"}},
+                     "02_clean": {"status": "succeeded", "details": {"quarantined": 0}}})
+    assert alerts.reasons(m) == []
+
+
+def test_reasons_name_the_failure_the_snapshot_and_the_quarantine():
+    m = _manifest("failed", **{
+        "01_ingest": {"status": "succeeded", "details": {"origin": "snapshot"}},
+        "02_clean": {"status": "succeeded", "details": {"quarantined": 3}},
+        "03_load": {"status": "failed", "error": "cell [5]: DatabaseError: loading failed"}})
+    assert alerts.reasons(m) == ["stage 03_load failed: cell [5]: DatabaseError: loading failed",
+                                 "the API could not be reached: the bundled snapshot was used",
+                                 "3 records quarantined (threshold 0)"]
+
+
+def test_the_quarantine_threshold_is_a_setting():
+    m = _manifest(**{"02_clean": {"status": "succeeded", "details": {"quarantined": 3}}})
+    assert alerts.reasons(m, quarantine_threshold=3) == []
+    assert alerts.reasons(m, quarantine_threshold=2) == ["3 records quarantined (threshold 2)"]
+    assert alerts.settings({"ALERT_QUARANTINE_THRESHOLD": "7", "PIPELINE_ENV_FILE": ""})[1] == 7
+    for bad in ("many", "-1"):
+        with pytest.raises(ConfigError, match="ALERT_QUARANTINE_THRESHOLD"):
+            alerts.settings({"ALERT_QUARANTINE_THRESHOLD": bad})
+
+
+def test_a_failed_reconciliation_is_said_as_such():
+    m = _manifest("failed", **{"05_gold": {"status": "failed", "error": "cell [9]: ReconciliationError: "
+                                           "reconciliation failed at hop 'export → gold': 249 records"}})
+    assert alerts.reasons(m)[0].startswith("reconciliation failed in 05_gold: ")
+
+
+def test_alert_urls_are_split_on_commas_and_spaces_and_may_come_from_a_file(tmp_path):
+    path = tmp_path / "alert_urls"
+    path.write_text("json://127.0.0.1:1/a, mailto://127.0.0.1:2?to=a@example.com\n  json://127.0.0.1:3/b\n")
+    urls, threshold = alerts.settings({"ALERT_URLS_FILE": str(path)})
+    assert urls == ["json://127.0.0.1:1/a", "mailto://127.0.0.1:2?to=a@example.com", "json://127.0.0.1:3/b"]
+    assert threshold == 0
+
+
+def test_the_message_is_short_and_says_where_the_record_is(tmp_path):
+    found = ["stage 03_load failed: " + "x" * 1000 + "\nTraceback line"]
+    title, body = alerts.message({"run_id": "r1", "status": "failed"}, tmp_path / "r1", found)
+    assert title == "countries-medallion: run r1 FAILED"
+    lines = body.splitlines()
+    assert lines[0] == "run r1 FAILED" and lines[-1] == f"record: {tmp_path / 'r1' / 'manifest.json'}"
+    assert len(lines) == 3 and len(lines[1]) < 320
+
+
+# --- real runs, real destinations ------------------------------------------------------------------------
+
+@pytest.fixture
+def webhook():
+    sink = HttpSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def smtp():
+    sink = SmtpSink()
+    yield sink
+    sink.close()
+
+
+def _mail_text(envelope) -> str:
+    mail = message_from_bytes(envelope.content)
+    parts = [p for p in mail.walk() if p.get_content_type() == "text/plain"]
+    return mail["Subject"] + "\n" + parts[0].get_payload(decode=True).decode()
+
+
+def test_quarantine_alert_reaches_a_webhook_and_a_mailbox_once_without_secrets(run_pipeline, settings, api,
+                                                                             webhook, smtp, unique):
+    bad = {**api.records[0], "name": {"common": f"Nowhere {unique}", "official": "Nowhere"}, "population": -5}
+    api.records = api.records + [bad]
+    token = f"SENTINELTOKEN{uuid.uuid4().hex}"
+    urls = (f"json://alerts:{token}@127.0.0.1:{webhook.port}/hook, "
+            f"mailto://127.0.0.1:{smtp.port}?from=pipeline@example.com&to=ops@example.com&mode=insecure")
+    run_id = f"alert-{unique}"
+    res = run_pipeline("--stages", "1-2", "--run-id", run_id, env={"ALERT_URLS": urls})
+    assert res.returncode == 0, res.stderr[-3000:]
+    record = runs.run_dir(settings, run_id)
+
+    assert len(webhook.posts) == 1 and len(smtp.messages) == 1
+    post = webhook.posts[0]
+    assert post["path"] == "/hook"
+    assert post["json"]["title"] == f"countries-medallion: run {run_id} SUCCEEDED"
+    body = post["json"]["message"]
+    assert body.splitlines() == [f"run {run_id} SUCCEEDED", "- 1 records quarantined (threshold 0)",
+                                 f"record: {record / 'manifest.json'}"]
+    mail = _mail_text(smtp.messages[0])
+    assert smtp.messages[0].rcpt_tos == ["ops@example.com"]
+    assert f"run {run_id} SUCCEEDED" in mail and "1 records quarantined" in mail and str(record) in mail
+
+    # Nothing secret: neither the stack's credentials nor the token in the destination URL, anywhere.
+    secrets = settings.secrets() + [token]
+    sent = json.dumps(post["json"]) + repr(post["headers"]) + mail
+    assert [s for s in settings.secrets() if s in sent] == []
+    assert token not in json.dumps(post["json"]) and token not in mail
+    written = [p for d in (record, settings.logs_dir) for p in d.rglob("*") if p.is_file()]
+    assert [str(p) for p in written for s in secrets if s.encode() in p.read_bytes()] == []
+    assert token not in res.stdout + res.stderr
+    assert "alert sent to json://alerts:****@127.0.0.1" in res.stderr
+
+
+def test_a_failed_run_alerts_once_and_keeps_its_exit_code(run_pipeline, settings, webhook, unique):
+    run_id = f"alertfail-{unique}"
+    res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}",
+                       env={"ALERT_URLS": f"json://127.0.0.1:{webhook.port}/"})
+    assert res.returncode == 1 and "stage 04_export FAILED" in res.stderr
+    assert len(webhook.posts) == 1
+    lines = webhook.posts[0]["json"]["message"].splitlines()
+    assert lines[0] == f"run {run_id} FAILED"
+    assert lines[1].startswith("- stage 04_export failed: ") and "does not exist" in lines[1]
+    assert lines[2] == f"record: {runs.run_dir(settings, run_id) / 'manifest.json'}"
+
+
+def test_snapshot_fallback_with_every_destination_down_still_succeeds(run_pipeline, settings, unique, webhook):
+    webhook.status = 500  # one destination answers with an error, the others do not answer at all
+    run_id = f"alertdown-{unique}"
+    dead = closed_port()
+    urls = (f"json://127.0.0.1:{dead}/ mailto://127.0.0.1:{dead}?to=ops@example.com&from=p@example.com"
+            f"&mode=insecure json://127.0.0.1:{webhook.port}/ not-a-destination")
+    res = run_pipeline("--stages", "1", "--run-id", run_id, env={
+        "API_BASE_URL": f"http://127.0.0.1:{dead}/v3.1/all?fields={','.join(source.FIELDS)}",
+        "SNAPSHOT_FALLBACK": "true", "ALERT_URLS": urls})
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"run {run_id} SUCCEEDED" in res.stdout
+    m = runs.read_json(runs.manifest_path(settings, run_id))
+    assert m["status"] == "succeeded" and m["stages"]["01_ingest"]["details"]["origin"] == "snapshot"
+    assert len(webhook.posts) == 1  # it was tried, and its 500 is only logged
+    assert "bundled snapshot was used" in webhook.posts[0]["json"]["message"]
+    assert res.stderr.count("was not delivered (the run's outcome is unchanged)") == 3
+    assert "alert destination 4 of ALERT_URLS is not a URL Apprise understands" in res.stderr

@@ -1,0 +1,62 @@
+"""lib.review: run summaries read from manifests, the `runs` table, the text of a diff."""
+
+from __future__ import annotations
+
+from lib import registry, review, runs
+
+
+def manifest(run_id, started, *, status="succeeded", origin=None, source="api", quarantined=0, error=None):
+    stages = {
+        "01_ingest": {"status": "succeeded", "duration_s": 1.0, "rows_out": 250,
+                      "details": {"origin": source, "fallback_reason": "GET failed" if source == "snapshot" else None,
+                                  "attempts": [{"attempt": 1, "status": 503}, {"attempt": 2, "status": 503}]}},
+        "02_clean": {"status": "succeeded", "duration_s": 2.0, "rows_out": 250 - quarantined,
+                     "details": {"quarantined": quarantined}},
+    }
+    if error:
+        stages["03_load"] = {"status": "failed", "duration_s": 0.5, "error": error}
+    data = {"run_id": run_id, "status": status, "started": started, "ended": started.replace(":00.000", ":09.500"),
+            "requested_stages": list(registry.NAMES), "stages": stages}
+    if origin:
+        data["origin"] = origin
+    return data
+
+
+def write(outputs, data):
+    runs.write_json(runs.manifest_path(outputs, data["run_id"]), data)
+
+
+def test_summaries_are_newest_first_and_say_how_each_run_went(tmp_path):
+    write(tmp_path, manifest("a-1", "2026-11-28T10:00:00.000+00:00", source="snapshot", quarantined=2))
+    write(tmp_path, manifest("b-2", "2026-11-28T11:00:00.000+00:00", origin="JupyterLab", status="failed",
+                             error="cell [5]: DatabaseError: <boom>"))
+    (runs.runs_dir(tmp_path) / "not-a-run.txt").write_text("x")
+    first, second = review.summaries(tmp_path)[0], review.summaries(tmp_path)[1]
+    assert [first["run_id"], second["run_id"]] == ["b-2", "a-1"]
+    assert first["origin"] == "JupyterLab" and second["origin"] == "runner"
+    assert second["source"] == "snapshot" and second["quarantined"] == 2 and second["attempts"] == 2
+    assert second["rows"] == {"raw": 250, "clean": 248, "table": None, "export": None, "gold": None}
+    assert second["duration_s"] == 9.5
+    assert first["failed"] == {"stage": "03_load", "error": "cell [5]: DatabaseError: <boom>"}
+    assert first["unpublished"] == ["03_load", "04_export", "05_gold"]
+    assert second["added"] is None  # stage 5 did not run: not known, not zero
+
+
+def test_runs_table_lines_up_one_run_per_line(tmp_path):
+    assert "no runs yet" in review.runs_table([])
+    write(tmp_path, manifest("a-1", "2026-11-28T10:00:00.000+00:00", source="snapshot", quarantined=2))
+    write(tmp_path, manifest("b-2", "2026-11-28T11:00:00.000+00:00"))
+    lines = review.runs_table(review.summaries(tmp_path)).splitlines()
+    assert lines[0].split()[:5] == ["run", "started", "(UTC)", "how", "status"]
+    assert lines[2].startswith("b-2") and lines[3].startswith("a-1")
+    assert "SNAPSHOT!" in lines[3] and "SNAPSHOT!" not in lines[2]
+    assert len({line.index("status") if "status" in line else None for line in lines[:1]}) == 1
+
+
+def test_diff_text_shows_old_and_new_values():
+    text = review.diff_text({"from": "a", "to": "b", "from_uri": "s3://gold/a.csv", "to_uri": "s3://gold/b.csv",
+                             "previous_run_id": "a", "added": ["Xland"], "removed": ["Yland"],
+                             "changed": {"France": {"population": [1, 2], "capital": [["Paris"], ["Lyon"]]}}})
+    assert text.splitlines()[0] == "a → b: 1 added, 1 removed, 1 changed"
+    assert "+ Xland" in text and "- Yland" in text and "~ France" in text
+    assert "    population: 1 → 2" in text and '    capital: ["Paris"] → ["Lyon"]' in text
