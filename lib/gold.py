@@ -113,12 +113,13 @@ def reconcile(details: dict[str, dict | None]) -> pd.DataFrame:
     whether each hop agrees with the one it is compared with. `details` maps each stage name to its
     record's details. Raises ReconciliationError naming the first hop that disagrees (after building
     the table)."""
-    missing = [s.name for s in registry.STAGES if s.hops and details.get(s.name) is None]
+    reconciled = [s for s in registry.STAGES if s.hops and s.number <= registry.reconciler().number]
+    missing = [s.name for s in reconciled if details.get(s.name) is None]
     if missing:
         raise ReconciliationError(f"cannot reconcile: no record of stage(s) {', '.join(missing)} in this run")
 
     rows = []
-    for stage in registry.STAGES:
+    for stage in reconciled:
         mine = details[stage.name]
         for hop in stage.hops:
             exempt = (mine.get("unreconciled") or {}).get(hop.label)

@@ -148,7 +148,7 @@ def _admin(sdir: Path) -> tuple[str, str]:
 def _locked(sdir: Path):
     """One process at a time starts or stops the stack of a state folder."""
     sdir.mkdir(parents=True, exist_ok=True)
-    with open(sdir / "stack.lock", "w") as fh:
+    with os.fdopen(os.open(sdir / "stack.lock", os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield

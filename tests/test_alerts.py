@@ -10,7 +10,7 @@ from email import message_from_bytes
 
 import pytest
 
-from lib import alerts, runs, source
+from lib import alerts, contract, runs
 from lib.config import ConfigError
 from tests.sinks import HttpSink, SmtpSink, closed_port
 
@@ -145,7 +145,7 @@ def test_snapshot_fallback_with_every_destination_down_still_succeeds(run_pipeli
     urls = (f"json://127.0.0.1:{dead}/ mailto://127.0.0.1:{dead}?to=ops@example.com&from=p@example.com"
             f"&mode=insecure json://127.0.0.1:{webhook.port}/ not-a-destination")
     res = run_pipeline("--stages", "1", "--run-id", run_id, env={
-        "API_BASE_URL": f"http://127.0.0.1:{dead}/v3.1/all?fields={','.join(source.FIELDS)}",
+        "API_BASE_URL": f"http://127.0.0.1:{dead}/v3.1/all?fields={','.join(contract.SOURCE_FIELDS)}",
         "SNAPSHOT_FALLBACK": "true", "ALERT_URLS": urls})
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"run {run_id} SUCCEEDED" in res.stdout

@@ -39,7 +39,8 @@ def test_hops_compare_with_earlier_hops_and_existing_stages():
                     owner = ref.rpartition(".")[0]
                     assert not owner or registry.get(owner).number <= stage.number, ref
             seen.append(hop.label)
-    assert registry.reconciler() == registry.STAGES[-1]
+    checker = registry.reconciler()
+    assert all(s.number <= checker.number for s in registry.STAGES if s.hops), "a hop after reconciliation"
 
 
 def test_the_services_a_set_of_stages_needs():
