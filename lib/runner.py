@@ -106,11 +106,27 @@ def import_papermill():
         finally:
             del sys.modules["rfc3987_syntax"]
     import papermill
+
+    return papermill
+
+
+def _engine_on_warm_kernel() -> str:
+    """The name of a papermill engine that runs on a started kernel: `_warm_engine` itself, or, when
+    another engine is the default (lib/progress.py wraps nbclient's), that engine on top of it."""
     from papermill.engines import papermill_engines
 
-    if ENGINE not in papermill_engines._engines:
-        papermill_engines.register(ENGINE, _warm_engine())
-    return papermill
+    global _WARM
+    if _WARM is None:
+        _WARM = _warm_engine()
+    default = papermill_engines.get_engine(None)
+    engine = _WARM if issubclass(_WARM, default) else type(f"Warm{default.__name__}", (default, _WARM), {})
+    name = f"{ENGINE}-{default.__module__}.{default.__name__}"
+    if name not in papermill_engines._engines:
+        papermill_engines.register(name, engine)
+    return name
+
+
+_WARM = None
 
 
 RESET = "get_ipython().reset(new_session=True)"
@@ -227,7 +243,7 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
     if kernels is not None:
         km = kernels.take()
         if km is not None:
-            warm = {"engine_name": ENGINE, "km": km}
+            warm = {"engine_name": _engine_on_warm_kernel(), "km": km}
     try:
         papermill.execute_notebook(
             str(registry.get(stage).notebook), str(output),
