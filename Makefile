@@ -69,7 +69,7 @@ stack-up stack-down stack-status: $(VENV)/.installed
 
 ## bench: speed and memory figures of the pipeline's hot paths
 bench: $(VENV)/.installed
-	$(BIN)/python bench/benchmark.py
+	$(BIN)/python -m bench.benchmark $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(AIRFLOW_VENV) .pytest_cache

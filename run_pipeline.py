@@ -216,9 +216,13 @@ def cmd_run(argv: list[str]) -> int:
             return 0
         log.info("resuming run %s at %s", run_id, stages[0])
 
-    # 3. Preflight, then the lock, then the stages.
-    problems = runner.preflight(settings, stages, chosen)
+    # 3. Preflight, then the lock, then the stages. The kernel boots (and imports lib) meanwhile.
+    kernels = runner.Kernels(args.kernel, run_id)
+    kernels.start()
+    hints: dict[str, dict] = {}
+    problems = runner.preflight(settings, stages, chosen, hints)
     if problems:
+        kernels.close()
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
         if runs.manifest_path(settings, run_id).exists():
             # An existing run: record the stages asked for, so that --resume goes on with them.
@@ -232,21 +236,26 @@ def cmd_run(argv: list[str]) -> int:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
             if args.resume:  # hook (issue 9): a killed kernel's session would block the resumed load
                 db.end_run_sessions(settings.db, run_id)
-            return run_stages(settings, run_id, stages, chosen, args, logfile)
+            return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return err.exit_code
+    finally:
+        kernels.close()
 
 
-def run_stages(settings, run_id, stages, chosen, args, logfile) -> int:
+def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hints=None) -> int:
     record = runs.RunRecord.open(settings, run_id, stages, chosen)
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0
     for stage in stages:
         try:
-            runner.execute(record, stage, chosen.get(stage, {}), kernel=args.kernel,
-                             start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout)
+            # Preflight's findings (hints) steer this run only; the record keeps what was asked for.
+            given = chosen.get(stage, {})
+            runner.execute(record, stage, {**(hints or {}).get(stage, {}), **given}, kernel=args.kernel,
+                           start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
+                           kernels=kernels)
         except runner.Interrupted as why:
             status, code = "interrupted", runner.EXIT_INTERRUPTED
             print(f"\nrun {run_id} interrupted ({why}) during {stage}; "
@@ -258,6 +267,8 @@ def run_stages(settings, run_id, stages, chosen, args, logfile) -> int:
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
+    if kernels is not None:
+        kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
     report.after_run(record.dir)  # report.html of the run and outputs/index.html
     alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged

@@ -1,33 +1,47 @@
 #!/usr/bin/env python3
-"""Speed and memory figures for the pipeline's hot paths, printed, never asserted.
+"""Speed and memory figures of the pipeline, printed beside their targets (`ok` or `OVER`), never asserted.
 
-    make bench                       (or: python bench/benchmark.py --scale 40)
+    make bench                                     250 records and the curve up to 25,000
+    make bench ARGS="--max-records 1000000"        the curve up to a million (about 10 minutes or more)
+    make bench ARGS="--only micro"                 only the per-step figures
 
-It times the transformation steps on the 250-record snapshot and on a scaled copy (each record
-repeated with a unique name), then a COPY-and-merge load and a streamed export on a private embedded
-stack (its own state folder and ports, removed afterwards). Peak memory is Python's own allocation
-peak (tracemalloc) for the step, plus the process's max RSS at the end.
+On a private embedded stack (its own state folder and ports, removed afterwards) and the test API
+server (tests/api_server.py, serving N records as copies of the 250 with unique names, streamed):
 
-Each figure is printed beside its target and marked `ok` or `OVER` (the script never fails on it):
-  - per 1,000 records: flatten 200 ms, validate 500 ms, encode 400 ms, decode 300 ms (CSV and Parquet), fingerprint
-    200 ms, and a Python peak of 4 MiB for any of these (memory grows with the batch, not faster);
-  - a COPY-and-merge load of 250 rows 1 s, of the scaled table 5 s; a no-change reload half that;
-  - the export streams: its Python peak stays under 12 MiB (the spool keeps 8 MiB in memory, then
-    spills to disk), whatever the table size.
+1. 250 records: a full `run_pipeline.py` run against the same lib stage functions called in one plain
+   Python process (bench/pipeline.py), paired runs, medians; target: the runner within 2x in CPU
+   (user + system of the process and its kernel) and in wall time.
+2. The scale curve at 250 / 25k / 250k / 1M records (up to --max-records): the whole run's wall, CPU
+   and peak RSS of the process tree (runner + kernel, not the servers), and each stage against its
+   raw-tool floor on the same data (ingest: a streamed GET uploaded as it arrives; clean: the payload
+   parsed and written as Parquet with pyarrow; load: `psql \\copy`; export: COPY TO STDOUT uploaded);
+   targets: each stage within 2x its floor; at 1M records the run in 120 s and 1 GiB.
+   A plot of time and memory against records goes to bench/results/ with the machine it ran on.
+3. Per-step figures (the older section): per 1,000 records, flatten 200 ms, validate 500 ms, encode
+   400 ms, decode 300 ms (CSV and Parquet), fingerprint 200 ms, and a Python peak of 4 MiB for any of
+   these; a COPY-and-merge load of 250 rows 1 s, of the scaled table 5 s, a no-change reload half
+   that; the export streams (Python peak under 12 MiB whatever the table size).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-from lib import config, contract, db, formats, quality, source, stack, storage, transform
+from lib import config, contract, db, formats, quality, registry, source, stack, storage, transform
+
+from bench import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def measure(label: str, fn, *args, max_ms: float | None = None, max_mib: float | None = None, **kwargs):
@@ -96,12 +110,192 @@ def database_figures(data: bytes, port_base: int, load_ms: float) -> None:
         shutil.rmtree(sdir, ignore_errors=True)
 
 
+# --- whole runs ----------------------------------------------------------------------------------------
+
+CURVE = (250, 25_000, 250_000, 1_000_000)
+RUN_TARGET_S, RSS_TARGET = 120.0, 2**30  # at 1M records
+STAGE_FLOOR_FACTOR = 2.0
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "OVER"
+
+
+def _median(values):
+    return statistics.median(values)
+
+
+def machine() -> dict:
+    import platform
+
+    load = os.getloadavg()
+    return {"when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "cpus": os.cpu_count(), "python": platform.python_version(),
+            "system": f"{platform.system()} {platform.release()} {platform.machine()}",
+            "load_average_1_5_15": [round(x, 2) for x in load]}
+
+
+class Bench:
+    """A private stack, the test API server, and the environment the measured runs see."""
+
+    def __init__(self, port_base: int):
+        from tests.api_server import RestCountriesServer
+
+        self.base = Path(tempfile.mkdtemp(prefix="medallion-bench-"))
+        self.sdir = self.base / "state"
+        stack.init_state(self.sdir, port_base)
+        try:
+            stack.up(self.sdir)
+        except BaseException:
+            stack.down(self.sdir)
+            shutil.rmtree(self.base, ignore_errors=True)
+            raise
+        self.api = RestCountriesServer()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "MINIO_", "AWS_"))}
+        self.env.update({"PIPELINE_ENV_FILE": "", "PIPELINE_STATE_DIR": str(self.sdir),
+                         "PIPELINE_OUTPUTS_DIR": str(self.base / "outputs"), "PIPELINE_LOGS_DIR": str(self.base / "logs"),
+                         "PIPELINE_STACK_PORT_BASE": str(port_base), "API_BASE_URL": self.api.url,
+                         "SNAPSHOT_FALLBACK": "false"})
+        self.settings = config.settings(self.env)
+        self.count = 0
+
+    def close(self) -> None:
+        self.api.close()
+        stack.down(self.sdir)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+    def ids(self, what: str) -> tuple[str, str]:
+        self.count += 1
+        return f"bench-{what}-{self.count}", f"bench_{what}_{self.count}"
+
+    def runner(self, run_id: str, table: str) -> pipeline.Measured:
+        m = pipeline.measure([sys.executable, str(ROOT / "run_pipeline.py"), "--run-id", run_id, "-p", f"table={table}"],
+                             self.env)
+        manifest = json.loads((self.base / "outputs" / "runs" / run_id / "manifest.json").read_text())
+        m.extra = {s: e.get("duration_s", 0.0) for s, e in manifest["stages"].items()}
+        m.extra["status"] = manifest["status"]
+        return m
+
+    def plain(self, run_id: str, table: str) -> pipeline.Measured:
+        return pipeline.measure([sys.executable, str(ROOT / "bench" / "pipeline.py"), "plain", run_id, table], self.env)
+
+
+def _check(m: pipeline.Measured, what: str) -> None:
+    if m.code != 0:
+        print(m.out[-3000:])
+        raise SystemExit(f"{what} failed (exit {m.code})")
+
+
+def comparison(bench: Bench, repeats: int) -> dict:
+    print(f"\n1. 250 records: run_pipeline.py against the stage functions in one plain process "
+          f"({repeats} paired runs, medians)")
+    bench.api.copies = 1
+    runner, plain = [], []
+    for i in range(repeats):
+        r = bench.runner(*bench.ids("runner"))
+        _check(r, "run_pipeline.py")
+        p = bench.plain(*bench.ids("plain"))
+        _check(p, "the plain process")
+        runner.append(r)
+        plain.append(p)
+        print(f"  pair {i + 1}: runner {r.wall:5.1f} s wall {r.cpu:5.1f} s CPU {r.peak_rss / 2**20:5.0f} MiB | "
+              f"plain {p.wall:5.1f} s wall {p.cpu:5.1f} s CPU {p.peak_rss / 2**20:5.0f} MiB")
+    out = {"runner_wall": _median([m.wall for m in runner]), "runner_cpu": _median([m.cpu for m in runner]),
+           "plain_wall": _median([m.wall for m in plain]), "plain_cpu": _median([m.cpu for m in plain])}
+    for kind in ("wall", "cpu"):
+        ratio = out[f"runner_{kind}"] / out[f"plain_{kind}"]
+        out[f"ratio_{kind}"] = ratio
+        print(f"  {kind:<5} runner {out[f'runner_{kind}']:5.1f} s, plain {out[f'plain_{kind}']:5.1f} s: "
+              f"{ratio:.2f}x   ≤{STAGE_FLOOR_FACTOR:.0f}x {_verdict(ratio <= STAGE_FLOOR_FACTOR)}")
+    stages = registry.NAMES
+    print("  runner's stage times (median): " + ", ".join(
+        f"{s} {_median([m.extra.get(s, 0) for m in runner]):.1f} s" for s in stages))
+    return out
+
+
+def curve(bench: Bench, sizes: list[int]) -> list[dict]:
+    print("\n2. scale: whole runs (runner + kernel; servers not counted) and each stage against its floor")
+    rows = []
+    for n in sizes:
+        bench.api.copies = max(1, n // 250)
+        run_id, table = bench.ids(f"n{n}")
+        m = bench.runner(run_id, table)
+        _check(m, f"run_pipeline.py at {n} records")
+        fl = pipeline.floors(bench.settings, run_id, table, bench.api.url)
+        row = {"records": n, "wall": m.wall, "cpu": m.cpu, "peak_rss": m.peak_rss,
+               "stages": {s: m.extra.get(s) for s in registry.NAMES}, "floors": fl}
+        rows.append(row)
+        at_target = n >= 1_000_000
+        print(f"  {n:>9,} records: {m.wall:6.1f} s wall {m.cpu:6.1f} s CPU, peak {m.peak_rss / 2**20:6.0f} MiB"
+              + (f"   ≤{RUN_TARGET_S:.0f} s {_verdict(m.wall <= RUN_TARGET_S)}, "
+                 f"≤{RSS_TARGET / 2**30:.0f} GiB {_verdict(m.peak_rss <= RSS_TARGET)}" if at_target else ""))
+        for stage in registry.NAMES:
+            took, floor = m.extra.get(stage, 0.0), fl.get(stage)
+            if floor:
+                ratio = took / floor
+                print(f"      {stage:<10} {took:7.1f} s  floor {floor:6.2f} s  {ratio:6.1f}x   "
+                      f"≤{STAGE_FLOOR_FACTOR:.0f}x {_verdict(ratio <= STAGE_FLOOR_FACTOR)}")
+            else:
+                print(f"      {stage:<10} {took:7.1f} s  (no floor)")
+    return rows
+
+
+def plot(rows: list[dict], comparison_: dict | None, where: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    where.mkdir(parents=True, exist_ok=True)
+    info = machine()
+    records = [r["records"] for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.plot(records, [r["wall"] for r in rows], "o-", label="whole run (wall)")
+    left.plot(records, [r["cpu"] for r in rows], "s--", label="whole run (CPU)")
+    for stage in registry.NAMES:
+        left.plot(records, [r["stages"].get(stage) or 0 for r in rows], ".:", label=stage)
+    left.axhline(RUN_TARGET_S, color="red", lw=0.8, label="target at 1M: 120 s")
+    left.set_xscale("log"); left.set_yscale("log"); left.set_xlabel("records"); left.set_ylabel("seconds")
+    left.legend(fontsize=7)
+    right.plot(records, [r["peak_rss"] / 2**20 for r in rows], "o-", label="peak RSS, runner + kernel")
+    right.axhline(RSS_TARGET / 2**20, color="red", lw=0.8, label="target: 1 GiB")
+    right.set_xscale("log"); right.set_xlabel("records"); right.set_ylabel("MiB"); right.legend(fontsize=7)
+    fig.suptitle(f"countries-medallion, {info['when']}: {info['cpus']} CPUs, load {info['load_average_1_5_15']}",
+                 fontsize=9)
+    fig.tight_layout()
+    png = where / "scale.png"
+    fig.savefig(png, dpi=110)
+    (where / "scale.json").write_text(json.dumps({"machine": info, "comparison_250": comparison_, "curve": rows},
+                                                 indent=2) + "\n")
+    return png
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scale", type=int, default=40, help="copies of the snapshot for the scaled run (default 40)")
+    parser.add_argument("--max-records", type=int, default=25_000,
+                        help="largest size of the scale curve (250, 25000, 250000, 1000000; default 25000)")
+    parser.add_argument("--repeats", type=int, default=3, help="paired runs of the 250-record comparison (default 3)")
+    parser.add_argument("--only", choices=["pipeline", "micro"], help="only the whole-run or the per-step figures")
+    parser.add_argument("--scale", type=int, default=40, help="copies of the snapshot for the per-step figures (default 40)")
     parser.add_argument("--port-base", type=int, default=18930, help="ports of the private stack (default 18930)")
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results", help="where the plot goes")
     args = parser.parse_args()
+    info = machine()
+    print(f"machine: {info['cpus']} CPUs, {info['system']}, Python {info['python']}, "
+          f"load average {info['load_average_1_5_15']} at {info['when']}")
 
+    if args.only != "micro":
+        bench = Bench(args.port_base)
+        try:
+            compared = comparison(bench, args.repeats)
+            rows = curve(bench, [n for n in CURVE if n <= args.max_records])
+        finally:
+            bench.close()
+        print(f"  plot: {plot(rows, compared, args.results)}")
+        print(f"load average after the runs: {[round(x, 2) for x in os.getloadavg()]}")
+    if args.only == "pipeline":
+        return
+
+    print("\n3. per-step figures")
     records = source.parse_payload(source.snapshot_bytes())
     print(f"snapshot: {len(records)} records")
     data = transform_figures(records)

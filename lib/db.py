@@ -11,10 +11,10 @@ import logging
 import random
 import time
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 import psycopg2
 import psycopg2.errors
-import sqlalchemy as sa
 import tenacity
 from psycopg2 import sql
 
@@ -22,6 +22,10 @@ from lib import names
 from lib.config import Database
 from lib.errors import PipelineError
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, SQL_TYPES, TEXT_COLUMNS
+
+if TYPE_CHECKING:  # pandas and SQLAlchemy are imported where they are used: the runner needs neither
+    import pandas as pd
+    import sqlalchemy as sa
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +100,8 @@ def connect(db: Database, application_name: str = "countries-medallion", attempt
 
 def engine(db: Database, application_name: str = "countries-medallion") -> sa.Engine:
     """A SQLAlchemy engine for reads and previews (pandas.read_sql)."""
+    import sqlalchemy as sa
+
     return sa.create_engine(
         "postgresql+psycopg2://",
         creator=lambda: connect(db, application_name),
@@ -454,6 +460,8 @@ def _select_contract(schema: str, table: str, where: sql.Composable = sql.SQL(""
 
 def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.DataFrame:
     """A query's rows as a frame; `object_columns` keep Python values (lists, None) as read."""
+    import pandas as pd
+
     with conn.cursor() as cur:
         cur.execute(query, params)
         columns = [d[0] for d in cur.description]
@@ -465,6 +473,30 @@ def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.Da
 def current(conn, schema: str, table: str) -> pd.DataFrame:
     """The current rows, typed as the contract (lists as Python lists)."""
     return read_frame(conn, _select_contract(schema, table), object_columns=OBJECT_COLUMNS)
+
+
+def current_chunks(conn, schema: str, table: str, rows: int = 50_000):
+    """The current rows as frames of at most `rows` rows (a server-side cursor): a table of any size
+    is read without holding it. Needs a transaction (not autocommit); ends it."""
+    import pandas as pd
+
+    with conn.cursor(name="medallion_current") as cur:
+        cur.itersize = rows
+        cur.execute(_select_contract(schema, table))
+        while True:
+            batch = cur.fetchmany(rows)
+            if not batch:
+                break
+            columns = [d[0] for d in cur.description]
+            yield pd.DataFrame({c: pd.Series([r[i] for r in batch], dtype=object if c in OBJECT_COLUMNS else None)
+                                for i, c in enumerate(columns)}, columns=columns)
+    conn.rollback()
+
+
+def preview(conn, schema: str, table: str, rows: int = 10) -> pd.DataFrame:
+    """The first rows of the current table by key, for previews."""
+    return read_frame(conn, sql.SQL("{} LIMIT %s").format(_select_contract(schema, table)), (rows,),
+                      object_columns=OBJECT_COLUMNS)
 
 
 def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
@@ -482,6 +514,9 @@ def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
 
 def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFrame:
     """Every version of one country in the history table, oldest first (through SQLAlchemy)."""
+    import pandas as pd
+    import sqlalchemy as sa
+
     quote = engine_.dialect.identifier_preparer.quote
     hist = f"{quote(names.sql_identifier(schema, 'schema'))}.{quote(history_table(table))}"
     query = sa.text(f"SELECT {KEY}, population, area, capital, _run_id, valid_from, valid_to, is_current "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import json.encoder
 from dataclasses import dataclass
 from typing import Callable
 
@@ -50,8 +51,21 @@ def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
 
 # --- CSV: list columns as JSON arrays, nulls as empty fields (COPY's CSV null), CRLF rows -----------
 
+def _json_text():
+    """json.dumps(value, ensure_ascii=False) without building an encoder per call: the C encoder
+    json.dumps itself uses, made once (the pure-Python json.dumps where there is none)."""
+    if json.encoder.c_make_encoder is None:
+        return lambda value: json.dumps(value, ensure_ascii=False)
+    encode = json.encoder.c_make_encoder(None, json.JSONEncoder().default, json.encoder.encode_basestring, None,
+                                         ": ", ", ", False, False, True)
+    return lambda value: "".join(encode(value, 0))
+
+
+json_text = _json_text()
+
+
 def csv_encode(frame: pd.DataFrame) -> bytes:
-    out = frame.assign(**{col: frame[col].map(lambda v: json.dumps(list(v), ensure_ascii=False))
+    out = frame.assign(**{col: [json_text(list(v)) for v in frame[col].tolist()]
                           for col in LIST_COLUMNS if col in frame})
     buf = io.BytesIO()
     # CRLF rows (RFC 4180): the csv writer quotes a field holding any character of the line
@@ -62,11 +76,23 @@ def csv_encode(frame: pd.DataFrame) -> bytes:
 
 
 def csv_decode(data: bytes) -> pd.DataFrame:
-    frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+    return _csv_typed(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False))
+
+
+def csv_chunks(fileobj, rows: int = 50_000):
+    """A CSV object read from a file object as typed frames of at most `rows` rows, so a table of any
+    size is never held whole."""
+    for frame in pd.read_csv(fileobj, dtype=str, keep_default_na=False, chunksize=rows):
+        yield _csv_typed(frame)
+
+
+def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
     frame.columns = [c.lower() for c in frame.columns]  # an export may carry upper-case names (column_case)
     for col in LIST_COLUMNS:
         if col in frame:
-            frame[col] = frame[col].map(json.loads).astype(object)
+            # Each cell is a JSON array: the whole column parses as one array of them, in one call.
+            frame[col] = pd.Series(json.loads("[" + ",".join(frame[col].tolist()) + "]") if len(frame) else [],
+                                   index=frame.index, dtype=object)
     return _typed(frame, "CSV")
 
 

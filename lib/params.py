@@ -100,9 +100,9 @@ def parse_stages(spec: str) -> list[str]:
 
 def declared(stage: str) -> dict:
     """The parameters a stage notebook declares (papermill reads its `parameters` cell)."""
-    import papermill
+    from lib.runner import import_papermill
 
-    return papermill.inspect_notebook(str(registry.get(stage).notebook))
+    return import_papermill().inspect_notebook(str(registry.get(stage).notebook))
 
 
 def convert(key: str, raw: str, type_name: str):

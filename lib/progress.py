@@ -13,7 +13,10 @@ import threading
 import time
 from pathlib import Path
 
-from papermill.engines import NBClientEngine, papermill_engines
+from lib.runner import import_papermill
+
+import_papermill()  # papermill without the grammar jsonschema would build at import (lib/runner.py)
+from papermill.engines import NBClientEngine, papermill_engines  # noqa: E402
 
 SLOW_CELL_SECONDS = 10.0
 LABELS = {"object_store": "SeaweedFS (object store)", "database": "PostgreSQL"}

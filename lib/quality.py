@@ -9,10 +9,12 @@ import math
 import re
 from collections import Counter
 from dataclasses import dataclass
+from itertools import chain
 
 import pandas as pd
 import pandera.pandas as pa
 
+from lib.formats import json_text
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
@@ -232,7 +234,7 @@ def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     )
     good = frame.drop(index=bad)
     clean = typed(good)
-    clean["_row_hash"] = [row_hash(r) for r in clean[COLUMNS].itertuples(index=False)]
+    clean["_row_hash"] = row_hashes(clean)
     return Validated(clean.reset_index(drop=True), quarantine, summary)
 
 
@@ -244,6 +246,31 @@ def typed(frame: pd.DataFrame) -> pd.DataFrame:
     for col in TEXT_COLUMNS + LIST_COLUMNS:
         out[col] = out[col].astype(object)
     return SILVER.validate(out)
+
+
+_CANONICAL = json_text
+
+
+def _canonical_column(kind: str, values: list) -> list:
+    """One column's values in the canonical form of `row_hash`, converted column-wise."""
+    if kind == "text[]":
+        if all(type(v) in (list, tuple) for v in values) and all(type(x) is str for x in chain.from_iterable(values)):
+            return values  # lists of text already (the usual case): checked once for the whole column
+        return [[str(x) for x in v] for v in values]
+    if kind == "bigint":
+        return [int(v) for v in values]
+    if kind == "double":
+        return [float(v) for v in values]
+    return [None if v is None or (isinstance(v, float) and math.isnan(v)) else (v if type(v) is str else str(v))
+            for v in values]
+
+
+def row_hashes(frame: pd.DataFrame) -> list[str]:
+    """`row_hash` of every row of a contract frame, computed column by column (the same hashes,
+    several times faster than row by row)."""
+    columns = [_canonical_column(c.kind, frame[c.name].tolist()) for c in CONTRACT]
+    sha = hashlib.sha256
+    return [sha(_CANONICAL(row).encode("utf-8")).hexdigest() for row in zip(*columns)]
 
 
 def row_hash(values) -> str:
@@ -267,9 +294,22 @@ def row_hash(values) -> str:
 
 def fingerprint(frame: pd.DataFrame) -> dict:
     """Row count and a content fingerprint of a contract frame, recomputed from its values."""
-    hashes = sorted(f"{k}\t{row_hash(r)}" for k, r in
-                    zip(frame[KEY], frame[COLUMNS].itertuples(index=False)))
-    return {"rows": len(hashes), "fingerprint": hashlib.sha256("\n".join(hashes).encode()).hexdigest()}
+    return Fingerprint().add(frame).result()
+
+
+class Fingerprint:
+    """`fingerprint` of a table read in chunks: only each row's key and hash are kept, never the rows."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def add(self, frame: pd.DataFrame) -> "Fingerprint":
+        self.lines += [f"{k}\t{h}" for k, h in zip(frame[KEY], row_hashes(frame))]
+        return self
+
+    def result(self) -> dict:
+        self.lines.sort()
+        return {"rows": len(self.lines), "fingerprint": hashlib.sha256("\n".join(self.lines).encode()).hexdigest()}
 
 
 def drift(records: list[dict]) -> dict:

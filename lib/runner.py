@@ -19,9 +19,12 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 # --- preflight -------------------------------------------------------------------------------------
 
-def preflight(settings: config.Settings, stages: list[str], params: dict[str, dict]) -> list[str]:
+def preflight(settings: config.Settings, stages: list[str], params: dict[str, dict],
+              hints: dict[str, dict] | None = None) -> list[str]:
     """Check that every service the chosen stages need (lib/registry.py) answers. Returns the
-    problems (empty: go)."""
+    problems (empty: go). `hints`, when given, receives parameters for stages that follow from what
+    was found: a stage whose API could not be reached tries it once, then goes to the snapshot,
+    instead of spending its retry budget on it again."""
     import requests
 
     problems: list[str] = []
@@ -41,6 +44,8 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
             if settings.snapshot_fallback:
                 log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
                             url, source.short_error(err))
+                if hints is not None:
+                    hints.setdefault(stage, {})["max_attempts"] = 1
             else:
                 problems.append(f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off")
     if registry.needing("store", stages):
@@ -76,16 +81,160 @@ def _raise_interrupted(signum, frame):
 
 def failed_cell(err: Exception) -> str:
     """'cell [7]: ValueError: ...' from a papermill error, or the error itself."""
-    import papermill
+    papermill = import_papermill()
 
     if isinstance(err, papermill.PapermillExecutionError):
         return f"cell [{err.exec_count}]: {err.ename}: {err.evalue}"
     return f"{type(err).__name__}: {err}"
 
 
-def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, start_timeout: int,
-            cell_timeout: int) -> None:
+# The kernel's own start-up warnings (loopback TCP transport) are noise in a run's output.
+KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR"]
+# What every stage notebook imports first, imported by a warm kernel before its stage begins.
+PRELOAD = "import lib.stages"
+ENGINE = "medallion"
+
+
+def import_papermill():
+    """papermill, without the ~2 s nbformat pays for jsonschema's IRI format checker: jsonschema builds
+    an RFC 3987 grammar at import (rfc3987_syntax) for a string format no notebook schema uses."""
+    import sys
+
+    if "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules:
+        sys.modules["rfc3987_syntax"] = None  # jsonschema treats it as not installed
+        try:
+            import jsonschema  # noqa: F401
+        finally:
+            del sys.modules["rfc3987_syntax"]
     import papermill
+
+    return papermill
+
+
+def _engine_on_warm_kernel() -> str:
+    """The name of a papermill engine that runs on a started kernel: `_warm_engine` itself, or, when
+    another engine is the default (lib/progress.py wraps nbclient's), that engine on top of it."""
+    from papermill.engines import papermill_engines
+
+    global _WARM
+    if _WARM is None:
+        _WARM = _warm_engine()
+    default = papermill_engines.get_engine(None)
+    engine = _WARM if issubclass(_WARM, default) else type(f"Warm{default.__name__}", (default, _WARM), {})
+    name = f"{ENGINE}-{default.__module__}.{default.__name__}"
+    if name not in papermill_engines._engines:
+        papermill_engines.register(name, engine)
+    return name
+
+
+_WARM = None
+
+
+RESET = "get_ipython().reset(new_session=True)"
+SAVE_EVERY_S = 1.0
+
+
+def _warm_engine():
+    """papermill's nbclient engine on a kernel started beforehand (lib/runner.py `Kernels`): before
+    the notebook's first cell the kernel's namespace, history and execution count are reset, so the
+    notebook runs as on a new kernel; the kernel stays up for the next stage. Parameter injection,
+    saving after each cell and the partial notebook on failure stay papermill's."""
+    from jupyter_core.utils import run_sync
+    from papermill.clientwrap import PapermillNotebookClient
+    from papermill.engines import NBClientEngine
+    from papermill.log import logger
+
+    class ResetClient(PapermillNotebookClient):
+        async def async_start_new_kernel_client(self):
+            kc = await super().async_start_new_kernel_client()
+            reply = await self.async_wait_for_reply(kc.execute(RESET, silent=True, store_history=False))
+            if (reply or {}).get("content", {}).get("status") != "ok":
+                raise RuntimeError(f"could not reset the kernel before the notebook: {reply}")
+            return kc
+
+        start_new_kernel_client = run_sync(async_start_new_kernel_client)  # what setup_kernel calls
+
+    class WarmEngine(NBClientEngine):
+        @classmethod
+        def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
+                                     stderr_file=None, start_timeout=60, execution_timeout=None, km=None,
+                                     **kwargs):
+            kwargs = {k: v for k, v in kwargs.items() if k not in ("input_path", "timeout", "startup_timeout")}
+            client = ResetClient(
+                nb_man, km=km, timeout=execution_timeout, startup_timeout=start_timeout,
+                kernel_name=kernel_name, log=logger, log_output=log_output, stdout_file=stdout_file,
+                stderr_file=stderr_file, **kwargs)
+            # papermill writes (and validates) the whole notebook as each cell starts and again as it
+            # ends; at most one such save a second is kept. The first save (as the stage starts), the
+            # save after a failure and the final one are papermill's own, unthrottled.
+            save, last = nb_man.save, [time.monotonic()]
+
+            def throttled(**kw):
+                if time.monotonic() - last[0] >= SAVE_EVERY_S:
+                    save(**kw)
+                    last[0] = time.monotonic()
+
+            nb_man.save = throttled
+            try:
+                return client.execute(cleanup_kc=False)
+            finally:
+                nb_man.save = save
+                if client.kc is not None:
+                    client.kc.stop_channels()
+
+    return WarmEngine
+
+
+class Kernels:
+    """One kernel for the stages of a run, instead of one per stage: starting a kernel and importing
+    lib costs more CPU than a 250-record stage does. It is started (and imports lib, ipykernel's
+    exec_lines) before the first stage needs it, and every notebook begins with its namespace,
+    history and execution count reset. A stage that fails or is interrupted ends the run, and
+    the kernel with it. A kernel that cannot be started here is left to papermill, which starts
+    its own and reports any failure as usual."""
+
+    def __init__(self, name: str, run_id: str):
+        self.name, self.run_id, self.km = name, run_id, None
+
+    def start(self) -> None:
+        if self.km is not None:
+            return
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
+
+        km = AsyncKernelManager(kernel_name=self.name)
+        try:
+            # RUNNER_ENV tells `stages.begin` in the kernel that the runner owns this run's record.
+            run_sync(km.start_kernel)(extra_arguments=[*KERNEL_ARGUMENTS, f"--IPKernelApp.exec_lines={PRELOAD}"],
+                                      cwd=str(config.ROOT), env={**os.environ, runs.RUNNER_ENV: self.run_id})
+        except Exception as err:  # noqa: BLE001 - papermill will start one and report why it cannot
+            log.debug("could not start a %s kernel ahead: %s", self.name, err)
+            return
+        self.km = km
+
+    def take(self):
+        """The kernel for the stage about to run, or None (papermill starts one)."""
+        from jupyter_core.utils import run_sync
+
+        if self.km is not None and not run_sync(self.km.is_alive)():
+            self.close()
+        self.start()
+        return self.km
+
+    def close(self) -> None:
+        km, self.km = self.km, None
+        if km is not None:
+            from jupyter_core.utils import run_sync
+
+            try:
+                run_sync(km.shutdown_kernel)(now=True)
+            except Exception as err:  # noqa: BLE001 - already gone
+                log.debug("kernel shutdown: %s", err)
+
+
+def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, start_timeout: int,
+            cell_timeout: int, kernels: Kernels | None = None) -> None:
+    papermill = import_papermill()
 
     record.stage_started(stage)  # an earlier execution's record and notebook become an attempt
     started = time.monotonic()
@@ -94,14 +243,18 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
     # The kernel inherits this: it tells `stages.begin` that the runner owns the run's record.
     saved = os.environ.get(runs.RUNNER_ENV)
     os.environ[runs.RUNNER_ENV] = record.run_id
+    warm = {}
+    if kernels is not None:
+        km = kernels.take()
+        if km is not None:
+            warm = {"engine_name": _engine_on_warm_kernel(), "km": km}
     try:
         papermill.execute_notebook(
             str(registry.get(stage).notebook), str(output),
             parameters={"run_id": record.run_id, **params},
             kernel_name=kernel, start_timeout=start_timeout, execution_timeout=cell_timeout,
             cwd=str(config.ROOT), progress_bar=False, log_output=False, request_save_on_cell_execute=True,
-            # The kernel's own start-up warnings (loopback TCP transport) are noise in a run's output.
-            extra_arguments=["--IPKernelApp.log_level=ERROR"],
+            extra_arguments=KERNEL_ARGUMENTS, **warm,
         )
     except Interrupted:
         record.stage_ended(stage, "interrupted", time.monotonic() - started, "interrupted")

@@ -331,7 +331,8 @@ def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float
 @dataclass
 class Loaded:
     result: dict
-    current: pd.DataFrame
+    preview: pd.DataFrame  # the first current rows by key (the table itself is never read whole)
+    current_rows: int
     history_rows: int
 
 
@@ -368,6 +369,9 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
     fmt = formats.of_key(obj["key"])
     batch = fmt.decode(data)
     csv_data = data if fmt.name == "csv" else formats.get("csv").encode(batch)  # COPY reads CSV
+    del data
+    batch_rows = len(batch)
+    del batch
     conn = stage.db_connection()
     try:
         try:
@@ -376,17 +380,23 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
                               data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
         except db.DatabaseError as err:
             raise StageError(str(err)) from None
-        current = db.current(conn, db_schema, table)
+        del csv_data
+        # The fingerprint of the whole table, read back in chunks (the batch was proven inside the merge).
+        current_fp, current_rows = quality.Fingerprint(), 0
+        for chunk in db.current_chunks(conn, db_schema, table):
+            current_fp.add(chunk)
+            current_rows += len(chunk)
+        sample = db.preview(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))
     finally:
         conn.close()
-    current_fp = quality.fingerprint(current)
-    stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": len(current),
+    current_fp = current_fp.result()
+    stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
-    stage.record.update(rows_in=len(batch), rows_out=len(current), **result, schema=db_schema, table=table,
+    stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
                         current_fingerprint=current_fp["fingerprint"], history_rows=history_rows,
                         allow_rewind=allow_rewind)
-    return Loaded(result, current, history_rows)
+    return Loaded(result, sample, current_rows, history_rows)
 
 
 # --- 4. PostgreSQL → cloud ----------------------------------------------------------------------------
@@ -433,8 +443,11 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             try:
                 sink = formats.UpperHeader(spool) if column_case == "upper" else spool
                 rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
-                if name == table:
-                    fp = quality.fingerprint(formats.get("csv").decode(spool.rewound().read()))
+                if name == table:  # the fingerprint of what was exported, read back in chunks
+                    fp = quality.Fingerprint()
+                    for chunk in formats.csv_chunks(spool.rewound()):
+                        fp.add(chunk)
+                    fp = fp.result()
                     _check_table(stage, db_schema, table, rows, fp["fingerprint"])
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(

@@ -4,6 +4,7 @@ the sha256 of its content."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import tempfile
@@ -55,8 +56,20 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+# One boto3 Session per process (building one loads botocore's service models, ~0.3 s) and one client
+# per set of settings: clients are thread-safe and every stage asks for the same few.
+_SESSIONS: dict[tuple, boto3.session.Session] = {}
+
+
+def _session(profile: str | None = None, region: str | None = None) -> boto3.session.Session:
+    if (profile, region) not in _SESSIONS:
+        _SESSIONS[profile, region] = boto3.session.Session(profile_name=profile, region_name=region)
+    return _SESSIONS[profile, region]
+
+
+@functools.lru_cache(maxsize=16)
 def client(store: ObjectStore):
-    return boto3.session.Session().client(
+    return _session().client(
         "s3",
         endpoint_url=store.url,
         aws_access_key_id=store.access_key.reveal(),
@@ -66,10 +79,11 @@ def client(store: ObjectStore):
     )
 
 
+@functools.lru_cache(maxsize=16)
 def cloud_client(cloud: Cloud):
     """The cloud role: explicit keys when configured, otherwise boto3's own chain (environment,
     AWS_PROFILE including SSO profiles)."""
-    session = boto3.session.Session(profile_name=cloud.profile, region_name=cloud.region)
+    session = _session(cloud.profile, cloud.region)
     keys = {}
     if cloud.access_key is not None:
         keys = {"aws_access_key_id": cloud.access_key.reveal(),
@@ -167,6 +181,15 @@ def get_bytes(s3, bucket: str, key: str) -> tuple[bytes, dict[str, str]]:
     try:
         obj = s3.get_object(Bucket=bucket, Key=key)
         return obj["Body"].read(), obj.get("Metadata", {})
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"reading {key}", bucket, err) from None
+
+
+def open_object(s3, bucket: str, key: str):
+    """An object's body as a file object to read from (close it after), and its metadata."""
+    try:
+        obj = s3.get_object(Bucket=bucket, Key=key)
+        return obj["Body"], obj.get("Metadata", {})
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         raise _fail(s3, f"reading {key}", bucket, err) from None
 

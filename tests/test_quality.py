@@ -176,3 +176,20 @@ def test_fingerprint_ignores_row_order_but_not_content(clean):
     changed.loc[0, "population"] += 1
     assert quality.fingerprint(changed)["fingerprint"] != fp["fingerprint"]
     assert quality.fingerprint(clean.iloc[1:])["rows"] == 249
+
+
+def test_row_hashes_of_a_frame_equal_row_hash_row_by_row_whatever_the_value_forms(clean):
+    from lib.contract import COLUMNS
+
+    odd = clean.head(6).copy()
+    odd["subregion"] = odd["subregion"].astype(object)
+    odd.loc[0, "subregion"] = float("nan")  # a null read back as NaN
+    odd.loc[1, "subregion"] = None
+    odd["population"] = odd["population"].astype("float64")  # whole numbers as floats
+    odd["capital"] = odd["capital"].astype(object)
+    odd.at[2, "capital"] = ["Ville", 7]  # a non-text item is hashed as its text
+    odd.at[3, "capital"] = ("Tuple",)
+    odd.loc[4, "name_official"] = "Ünïcödé \"quoted\" \\ back"
+    expected = [quality.row_hash(r) for r in odd[COLUMNS].itertuples(index=False)]
+    assert quality.row_hashes(odd) == expected
+    assert quality.row_hashes(clean) == list(clean["_row_hash"])

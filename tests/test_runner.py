@@ -30,7 +30,28 @@ def test_preflight_names_an_unreachable_api_when_fallback_is_off(settings):
     problems = runner.preflight(off, ["01_ingest"], CLOSED_API)
     assert len(problems) == 1 and "unreachable" in problems[0] and "fallback is off" in problems[0]
     on = dataclasses.replace(settings, snapshot_fallback=True)
-    assert runner.preflight(on, ["01_ingest"], CLOSED_API) == []
+    hints: dict = {}
+    assert runner.preflight(on, ["01_ingest"], CLOSED_API, hints) == []
+    # Stage 1 will not spend its retry budget on an API the preflight found unreachable.
+    assert hints == {"01_ingest": {"max_attempts": 1}}
+
+
+def test_preflight_gives_no_hint_for_a_reachable_api(settings):
+    hints: dict = {}
+    assert runner.preflight(settings, ["01_ingest"], {}, hints) == [] and hints == {}
+
+
+def test_papermill_is_imported_without_the_iri_grammar_and_still_validates_notebooks():
+    import subprocess
+    import sys
+
+    code = ("import sys; from lib import runner; pm = runner.import_papermill(); import nbformat; "
+            "nb = nbformat.v4.new_notebook(); nb.cells.append(nbformat.v4.new_code_cell('1')); "
+            "nbformat.validate(nb); nb.cells[0]['outputs'] = 'x'\n"
+            "try:\n    nbformat.validate(nb)\nexcept nbformat.ValidationError:\n    print('invalid caught')\n"
+            "print('rfc3987_syntax' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["invalid", "caught", "False"]
 
 
 def test_preflight_names_a_database_that_refuses_the_password(settings):

@@ -29,6 +29,15 @@ def test_fetch_returns_the_api_answer_with_the_ten_fields(api):
     assert len(api.requests) == 1
 
 
+def test_the_test_api_serves_copies_with_unique_names_as_one_streamed_answer(api):
+    api.copies = 3
+    records = source.parse_payload(source.fetch(api.url).data)
+    assert len(records) == 750 and len({r["name"]["common"] for r in records}) == 750
+    assert records[:250] == source.project(json.loads(source.snapshot_bytes()))
+    assert records[250]["name"]["common"] == records[0]["name"]["common"] + " #1"
+    assert {k: v for k, v in records[250].items() if k != "name"} == {k: v for k, v in records[0].items() if k != "name"}
+
+
 def test_two_503s_then_200_succeeds_with_exactly_three_requests(api):
     api.queue(Scripted(503, b"busy"), Scripted(503, b"busy"))
     got = source.fetch(api.url, **FAST)

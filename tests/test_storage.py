@@ -155,3 +155,10 @@ def test_cloud_client_of_the_emulated_cloud_reaches_the_local_store(settings, un
                             role="cloud")
     assert storage.head(cloud, f"cloud-{unique}", "e/x.csv")["size"] == 1 and art.role == "cloud"
     assert io.BytesIO(storage.get_bytes(cloud, f"cloud-{unique}", "e/x.csv")[0]).read() == b"1"
+
+
+def test_clients_are_built_once_per_settings(settings):
+    assert storage.client(settings.store) is storage.client(settings.store)
+    assert storage.cloud_client(settings.cloud) is storage.cloud_client(settings.cloud)
+    other = dataclasses.replace(settings.store, access_key=Secret("someone-else"))
+    assert storage.client(other) is not storage.client(settings.store)

@@ -25,7 +25,10 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     for stage, entry in m["stages"].items():
         assert entry["status"] == "succeeded", stage
         assert entry["rows_out"] == 250, stage
-        assert (runs.run_dir(settings, first) / f"{stage}.ipynb").exists()
+        executed = json.loads((runs.run_dir(settings, first) / f"{stage}.ipynb").read_text())
+        # Each notebook ran as on a new kernel (the run's kernel is reset before each one).
+        counts = [c.get("execution_count") for c in executed["cells"] if c["cell_type"] == "code"]
+        assert counts == list(range(1, len(counts) + 1)), (stage, counts)
         for obj in entry["objects"]:
             if obj.get("role") != "database":
                 assert len(obj["sha256"]) == 64 and obj["size"] > 0

@@ -1,0 +1,220 @@
+"""Whole-pipeline figures for bench/benchmark.py: `run_pipeline.py` against the same lib stage functions
+called in one plain Python process, the scale curve, and each stage against its raw-tool floor.
+
+Every measured run is a child process on a private embedded stack, served by the test API server
+(tests/api_server.py) in this process; CPU is the child's own plus its reaped descendants' (the
+kernel), from os.wait4; peak RSS is the whole process tree (the child and its kernel, not the servers),
+sampled with psutil.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Measured:
+    wall: float
+    cpu: float
+    peak_rss: int
+    code: int
+    out: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    try:
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def measure(argv: list[str], env: dict, interval: float = 0.05) -> Measured:
+    """Run argv to its end: wall time, CPU (user + system of it and its reaped children), peak RSS of
+    its process tree."""
+    import psutil
+
+    out = tempfile.TemporaryFile()
+    started = time.perf_counter()
+    child = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL)
+    peak, done = 0, threading.Event()
+
+    def sample():
+        nonlocal peak
+        proc = psutil.Process(child.pid)
+        while not done.is_set():
+            peak = max(peak, _tree_rss(proc))
+            done.wait(interval)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    _, status, usage = os.wait4(child.pid, 0)
+    wall = time.perf_counter() - started
+    done.set()
+    sampler.join()
+    child.returncode = os.waitstatus_to_exitcode(status)
+    out.seek(0)
+    text = out.read().decode("utf-8", "replace")
+    out.close()
+    return Measured(wall, usage.ru_utime + usage.ru_stime, peak, child.returncode, text)
+
+
+# --- the plain process: the stage functions, no notebooks -----------------------------------------------
+
+def plain(run_id: str, table: str) -> None:
+    """The five stages as the notebooks call them, minus the notebooks (and their previews)."""
+    from lib import stages
+
+    s = stages.begin("01_ingest", run_id, min_records=200)
+    stages.ingest(s, min_records=200)
+    s.finish()
+    s = stages.begin("02_clean", run_id)
+    stages.write_clean(s, stages.prepare_clean(s))
+    s.finish()
+    s = stages.begin("03_load", run_id, table=table)
+    stages.load(s, table=table)
+    s.finish()
+    s = stages.begin("04_export", run_id, table=table)
+    stages.export(s, table=table)
+    s.finish()
+    s = stages.begin("05_gold", run_id, table=table)
+    golden = stages.build_gold(s, table=table)
+    stages.reconcile(s, golden)
+    stages.publish(s, golden)
+    s.finish()
+
+
+# --- floors: the raw tools on the same data ------------------------------------------------------------
+
+def _timed(fn, *args, **kwargs) -> float:
+    start = time.perf_counter()
+    fn(*args, **kwargs)
+    return time.perf_counter() - start
+
+
+def psql_path() -> str:
+    import pgserver
+
+    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql"
+    return str(bundled) if bundled.exists() else "psql"
+
+
+def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
+    """Seconds each hop takes with the plain tools, on this run's own objects:
+    ingest: a streamed GET uploaded as it arrives; clean: the raw object read, parsed and written as
+    Parquet with pyarrow; load: `psql \\copy` of the silver rows as CSV; export: COPY ... TO STDOUT
+    into a file, uploaded."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import requests
+
+    from lib import contract, db, formats, layout, storage
+    from lib.stages import clean_object, run_objects
+
+    s3 = storage.client(settings.store)
+    cloud = storage.cloud_client(settings.cloud)
+    out: dict[str, float] = {}
+
+    def ingest():
+        with requests.get(api_url, stream=True, timeout=(5, 300)) as response:
+            response.raise_for_status()
+            response.raw.decode_content = True
+            s3.upload_fileobj(response.raw, settings.raw_bucket, f"bench-floor/{run_id}/countries.json")
+    out["01_ingest"] = _timed(ingest)
+
+    raw_key = run_objects(s3, settings.raw_bucket, run_id)[-1]["key"]
+
+    def clean():
+        data = s3.get_object(Bucket=settings.raw_bucket, Key=raw_key)["Body"].read()
+        records = json.loads(data)
+        del data
+        rows = {
+            "name_common": [r["name"]["common"] for r in records],
+            "name_official": [r["name"]["official"] for r in records],
+            "capital": [r.get("capital", []) for r in records],
+            "population": [r["population"] for r in records],
+            "area": [float(r["area"]) for r in records],
+            "region": [r["region"] for r in records],
+            "subregion": [r.get("subregion") or None for r in records],
+            "language_codes": [sorted(r.get("languages") or {}) for r in records],
+            "language_names": [[r["languages"][k] for k in sorted(r.get("languages") or {})] for r in records],
+            "currency_codes": [sorted(r.get("currencies") or {}) for r in records],
+            "currency_names": [[r["currencies"][k].get("name") for k in sorted(r.get("currencies") or {})]
+                               for r in records],
+            "flag_png": [r["flags"].get("png") for r in records],
+            "flag_svg": [r["flags"].get("svg") for r in records],
+            "flag_alt": [r["flags"].get("alt") for r in records],
+            "timezones": [r.get("timezones", []) for r in records],
+        }
+        del records
+        buf = io.BytesIO()
+        pq.write_table(pa.table(rows), buf, compression="zstd")
+        s3.put_object(Bucket=settings.clean_bucket, Key=f"bench-floor/{run_id}/clean.parquet", Body=buf.getvalue())
+    out["02_clean"] = _timed(clean)
+
+    # The same silver rows as CSV on disk, for psql.
+    obj = clean_object(_Ctx(settings, run_id), s3)
+    data, _ = storage.get_bytes(s3, settings.clean_bucket, obj["key"])
+    fmt = formats.of_key(obj["key"])
+    csv_path = Path(tempfile.mkstemp(suffix=".csv")[1])
+    try:
+        csv_path.write_bytes(data if fmt.name == "csv" else formats.get("csv").encode(fmt.decode(data)))
+        del data
+        conn = db.connect(settings.db)
+        conn.autocommit = True
+        floor_table = f"floor_{table}"[:60]
+        cols = ", ".join([*contract.COLUMNS, "_row_hash"])
+        with conn.cursor() as cur:  # text columns, as the load's own staging table
+            cur.execute(f'DROP TABLE IF EXISTS "{floor_table}"')
+            cur.execute(f'CREATE TABLE "{floor_table}" ({", ".join(c + " text" for c in cols.split(", "))})')
+        env = {**os.environ, "PGPASSWORD": settings.db.password.reveal()}
+        psql = [psql_path(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", settings.db.host, "-p", str(settings.db.port),
+                "-U", settings.db.user, "-d", settings.db.name, "-c",
+                f'\\copy "{floor_table}" ({cols}) FROM \'{csv_path}\' WITH (FORMAT csv, HEADER true)']
+        out["03_load"] = _timed(subprocess.run, psql, env=env, check=True, stdin=subprocess.DEVNULL)
+
+        def export():
+            spool = storage.HashingSpool()
+            with conn.cursor() as cur:
+                cur.copy_expert(f'COPY (SELECT * FROM "{table}") TO STDOUT WITH (FORMAT csv, HEADER true)', spool)
+            cloud.upload_fileobj(spool.rewound(), settings.cloud.bucket, f"bench-floor/{run_id}/{table}.csv")
+            spool.close()
+        out["04_export"] = _timed(export)
+        with conn.cursor() as cur:
+            cur.execute(f'DROP TABLE IF EXISTS "{floor_table}"')
+        conn.close()
+    finally:
+        csv_path.unlink(missing_ok=True)
+    return out
+
+
+@dataclass
+class _Ctx:
+    settings: object
+    run_id: str
+
+
+if __name__ == "__main__":  # python bench/pipeline.py plain RUN_ID TABLE
+    if sys.argv[1] == "plain":
+        plain(sys.argv[2], sys.argv[3])
