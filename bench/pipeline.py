@@ -129,7 +129,7 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
     import pyarrow.parquet as pq
     import requests
 
-    from lib import contract, db, formats, layout, storage
+    from lib import contract, db, formats, storage
     from lib.stages import clean_object, run_objects
 
     s3 = storage.client(settings.store)

@@ -12,7 +12,7 @@ import nbformat
 import papermill
 import pytest
 
-from lib import config, registry, runs
+from lib import registry, runs
 from tests.notebooks.helpers import manifest
 
 ROOT = Path(__file__).resolve().parents[2]
