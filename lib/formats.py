@@ -159,3 +159,11 @@ def of_key(key: str) -> Format:
         if fmt.extension == extension:
             return fmt
     raise FormatError(f"object {key!r} has no known format extension ({', '.join(FORMATS)})")
+
+
+def other_format_keys(key: str) -> list[str]:
+    """The same key in every other format (none when the key is not in a known format)."""
+    stem, _, extension = key.rpartition(".")
+    if not any(f.extension == extension for f in FORMATS.values()):
+        return []
+    return [f"{stem}.{f.extension}" for f in FORMATS.values() if f.extension != extension]

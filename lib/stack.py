@@ -330,6 +330,13 @@ def _s3_ready(state: EmbeddedState) -> bool:
         return False
 
 
+def _weed_ports_busy(state: EmbeddedState) -> list[str]:
+    """The SeaweedFS ports (HTTP or gRPC) of this stack that something listens on."""
+    return [name for name, off in PORT_OFFSETS.items()
+            if name != "postgres" and (_port_open(state.port_base + off)
+                                       or _port_open(state.port_base + off + GRPC_OFFSET))]
+
+
 def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
     wdir = _weed_dir(sdir)
     wdir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -340,12 +347,13 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
         log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
         stop_object_store(sdir)
         pid = None
+        # Its listeners may outlive its pid by a moment.
+        with contextlib.suppress(StackError):
+            _wait_for(lambda: not _weed_ports_busy(state), "SeaweedFS ports to close", 15, wdir / "weed.log")
     if pid:
         _wait_for(lambda: _s3_ready(state), "SeaweedFS S3 gateway", timeout, wdir / "weed.log")
         return
-    busy = [name for name, off in PORT_OFFSETS.items()
-            if name != "postgres" and (_port_open(state.port_base + off)
-                                       or _port_open(state.port_base + off + GRPC_OFFSET))]
+    busy = _weed_ports_busy(state)
     if busy:
         held = [state.port_base + off + extra for name, off in PORT_OFFSETS.items() if name != "postgres"
                 for extra in (0, GRPC_OFFSET)]

@@ -569,8 +569,13 @@ def publish(stage: Stage, golden: Golden) -> list[str]:
     moves += [(s3, a.to_dict()) for a in golden.artifacts]
     published = []
     for client, artifact in moves:
-        storage.copy(client, artifact["bucket"], artifact["key"], layout.latest(artifact["key"]))
-        published.append(f"s3://{artifact['bucket']}/{layout.latest(artifact['key'])}")
+        latest = layout.latest(artifact["key"])
+        storage.copy(client, artifact["bucket"], artifact["key"], latest)
+        # One `latest` per object whatever format it is written in: a copy in another format, left by
+        # a run before a format change, would otherwise look current to readers.
+        for stale in formats.other_format_keys(latest):
+            storage.delete(client, artifact["bucket"], stale)
+        published.append(f"s3://{artifact['bucket']}/{latest}")
         stage.record.update(published=published)
     return published
 

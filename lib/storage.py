@@ -168,6 +168,14 @@ def put_stream(s3, bucket: str, key: str, fileobj: BinaryIO, *, size: int, diges
     return Artifact(bucket, key, size, digest, rows, list(inputs), role)
 
 
+def delete(s3, bucket: str, key: str) -> None:
+    """Remove an object (nothing happens when it does not exist)."""
+    try:
+        s3.delete_object(Bucket=bucket, Key=key)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"deleting {key}", bucket, err) from None
+
+
 def copy(s3, bucket: str, source_key: str, key: str) -> None:
     """Server-side copy within a bucket, keeping the metadata (used for `latest` keys)."""
     try:

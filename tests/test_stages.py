@@ -8,7 +8,7 @@ import pytest
 from lib import formats, gold, layout, runs, stages, storage
 
 
-def run_stages(run_id: str, table: str, upto: int = 5, **ingest_options) -> dict:
+def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", **ingest_options) -> dict:
     """Run stages 1..upto of one run the way the notebooks do; returns what each returned."""
     out = {}
     stage = stages.begin("01_ingest", run_id)
@@ -25,7 +25,7 @@ def run_stages(run_id: str, table: str, upto: int = 5, **ingest_options) -> dict
     stage.finish()
     if upto >= 5:
         stage = stages.begin("05_gold", run_id)
-        out["gold"] = stages.build_gold(stage, table=table)
+        out["gold"] = stages.build_gold(stage, table=table, gold_format=gold_format)
         stages.reconcile(stage, out["gold"])
         stages.publish(stage, out["gold"])
         stage.finish()
@@ -103,3 +103,19 @@ def test_running_gold_again_compares_with_the_previous_run_not_itself(settings, 
     assert again.changes["previous_run_id"] == first
     assert list(again.changes["changed"]) == [changed]
     assert set(again.changes["changed"][changed]) == {"population"}
+
+
+def test_after_a_gold_format_change_the_next_run_compares_with_the_run_before_it(settings, s3, api, unique):
+    table = f"t_{unique}"
+    other = next(f for f in formats.FORMATS if f != formats.GOLD)
+    first, second, third = (f"st-fmt{n}-{unique}" for n in (1, 2, 3))
+    run_stages(first, table, gold_format=other)
+    run_stages(second, table)  # the default format from now on
+    api.records[0]["area"] += 1
+    out = run_stages(third, table)
+    assert out["gold"].changes["previous_run_id"] == second
+    assert list(out["gold"].changes["changed"]) == [api.records[0]["name"]["common"]]
+    # Only the current format's `latest` is left.
+    latest = [o["key"] for o in storage.list_objects(s3, settings.gold_bucket, "countries/latest/")
+              if o["key"].startswith(f"countries/latest/{table}.")]
+    assert latest == [f"countries/latest/{table}.{formats.get(formats.GOLD).extension}"]
