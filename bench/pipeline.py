@@ -129,8 +129,8 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
     import pyarrow.parquet as pq
     import requests
 
-    from lib import contract, db, formats, storage
-    from lib.stages import clean_object, run_objects
+    from lib import contract, db, formats, layout, storage
+    from lib.stages import run_objects
 
     s3 = storage.client(settings.store)
     cloud = storage.cloud_client(settings.cloud)
@@ -174,7 +174,7 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
     out["02_clean"] = _timed(clean)
 
     # The same silver rows as CSV on disk, for psql.
-    obj = clean_object(_Ctx(settings, run_id), s3)
+    obj = [o for o in run_objects(s3, settings.clean_bucket, run_id) if layout.is_clean(o["key"])][-1]
     data, _ = storage.get_bytes(s3, settings.clean_bucket, obj["key"])
     fmt = formats.of_key(obj["key"])
     csv_path = Path(tempfile.mkstemp(suffix=".csv")[1])
@@ -207,12 +207,6 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
     finally:
         csv_path.unlink(missing_ok=True)
     return out
-
-
-@dataclass
-class _Ctx:
-    settings: object
-    run_id: str
 
 
 if __name__ == "__main__":  # python bench/pipeline.py plain RUN_ID TABLE

@@ -1,0 +1,25 @@
+"""bench/: the benchmark script runs end to end on real services and prints its figures against
+their targets (the figures themselves are never asserted: they belong to the machine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT, TEST_PORT_BASE
+
+
+def test_the_benchmark_runs_and_prints_each_figure_beside_its_target(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.benchmark", "--only", "pipeline", "--max-records", "250", "--repeats", "1",
+         "--port-base", str(TEST_PORT_BASE + 500), "--results", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout
+    assert "1. 250 records" in out and "2. scale" in out
+    for stage in ("01_ingest", "02_clean", "03_load", "04_export"):
+        assert stage in out
+    assert out.count(" ok") + out.count("OVER") >= 3
+    assert (tmp_path / "scale.png").stat().st_size > 0
