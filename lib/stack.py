@@ -383,18 +383,7 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
     pid = _weed_pid(sdir)
     if pid is None:
         return
-    os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _weed_pid(sdir):
-        time.sleep(0.2)
-    if _weed_pid(sdir):
-        log.warning("SeaweedFS (pid %s) ignored SIGTERM for %.0fs: killing it", pid, timeout)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _weed_pid(sdir):
-            time.sleep(0.1)
-    if _weed_pid(sdir):
+    if not _signal_and_wait(pid, [(signal.SIGTERM, timeout), (signal.SIGKILL, 10)], group=True):
         raise StackError(f"SeaweedFS (pid {pid}) survived SIGKILL")
     (_weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
     log.info("stopped SeaweedFS (pid %s)", pid)
@@ -746,9 +735,9 @@ def describe_holders(port_base: int, ports: list[int]) -> str:
     return f" ({text})"
 
 
-def _signal_and_wait(pid: int, signals: list[tuple[int, float]]) -> bool:
-    """Send each signal in turn, waiting up to its time for the process to end. True: it ended
-    (a zombie counts as ended: its parent, not us, collects it)."""
+def _signal_and_wait(pid: int, signals: list[tuple[int, float]], group: bool = False) -> bool:
+    """Send each signal in turn (to the process group when `group`), waiting up to its time for the
+    process to end. True: it ended (a zombie counts as ended: its parent, not us, collects it)."""
     import psutil
 
     def ended() -> bool:
@@ -757,11 +746,14 @@ def _signal_and_wait(pid: int, signals: list[tuple[int, float]]) -> bool:
         except psutil.NoSuchProcess:
             return True
 
-    for sig, wait in signals:
+    for n, (sig, wait) in enumerate(signals):
         if ended():
             return True
+        if n:
+            log.warning("pid %s did not end after %s within %.0fs: sending %s", pid,
+                        signals[n - 1][0].name, signals[n - 1][1], sig.name)
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+            (os.killpg if group else os.kill)(pid, sig)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if ended():
