@@ -28,50 +28,68 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
     problems (empty: go). `hints`, when given, receives parameters for stages that follow from what
     was found: a stage whose API could not be reached tries it once, then goes to the snapshot,
     instead of spending its retry budget on it again."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import requests
 
     from lib import db, source, storage
 
-    problems: list[str] = []
-    for stage in registry.needing("api", stages):
+    def api(stage: str) -> list[str]:
         url = params.get(stage, {}).get("api_url") or settings.api_url
         try:
             source.check_url(url)
             with requests.get(url, timeout=(5, 30), stream=True) as response:
                 if 400 <= response.status_code < 500 and response.status_code != 429:
                     # A request the API rejects will not get better by retrying: say so now, verbatim.
-                    problems.append(f"API {url} answered HTTP {response.status_code}: {response.text[:500]}")
+                    return [f"API {url} answered HTTP {response.status_code}: {response.text[:500]}"]
         except source.SourceError as err:
-            problems.append(f"API: {err}")
+            return [f"API: {err}"]
         except requests.Timeout as err:
             log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source.short_error(err))
         except requests.RequestException as err:
-            if settings.snapshot_fallback:
-                log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
-                            url, source.short_error(err))
-                if hints is not None:
-                    hints.setdefault(stage, {})["max_attempts"] = 1
-            else:
-                problems.append(f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off")
-    if registry.needing("store", stages):
-        s3 = storage.client(settings.store)
+            if not settings.snapshot_fallback:
+                return [f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off"]
+            log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
+                        url, source.short_error(err))
+            if hints is not None:
+                hints.setdefault(stage, {})["max_attempts"] = 1
+        return []
+
+    def store(s3) -> list[str]:
         try:
             storage.check(s3)
         except storage.StorageError as err:
-            problems.append(f"object store {settings.store.url}: {err}")
-    if registry.needing("db", stages):
+            return [f"object store {settings.store.url}: {err}"]
+        return []
+
+    def database() -> list[str]:
         try:
             db.connect(settings.db, attempts=2).close()
         except db.DatabaseError as err:
-            problems.append(f"database: {err}")
-    if registry.needing("cloud", stages):
+            return [f"database: {err}"]
+        return []
+
+    def cloud_bucket(cloud) -> list[str]:
         # A bucket on a real cloud must exist; an emulated one may be created by stage 4.
-        cloud = storage.cloud_client(settings.cloud)
         try:
             storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
         except Exception as err:  # noqa: BLE001
-            problems.append(f"cloud bucket: {err}")
-    return problems
+            return [f"cloud bucket: {err}"]
+        return []
+
+    # The checks wait on the network, so they run side by side, each started as soon as it can be:
+    # the clients are built here meanwhile (one boto3 session builds one client at a time).
+    # Problems are reported in this order.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="preflight") as pool:
+        found = {"api": [pool.submit(api, stage) for stage in registry.needing("api", stages)]}
+        if registry.needing("db", stages):
+            found["db"] = [pool.submit(database)]
+        if registry.needing("store", stages):
+            found["store"] = [pool.submit(store, storage.client(settings.store))]
+        if registry.needing("cloud", stages):
+            found["cloud"] = [pool.submit(cloud_bucket, storage.cloud_client(settings.cloud))]
+        return [problem for service in registry.SERVICES for future in found.get(service, [])
+                for problem in future.result()]
 
 
 # --- executing notebooks ----------------------------------------------------------------------------
