@@ -22,7 +22,9 @@ import logging
 import os
 import sys
 
-from lib import alerts, config, db, names, params, progress, registry, report, review, runner, runs, stack
+# Only what starting a run needs is imported here: the run's kernel starts first and boots while the
+# rest (papermill, the services' clients, the report) is imported.
+from lib import config, names, params, registry, runner, runs
 from lib.errors import PipelineError
 from lib import log as logsetup
 
@@ -67,6 +69,8 @@ def cmd_stack(argv: list[str]) -> int:
                    help="with down: stop an orphaned stack of this project on this port base (its state "
                         "folder deleted): only our own weed and PostgreSQL servers are stopped")
     args = p.parse_args(argv)
+    from lib import stack
+
     if args.orphans and args.action != "down":
         return usage_error("--orphans goes with `stack down` only")
     env = config.environment()
@@ -123,6 +127,8 @@ def cmd_report(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if bool(args.run_id) == args.all:
         return usage_error("report: give a RUN_ID or --all")
+    from lib import report
+
     try:
         if args.all:
             print(report.write_all(config.outputs_dir()))
@@ -142,6 +148,8 @@ def cmd_runs(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="run_pipeline.py runs", description="Every run, newest first.")
     p.add_argument("--json", action="store_true", help="print the runs as JSON")
     args = p.parse_args(argv)
+    from lib import review
+
     rows = review.summaries(config.outputs_dir())
     print(review.runs_json(rows) if args.json else review.runs_table(rows))
     return 0
@@ -155,6 +163,8 @@ def cmd_diff(argv: list[str]) -> int:
     p.add_argument("run_b")
     p.add_argument("--json", action="store_true", help="print the difference as JSON")
     args = p.parse_args(argv)
+    from lib import review
+
     try:
         names.run_id(args.run_a), names.run_id(args.run_b)
         env = config.environment()
@@ -179,14 +189,32 @@ def cmd_run(argv: list[str]) -> int:
             run_id = names.run_id(args.resume)
         else:
             run_id = names.run_id(args.run_id) if args.run_id else runs.new_run_id()
-            stages = params.parse_stages(args.stages)
-            chosen = params.parse(args.param, stages)
-        env = config.environment()
-        config.check_for_run(env)  # hook (issue 9): API URL, outputs and logs folders, before anything starts
-        if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
-            config.settings(env)  # a configured stack: its settings can be checked now
-    except PipelineError as err:  # bad arguments or settings: nothing ran
+    except PipelineError as err:  # bad arguments: nothing ran
         return usage_error(str(err))
+    # The run's kernel boots (and imports lib) while this process reads the notebooks' parameters
+    # (papermill), starts the services, runs the preflight and takes the lock: both cores work from
+    # here on. It only runs a stage's cells once everything below has passed; it is stopped otherwise.
+    kernels = runner.Kernels(args.kernel, run_id)
+    kernels.start()
+    try:
+        try:
+            stages = chosen = None
+            if not args.resume:
+                stages = params.parse_stages(args.stages)
+                chosen = params.parse(args.param, stages)
+            env = config.environment()
+            config.check_for_run(env)  # hook (issue 9): API URL, outputs and logs folders, before anything starts
+            if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
+                config.settings(env)  # a configured stack: its settings can be checked now
+        except PipelineError as err:  # bad arguments or settings: nothing ran
+            return usage_error(str(err))
+        return start_run(args, run_id, stages, chosen, env, kernels)
+    finally:
+        kernels.close()
+
+
+def start_run(args, run_id, stages, chosen, env, kernels) -> int:
+    from lib import db, progress
 
     # 2. Services: start the embedded ones if nothing else is configured.
     progress.install()  # [review hook] progress lines on stderr while the run goes
@@ -217,8 +245,6 @@ def cmd_run(argv: list[str]) -> int:
         log.info("resuming run %s at %s", run_id, stages[0])
 
     # 3. Preflight, then the lock, then the stages. The kernel boots (and imports lib) meanwhile.
-    kernels = runner.Kernels(args.kernel, run_id)
-    kernels.start()
     hints: dict[str, dict] = {}
     problems = runner.preflight(settings, stages, chosen, hints)
     if problems:
@@ -240,22 +266,26 @@ def cmd_run(argv: list[str]) -> int:
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return err.exit_code
-    finally:
-        kernels.close()
 
 
 def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hints=None) -> int:
+    from lib import alerts, report
+
     record = runs.RunRecord.open(settings, run_id, stages, chosen)
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0
+    pages = report.Pages(record.dir)  # each stage's page is rendered while the next stage runs
     for stage in stages:
         try:
             # Preflight's findings (hints) steer this run only; the record keeps what was asked for.
             given = chosen.get(stage, {})
-            runner.execute(record, stage, {**(hints or {}).get(stage, {}), **given}, kernel=args.kernel,
-                           start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
-                           kernels=kernels)
+            try:
+                runner.execute(record, stage, {**(hints or {}).get(stage, {}), **given}, kernel=args.kernel,
+                               start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
+                               kernels=kernels)
+            finally:
+                pages.add(stage)
         except runner.Interrupted as why:
             status, code = "interrupted", runner.EXIT_INTERRUPTED
             print(f"\nrun {run_id} interrupted ({why}) during {stage}; "
@@ -270,7 +300,7 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     if kernels is not None:
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
-    report.after_run(record.dir)  # report.html of the run and outputs/index.html
+    report.after_run(record.dir, pages)  # report.html of the run and outputs/index.html
     alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
@@ -296,5 +326,21 @@ def main(argv: list[str] | None = None) -> int:
     return cmd_run(argv)
 
 
+def leave(code: int) -> None:
+    """Exit with `code` once everything is written, without the interpreter's teardown: freeing the
+    modules a run imports (papermill, nbconvert, matplotlib, pandas …) costs about half a second of
+    CPU for nothing. The exit handlers run first (logging flushes and closes its files), then the
+    standard streams are flushed."""
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    leave(main() or 0)

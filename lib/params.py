@@ -45,18 +45,33 @@ def _positive(name: str) -> callable:
 
 
 def _checks() -> dict:
-    from lib import db, formats, source  # late: they import this module's neighbours
+    # db, formats and source are imported by the rules that use them (late: they import this module's
+    # neighbours; and formats imports pandas, which a run's own process needs for nothing else).
+    def db():
+        from lib import db
+
+        return db
+
+    def formats():
+        from lib import formats
+
+        return formats
+
+    def source():
+        from lib import source
+
+        return source
 
     return {
         "db_schema": names.schema,
         "table": lambda v: names.sql_identifier(v, "table"),
-        "write_mode": _one_of("write_mode", db.WRITE_MODES),
+        "write_mode": lambda v: _one_of("write_mode", db().WRITE_MODES)(v),
         "column_case": _one_of("column_case", ("lower", "upper")),
         "backfill_date": lambda v: v if v == "" or DATE.match(v) else _bad(f"backfill_date {v!r} is not YYYY-MM-DD"),
         "snapshot_fallback": lambda v: (v if str(v).strip().lower() in ("auto", *TRUE, *FALSE)
                                         else _bad(f"snapshot_fallback {v!r} is not auto, true or false")),
-        "api_url": lambda v: v if v == "" else source.check_url(v),
-        **{k: (lambda v: v if v == "" else formats.get(v).name) for k in ("silver_format", "gold_format")},
+        "api_url": lambda v: v if v == "" else source().check_url(v),
+        **{k: (lambda v: v if v == "" else formats().get(v).name) for k in ("silver_format", "gold_format")},
         "max_invalid_fraction": lambda v: v if 0 <= v <= 1 else _bad(f"max_invalid_fraction {v} is not between 0 and 1"),
         "min_records": lambda v: v if v >= 1 else _bad(f"min_records {v} must be at least 1"),
         "max_attempts": lambda v: v if v >= 1 else _bad(f"max_attempts {v} must be at least 1"),

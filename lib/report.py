@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import socket
+import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -247,20 +248,78 @@ def _failure(manifest: dict, s: dict, pages: dict[str, str]) -> str:
     return '<div class="banner failed" id="failure">' + "<br>".join(parts) + "</div>"
 
 
-def _notebook_pages(run_dir: Path, manifest: dict) -> dict[str, str]:
-    """Render every executed notebook of the run (attempts included) beside it; stage → page name."""
-    from nbconvert import HTMLExporter
+def _exporter():
+    """nbconvert's HTML exporter (the JupyterLab look), made once per thread: it is the costly part."""
+    exporter = getattr(_LOCAL, "exporter", None)
+    if exporter is None:
+        from nbconvert import HTMLExporter
 
-    exporter = HTMLExporter()
-    exporter.log.setLevel(logging.ERROR)  # its accessibility notes about plot alt text are noise here
-    pages = {}
-    for notebook in sorted(run_dir.glob("*.ipynb")):
-        body, _ = exporter.from_filename(str(notebook))
-        # The page needs no script: drop the CDN loaders, which fail offline and only serve widgets/math.
-        body = _strip_remote_scripts(body)
-        (run_dir / f"{notebook.stem}.html").write_text(body, encoding="utf-8")
-        pages[notebook.stem] = f"{notebook.stem}.html"
-    return pages
+        exporter = _LOCAL.exporter = HTMLExporter()
+        exporter.log.setLevel(logging.ERROR)  # its accessibility notes about plot alt text are noise here
+    return exporter
+
+
+_LOCAL = threading.local()
+
+
+def notebook_page(notebook: Path) -> str:
+    """Render one executed notebook as `<stem>.html` beside it; returns the page's name."""
+    body, _ = _exporter().from_filename(str(notebook))
+    # The page needs no script: drop the CDN loaders, which fail offline and only serve widgets/math.
+    body = _strip_remote_scripts(body)
+    (notebook.parent / f"{notebook.stem}.html").write_text(body, encoding="utf-8")
+    return f"{notebook.stem}.html"
+
+
+def _notebook_pages(run_dir: Path, manifest: dict, rendered: dict[str, str] | None = None) -> dict[str, str]:
+    """Render every executed notebook of the run (attempts included) beside it; stage → page name.
+    `rendered`: pages already rendered from the notebooks as they are now (see `Pages`)."""
+    rendered = rendered or {}
+    return {notebook.stem: rendered.get(notebook.stem) or notebook_page(notebook)
+            for notebook in sorted(run_dir.glob("*.ipynb"))}
+
+
+class Pages:
+    """The runner's pages, rendered while the run goes: each stage's executed notebook is rendered in
+    a background thread as soon as the stage ends, while the kernel runs the next stage (this process
+    only waits on the kernel meanwhile), and nbconvert and matplotlib are imported there as the first
+    stage runs. `after_run` then renders only what is left (the report, the index, the trends)."""
+
+    def __init__(self, run_dir: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.run_dir = run_dir
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages")
+        self.pages: dict[str, tuple] = {}  # stem -> (future, the notebook's mtime when submitted)
+        self.pool.submit(_warm_up)
+
+    def add(self, stage: str) -> None:
+        """Render `<stage>.ipynb` as it is now (call when the stage has ended)."""
+        notebook = self.run_dir / f"{stage}.ipynb"
+        if notebook.exists():
+            self.pages[stage] = (self.pool.submit(notebook_page, notebook), notebook.stat().st_mtime_ns)
+
+    def done(self) -> dict[str, str]:
+        """Wait for the pages submitted; returns those still matching their notebook (stem → page)."""
+        out = {}
+        for stem, (future, mtime) in self.pages.items():
+            try:
+                page = future.result()
+            except Exception:  # noqa: BLE001 - rendered again, and reported, by `write`
+                log.debug("rendering %s in the background failed", stem, exc_info=True)
+                continue
+            notebook = self.run_dir / f"{stem}.ipynb"
+            if notebook.exists() and notebook.stat().st_mtime_ns == mtime:
+                out[stem] = page
+        self.pool.shutdown(wait=True)
+        return out
+
+
+def _warm_up() -> None:
+    _exporter()
+    from lib import charts
+
+    charts.warm_up()
 
 
 def _strip_remote_scripts(page: str) -> str:
@@ -269,13 +328,14 @@ def _strip_remote_scripts(page: str) -> str:
     return re.sub(r'<script[^>]*\bsrc="https?://[^"]*"[^>]*>\s*</script>', "", page)
 
 
-def write(run_dir: Path) -> Path:
-    """Render the run's report, its quarantine page and its executed notebooks; returns report.html."""
+def write(run_dir: Path, rendered: dict[str, str] | None = None) -> Path:
+    """Render the run's report, its quarantine page and its executed notebooks (but those in
+    `rendered`, stem → page, rendered already); returns report.html."""
     manifest = runs.read_json(run_dir / "manifest.json")
     if manifest is None:
         raise FileNotFoundError(f"no run record at {run_dir}")
     s = review.summary(manifest, run_dir)
-    pages = _notebook_pages(run_dir, manifest)
+    pages = _notebook_pages(run_dir, manifest, rendered)
     needs_store = bool(s["quarantined"]) or bool(s["removed"] or s["changed"] or s["added"])
     store = _store() if needs_store else (None, "not needed")
     stages = []
@@ -381,11 +441,12 @@ def write_all(outputs: Path) -> Path:
     return write_index(outputs)
 
 
-def after_run(run_dir: Path) -> None:
-    """The runner's hook after a run: its report and the index. A rendering problem is logged, never
-    turned into a failed run."""
+def after_run(run_dir: Path, pages: Pages | None = None) -> None:
+    """The runner's hook after a run: its report and the index (`pages`: the notebook pages rendered
+    while the run went). A rendering problem is logged, never turned into a failed run."""
     try:
-        log.info("report: %s", write(run_dir))
+        rendered = pages.done() if pages is not None else None
+        log.info("report: %s", write(run_dir, rendered))
         log.info("index: %s", write_index(run_dir.parent.parent))
     except Exception:  # noqa: BLE001
         log.warning("could not render the report of %s", run_dir, exc_info=True)

@@ -10,7 +10,10 @@ import os
 import signal
 import time
 
-from lib import config, db, registry, runs, source, stack, storage
+from lib import config, registry, runs
+
+# db, source, stack, storage and papermill are imported where used: the run's kernel is started
+# before them (run_pipeline.py), so that it boots while this process imports them.
 
 log = logging.getLogger(__name__)
 
@@ -25,48 +28,68 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
     problems (empty: go). `hints`, when given, receives parameters for stages that follow from what
     was found: a stage whose API could not be reached tries it once, then goes to the snapshot,
     instead of spending its retry budget on it again."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import requests
 
-    problems: list[str] = []
-    for stage in registry.needing("api", stages):
+    from lib import db, source, storage
+
+    def api(stage: str) -> list[str]:
         url = params.get(stage, {}).get("api_url") or settings.api_url
         try:
             source.check_url(url)
             with requests.get(url, timeout=(5, 30), stream=True) as response:
                 if 400 <= response.status_code < 500 and response.status_code != 429:
                     # A request the API rejects will not get better by retrying: say so now, verbatim.
-                    problems.append(f"API {url} answered HTTP {response.status_code}: {response.text[:500]}")
+                    return [f"API {url} answered HTTP {response.status_code}: {response.text[:500]}"]
         except source.SourceError as err:
-            problems.append(f"API: {err}")
+            return [f"API: {err}"]
         except requests.Timeout as err:
             log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source.short_error(err))
         except requests.RequestException as err:
-            if settings.snapshot_fallback:
-                log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
-                            url, source.short_error(err))
-                if hints is not None:
-                    hints.setdefault(stage, {})["max_attempts"] = 1
-            else:
-                problems.append(f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off")
-    if registry.needing("store", stages):
-        s3 = storage.client(settings.store)
+            if not settings.snapshot_fallback:
+                return [f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off"]
+            log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
+                        url, source.short_error(err))
+            if hints is not None:
+                hints.setdefault(stage, {})["max_attempts"] = 1
+        return []
+
+    def store(s3) -> list[str]:
         try:
             storage.check(s3)
         except storage.StorageError as err:
-            problems.append(f"object store {settings.store.url}: {err}")
-    if registry.needing("db", stages):
+            return [f"object store {settings.store.url}: {err}"]
+        return []
+
+    def database() -> list[str]:
         try:
             db.connect(settings.db, attempts=2).close()
         except db.DatabaseError as err:
-            problems.append(f"database: {err}")
-    if registry.needing("cloud", stages):
+            return [f"database: {err}"]
+        return []
+
+    def cloud_bucket(cloud) -> list[str]:
         # A bucket on a real cloud must exist; an emulated one may be created by stage 4.
-        cloud = storage.cloud_client(settings.cloud)
         try:
             storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
         except Exception as err:  # noqa: BLE001
-            problems.append(f"cloud bucket: {err}")
-    return problems
+            return [f"cloud bucket: {err}"]
+        return []
+
+    # The checks wait on the network, so they run side by side, each started as soon as it can be:
+    # the clients are built here meanwhile (one boto3 session builds one client at a time).
+    # Problems are reported in this order.
+    with ThreadPoolExecutor(max_workers=4, thread_name_prefix="preflight") as pool:
+        found = {"api": [pool.submit(api, stage) for stage in registry.needing("api", stages)]}
+        if registry.needing("db", stages):
+            found["db"] = [pool.submit(database)]
+        if registry.needing("store", stages):
+            found["store"] = [pool.submit(store, storage.client(settings.store))]
+        if registry.needing("cloud", stages):
+            found["cloud"] = [pool.submit(cloud_bucket, storage.cloud_client(settings.cloud))]
+        return [problem for service in registry.SERVICES for future in found.get(service, [])
+                for problem in future.result()]
 
 
 # --- executing notebooks ----------------------------------------------------------------------------
@@ -140,13 +163,26 @@ def _warm_engine():
     notebook runs as on a new kernel; the kernel stays up for the next stage. Parameter injection,
     saving after each cell and the partial notebook on failure stay papermill's."""
     from jupyter_core.utils import run_sync
+    from nbclient.util import run_hook
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine
     from papermill.log import logger
 
     class ResetClient(PapermillNotebookClient):
+        kernels = None  # the runner's Kernels: its connected client is used again by every stage
+
         async def async_start_new_kernel_client(self):
-            kc = await super().async_start_new_kernel_client()
+            kc = self.kernels.kc if self.kernels is not None else None
+            if kc is None:
+                kc = await super().async_start_new_kernel_client()
+                if self.kernels is not None:
+                    self.kernels.kc = kc
+            else:
+                # Connected and answering since the first stage: no new channels, no kernel_info
+                # handshake (each costs a few hundred ms of waiting on the kernel's IOPub).
+                self.kc = kc
+                kc.allow_stdin = False
+                await run_hook(self.on_notebook_start, notebook=self.nb)
             reply = await self.async_wait_for_reply(kc.execute(RESET, silent=True, store_history=False))
             if (reply or {}).get("content", {}).get("status") != "ok":
                 raise RuntimeError(f"could not reset the kernel before the notebook: {reply}")
@@ -158,12 +194,13 @@ def _warm_engine():
         @classmethod
         def execute_managed_notebook(cls, nb_man, kernel_name, log_output=False, stdout_file=None,
                                      stderr_file=None, start_timeout=60, execution_timeout=None, km=None,
-                                     **kwargs):
+                                     kernels=None, **kwargs):
             kwargs = {k: v for k, v in kwargs.items() if k not in ("input_path", "timeout", "startup_timeout")}
             client = ResetClient(
                 nb_man, km=km, timeout=execution_timeout, startup_timeout=start_timeout,
                 kernel_name=kernel_name, log=logger, log_output=log_output, stdout_file=stdout_file,
                 stderr_file=stderr_file, **kwargs)
+            client.kernels = kernels
             # papermill writes (and validates) the whole notebook as each cell starts and again as it
             # ends; at most one such save a second is kept. The first save (as the stage starts), the
             # save after a failure and the final one are papermill's own, unthrottled.
@@ -179,7 +216,7 @@ def _warm_engine():
                 return client.execute(cleanup_kc=False)
             finally:
                 nb_man.save = save
-                if client.kc is not None:
+                if client.kc is not None and (kernels is None or kernels.kc is not client.kc):
                     client.kc.stop_channels()
 
     return WarmEngine
@@ -195,6 +232,7 @@ class Kernels:
 
     def __init__(self, name: str, run_id: str):
         self.name, self.run_id, self.km = name, run_id, None
+        self.kc = None  # the client the stages share, connected by the first one (lib/runner.py _warm_engine)
 
     def start(self) -> None:
         if self.km is not None:
@@ -223,6 +261,12 @@ class Kernels:
 
     def close(self) -> None:
         km, self.km = self.km, None
+        kc, self.kc = self.kc, None
+        if kc is not None:
+            try:
+                kc.stop_channels()
+            except Exception as err:  # noqa: BLE001 - already closed
+                log.debug("kernel client: %s", err)
         if km is not None:
             from jupyter_core.utils import run_sync
 
@@ -247,7 +291,7 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
     if kernels is not None:
         km = kernels.take()
         if km is not None:
-            warm = {"engine_name": _engine_on_warm_kernel(), "km": km}
+            warm = {"engine_name": _engine_on_warm_kernel(), "km": km, "kernels": kernels}
     try:
         papermill.execute_notebook(
             str(registry.get(stage).notebook), str(output),
@@ -291,6 +335,8 @@ def summary_line(stage: str, entry: dict) -> str:
 
 def ensure_stack(env: dict[str, str]) -> None:
     """Start the embedded services this configuration relies on (a running one is reused)."""
+    from lib import stack
+
     needed = tuple(s for s, embedded in (("object_store", config.uses_embedded_store(env)),
                                          ("database", config.uses_embedded_db(env))) if embedded)
     if needed:

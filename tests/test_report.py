@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import nbformat
 import pytest
@@ -104,3 +105,37 @@ def test_a_stage_record_displays_as_tables_with_whole_uris_and_escaped_values(tm
     assert uri in page and "a" * 64 in page and "<script" not in page and "&lt;script&gt;" in page
     assert "<b>attempts</b>" in page and "503" in page
     assert uri in repr(view) and "rows 251 → 250" in repr(view)
+
+
+def test_pages_rendered_while_the_run_goes_are_used_and_a_notebook_changed_since_is_rendered_again(run_dir):
+    pages = report.Pages(run_dir)
+    pages.add("01_ingest")
+    pages.add("02_clean")
+    pages.add("03_load")  # never ran: no notebook, nothing to render
+    # 02_clean runs again after its page was submitted: that page no longer matches the notebook.
+    done = pages.pool.submit(lambda: None)
+    done.result()
+    nbformat.write(new_notebook(cells=[new_code_cell("print('again')", outputs=[
+        new_output("stream", name="stdout", text="second attempt\n")])]), run_dir / "02_clean.ipynb")
+    later = (run_dir / "01_ingest.ipynb").stat().st_mtime_ns + 10**9
+    os.utime(run_dir / "02_clean.ipynb", ns=(later, later))
+    rendered = pages.done()
+    assert rendered == {"01_ingest": "01_ingest.html"}
+    assert "250 records &lt;b&gt;not markup&lt;/b&gt;" in (run_dir / "01_ingest.html").read_text()
+    page = report.write(run_dir, rendered).read_text()
+    assert 'href="01_ingest.html"' in page and 'href="02_clean.html"' in page
+    assert "second attempt" in (run_dir / "02_clean.html").read_text()
+
+
+def test_bars_draw_a_png_with_every_label_and_say_the_same_as_text():
+    import pandas as pd
+
+    from lib import charts
+
+    by_region = pd.DataFrame({"region": ["Asia", HOSTILE, "Europe"], "population": [4.7e9, 5, 7.5e8],
+                              "countries": [50, 1, 53]})
+    bars = charts.region_summary(by_region, "r-1")
+    png = bars._repr_png_()
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
+    text = repr(bars)
+    assert "Gold summary, run r-1" in text and "Asia 4.70" in text and "Europe 53" in text and HOSTILE in text
