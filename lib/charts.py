@@ -1,5 +1,4 @@
-"""Trend pictures for the run index (PNG files beside `outputs/index.html`), drawn with matplotlib, and
-the stage notebooks' small bar charts (`Bars`), drawn with Pillow."""
+"""Trend pictures for the run index (PNG files beside `outputs/index.html`), drawn with matplotlib."""
 
 from __future__ import annotations
 
@@ -95,70 +94,3 @@ def write(summaries: list[dict], folder: Path, last: int = 30) -> dict[str, str 
             out[name] = None
     return out
 
-
-# --- a notebook's small bar charts, drawn with Pillow ---------------------------------------------------
-
-class Bars:
-    """Horizontal bar charts side by side, one bar per label, shown in a notebook as a PNG (IPython
-    calls `_repr_png_`). Drawn with Pillow: a kernel that imports matplotlib for one small chart pays
-    about half a second for it, this takes a few milliseconds. Each panel: (title, values, colour,
-    how a value is written)."""
-
-    ROW, PAD, FONT = 24, 12, 13
-
-    def __init__(self, labels: list, panels: list[tuple[str, list, str, str]], title: str = ""):
-        self.labels = ["" if v is None else str(v) for v in labels]
-        self.panels, self.title = panels, title
-
-    def png(self) -> bytes:
-        import io
-
-        from PIL import Image, ImageDraw, ImageFont
-
-        font = ImageFont.load_default(size=self.FONT)
-        bold = ImageFont.load_default(size=self.FONT + 2)
-        row, pad = self.ROW, self.PAD
-        label_w = int(max([font.getlength(t) for t in self.labels] or [0])) + pad
-        panel_w, value_w = 300, 70
-        top = pad + (row + 4 if self.title else 0)
-        width = pad + len(self.panels) * (label_w + panel_w + value_w + pad)
-        height = top + row + len(self.labels) * row + pad
-        image = Image.new("RGB", (width, height), "white")
-        draw = ImageDraw.Draw(image)
-        if self.title:
-            draw.text((pad, pad), self.title, fill="#222", font=bold)
-        for n, (name, values, colour, fmt) in enumerate(self.panels):
-            x0 = pad + n * (label_w + panel_w + value_w + pad)
-            draw.text((x0 + label_w, top), name, fill="#222", font=font)
-            numbers = [float(v) if v is not None and v == v else 0.0 for v in values]
-            scale = panel_w / max([abs(v) for v in numbers] + [1e-12])
-            for i, (label, value, shown) in enumerate(zip(self.labels, numbers, values)):
-                y = top + row + i * row
-                draw.text((x0 + label_w - pad // 2, y + row // 2), label, fill="#222", font=font, anchor="rm")
-                draw.rectangle([x0 + label_w, y + 4, x0 + label_w + max(1, int(value * scale)), y + row - 4],
-                               fill=colour)
-                text = "" if shown is None else format(shown, fmt)
-                draw.text((x0 + label_w + int(value * scale) + 4, y + row // 2), text, fill="#222", font=font,
-                          anchor="lm")
-            draw.line([x0 + label_w, top + row, x0 + label_w, height - pad], fill="#888")
-        out = io.BytesIO()
-        image.save(out, format="PNG", optimize=False)
-        return out.getvalue()
-
-    def _repr_png_(self) -> bytes:
-        return self.png()
-
-    def __repr__(self) -> str:
-        lines = [self.title] if self.title else []
-        for name, values, _, fmt in self.panels:
-            lines.append(name + ": " + ", ".join(f"{label} {'' if v is None else format(v, fmt)}"
-                                                  for label, v in zip(self.labels, values)))
-        return "\n".join(lines)
-
-
-def region_summary(by_region, run_id: str) -> Bars:
-    """Gold's population (billions) and number of countries per region, as two bar charts."""
-    return Bars(list(by_region["region"]),
-                [("population (billions)", [v / 1e9 for v in by_region["population"]], "#4c72b0", ".2f"),
-                 ("countries and territories", [int(v) for v in by_region["countries"]], "#55a868", "d")],
-                title=f"Gold summary, run {run_id}")

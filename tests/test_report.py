@@ -126,16 +126,3 @@ def test_pages_rendered_while_the_run_goes_are_used_and_a_notebook_changed_since
     assert 'href="01_ingest.html"' in page and 'href="02_clean.html"' in page
     assert "second attempt" in (run_dir / "02_clean.html").read_text()
 
-
-def test_bars_draw_a_png_with_every_label_and_say_the_same_as_text():
-    import pandas as pd
-
-    from lib import charts
-
-    by_region = pd.DataFrame({"region": ["Asia", HOSTILE, "Europe"], "population": [4.7e9, 5, 7.5e8],
-                              "countries": [50, 1, 53]})
-    bars = charts.region_summary(by_region, "r-1")
-    png = bars._repr_png_()
-    assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 1000
-    text = repr(bars)
-    assert "Gold summary, run r-1" in text and "Asia 4.70" in text and "Europe 53" in text and HOSTILE in text
