@@ -14,7 +14,7 @@ from typing import Callable
 
 import pandas as pd
 
-from lib.contract import COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
+from lib.contract import COLUMNS, CONTRACT, LIST_COLUMNS, TEXT_COLUMNS
 from lib.errors import PipelineError
 
 # The default formats of silver and gold objects (docs/benchmark.md says how they were chosen).
@@ -94,6 +94,97 @@ def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
             frame[col] = pd.Series(json.loads("[" + ",".join(frame[col].tolist()) + "]") if len(frame) else [],
                                    index=frame.index, dtype=object)
     return _typed(frame, "CSV")
+
+
+# --- Arrow: the same values without Python objects per cell -------------------------------------------
+
+def _arrow_types(extra: dict | None = None) -> dict:
+    import pyarrow as pa
+
+    kinds = {"bigint": pa.int64(), "double": pa.float64()}
+    return {**{c.name: kinds.get(c.kind, pa.string()) for c in CONTRACT}, **(extra or {})}
+
+
+def csv_arrow_batches(fileobj, extra: dict | None = None, block_size: int = 8 << 20):
+    """A CSV object (list cells as JSON arrays) read from a file object as Arrow record batches of
+    about `block_size` bytes each, typed as the contract (list columns stay JSON text; quality's
+    arrow_row_hashes reads them so), an empty text as null as in `decode`; `extra` gives the Arrow
+    type of other columns (text by default). Header names are lower-cased (column_case=upper)."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    header = fileobj.readline().decode("utf-8")
+    names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else []
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise FormatError(f"CSV lacks contract columns: {', '.join(missing)}")
+    start = fileobj.tell()
+    if not fileobj.read(1):
+        return  # a header and no rows
+    fileobj.seek(start)
+    types = _arrow_types(extra)
+    reader = pcsv.open_csv(
+        fileobj,
+        read_options=pcsv.ReadOptions(column_names=names, block_size=block_size),
+        parse_options=pcsv.ParseOptions(newlines_in_values=True),
+        convert_options=pcsv.ConvertOptions(
+            column_types={n: types.get(n, pa.string()) for n in names}, strings_can_be_null=True,
+            null_values=[""], quoted_strings_can_be_null=True, true_values=["t", "true"], false_values=["f", "false"]))
+    yield from reader
+
+
+def parquet_arrow_batches(data: bytes, rows: int = 65_536):
+    """A Parquet object's rows as Arrow record batches of at most `rows` rows, with the contract's
+    columns typed as `decode` types them (an empty text as null) and any other columns as stored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    missing = [c for c in COLUMNS if c not in parquet.schema_arrow.names]
+    if missing:
+        raise FormatError(f"Parquet lacks contract columns: {', '.join(missing)}")
+    types = _arrow_types()
+    for batch in parquet.iter_batches(batch_size=rows):
+        columns = []
+        for name in batch.schema.names:
+            values = batch.column(name)
+            if name in TEXT_COLUMNS:
+                values = pc.cast(values, pa.string())
+                values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+            elif name in types and name not in LIST_COLUMNS:
+                values = pc.cast(values, types[name])
+            columns.append(values)
+        yield pa.record_batch(columns, names=batch.schema.names)
+
+
+def copy_csv(data: bytes, format_name: str, sink) -> int:
+    """A silver object's bytes as the CSV that COPY reads (contract columns then _row_hash, lists as
+    JSON arrays, a null as an empty field), written to `sink`; returns its rows. A CSV object is
+    that already; a Parquet object is converted batch by batch in Arrow (never as Python objects)."""
+    if format_name == "csv":
+        sink.write(data)
+        return sum(len(b) for b in csv_arrow_batches(io.BytesIO(data)))
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from lib import quality  # late: quality imports this module
+
+    writer, rows = None, 0
+    wanted = [*COLUMNS, "_row_hash"]
+    for batch in parquet_arrow_batches(data):
+        names = [n for n in wanted if n in batch.schema.names]
+        out = pa.record_batch([quality._json_lists(batch.column(n)) if n in LIST_COLUMNS else batch.column(n)
+                               for n in names], names=names)
+        if writer is None:
+            writer = pcsv.CSVWriter(sink, out.schema)
+        writer.write_batch(out)
+        rows += len(out)
+    if writer is not None:
+        writer.close()
+    return rows
 
 
 class UpperHeader:

@@ -366,35 +366,32 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
     obj = clean_object(stage, s3)
     data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
     cleaned = stage.previous_record("clean")["details"]
+    import tempfile
+
     fmt = formats.of_key(obj["key"])
-    batch = fmt.decode(data)
-    csv_data = data if fmt.name == "csv" else formats.get("csv").encode(batch)  # COPY reads CSV
-    del data
-    batch_rows = len(batch)
-    del batch
     conn = stage.db_connection()
     try:
-        try:
-            result = db.merge(conn, csv_data, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
-                              retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                              data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
-        except db.DatabaseError as err:
-            raise StageError(str(err)) from None
-        del csv_data
-        # The fingerprint of the whole table, read back in chunks (the batch was proven inside the merge).
-        current_fp, current_rows = quality.Fingerprint(), 0
-        for chunk in db.current_chunks(conn, db_schema, table):
-            current_fp.add(chunk)
-            current_rows += len(chunk)
+        with tempfile.TemporaryFile() as spool:  # the CSV that COPY reads, converted in Arrow batches
+            batch_rows = formats.copy_csv(data, fmt.name, spool)
+            del data
+            spool.seek(0)
+            try:
+                # The batch is proven inside the merge, and the whole table's fingerprint recomputed
+                # from its stored values in the same transaction.
+                result = db.merge(conn, spool, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
+                                  retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
+                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
+            except db.DatabaseError as err:
+                raise StageError(str(err)) from None
+        current_rows = result["current_rows"]
         sample = db.preview(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))
     finally:
         conn.close()
-    current_fp = current_fp.result()
     stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
     stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
-                        current_fingerprint=current_fp["fingerprint"], history_rows=history_rows,
+                        history_rows=history_rows,
                         allow_rewind=allow_rewind)
     return Loaded(result, sample, current_rows, history_rows)
 
@@ -443,10 +440,10 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             try:
                 sink = formats.UpperHeader(spool) if column_case == "upper" else spool
                 rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
-                if name == table:  # the fingerprint of what was exported, read back in chunks
+                if name == table:  # the fingerprint of the exported bytes, parsed back in Arrow batches
                     fp = quality.Fingerprint()
-                    for chunk in formats.csv_chunks(spool.rewound()):
-                        fp.add(chunk)
+                    for batch in formats.csv_arrow_batches(spool.rewound()):
+                        fp.add(batch)
                     fp = fp.result()
                     _check_table(stage, db_schema, table, rows, fp["fingerprint"])
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
