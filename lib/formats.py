@@ -160,6 +160,78 @@ def parquet_arrow_batches(data: bytes, rows: int = 65_536):
         yield pa.record_batch(columns, names=batch.schema.names)
 
 
+def arrow_lists(batch):
+    """A record batch whose list columns hold JSON array text (a CSV's cells), with those columns as
+    list<string>: all of them parsed in one call of Arrow's JSON reader (one object per row), never
+    as Python objects."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pjson
+
+    present = [c for c in LIST_COLUMNS if c in batch.schema.names]
+    if not len(batch) or not present:
+        return batch
+    text = pa.large_string()
+    parts = []
+    for i, name in enumerate(present):
+        parts += [pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":", text), pc.cast(batch.column(name), text)]
+    lines = pc.binary_join_element_wise(*parts, pa.scalar("}\n", text), pa.scalar("", text))
+    if lines.null_count:
+        raise FormatError("a list cell is empty")
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]
+    body = lines.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    schema = pa.schema([(name, pa.list_(pa.string())) for name in present])
+    parsed = pjson.read_json(pa.BufferReader(body), parse_options=pjson.ParseOptions(explicit_schema=schema),
+                             read_options=pjson.ReadOptions(use_threads=True, block_size=max(1 << 20, body.size + 1)))
+    if len(parsed) != len(batch):
+        raise FormatError(f"{len(batch)} rows but {len(parsed)} parsed list cells")
+    columns = [parsed.column(n).combine_chunks() if n in present else batch.column(n) for n in batch.schema.names]
+    return pa.record_batch(columns, names=batch.schema.names)
+
+
+def csv_to_parquet(data: bytes) -> tuple[bytes, int]:
+    """A CSV object (an export, a CSV gold table) as Parquet bytes with the contract's types (lists as
+    list<string>, an empty text as null, lower-case names), converted batch by batch; and its rows."""
+    import pyarrow.parquet as pq
+
+    out, writer, rows = io.BytesIO(), None, 0
+    for batch in csv_arrow_batches(io.BytesIO(data)):
+        batch = arrow_lists(batch)
+        if writer is None:
+            writer = pq.ParquetWriter(out, batch.schema, compression="zstd")
+        writer.write_batch(batch)
+        rows += len(batch)
+    if writer is None:
+        import pyarrow as pa
+
+        header = io.BytesIO(data).readline().decode("utf-8")
+        import csv
+
+        names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else list(COLUMNS)
+        types = _arrow_types({c: pa.list_(pa.string()) for c in LIST_COLUMNS})
+        writer = pq.ParquetWriter(out, pa.schema([(n, types.get(n, pa.string())) for n in names]), compression="zstd")
+    writer.close()
+    return out.getvalue(), rows
+
+
+def parquet_column(data: bytes, name: str):
+    """One column of a Parquet object as an Arrow array, typed as `decode` types it (an empty text as
+    null): read alone, as Parquet stores columns apart."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    values = pq.read_table(io.BytesIO(data), columns=[name]).column(name).combine_chunks()
+    if name in TEXT_COLUMNS:
+        values = pc.cast(values, pa.string())
+        return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    types = _arrow_types()
+    if name in types and name not in LIST_COLUMNS:
+        return pc.cast(values, types[name])
+    return values
+
+
 def copy_csv(data: bytes, format_name: str, sink) -> int:
     """A silver object's bytes as the CSV that COPY reads (contract columns then _row_hash, lists as
     JSON arrays, a null as an empty field), written to `sink`; returns its rows. A CSV object is
@@ -220,10 +292,17 @@ def parquet_encode(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def parquet_decode(data: bytes) -> pd.DataFrame:
+def parquet_decode(data: bytes, rows: int | None = None) -> pd.DataFrame:
+    """The rows of a Parquet object (only its first `rows` rows when given) as a typed frame."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
+    if rows is None:
+        table = pq.read_table(io.BytesIO(data))
+    else:
+        import pyarrow as pa
+
+        batch = next(pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=rows), None)
+        table = pa.Table.from_batches([batch]) if batch is not None else pq.read_table(io.BytesIO(data))
     frame = pd.DataFrame({
         name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
     return _typed(frame, "Parquet")

@@ -327,7 +327,8 @@ def _json_strings(values):
     data = values.buffers()[2]
     if data is not None:
         # Control characters are rare: escape only those present (a byte below 0x20 is always one in UTF-8).
-        for code in np.flatnonzero(np.bincount(np.frombuffer(data, dtype=np.uint8), minlength=256)[:0x20]).tolist():
+        raw = np.frombuffer(data, dtype=np.uint8)
+        for code in np.unique(raw[raw < 0x20]).tolist():
             char = chr(code)
             values = pc.replace_substring(values, char, _NAMED_ESCAPES.get(char, f"\\u{code:04x}"))
     return pc.binary_join_element_wise(_text('"'), values, _text('"'), _text(""))
