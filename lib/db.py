@@ -406,27 +406,23 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
                     t=target, cols=data_cols, k=sql.Identifier(KEY), updates=updates), (run_id,))
                 cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
                 counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
-                # Audit before commit: the batch's rows as now stored are exactly the batch (compared
-                # in SQL, doubles by their bits), and their fingerprint, recomputed from the stored
-                # values, is the silver table's.
-                exact = sql.SQL(" OR ").join(
-                    (sql.SQL("float8send(t.{c}) IS DISTINCT FROM float8send(b.{c})") if c == "area" else
-                     sql.SQL("t.{c} IS DISTINCT FROM b.{c}")).format(c=sql.Identifier(c)) for c in COLUMNS[1:])
-                cur.execute(sql.SQL("SELECT b.{k} FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k} "
-                                    "WHERE t.{k} IS NULL OR {exact}").format(k=sql.Identifier(KEY), t=target,
-                                                                            exact=exact))
-                wrong = sorted(r[0] for r in cur.fetchall())
-                if wrong:
-                    raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: {_short(wrong)}; "
-                                        "rolled back")
+                # Audit before commit: the table is read back once, and the fingerprint of the batch's
+                # rows, recomputed from the stored values, must be the silver table's. Rows that are
+                # not stored as the batch has them are named (compared in SQL, doubles by their bits)
+                # whenever that proof is missing or fails.
                 batch_fp, current_fp, unproven = _table_fingerprints(cur, target)
-                drift = sorted(set(drift) | set(unproven))
-                repaired = drift  # every drifted row is a row of the batch, now stored as the batch has it
                 fingerprint = batch_fp["fingerprint"]
+                if expected_fingerprint is None or fingerprint != expected_fingerprint:
+                    wrong = _not_as_sent(cur, target)
+                    if wrong:
+                        raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: "
+                                            f"{_short(wrong)}; rolled back")
                 if expected_fingerprint is not None and fingerprint != expected_fingerprint:
                     raise BatchMismatch(
                         f"the {batch_fp['rows']} rows loaded have fingerprint {fingerprint[:16]}, the silver "
                         f"record says {expected_fingerprint[:16]}: the batch is not the silver table; rolled back")
+                drift = sorted(set(drift) | set(unproven))
+                repaired = drift  # every drifted row is a row of the batch, now stored as the batch has it
                 cur.execute(sql.SQL(
                     "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired, "
                     "repaired, data_as_of) VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s, %s) RETURNING load_id").format(
@@ -467,28 +463,39 @@ def _drifted(cur, query: sql.Composable) -> list[str]:
     return drift
 
 
+def _not_as_sent(cur, target) -> list[str]:
+    """Keys of the batch whose row is missing from the table or differs from the staged row."""
+    exact = sql.SQL(" OR ").join(
+        (sql.SQL("float8send(t.{c}) IS DISTINCT FROM float8send(b.{c})") if c == "area" else
+         sql.SQL("t.{c} IS DISTINCT FROM b.{c}")).format(c=sql.Identifier(c)) for c in COLUMNS[1:])
+    cur.execute(sql.SQL("SELECT b.{k} FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k} "
+                        "WHERE t.{k} IS NULL OR {exact}").format(k=sql.Identifier(KEY), t=target, exact=exact))
+    return sorted(r[0] for r in cur.fetchall())
+
+
 def _table_fingerprints(cur, target) -> tuple[dict, dict, list[str]]:
     """One pass over the current table as it now stands in this transaction: the fingerprint of the
     batch's rows, of the whole table (both recomputed from the stored values), and the batch rows
-    that `_changes` left unchanged whose values do not give the batch's _row_hash (drift that an
-    equal row could not show before the write)."""
+    that `_changes` found equal to the batch (values and _row_hash) whose values do not give that
+    _row_hash: drift that an equal row could not show before the write."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from lib import quality
 
-    query = sql.SQL(
-        "SELECT {cols}, b._row_hash AS _batch_hash, b.{k} IS NOT NULL AS _in_batch, "
-        "coalesce(c.change = 'update', false) AS _hashed FROM {t} t LEFT JOIN _batch b ON b.{k} = t.{k} "
-        "LEFT JOIN _changes c ON c.key = t.{k}").format(cols=_list_json("t"), t=target, k=sql.Identifier(KEY))
+    query = sql.SQL("SELECT {cols}, t._row_hash, c.change AS _change FROM {t} t "
+                    "LEFT JOIN _changes c ON c.key = t.{k}").format(cols=_list_json("t"), t=target,
+                                                                      k=sql.Identifier(KEY))
     batch_fp, current_fp, unproven = quality.Fingerprint(), quality.Fingerprint(), []
-    for rows, hashes in _hashed_rows(cur, query, {"_batch_hash": "string", "_in_batch": "bool", "_hashed": "bool"}):
-        in_batch = rows.column("_in_batch").to_pylist()
+    for rows, hashes in _hashed_rows(cur, query, {"_row_hash": "string", "_change": "string"}):
+        hashes = pa.array(hashes, pa.large_string())
         current_fp.add(rows, hashes)
-        mine = [i for i, b in enumerate(in_batch) if b]
-        if len(mine) == len(in_batch):
-            batch_fp.add(rows, hashes)
-        elif mine:
-            batch_fp.add(rows.take(mine), [hashes[i] for i in mine])
-        keys, expected, hashed = (rows.column(c).to_pylist() for c in (KEY, "_batch_hash", "_hashed"))
-        unproven += [keys[i] for i in mine if not hashed[i] and hashes[i] != expected[i]]
+        change = rows.column("_change")
+        in_batch = pc.fill_null(pc.is_in(change, value_set=pa.array(["insert", "update", "unchanged"])), False)
+        batch_fp.add(rows.filter(in_batch), hashes.filter(in_batch))
+        equal = pc.fill_null(pc.equal(change, "unchanged"), False)
+        wrong_hash = pc.not_equal(hashes, pc.cast(rows.column("_row_hash"), pa.large_string()))
+        unproven += rows.column(KEY).filter(pc.and_(equal, wrong_hash)).to_pylist()
     return batch_fp.result(), current_fp.result(), unproven
 
 

@@ -409,9 +409,9 @@ class Fingerprint:
         self.chunks: list = []
         self.rows = 0
 
-    def add(self, frame, hashes: list[str] | None = None) -> "Fingerprint":
-        """Add a pandas frame or an Arrow table/batch; `hashes` are its row hashes when the caller has
-        just computed them from the same values."""
+    def add(self, frame, hashes=None) -> "Fingerprint":
+        """Add a pandas frame or an Arrow table/batch; `hashes` (a list or an Arrow array) are its row
+        hashes when the caller has just computed them from the same values."""
         pa, pc = _arrow()
         if isinstance(frame, pd.DataFrame):
             keys = pa.array(frame[KEY].tolist(), pa.large_string())
@@ -421,7 +421,8 @@ class Fingerprint:
             keys = pc.cast(keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys, pa.large_string())
             hashes = arrow_row_hashes(frame) if hashes is None else hashes
         if len(keys):
-            self.chunks.append(pc.binary_join_element_wise(keys, pa.array(hashes, pa.large_string()), _text("\t")))
+            hashes = pc.cast(hashes, pa.large_string()) if isinstance(hashes, pa.Array) else pa.array(hashes, pa.large_string())
+            self.chunks.append(pc.binary_join_element_wise(keys, hashes, _text("\t")))
             self.rows += len(keys)
         return self
 
