@@ -190,13 +190,16 @@ def arrow_lists(batch):
     return pa.record_batch(columns, names=batch.schema.names)
 
 
-def csv_to_parquet(data: bytes) -> tuple[bytes, int]:
-    """A CSV object (an export, a CSV gold table) as Parquet bytes with the contract's types (lists as
-    list<string>, an empty text as null, lower-case names), converted batch by batch; and its rows."""
+def csv_to_parquet(data) -> tuple[bytes, int]:
+    """A CSV object (an export, a CSV gold table; bytes or a binary file object) as Parquet bytes with
+    the contract's types (lists as list<string>, an empty text as null, lower-case names), converted
+    batch by batch; and its rows."""
     import pyarrow.parquet as pq
 
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    start = source.tell()
     out, writer, rows = io.BytesIO(), None, 0
-    for batch in csv_arrow_batches(io.BytesIO(data)):
+    for batch in csv_arrow_batches(source):
         batch = arrow_lists(batch)
         if writer is None:
             writer = pq.ParquetWriter(out, batch.schema, compression="zstd")
@@ -205,7 +208,8 @@ def csv_to_parquet(data: bytes) -> tuple[bytes, int]:
     if writer is None:
         import pyarrow as pa
 
-        header = io.BytesIO(data).readline().decode("utf-8")
+        source.seek(start)
+        header = source.readline().decode("utf-8")
         import csv
 
         names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else list(COLUMNS)

@@ -499,36 +499,72 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
     return None, None
 
 
+def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> storage.HashingSpool:
+    """`verify_input` for an object too large to hold: streamed to a spool on disk while hashed, then
+    its sha256 proven against its metadata and the writer's record (when there is one), before
+    anything is written. Close the spool after use."""
+    body, meta = storage.open_object(s3, bucket, key)
+    spool = storage.HashingSpool()
+    try:
+        for chunk in iter(lambda: body.read(8 << 20), b""):
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        body.close()
+    uri, digest = f"s3://{bucket}/{key}", spool.sha256
+    expected = {"the object's metadata": meta.get("sha256")}
+    record = stage.previous_record(layer)
+    if record is not None:
+        listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
+        expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
+    for where, value in expected.items():
+        if value != digest:
+            spool.close()
+            raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
+                             f"nothing was written by {stage.name}")
+    return spool
+
+
 def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str = "") -> Golden:
     """Fetch this run's export, verify its checksum against what stage 4 wrote, then write gold:
     the table, aggregates by region and subregion, the change report. `reconcile` and `publish`
     follow. The export is converted to typed Parquet in Arrow batches; the aggregates read only
     their columns and the change report compares column by column (lib/gold.py `changes_between`)."""
-    import pyarrow.parquet as pq
-
     settings = stage.settings
     params.check("table", table)
     fmt = formats.get(gold_format or formats.GOLD)
     cloud = storage.cloud_client(settings.cloud)
     key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
-    data, _ = verify_input(stage, cloud, settings.cloud.bucket, key, "cloud", required=False)
-    digest = storage.sha256(data)
-    typed, rows = formats.csv_to_parquet(data)
-    exported = (stage.previous_record("cloud") or {}).get("details") or {}
-    if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
-        # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
-        # fingerprinted, so their fingerprint is the one it recorded.
-        fp = {"rows": rows, "fingerprint": exported["fingerprint"]}
-    else:  # no record of stage 4 for this object: the fingerprint is recomputed from the values
-        fp = quality.Fingerprint()
-        for batch in formats.csv_arrow_batches(io.BytesIO(data)):
-            fp.add(batch)
-        fp = fp.result()
-    if fmt.name == "csv":
-        gold_body = data
-    else:
-        gold_body = typed
-    del data
+    spool = _spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud")
+    digest = spool.sha256
+    try:
+        typed, rows = formats.csv_to_parquet(spool.rewound())
+        exported = (stage.previous_record("cloud") or {}).get("details") or {}
+        if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
+            # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
+            # fingerprinted, so their fingerprint is the one it recorded.
+            fp = {"rows": rows, "fingerprint": exported["fingerprint"]}
+        else:  # no record of stage 4 for this object: the fingerprint is recomputed from the values
+            fp = quality.Fingerprint()
+            for batch in formats.csv_arrow_batches(spool.rewound()):
+                fp.add(batch)
+            fp = fp.result()
+        # A CSV gold table is the export's bytes as they are; Parquet is the typed conversion.
+        gold_body = spool if fmt.name == "csv" else typed
+        golden = _write_gold(stage, fmt, table, key, typed, rows, fp, digest, gold_body)
+    finally:
+        spool.close()
+    return golden
+
+
+def _write_gold(stage: Stage, fmt: formats.Format, table: str, key: str, typed: bytes, rows: int, fp: dict,
+                digest: str, gold_body) -> Golden:
+    """The rest of `build_gold`: the change report, the aggregates and every gold object."""
+    import pyarrow.parquet as pq
+
+    settings = stage.settings
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
@@ -552,7 +588,10 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
         (layout.changes_key(stage.run_id), changes,
          len(report["added"]) + len(report["removed"]) + len(report["changed"]), "application/json"),
     ]
-    artifacts = [storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
+    artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size, digest=body.sha256,
+                                    rows=n, inputs=[source_uri], metadata=meta_out, content_type=content_type)
+                 if isinstance(body, storage.HashingSpool) else
+                 storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
                                    metadata=meta_out, content_type=content_type)
                  for k, body, n, content_type in outputs]
     for artifact in artifacts:
