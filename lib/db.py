@@ -317,11 +317,11 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
     table behind the pipeline's back (its values no longer give its `_row_hash`) is reported as
     drift and, in upsert and replace, repaired. Append never changes a row, so a key it skips must
     already hold the batch's values.
-    Before committing, the batch's rows as stored are compared with the staged batch in SQL, and
-    the table is read back once (COPY, in the same transaction): the fingerprint of the batch's rows,
-    recomputed from the stored values, is compared with `expected_fingerprint` (stage 2's
-    `clean_fingerprint`), any difference rolling the load back, and the whole table's fingerprint is
-    returned as `current_fingerprint`.
+    Before committing, the table is read back once (COPY, in the same transaction): the fingerprint
+    of the batch's rows, recomputed from the stored values, is compared with `expected_fingerprint`
+    (stage 2's `clean_fingerprint`), any difference rolling the load back (the rows not stored as
+    staged are named, compared in SQL, when that proof fails or is not given), and the whole table's
+    fingerprint is returned as `current_fingerprint`.
     `data_as_of` (when the batch's data was fetched) is kept in the load log; a batch older than
     the table's latest load is refused unless `allow_rewind`.
     On any error the transaction is rolled back and the tables are as they were. A lock held by another
