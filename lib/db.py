@@ -538,24 +538,6 @@ def current(conn, schema: str, table: str) -> pd.DataFrame:
     return read_frame(conn, _select_contract(schema, table), object_columns=OBJECT_COLUMNS)
 
 
-def current_chunks(conn, schema: str, table: str, rows: int = 50_000):
-    """The current rows as frames of at most `rows` rows (a server-side cursor): a table of any size
-    is read without holding it. Needs a transaction (not autocommit); ends it."""
-    import pandas as pd
-
-    with conn.cursor(name="medallion_current") as cur:
-        cur.itersize = rows
-        cur.execute(_select_contract(schema, table))
-        while True:
-            batch = cur.fetchmany(rows)
-            if not batch:
-                break
-            columns = [d[0] for d in cur.description]
-            yield pd.DataFrame({c: pd.Series([r[i] for r in batch], dtype=object if c in OBJECT_COLUMNS else None)
-                                for i, c in enumerate(columns)}, columns=columns)
-    conn.rollback()
-
-
 def preview(conn, schema: str, table: str, rows: int = 10) -> pd.DataFrame:
     """The first rows of the current table by key, for previews."""
     return read_frame(conn, sql.SQL("{} LIMIT %s").format(_select_contract(schema, table)), (rows,),
