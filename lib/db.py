@@ -227,21 +227,31 @@ def migrate_loads(cur, schema: str) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN data_as_of timestamptz").format(loads))
 
 
-def _hashes(cur, query: sql.Composable, params=()) -> dict[str, tuple[str, str | None]]:
-    """key → (hash recomputed from the row's values, the row's stored _row_hash), for a query
-    returning the contract columns and _row_hash."""
-    from lib import quality  # late: quality pulls in pandera
-
-    cur.execute(query, params)
-    return {row[0]: (quality.row_hash(row[:len(COLUMNS)]), row[len(COLUMNS)]) for row in cur.fetchall()}
+def _list_json(prefix: str | None = None) -> sql.Composed:
+    """The contract columns for a COPY out: list columns as JSON arrays (the silver CSV form)."""
+    return sql.SQL(", ").join(
+        (sql.SQL("array_to_json({c})::text AS {n}") if c in LIST_COLUMNS else sql.SQL("{c}")).format(
+            c=sql.Identifier(prefix, c) if prefix else sql.Identifier(c), n=sql.Identifier(c)) for c in COLUMNS)
 
 
-def _fingerprint(hashes: dict[str, tuple[str, str | None]]) -> str:
-    """quality.fingerprint of rows, from their recomputed hashes."""
-    import hashlib
+def _hashed_rows(cur, query: sql.Composable, extra: dict[str, str]):
+    """Stream a query's rows (the contract columns as `_list_json` gives them, then `extra` columns:
+    name → "string" or "bool") out of PostgreSQL with COPY, and yield Arrow record batches of them
+    with each row's hash recomputed from its values (quality.arrow_row_hashes). COPY renders every
+    value as text (floats exactly); the rows are spooled to disk, so a table of any size is read in
+    bounded memory."""
+    import tempfile
 
-    lines = sorted(f"{k}\t{h}" for k, (h, _) in hashes.items())
-    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+    import pyarrow as pa
+
+    from lib import formats, quality  # late: quality pulls in pandera
+
+    with tempfile.TemporaryFile() as spool:
+        cur.copy_expert(sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query), spool)
+        spool.seek(0)
+        types = {name: pa.bool_() if kind == "bool" else pa.string() for name, kind in extra.items()}
+        for batch in formats.csv_arrow_batches(spool, extra=types):
+            yield batch, quality.arrow_row_hashes(batch)
 
 
 def _short(keys) -> str:
@@ -290,11 +300,12 @@ def _typed_select() -> sql.Composed:
     return sql.SQL(", ").join(parts)
 
 
-def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: str = "upsert",
+def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "upsert",
           retire_missing: bool = True, lock_timeout: str = LOAD_LOCK_TIMEOUT,
           expected_fingerprint: str | None = None, data_as_of: str | None = None,
           allow_rewind: bool = False) -> dict:
-    """Load a silver CSV into `schema.table` in ONE transaction: COPY into a staging table, then merge.
+    """Load a silver CSV (bytes or a binary file object) into `schema.table` in ONE transaction: COPY
+    into a staging table, then merge.
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
              unchanged rows untouched; with retire_missing, keys absent from the batch are removed
@@ -306,8 +317,11 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
     table behind the pipeline's back (its values no longer give its `_row_hash`) is reported as
     drift and, in upsert and replace, repaired. Append never changes a row, so a key it skips must
     already hold the batch's values.
-    Before committing, the batch's rows are read back as stored and their fingerprint compared with
-    `expected_fingerprint` (stage 2's `clean_fingerprint`): any difference rolls the load back.
+    Before committing, the table is read back once (COPY, in the same transaction): the fingerprint
+    of the batch's rows, recomputed from the stored values, is compared with `expected_fingerprint`
+    (stage 2's `clean_fingerprint`), any difference rolling the load back (the rows not stored as
+    staged are named, compared in SQL, when that proof fails or is not given), and the whole table's
+    fingerprint is returned as `current_fingerprint`.
     `data_as_of` (when the batch's data was fetched) is kept in the load log; a batch older than
     the table's latest load is refused unless `allow_rewind`.
     On any error the transaction is rolled back and the tables are as they were. A lock held by another
@@ -328,17 +342,12 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                 cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
                     sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
                 cur.copy_expert(sql.SQL("COPY _stage ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
-                                .format(data_cols).as_string(conn), io.BytesIO(csv_data))
+                                .format(data_cols).as_string(conn),
+                                csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data))
                 cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(
                     _typed_select()))
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(loads))
                 _refuse_rewind(cur, loads, schema, table, run_id, data_as_of, allow_rewind)
-                batch_hashes = _hashes(cur, sql.SQL("SELECT {}, _row_hash FROM _batch").format(data_cols))
-                stored_before = _hashes(cur, sql.SQL(
-                    "SELECT {cols}, t._row_hash FROM {t} t JOIN _batch b ON b.{k} = t.{k}").format(
-                    cols=_cols(COLUMNS, "t"), t=target, k=sql.Identifier(KEY)))
-                # Drift: a row whose values no longer give the hash the pipeline stored with them.
-                drift = sorted(k for k, (values, stored) in stored_before.items() if values != stored)
                 differs = sql.SQL(" OR ").join(
                     sql.SQL("t.{c} IS DISTINCT FROM b.{c}").format(c=sql.Identifier(c)) for c in COLUMNS[1:])
                 cur.execute(sql.SQL(
@@ -348,6 +357,12 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                     "ELSE 'unchanged' END AS change "
                     "FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k}").format(
                     k=sql.Identifier(KEY), t=target, differs=differs))
+                # Drift: a row whose values no longer give the hash the pipeline stored with them. A
+                # row that differs from the batch (in values or hash) is hashed here, before it is
+                # rewritten; a row equal to the batch gives the batch's hash, checked after the write.
+                drift = _drifted(cur, sql.SQL(
+                    "SELECT {cols}, t._row_hash FROM {t} t JOIN _changes c ON c.key = t.{k} "
+                    "AND c.change = 'update'").format(cols=_list_json("t"), t=target, k=sql.Identifier(KEY)))
                 if mode == "append":
                     cur.execute("SELECT key FROM _changes WHERE change = 'update'")
                     kept = [r[0] for r in cur.fetchall()]
@@ -391,20 +406,23 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                     t=target, cols=data_cols, k=sql.Identifier(KEY), updates=updates), (run_id,))
                 cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
                 counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
-                repaired = sorted(set(drift) & {k for k, (h, _) in batch_hashes.items()})
-                # Audit before commit: the batch's rows as now stored are exactly the batch.
-                stored = _hashes(cur, sql.SQL(
-                    "SELECT {cols}, t._row_hash FROM {t} t JOIN _batch b ON b.{k} = t.{k}").format(
-                    cols=_cols(COLUMNS, "t"), t=target, k=sql.Identifier(KEY)))
-                wrong = sorted(k for k, (h, _) in batch_hashes.items() if stored.get(k, (None,))[0] != h)
-                fingerprint = _fingerprint(stored)
-                if wrong:
-                    raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: {_short(wrong)}; "
-                                        "rolled back")
+                # Audit before commit: the table is read back once, and the fingerprint of the batch's
+                # rows, recomputed from the stored values, must be the silver table's. Rows that are
+                # not stored as the batch has them are named (compared in SQL, doubles by their bits)
+                # whenever that proof is missing or fails.
+                batch_fp, current_fp, unproven = _table_fingerprints(cur, target)
+                fingerprint = batch_fp["fingerprint"]
+                if expected_fingerprint is None or fingerprint != expected_fingerprint:
+                    wrong = _not_as_sent(cur, target)
+                    if wrong:
+                        raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: "
+                                            f"{_short(wrong)}; rolled back")
                 if expected_fingerprint is not None and fingerprint != expected_fingerprint:
                     raise BatchMismatch(
-                        f"the {len(stored)} rows loaded have fingerprint {fingerprint[:16]}, the silver "
+                        f"the {batch_fp['rows']} rows loaded have fingerprint {fingerprint[:16]}, the silver "
                         f"record says {expected_fingerprint[:16]}: the batch is not the silver table; rolled back")
+                drift = sorted(set(drift) | set(unproven))
+                repaired = drift  # every drifted row is a row of the batch, now stored as the batch has it
                 cur.execute(sql.SQL(
                     "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired, "
                     "repaired, data_as_of) VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s, %s) RETURNING load_id").format(
@@ -412,8 +430,7 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                     (run_id, table, mode, counts["insert"], counts["update"], counts["unchanged"],
                      counts["retire"], len(repaired), data_as_of))
                 load_id = cur.fetchone()[0]
-                cur.execute(sql.SQL("SELECT count(*) FROM {}").format(target))
-                current = cur.fetchone()[0]
+                current = current_fp["rows"]
     except DatabaseError:
         raise
     except psycopg2.errors.LockNotAvailable:
@@ -427,13 +444,59 @@ def merge(conn, csv_data: bytes, *, schema: str, table: str, run_id: str, mode: 
                             ) from None
     result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
               "retired": counts["retire"], "current_rows": current, "mode": mode, "load_id": load_id,
-              "batch_rows": len(stored), "batch_fingerprint": fingerprint,
+              "batch_rows": batch_fp["rows"], "batch_fingerprint": fingerprint,
+              "current_fingerprint": current_fp["fingerprint"],
               "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(repaired)}}
     if drift:
         log.warning("%s.%s: %d row(s) had been changed outside the pipeline (%s); %s", schema, table, len(drift),
                     _short(drift), "repaired" if repaired else "reported")
     log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
     return result
+
+
+def _drifted(cur, query: sql.Composable) -> list[str]:
+    """Keys of the rows (contract columns and _row_hash) whose values no longer give their _row_hash."""
+    drift = []
+    for batch, hashes in _hashed_rows(cur, query, {"_row_hash": "string"}):
+        drift += [k for k, h, stored in zip(batch.column(KEY).to_pylist(), hashes, batch.column("_row_hash").to_pylist())
+                  if h != stored]
+    return drift
+
+
+def _not_as_sent(cur, target) -> list[str]:
+    """Keys of the batch whose row is missing from the table or differs from the staged row."""
+    exact = sql.SQL(" OR ").join(
+        (sql.SQL("float8send(t.{c}) IS DISTINCT FROM float8send(b.{c})") if c == "area" else
+         sql.SQL("t.{c} IS DISTINCT FROM b.{c}")).format(c=sql.Identifier(c)) for c in COLUMNS[1:])
+    cur.execute(sql.SQL("SELECT b.{k} FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k} "
+                        "WHERE t.{k} IS NULL OR {exact}").format(k=sql.Identifier(KEY), t=target, exact=exact))
+    return sorted(r[0] for r in cur.fetchall())
+
+
+def _table_fingerprints(cur, target) -> tuple[dict, dict, list[str]]:
+    """One pass over the current table as it now stands in this transaction: the fingerprint of the
+    batch's rows, of the whole table (both recomputed from the stored values), and the batch rows
+    that `_changes` found equal to the batch (values and _row_hash) whose values do not give that
+    _row_hash: drift that an equal row could not show before the write."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lib import quality
+
+    query = sql.SQL("SELECT {cols}, t._row_hash, c.change AS _change FROM {t} t "
+                    "LEFT JOIN _changes c ON c.key = t.{k}").format(cols=_list_json("t"), t=target,
+                                                                      k=sql.Identifier(KEY))
+    batch_fp, current_fp, unproven = quality.Fingerprint(), quality.Fingerprint(), []
+    for rows, hashes in _hashed_rows(cur, query, {"_row_hash": "string", "_change": "string"}):
+        hashes = pa.array(hashes, pa.large_string())
+        current_fp.add(rows, hashes)
+        change = rows.column("_change")
+        in_batch = pc.fill_null(pc.is_in(change, value_set=pa.array(["insert", "update", "unchanged"])), False)
+        batch_fp.add(rows.filter(in_batch), hashes.filter(in_batch))
+        equal = pc.fill_null(pc.equal(change, "unchanged"), False)
+        wrong_hash = pc.not_equal(hashes, pc.cast(rows.column("_row_hash"), pa.large_string()))
+        unproven += rows.column(KEY).filter(pc.and_(equal, wrong_hash)).to_pylist()
+    return batch_fp.result(), current_fp.result(), unproven
 
 
 def _refuse_rewind(cur, loads, schema: str, table: str, run_id: str, data_as_of: str | None,
@@ -473,24 +536,6 @@ def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.Da
 def current(conn, schema: str, table: str) -> pd.DataFrame:
     """The current rows, typed as the contract (lists as Python lists)."""
     return read_frame(conn, _select_contract(schema, table), object_columns=OBJECT_COLUMNS)
-
-
-def current_chunks(conn, schema: str, table: str, rows: int = 50_000):
-    """The current rows as frames of at most `rows` rows (a server-side cursor): a table of any size
-    is read without holding it. Needs a transaction (not autocommit); ends it."""
-    import pandas as pd
-
-    with conn.cursor(name="medallion_current") as cur:
-        cur.itersize = rows
-        cur.execute(_select_contract(schema, table))
-        while True:
-            batch = cur.fetchmany(rows)
-            if not batch:
-                break
-            columns = [d[0] for d in cur.description]
-            yield pd.DataFrame({c: pd.Series([r[i] for r in batch], dtype=object if c in OBJECT_COLUMNS else None)
-                                for i, c in enumerate(columns)}, columns=columns)
-    conn.rollback()
 
 
 def preview(conn, schema: str, table: str, rows: int = 10) -> pd.DataFrame:

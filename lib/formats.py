@@ -14,7 +14,7 @@ from typing import Callable
 
 import pandas as pd
 
-from lib.contract import COLUMNS, LIST_COLUMNS, TEXT_COLUMNS
+from lib.contract import COLUMNS, CONTRACT, LIST_COLUMNS, TEXT_COLUMNS
 from lib.errors import PipelineError
 
 # The default formats of silver and gold objects (docs/benchmark.md says how they were chosen).
@@ -96,6 +96,173 @@ def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
     return _typed(frame, "CSV")
 
 
+# --- Arrow: the same values without Python objects per cell -------------------------------------------
+
+def _arrow_types(extra: dict | None = None) -> dict:
+    import pyarrow as pa
+
+    kinds = {"bigint": pa.int64(), "double": pa.float64()}
+    return {**{c.name: kinds.get(c.kind, pa.string()) for c in CONTRACT}, **(extra or {})}
+
+
+def csv_arrow_batches(fileobj, extra: dict | None = None, block_size: int = 8 << 20):
+    """A CSV object (list cells as JSON arrays) read from a file object as Arrow record batches of
+    about `block_size` bytes each, typed as the contract (list columns stay JSON text; quality's
+    arrow_row_hashes reads them so), an empty text as null as in `decode`; `extra` gives the Arrow
+    type of other columns (text by default). Header names are lower-cased (column_case=upper)."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    header = fileobj.readline().decode("utf-8")
+    names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else []
+    missing = [c for c in COLUMNS if c not in names]
+    if missing:
+        raise FormatError(f"CSV lacks contract columns: {', '.join(missing)}")
+    start = fileobj.tell()
+    if not fileobj.read(1):
+        return  # a header and no rows
+    fileobj.seek(start)
+    types = _arrow_types(extra)
+    reader = pcsv.open_csv(
+        fileobj,
+        read_options=pcsv.ReadOptions(column_names=names, block_size=block_size),
+        parse_options=pcsv.ParseOptions(newlines_in_values=True),
+        convert_options=pcsv.ConvertOptions(
+            column_types={n: types.get(n, pa.string()) for n in names}, strings_can_be_null=True,
+            null_values=[""], quoted_strings_can_be_null=True, true_values=["t", "true"], false_values=["f", "false"]))
+    yield from reader
+
+
+def parquet_arrow_batches(data: bytes, rows: int = 65_536):
+    """A Parquet object's rows as Arrow record batches of at most `rows` rows, with the contract's
+    columns typed as `decode` types them (an empty text as null) and any other columns as stored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(io.BytesIO(data))
+    missing = [c for c in COLUMNS if c not in parquet.schema_arrow.names]
+    if missing:
+        raise FormatError(f"Parquet lacks contract columns: {', '.join(missing)}")
+    types = _arrow_types()
+    for batch in parquet.iter_batches(batch_size=rows):
+        columns = []
+        for name in batch.schema.names:
+            values = batch.column(name)
+            if name in TEXT_COLUMNS:
+                values = pc.cast(values, pa.string())
+                values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+            elif name in types and name not in LIST_COLUMNS:
+                values = pc.cast(values, types[name])
+            columns.append(values)
+        yield pa.record_batch(columns, names=batch.schema.names)
+
+
+def arrow_lists(batch):
+    """A record batch whose list columns hold JSON array text (a CSV's cells), with those columns as
+    list<string>: all of them parsed in one call of Arrow's JSON reader (one object per row), never
+    as Python objects."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pjson
+
+    present = [c for c in LIST_COLUMNS if c in batch.schema.names]
+    if not len(batch) or not present:
+        return batch
+    text = pa.large_string()
+    parts = []
+    for i, name in enumerate(present):
+        parts += [pa.scalar(("{" if i == 0 else ",") + json.dumps(name) + ":", text), pc.cast(batch.column(name), text)]
+    lines = pc.binary_join_element_wise(*parts, pa.scalar("}\n", text), pa.scalar("", text))
+    if lines.null_count:
+        raise FormatError("a list cell is empty")
+    offsets = np.frombuffer(lines.buffers()[1], dtype=np.int64)[lines.offset:lines.offset + len(lines) + 1]
+    body = lines.buffers()[2].slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    schema = pa.schema([(name, pa.list_(pa.string())) for name in present])
+    parsed = pjson.read_json(pa.BufferReader(body), parse_options=pjson.ParseOptions(explicit_schema=schema),
+                             read_options=pjson.ReadOptions(use_threads=True, block_size=max(1 << 20, body.size + 1)))
+    if len(parsed) != len(batch):
+        raise FormatError(f"{len(batch)} rows but {len(parsed)} parsed list cells")
+    columns = [parsed.column(n).combine_chunks() if n in present else batch.column(n) for n in batch.schema.names]
+    return pa.record_batch(columns, names=batch.schema.names)
+
+
+def csv_to_parquet(data) -> tuple[bytes, int]:
+    """A CSV object (an export, a CSV gold table; bytes or a binary file object) as Parquet bytes with
+    the contract's types (lists as list<string>, an empty text as null, lower-case names), converted
+    batch by batch; and its rows."""
+    import pyarrow.parquet as pq
+
+    source = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
+    start = source.tell()
+    out, writer, rows = io.BytesIO(), None, 0
+    for batch in csv_arrow_batches(source):
+        batch = arrow_lists(batch)
+        if writer is None:
+            writer = pq.ParquetWriter(out, batch.schema, compression="zstd")
+        writer.write_batch(batch)
+        rows += len(batch)
+    if writer is None:
+        import pyarrow as pa
+
+        source.seek(start)
+        header = source.readline().decode("utf-8")
+        import csv
+
+        names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else list(COLUMNS)
+        types = _arrow_types({c: pa.list_(pa.string()) for c in LIST_COLUMNS})
+        writer = pq.ParquetWriter(out, pa.schema([(n, types.get(n, pa.string())) for n in names]), compression="zstd")
+    writer.close()
+    return out.getvalue(), rows
+
+
+def parquet_column(data: bytes, name: str):
+    """One column of a Parquet object as an Arrow array, typed as `decode` types it (an empty text as
+    null): read alone, as Parquet stores columns apart."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    values = pq.read_table(io.BytesIO(data), columns=[name]).column(name).combine_chunks()
+    if name in TEXT_COLUMNS:
+        values = pc.cast(values, pa.string())
+        return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    types = _arrow_types()
+    if name in types and name not in LIST_COLUMNS:
+        return pc.cast(values, types[name])
+    return values
+
+
+def copy_csv(data: bytes, format_name: str, sink) -> int:
+    """A silver object's bytes as the CSV that COPY reads (contract columns then _row_hash, lists as
+    JSON arrays, a null as an empty field), written to `sink`; returns its rows. A CSV object is
+    that already; a Parquet object is converted batch by batch in Arrow (never as Python objects)."""
+    if format_name == "csv":
+        sink.write(data)
+        return sum(len(b) for b in csv_arrow_batches(io.BytesIO(data)))
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    from lib import quality  # late: quality imports this module
+
+    writer, rows = None, 0
+    wanted = [*COLUMNS, "_row_hash"]
+    for batch in parquet_arrow_batches(data):
+        names = [n for n in wanted if n in batch.schema.names]
+        out = pa.record_batch([quality._json_lists(batch.column(n)) if n in LIST_COLUMNS else batch.column(n)
+                               for n in names], names=names)
+        if writer is None:
+            writer = pcsv.CSVWriter(sink, out.schema)
+        writer.write_batch(out)
+        rows += len(out)
+    if writer is not None:
+        writer.close()
+    return rows
+
+
 class UpperHeader:
     """A write-through sink that upper-cases the first line (the CSV header) of what passes through
     it: the seed's upper-case column names for an export streamed by COPY, the rows untouched."""
@@ -129,10 +296,17 @@ def parquet_encode(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def parquet_decode(data: bytes) -> pd.DataFrame:
+def parquet_decode(data: bytes, rows: int | None = None) -> pd.DataFrame:
+    """The rows of a Parquet object (only its first `rows` rows when given) as a typed frame."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
+    if rows is None:
+        table = pq.read_table(io.BytesIO(data))
+    else:
+        import pyarrow as pa
+
+        batch = next(pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=rows), None)
+        table = pa.Table.from_batches([batch]) if batch is not None else pq.read_table(io.BytesIO(data))
     frame = pd.DataFrame({
         name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
     return _typed(frame, "Parquet")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 
 from lib import registry
-from lib.contract import COLUMNS, KEY
+from lib.contract import COLUMNS, KEY, LIST_COLUMNS
 from lib.errors import PipelineError
 
 
@@ -96,6 +96,48 @@ def changes(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run_i
         "added": sorted(set(new.index) - set(old.index)),
         "removed": sorted(set(old.index) - set(new.index)),
         "changed": changed,
+    }
+
+
+def changes_between(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
+    """`changes` of two gold tables given as Parquet bytes (lib/formats.py `csv_to_parquet` makes
+    them from CSV), read one column at a time: the keys are matched once, then each column of the
+    shared keys is compared in Arrow (lists by their canonical JSON text, equal exactly when the
+    lists are; nulls equal nulls, and NaN equals NaN, as `_plain` sees them). Only the differing
+    cells become Python values, so two tables of a million rows compare in bounded memory. The
+    report is the one `changes` gives for the same tables."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from lib import formats, quality
+
+    new_keys = formats.parquet_column(current, KEY)
+    if previous is None:
+        return {"previous_run_id": None, "added": sorted(new_keys.to_pylist()), "removed": [], "changed": {}}
+    old_keys = formats.parquet_column(previous, KEY)
+    at = pc.index_in(new_keys, value_set=old_keys)  # each current row's row in the previous table
+    shared = pc.is_valid(at)
+    new_rows = np.flatnonzero(shared.to_numpy(zero_copy_only=False))
+    old_rows = at.filter(shared)
+    keys = new_keys.take(pa.array(new_rows)).to_pylist()
+    changed: dict[str, dict] = {}
+    for col in COLUMNS[1:]:
+        old = formats.parquet_column(previous, col).take(old_rows)
+        new = formats.parquet_column(current, col).take(pa.array(new_rows))
+        a, b = (quality._json_lists(old), quality._json_lists(new)) if col in LIST_COLUMNS else (old, new)
+        if a.type != b.type:
+            a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())
+        same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+        if pa.types.is_floating(a.type):
+            same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False))
+        for i in np.flatnonzero(~same.to_numpy(zero_copy_only=False)).tolist():
+            changed.setdefault(keys[i], {})[col] = [_plain(old[i].as_py()), _plain(new[i].as_py())]
+    added = pc.invert(shared)
+    return {
+        "previous_run_id": previous_run_id,
+        "added": sorted(new_keys.filter(added).to_pylist()),
+        "removed": sorted(old_keys.filter(pc.invert(pc.is_in(old_keys, value_set=new_keys))).to_pylist()),
+        "changed": {k: {c: v[c] for c in COLUMNS[1:] if c in v} for k, v in sorted(changed.items())},
     }
 
 

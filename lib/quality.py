@@ -292,24 +292,152 @@ def row_hash(values) -> str:
     return hashlib.sha256(json.dumps(canonical, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
-def fingerprint(frame: pd.DataFrame) -> dict:
-    """Row count and a content fingerprint of a contract frame, recomputed from its values."""
+# --- the same hashes from Arrow data, column-wise in pyarrow's compute kernels -----------------------
+# `row_hash` is sha256 of json.dumps(values, ensure_ascii=False): "[" + ", ".join(each value's JSON) + "]".
+# Each column's JSON text is built here for all rows at once (strings escaped exactly as json.dumps does:
+# \\ and \" always, \b \f \n \r \t by name, any other control character as \u00xx), then only
+# the sha256 of each row's text is a per-row call. The hashes are identical (tests/test_quality.py).
+
+_NAMED_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# One JSON string exactly as json.dumps(ensure_ascii=False) writes it, and a JSON array of them as
+# json.dumps writes it (", " between items) or PostgreSQL's array_to_json does ("," between items).
+_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt]|\\u00(?:0[0-7]|0b|0e|0f|1[0-9a-f]))*"'
+_JSON_TEXT_LIST = rf"^\[(?:{_JSON_STRING}(?:, ?{_JSON_STRING})*)?\]$"
+
+
+def _arrow():
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pa, pc
+
+
+def _text(value: str):
+    pa, _ = _arrow()
+    return pa.scalar(value, pa.large_string())
+
+
+def _json_strings(values):
+    """Each string as its JSON literal (null stays null)."""
+    import numpy as np
+
+    pa, pc = _arrow()
+    values = pc.cast(values, pa.large_string())
+    values = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
+    data = values.buffers()[2]
+    if data is not None:
+        # Control characters are rare: escape only those present (a byte below 0x20 is always one in UTF-8).
+        raw = np.frombuffer(data, dtype=np.uint8)
+        for code in np.unique(raw[raw < 0x20]).tolist():
+            char = chr(code)
+            values = pc.replace_substring(values, char, _NAMED_ESCAPES.get(char, f"\\u{code:04x}"))
+    return pc.binary_join_element_wise(_text('"'), values, _text('"'), _text(""))
+
+
+def _json_lists(values):
+    """Each list of strings as its JSON text. A string column holds JSON arrays already (a CSV's list
+    cells): when every cell is a JSON array of strings escaped as json.dumps escapes them, only the
+    separator may differ ("," from PostgreSQL), and it is rewritten as ", " after each whole string
+    the pattern matches (matching from a cell's opening quote string by string, a quote escaped
+    inside a string is never taken for a string's end); any other spelling is parsed and written again."""
+    import json
+
+    pa, pc = _arrow()
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        if values.null_count == 0 and pc.all(pc.match_substring_regex(values, _JSON_TEXT_LIST)).as_py() is not False:
+            return pc.replace_substring_regex(pc.cast(values, pa.large_string()), f"({_JSON_STRING}), ?", r"\1, ")
+        values = pa.array(json.loads("[" + ",".join(values.to_pylist()) + "]"), pa.list_(pa.large_string()))
+    if values.null_count:
+        raise ValueError("a list column holds a null")
+    if pa.types.is_large_list(values.type):
+        values = values.cast(pa.list_(values.type.value_type))
+    lists = pa.ListArray.from_arrays(values.offsets, _json_strings(values.values))
+    return pc.binary_join_element_wise(_text("["), pc.binary_join(lists, _text(", ")), _text("]"), _text(""))
+
+
+def _json_column(kind: str, values):
+    pa, pc = _arrow()
+    if kind == "text[]":
+        return _json_lists(values)
+    if kind == "bigint":
+        if not pa.types.is_integer(values.type):
+            return pa.array([str(v) for v in _canonical_column(kind, values.to_pylist())], pa.large_string())
+        return pc.cast(values, pa.large_string())
+    if kind == "double":
+        floats = pc.cast(values, pa.float64(), safe=False) if values.type != pa.float64() else values
+        if floats.null_count:
+            raise ValueError("a number column holds a null")
+        return pa.array([float.__repr__(v) for v in floats.to_pylist()], pa.large_string())
+    return pc.fill_null(_json_strings(values), _text("null"))
+
+
+def arrow_row_hashes(table) -> list[str]:
+    """`row_hash` of every row of an Arrow table or record batch holding the contract columns (lists as
+    list<string> or as JSON array text, text nulls as null), the same values `row_hashes` gives."""
+    import numpy as np
+
+    pa, pc = _arrow()
+    if len(table) == 0:
+        return []
+    columns = []
+    for c in CONTRACT:
+        values = table.column(c.name)
+        if isinstance(values, pa.ChunkedArray):
+            values = values.combine_chunks()
+        columns.append(_json_column(c.kind, values))
+    rows = pc.binary_join_element_wise(_text("["), pc.binary_join_element_wise(*columns, _text(", ")),
+                                       _text("]"), _text(""))
+    if rows.null_count:
+        raise ValueError("a row's canonical form is null: a list or number cell is null")
+    offsets = np.frombuffer(rows.buffers()[1], dtype=np.int64)[rows.offset:rows.offset + len(rows) + 1].tolist()
+    data = memoryview(rows.buffers()[2])
+    sha = hashlib.sha256
+    return [sha(data[a:b]).hexdigest() for a, b in zip(offsets, offsets[1:])]
+
+
+def fingerprint(frame) -> dict:
+    """Row count and a content fingerprint of a contract frame (pandas or Arrow), recomputed from its values."""
     return Fingerprint().add(frame).result()
 
 
 class Fingerprint:
-    """`fingerprint` of a table read in chunks: only each row's key and hash are kept, never the rows."""
+    """`fingerprint` of a table read in chunks: only each row's key and hash are kept (as Arrow text),
+    never the rows. The fingerprint is sha256 of the lines "key<TAB>hash" sorted by code point and
+    joined by newlines (UTF-8 byte order is code point order)."""
 
     def __init__(self):
-        self.lines: list[str] = []
+        self.chunks: list = []
+        self.rows = 0
 
-    def add(self, frame: pd.DataFrame) -> "Fingerprint":
-        self.lines += [f"{k}\t{h}" for k, h in zip(frame[KEY], row_hashes(frame))]
+    def add(self, frame, hashes=None) -> "Fingerprint":
+        """Add a pandas frame or an Arrow table/batch; `hashes` (a list or an Arrow array) are its row
+        hashes when the caller has just computed them from the same values."""
+        pa, pc = _arrow()
+        if isinstance(frame, pd.DataFrame):
+            keys = pa.array(frame[KEY].tolist(), pa.large_string())
+            hashes = row_hashes(frame) if hashes is None else hashes
+        else:
+            keys = frame.column(KEY)
+            keys = pc.cast(keys.combine_chunks() if isinstance(keys, pa.ChunkedArray) else keys, pa.large_string())
+            hashes = arrow_row_hashes(frame) if hashes is None else hashes
+        if len(keys):
+            hashes = pc.cast(hashes, pa.large_string()) if isinstance(hashes, pa.Array) else pa.array(hashes, pa.large_string())
+            self.chunks.append(pc.binary_join_element_wise(keys, hashes, _text("\t")))
+            self.rows += len(keys)
         return self
 
     def result(self) -> dict:
-        self.lines.sort()
-        return {"rows": len(self.lines), "fingerprint": hashlib.sha256("\n".join(self.lines).encode()).hexdigest()}
+        pa, pc = _arrow()
+        digest = hashlib.sha256()
+        if self.chunks:
+            lines = pa.chunked_array(self.chunks, pa.large_string()).combine_chunks()
+            lines = lines.take(pc.sort_indices(lines))
+            step = 65_536
+            for start in range(0, len(lines), step):
+                if start:
+                    digest.update(b"\n")
+                digest.update("\n".join(lines.slice(start, step).to_pylist()).encode())
+        return {"rows": self.rows, "fingerprint": digest.hexdigest()}
 
 
 def drift(records: list[dict]) -> dict:

@@ -8,6 +8,7 @@ lib/registry.py.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -366,35 +367,32 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
     obj = clean_object(stage, s3)
     data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
     cleaned = stage.previous_record("clean")["details"]
+    import tempfile
+
     fmt = formats.of_key(obj["key"])
-    batch = fmt.decode(data)
-    csv_data = data if fmt.name == "csv" else formats.get("csv").encode(batch)  # COPY reads CSV
-    del data
-    batch_rows = len(batch)
-    del batch
     conn = stage.db_connection()
     try:
-        try:
-            result = db.merge(conn, csv_data, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
-                              retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                              data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
-        except db.DatabaseError as err:
-            raise StageError(str(err)) from None
-        del csv_data
-        # The fingerprint of the whole table, read back in chunks (the batch was proven inside the merge).
-        current_fp, current_rows = quality.Fingerprint(), 0
-        for chunk in db.current_chunks(conn, db_schema, table):
-            current_fp.add(chunk)
-            current_rows += len(chunk)
+        with tempfile.TemporaryFile() as spool:  # the CSV that COPY reads, converted in Arrow batches
+            batch_rows = formats.copy_csv(data, fmt.name, spool)
+            del data
+            spool.seek(0)
+            try:
+                # The batch is proven inside the merge, and the whole table's fingerprint recomputed
+                # from its stored values in the same transaction.
+                result = db.merge(conn, spool, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
+                                  retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
+                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
+            except db.DatabaseError as err:
+                raise StageError(str(err)) from None
+        current_rows = result["current_rows"]
         sample = db.preview(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))
     finally:
         conn.close()
-    current_fp = current_fp.result()
     stage.record.output({"uri": _database_uri(settings, db_schema, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
     stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
-                        current_fingerprint=current_fp["fingerprint"], history_rows=history_rows,
+                        history_rows=history_rows,
                         allow_rewind=allow_rewind)
     return Loaded(result, sample, current_rows, history_rows)
 
@@ -443,10 +441,10 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             try:
                 sink = formats.UpperHeader(spool) if column_case == "upper" else spool
                 rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
-                if name == table:  # the fingerprint of what was exported, read back in chunks
+                if name == table:  # the fingerprint of the exported bytes, parsed back in Arrow batches
                     fp = quality.Fingerprint()
-                    for chunk in formats.csv_chunks(spool.rewound()):
-                        fp.add(chunk)
+                    for batch in formats.csv_arrow_batches(spool.rewound()):
+                        fp.add(batch)
                     fp = fp.result()
                     _check_table(stage, db_schema, table, rows, fp["fingerprint"])
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
@@ -469,16 +467,20 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
 
 @dataclass
 class Golden:
-    table: pd.DataFrame
+    table: pd.DataFrame  # a sample: the gold table's first rows (the table itself is never held whole)
     aggregates: dict[str, pd.DataFrame]
     changes: dict
     reconciliation: pd.DataFrame | None
     artifacts: list[storage.Artifact]
 
 
-def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[pd.DataFrame | None, str | None]:
-    """The gold table of the previous successful run: the `latest` one, unless that is this run
-    (a rerun), in which case the one it replaced. Whatever format either was written in."""
+# The columns the aggregates read (lib/gold.py): only these are taken out of Arrow into pandas.
+AGGREGATE_COLUMNS = [contract.KEY, "region", "subregion", "population", "area"]
+
+
+def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
+    """The gold table of the previous successful run, as Parquet bytes whatever format it was written
+    in: the `latest` one, unless that is this run (a rerun), in which case the one it replaced."""
     for fmt in formats.FORMATS.values():
         latest = storage.head(s3, bucket, layout.latest(layout.gold_table_key(table, run_id, fmt.extension)))
         if latest is None:
@@ -492,51 +494,114 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[pd.DataFra
             key = layout.gold_table_key(table, previous, kind.extension)
             if storage.head(s3, bucket, key) is not None:
                 data, _ = storage.get_bytes(s3, bucket, key)
-                return kind.decode(data), previous
+                return (data if kind.name == "parquet" else formats.csv_to_parquet(data)[0]), previous
         return None, None
     return None, None
+
+
+def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> storage.HashingSpool:
+    """`verify_input` for an object too large to hold: streamed to a spool on disk while hashed, then
+    its sha256 proven against its metadata and the writer's record (when there is one), before
+    anything is written. Close the spool after use."""
+    body, meta = storage.open_object(s3, bucket, key)
+    spool = storage.HashingSpool()
+    try:
+        for chunk in iter(lambda: body.read(8 << 20), b""):
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        body.close()
+    uri, digest = f"s3://{bucket}/{key}", spool.sha256
+    expected = {"the object's metadata": meta.get("sha256")}
+    record = stage.previous_record(layer)
+    if record is not None:
+        listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
+        expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
+    for where, value in expected.items():
+        if value != digest:
+            spool.close()
+            raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
+                             f"nothing was written by {stage.name}")
+    return spool
 
 
 def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str = "") -> Golden:
     """Fetch this run's export, verify its checksum against what stage 4 wrote, then write gold:
     the table, aggregates by region and subregion, the change report. `reconcile` and `publish`
-    follow."""
+    follow. The export is converted to typed Parquet in Arrow batches; the aggregates read only
+    their columns and the change report compares column by column (lib/gold.py `changes_between`)."""
     settings = stage.settings
     params.check("table", table)
     fmt = formats.get(gold_format or formats.GOLD)
     cloud = storage.cloud_client(settings.cloud)
     key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
-    data, _ = verify_input(stage, cloud, settings.cloud.bucket, key, "cloud", required=False)
-    digest = storage.sha256(data)
-    frame = formats.get("csv").decode(data)
+    spool = _spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud")
+    digest = spool.sha256
+    try:
+        typed, rows = formats.csv_to_parquet(spool.rewound())
+        exported = (stage.previous_record("cloud") or {}).get("details") or {}
+        if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
+            # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
+            # fingerprinted, so their fingerprint is the one it recorded.
+            fp = {"rows": rows, "fingerprint": exported["fingerprint"]}
+        else:  # no record of stage 4 for this object: the fingerprint is recomputed from the values
+            fp = quality.Fingerprint()
+            for batch in formats.csv_arrow_batches(spool.rewound()):
+                fp.add(batch)
+            fp = fp.result()
+        # A CSV gold table is the export's bytes as they are; Parquet is the typed conversion.
+        gold_body = spool if fmt.name == "csv" else typed
+        golden = _write_gold(stage, fmt, table, key, typed, rows, fp, digest, gold_body)
+    finally:
+        spool.close()
+    return golden
+
+
+def _write_gold(stage: Stage, fmt: formats.Format, table: str, key: str, typed: bytes, rows: int, fp: dict,
+                digest: str, gold_body) -> Golden:
+    """The rest of `build_gold`: the change report, the aggregates and every gold object."""
+    import pyarrow.parquet as pq
+
+    settings = stage.settings
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
-    report = gold.changes(previous, frame, previous_id)
+    report = gold.changes_between(previous, typed, previous_id)
+    del previous
+    columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
+    frame = pd.DataFrame({name: pd.Series(columns.column(name).to_pylist(), dtype=object)
+                          if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
+                          for name in AGGREGATE_COLUMNS})
+    del columns
     aggregates = {name: fn(frame) for name, fn in gold.AGGREGATES.items()}
+    del frame
+    sample = formats.parquet_decode(typed, rows=10)
     source_uri = f"s3://{settings.cloud.bucket}/{key}"
     meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
     changes = json.dumps(report, indent=2, ensure_ascii=False, default=str).encode()
     outputs = [
-        (layout.gold_table_key(table, stage.run_id, fmt.extension),
-         data if fmt.name == "csv" else fmt.encode(frame), len(frame), fmt.content_type),
+        (layout.gold_table_key(table, stage.run_id, fmt.extension), gold_body, rows, fmt.content_type),
         *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
           for name, agg in aggregates.items()),
         (layout.changes_key(stage.run_id), changes,
          len(report["added"]) + len(report["removed"]) + len(report["changed"]), "application/json"),
     ]
-    artifacts = [storage.put_bytes(s3, settings.gold_bucket, k, body, rows=rows, inputs=[source_uri],
+    artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size, digest=body.sha256,
+                                    rows=n, inputs=[source_uri], metadata=meta_out, content_type=content_type)
+                 if isinstance(body, storage.HashingSpool) else
+                 storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
                                    metadata=meta_out, content_type=content_type)
-                 for k, body, rows, content_type in outputs]
+                 for k, body, n, content_type in outputs]
     for artifact in artifacts:
         stage.record.output(artifact)
-    fp = quality.fingerprint(frame)
-    stage.record.update(rows_in=len(frame), rows_out=len(frame), gold_rows=len(frame),
+    stage.record.update(rows_in=rows, rows_out=rows, gold_rows=rows,
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
                         format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"},
                         by_region=dict(zip(aggregates["by_region"]["region"].astype(str),
                                            aggregates["by_region"]["population"].astype(int).tolist())))
-    return Golden(frame, aggregates, report, None, artifacts)
+    return Golden(sample, aggregates, report, None, artifacts)
 
 
 def reconcile(stage: Stage, golden: Golden) -> pd.DataFrame:

@@ -197,6 +197,20 @@ def test_a_row_changed_behind_the_pipelines_back_is_repaired_and_reported(pg, cl
         assert cur.fetchone()[0] == 1
 
 
+def test_a_stored_row_whose_values_do_not_give_its_hash_is_drift_even_when_the_batch_carries_that_hash(pg, clean, table):
+    """The row equals the batch in values and _row_hash, but that hash is not its values' hash: drift,
+    found by the read-back after the write (as a row that differs is found before it)."""
+    batch = clean.head(3).copy()
+    batch["_row_hash"] = quality.row_hashes(batch)
+    victim = batch.at[1, KEY]
+    batch.at[1, "_row_hash"] = "0" * 64
+    data = formats.csv_encode(batch[COLUMNS + ["_row_hash"]])
+    first = load(pg, data, table, "r1", full=True)
+    assert first["drift"] == {"rows": 0, "keys": [], "repaired": 0}  # a new row is not drift
+    again = load(pg, data, table, "r2", full=True)
+    assert (again["unchanged"], again["drift"]) == (3, {"rows": 1, "keys": [victim], "repaired": 1})
+
+
 def test_older_data_is_refused_over_newer_unless_allowed_and_every_load_has_its_own_row(pg, clean, table):
     load(pg, csv(clean.head(5)), table, "r-old", data_as_of="2026-01-01T00:00:00+00:00")
     newer = changed(clean.head(5), 0, population=5)

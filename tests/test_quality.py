@@ -193,3 +193,57 @@ def test_row_hashes_of_a_frame_equal_row_hash_row_by_row_whatever_the_value_form
     expected = [quality.row_hash(r) for r in odd[COLUMNS].itertuples(index=False)]
     assert quality.row_hashes(odd) == expected
     assert quality.row_hashes(clean) == list(clean["_row_hash"])
+
+
+def _awkward(clean):
+    """Rows with every kind of text json.dumps escapes, list separators inside values, empty lists,
+    nulls and floats at the edges of their notations."""
+    odd = clean.head(10).copy().astype(object)
+    texts = ['a"b\\c', "tab\tnew\nline\x01\x1f\x7f\b\f\r", "ünï 漢字 😀", "\u2028", 'a","b', "x\\", ',",",', "é",
+             'ends",', 'bs\\",']
+    for i, text in enumerate(texts):
+        odd.at[i, "name_official"] = text
+        odd.at[i, "capital"] = [text, "q"] if i % 2 else [text]
+        odd.at[i, "flag_alt"] = text
+    odd.at[8, "capital"] = []
+    odd.at[9, "subregion"] = None
+    odd["area"] = [0.1, 1e16, 1e15 + 0.125, 100.0, 1e-5, 123456789.123, -0.0, 5e-324, 1.7976931348623157e308, 2.5]
+    odd["population"] = [0, 2**63 - 1, 1, 2, 3, 4, 5, 6, 7, 8]
+    return odd
+
+
+@pytest.mark.parametrize("rows", ["snapshot", "awkward"])
+def test_arrow_row_hashes_equal_row_hashes_from_arrow_lists_and_from_csv_json_cells(clean, rows):
+    import io
+
+    import pyarrow as pa
+
+    frame = clean if rows == "snapshot" else _awkward(clean)
+    expected = quality.row_hashes(frame)
+    lists = pa.Table.from_pandas(frame[COLUMNS], preserve_index=False)
+    assert quality.arrow_row_hashes(lists) == expected
+    (cells,) = list(formats.csv_arrow_batches(io.BytesIO(formats.csv_encode(frame[COLUMNS]))))
+    assert quality.arrow_row_hashes(cells) == expected
+    # PostgreSQL's array_to_json writes no space after the comma
+    compact = cells.set_column(cells.schema.get_field_index("capital"), "capital",
+                               pa.array([v.replace('", "', '","') for v in cells.column("capital").to_pylist()]))
+    assert quality.arrow_row_hashes(compact) == expected
+    # a JSON spelling json.dumps would not write (an escaped letter) is parsed, not trusted
+    spelled = cells.set_column(cells.schema.get_field_index("timezones"), "timezones",
+                               pa.array([v.replace("U", "\\u0055") for v in cells.column("timezones").to_pylist()]))
+    assert quality.arrow_row_hashes(spelled) == expected
+    assert quality.fingerprint(lists) == quality.fingerprint(cells) == quality.fingerprint(frame)
+
+
+def test_a_chunked_fingerprint_sorts_lines_by_code_point_as_python_does():
+    import hashlib
+
+    import pyarrow as pa
+
+    keys = ["b", "a", "é", "z", "Z", "漢", "😀", "a b", "a\tb", "ab", "\u00ff", "\u0100"]
+    fp = quality.Fingerprint()
+    fp.add(pa.table({"name_common": keys[:5]}), hashes=["h"] * 5).add(pa.table({"name_common": keys[5:]}),
+                                                                       hashes=["h"] * (len(keys) - 5))
+    lines = sorted(f"{k}\th" for k in keys)
+    assert fp.result() == {"rows": len(keys), "fingerprint": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
+    assert quality.Fingerprint().result()["fingerprint"] == hashlib.sha256(b"").hexdigest()
