@@ -8,6 +8,8 @@ lib/registry.py.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -236,7 +238,8 @@ def ingest(stage: Stage, *, api_url: str = "", snapshot_fallback: str = "auto", 
         key = existing[-1]["key"]
         body, meta = storage.open_object(s3, settings.raw_bucket, key)
         try:
-            scan = _Scan(min_records).read(body)
+            with _young_gc_only():
+                scan = _Scan(min_records).read(body)
         finally:
             body.close()
         artifact = storage.Artifact(settings.raw_bucket, key, scan.reader.size, scan.hash.hexdigest(),
@@ -247,7 +250,8 @@ def ingest(stage: Stage, *, api_url: str = "", snapshot_fallback: str = "auto", 
     else:
         fetched = source.fetch_or_snapshot(url, fallback=fallback, **fetch_options)
         try:
-            scan = _Scan(min_records).read(fetched.rewound())  # raises before anything is written
+            with _young_gc_only():
+                scan = _Scan(min_records).read(fetched.rewound())  # raises before anything is written
             origin_ref = url if fetched.origin == "api" else f"bundled snapshot lib/data/{source.SNAPSHOT}"
             artifact = storage.put_stream(
                 s3, settings.raw_bucket, layout.raw_key(stage.run_id), fetched.rewound(), size=fetched.size,
@@ -301,6 +305,21 @@ def _frame_of(table) -> pd.DataFrame:
     return frame
 
 
+@contextlib.contextmanager
+def _young_gc_only():
+    """Parsing and flattening make millions of small containers that live for one chunk: the
+    cyclic collector, left to itself, goes through every one of them again and again (it tripled
+    the time of a chunk). It is paused, and the caller collects the young generations once per
+    chunk (`gc.collect(1)`), so garbage in cycles never outlives a chunk for long."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class _Silver:
     """The clean rows of stage 2 in a temporary Parquet file, one row group per chunk, with the
     record id of every row, the running fingerprint and a sample for previews. The file is removed
@@ -330,7 +349,10 @@ class _Silver:
         self.writer.write_table(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
         self.ids.append(np.asarray(ids, dtype="int64"))
         self.rows += len(frame)
-        self.fingerprint.add(frame)
+        try:  # quality.Fingerprint may take the hashes just computed instead of computing them again
+            self.fingerprint.add(frame, hashes=frame["_row_hash"].tolist())
+        except TypeError:
+            self.fingerprint.add(frame)
         taken = sum(len(f) for f in self.samples)
         if taken < SAMPLE_RECORDS:
             self.samples.append(frame.head(SAMPLE_RECORDS - taken).reset_index(drop=True))
@@ -500,32 +522,8 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     silver, drift = _Silver(), quality.Drift()
     quarantine: dict[int, list] = {}  # record id → [name_common, reasons, source]
     keys, strings, starts, raw = [], [], [], []
-    for number, obj in enumerate(objects):
-        start = sum(o["records"] for o in raw)
-        starts.append(start)
-        stream = _stream_raw(stage, s3, obj["key"], against_record=against[number], min_records=min_records)
-        while True:
-            try:
-                records, position = next(stream)
-            except StopIteration as done:
-                count, digest = done.value
-                break
-            first = start + position
-            drift.add(records)
-            frame = transform.flatten(records)
-            names = frame[contract.KEY].tolist()
-            keys.append(pa.array([_group_key(k) for k in names], type=pa.binary()))
-            strings.append(np.array([isinstance(k, str) for k in names], dtype=bool))
-            reasons = quality.record_reasons(frame)
-            for i in sorted(reasons):
-                quarantine[first + i] = [quality.safe_text(names[i]), reasons[i], quality.source_json(records[i])]
-            del records
-            good = frame.drop(index=list(reasons)) if reasons else frame
-            if len(good):
-                clean = quality.typed(good, unique=False)
-                clean["_row_hash"] = quality.row_hashes(clean)
-                silver.write(clean, first + good.index.to_numpy())
-        raw.append({"uri": f"s3://{settings.raw_bucket}/{obj['key']}", "records": count, "sha256": digest})
+    with _young_gc_only():
+        _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw)
 
     # Settle keys: across objects the newest copy wins; within one object copies are compared.
     total = sum(o["records"] for o in raw)
@@ -578,6 +576,43 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     date = backfill_date or layout.date_of(objects[0]["key"])
     fetched = max(o["last_modified"] for o in objects).isoformat()
     return Prepared(checked, raw, drift.result(), int(superseded.sum()), date, backfill_date, fetched, silver)
+
+
+def _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw):
+    """Every raw object, a chunk at a time: flattened, validated, its clean rows written to `silver`,
+    its bad ones kept in `quarantine`, every record's key kept for settling copies."""
+    import numpy as np
+    import pyarrow as pa
+
+    settings = stage.settings
+    for number, obj in enumerate(objects):
+        start = sum(o["records"] for o in raw)
+        starts.append(start)
+        stream = _stream_raw(stage, s3, obj["key"], against_record=against[number], min_records=min_records)
+        while True:
+            try:
+                records, position = next(stream)
+            except StopIteration as done:
+                count, digest = done.value
+                break
+            first = start + position
+            drift.add(records)
+            frame = transform.flatten(records)
+            names = frame[contract.KEY].tolist()
+            keys.append(pa.array([_group_key(k) for k in names], type=pa.binary()))
+            strings.append(np.array([isinstance(k, str) for k in names], dtype=bool))
+            reasons = quality.record_reasons(frame)
+            for i in sorted(reasons):
+                quarantine[first + i] = [quality.safe_text(names[i]), reasons[i], quality.source_json(records[i])]
+            del records
+            good = frame.drop(index=list(reasons)) if reasons else frame
+            if len(good):
+                clean = quality.typed(good, unique=False)
+                clean["_row_hash"] = quality.row_hashes(clean)
+                silver.write(clean, first + good.index.to_numpy())
+            del frame, good
+            gc.collect(1)
+        raw.append({"uri": f"s3://{settings.raw_bucket}/{obj['key']}", "records": count, "sha256": digest})
 
 
 def _copies(stage: Stage, s3, objects, against, starts, wanted: set[int], min_records: int,
