@@ -54,6 +54,7 @@ class Fetched:
     url: str
     attempts: list[dict] = field(default_factory=list)
     fallback_reason: str | None = None
+    consumer: object = None  # what `consume` made and was fed the answer, if given
 
     def rewound(self) -> BinaryIO:
         self.file.seek(0)
@@ -72,8 +73,9 @@ CHUNK_BYTES = 4 * 1024 * 1024  # bytes read or received at a time
 SPOOL_MEMORY = 8 * 1024 * 1024  # answers larger than this are spooled to disk
 
 
-def _spooled(chunks) -> tuple[BinaryIO, int, str]:
-    """Chunks of bytes written to a temporary file as they come, counted and hashed."""
+def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
+    """Chunks of bytes written to a temporary file as they come, counted and hashed, and given to
+    `consumer` (its `feed`, then its `close`) as they come: a payload is checked while it arrives."""
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
     digest, size = hashlib.sha256(), 0
     try:
@@ -81,6 +83,10 @@ def _spooled(chunks) -> tuple[BinaryIO, int, str]:
             digest.update(chunk)
             size += len(chunk)
             spool.write(chunk)
+            if consumer is not None:
+                consumer.feed(chunk)
+        if consumer is not None:
+            consumer.close()
     except BaseException:
         spool.close()
         raise
@@ -137,23 +143,26 @@ class _Retryable(SourceError):
         self.retry_after = retry_after
 
 
-def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempts: list[dict]) -> Fetched:
-    """One request. Returns a good answer (its body spooled as it arrives), raises HttpError for a
-    final one, _Retryable otherwise (an answer cut off while arriving is retried too)."""
+def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempts: list[dict],
+         consume=None) -> Fetched:
+    """One request. Returns a good answer (its body spooled as it arrives and fed to a new
+    `consume()`), raises HttpError for a final one, _Retryable otherwise (an answer cut off while
+    arriving is retried too); what the consumer raises ends the fetch."""
     attempt = len(attempts) + 1
     sent = time.monotonic()
     try:
         response = http.get(url, timeout=timeout, headers={"Accept": "application/json"}, stream=True)
         if response.status_code < 400:
             with response:
-                spool, size, digest = _spooled(response.iter_content(CHUNK_BYTES))
+                consumer = consume() if consume else None
+                spool, size, digest = _spooled(response.iter_content(CHUNK_BYTES), consumer)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
         attempts.append({"attempt": attempt, "error": type(err).__name__, "seconds": round(time.monotonic() - sent, 3)})
         raise _Retryable(short_error(err)) from None
     attempts.append({"attempt": attempt, "status": response.status_code, "seconds": round(time.monotonic() - sent, 3)})
     if response.status_code < 400:
         log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code, size, attempt)
-        return Fetched(spool, size, digest, "api", url)
+        return Fetched(spool, size, digest, "api", url, consumer=consumer)
     body = response.text[:2000]
     if response.status_code != 429 and response.status_code < 500:
         raise HttpError(f"GET {url} answered HTTP {response.status_code}: {body}")
@@ -163,10 +172,12 @@ def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempt
 
 def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0, max_attempts: int = 4,
           backoff: float = 0.5, max_backoff: float = 8.0, max_total_seconds: float = 60.0,
-          session: requests.Session | None = None) -> Fetched:
+          session: requests.Session | None = None, consume=None) -> Fetched:
     """GET with timeouts and retries (a tenacity policy): exponential backoff with jitter on connection
     errors, timeouts, 5xx and 429 (honouring Retry-After), no retry that would end past
-    `max_total_seconds`. Any other 4xx is final and its body is part of the error."""
+    `max_total_seconds`. Any other 4xx is final and its body is part of the error. The answer is
+    spooled as it arrives; `consume`, when given, makes an object fed each piece as it arrives
+    (`feed`, then `close`; one per attempt), such as a PayloadReader checking it meanwhile."""
     check_url(url)
     http = session or requests.Session()
     attempts: list[dict] = []
@@ -191,7 +202,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         before_sleep=before_sleep,
     )
     try:
-        fetched = retrying(_get, http, url, (connect_timeout, read_timeout), attempts)
+        fetched = retrying(_get, http, url, (connect_timeout, read_timeout), attempts, consume)
     except tenacity.RetryError as err:
         problem = str(err.last_attempt.exception())
         if len(attempts) < max_attempts:
@@ -207,17 +218,19 @@ def snapshot_bytes() -> bytes:
     return resources.files("lib.data").joinpath(SNAPSHOT).read_bytes()
 
 
-def fetch_or_snapshot(url: str, *, fallback: bool, **fetch_options) -> Fetched:
+def fetch_or_snapshot(url: str, *, fallback: bool, consume=None, **fetch_options) -> Fetched:
     """Fetch from the API; when it cannot be reached and fallback is allowed, use the bundled
     snapshot and say so. An API that answers with an error is never papered over."""
     try:
-        return fetch(url, **fetch_options)
+        return fetch(url, consume=consume, **fetch_options)
     except Unreachable as err:
         if not fallback:
             raise
         log.warning("API unreachable, USING THE BUNDLED SNAPSHOT instead: %s", err)
-        spool, size, digest = _spooled([snapshot_bytes()])
-        return Fetched(spool, size, digest, "snapshot", url, getattr(err, "attempts", []), fallback_reason=str(err))
+        consumer = consume() if consume else None
+        spool, size, digest = _spooled([snapshot_bytes()], consumer)
+        return Fetched(spool, size, digest, "snapshot", url, getattr(err, "attempts", []), fallback_reason=str(err),
+                       consumer=consumer)
 
 
 _WS = re.compile(r"[ \t\n\r]*")

@@ -192,17 +192,18 @@ class Ingested:
 
 
 class _Scan:
-    """A payload read once as it streams: parsed record by record (lib/source.py PayloadReader),
+    """A payload read once as it streams in: parsed record by record (lib/source.py PayloadReader),
     counted and hashed, its first records kept as a sample and its fields counted for drift."""
 
-    def __init__(self, min_records: int):
+    def __init__(self, min_records: int, hashing: bool = True):
         self.reader = source.PayloadReader(min_records)
-        self.hash = hashlib.sha256()
+        self.hash = hashlib.sha256() if hashing else None
         self.sample: list[dict] = []
         self.drift = quality.Drift()
 
     def feed(self, chunk: bytes) -> None:
-        self.hash.update(chunk)
+        if self.hash is not None:
+            self.hash.update(chunk)
         self._take(self.reader.feed(chunk))
 
     def close(self) -> "_Scan":
@@ -248,10 +249,11 @@ def ingest(stage: Stage, *, api_url: str = "", snapshot_fallback: str = "auto", 
         result = Ingested(meta.get("source", "api"), scan.reader.items, scan.sample, scan.drift.result(),
                           artifact, reused=True)
     else:
-        fetched = source.fetch_or_snapshot(url, fallback=fallback, **fetch_options)
+        with _young_gc_only():  # checked as it arrives: raises before anything is written
+            fetched = source.fetch_or_snapshot(url, fallback=fallback, consume=lambda: _Scan(min_records, hashing=False),
+                                               **fetch_options)
+        scan = fetched.consumer
         try:
-            with _young_gc_only():
-                scan = _Scan(min_records).read(fetched.rewound())  # raises before anything is written
             origin_ref = url if fetched.origin == "api" else f"bundled snapshot lib/data/{source.SNAPSHOT}"
             artifact = storage.put_stream(
                 s3, settings.raw_bucket, layout.raw_key(stage.run_id), fetched.rewound(), size=fetched.size,

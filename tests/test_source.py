@@ -279,3 +279,11 @@ def test_ingest_never_papers_over_an_api_error(api):
 def test_ingest_uses_the_api_when_it_answers(api):
     got = source.fetch_or_snapshot(api.url, fallback=True)
     assert got.origin == "api" and got.fallback_reason is None
+
+
+def test_a_consumer_is_fed_the_answer_as_it_arrives_and_its_error_ends_the_fetch(api):
+    got = source.fetch(api.url, consume=source.PayloadReader)
+    assert got.consumer.items == 250 and got.consumer.size == got.size
+    api.queue(Scripted(200, source.snapshot_bytes()[:3000]))
+    with pytest.raises(PayloadError, match="truncated"):
+        source.fetch(api.url, consume=source.PayloadReader)
