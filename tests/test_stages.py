@@ -200,3 +200,22 @@ def test_a_chunked_clean_refuses_a_broken_raw_object_and_a_tampered_one_by_its_c
     s3.put_object(Bucket=settings.raw_bucket, Key=key, Body=data[:-5], Metadata=meta)  # cut, metadata kept
     with pytest.raises(stages.StageError, match="checksum mismatch"):
         stages.prepare_clean(stages.begin("02_clean", run_id))
+
+
+@pytest.mark.parametrize("silver_format", ["csv", "parquet"])
+def test_silver_written_from_chunks_reads_back_whole_with_the_recorded_fingerprint(
+        settings, s3, unique, monkeypatch, silver_format):
+    monkeypatch.setattr(stages, "CHUNK_ROWS", 40)  # several row groups, one CSV header
+    records = source.parse_payload(source.snapshot_bytes())
+    run_id = f"20310719T010000Z-{unique}"
+    _bronze(settings, s3, run_id, records)
+    stage = stages.begin("02_clean", run_id)
+    clean, quarantine = stages.write_clean(stage, stages.prepare_clean(stage), silver_format=silver_format)
+    data, meta = storage.get_bytes(s3, clean.bucket, clean.key)
+    assert meta["sha256"] == storage.sha256(data) == clean.sha256 and clean.size == len(data)
+    back = formats.of_key(clean.key).decode(data)
+    assert len(back) == clean.rows == 250 and back["name_common"].is_unique
+    details = stage.record.data["details"]
+    assert quality.fingerprint(back)["fingerprint"] == details["clean_fingerprint"]
+    assert quality.fingerprint(back) == quality.fingerprint(quality.validate(transform.flatten(records), records).clean)
+    assert quarantine.rows == 0 and details["raw_records"] == 250 and details["clean_rows"] == 250
