@@ -395,20 +395,22 @@ def drift(records: list[dict]) -> dict:
 
 
 class Drift:
-    """`drift` of records read in batches: only the field counts are kept."""
+    """`drift` of records read in batches: only the field counts are kept (counted per distinct
+    set of fields, which nearly every record shares)."""
 
     def __init__(self):
-        self.seen: Counter = Counter()
-        self.total = 0
+        self.shapes: Counter = Counter()
 
     def add(self, records: list[dict]) -> "Drift":
-        dicts = [r for r in records if isinstance(r, dict)]
-        self.seen.update(k for r in dicts for k in r)
-        self.total += len(dicts)
+        self.shapes.update(map(tuple, (r for r in records if isinstance(r, dict))))
         return self
 
     def result(self) -> dict:
-        seen, total = self.seen, self.total
+        seen: Counter = Counter()
+        for fields, n in self.shapes.items():
+            for k in fields:
+                seen[k] += n
+        total = sum(self.shapes.values())
         return {
             "unexpected_fields": {k: n for k, n in sorted(seen.items()) if k not in SOURCE_FIELDS},
             "missing_fields": {f: total - seen.get(f, 0) for f in SOURCE_FIELDS if seen.get(f, 0) < total},

@@ -6,14 +6,16 @@ import codecs
 import email.utils
 import hashlib
 import json
-import tempfile
 import logging
 import random
 import re
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import BinaryIO
 from importlib import resources
+from queue import Queue
+from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
 import requests
@@ -75,18 +77,45 @@ SPOOL_MEMORY = 8 * 1024 * 1024  # answers larger than this are spooled to disk
 
 def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
     """Chunks of bytes written to a temporary file as they come, counted and hashed, and given to
-    `consumer` (its `feed`, then its `close`) as they come: a payload is checked while it arrives."""
+    `consumer` (its `feed`, then its `close`) as they come: a payload is checked while it arrives.
+    The consumer works in a thread of its own, a few chunks behind at most, so checking overlaps
+    receiving (sockets, hashing and file writes release the GIL); what it raises is raised here,
+    and receiving stops at once."""
     spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
     digest, size = hashlib.sha256(), 0
-    try:
-        for chunk in chunks:
-            digest.update(chunk)
-            size += len(chunk)
-            spool.write(chunk)
-            if consumer is not None:
+    queue: Queue = Queue(maxsize=4)
+    failed: list[BaseException] = []
+
+    def consume() -> None:
+        chunk = b""
+        try:
+            while (chunk := queue.get()) is not None:
                 consumer.feed(chunk)
-        if consumer is not None:
             consumer.close()
+        except BaseException as err:  # noqa: BLE001 - handed to the receiving thread
+            failed.append(err)
+            while chunk is not None:  # let the receiving side finish putting
+                chunk = queue.get()
+
+    worker = threading.Thread(target=consume, name="payload-check", daemon=True) if consumer is not None else None
+    if worker is not None:
+        worker.start()
+    try:
+        try:
+            for chunk in chunks:
+                digest.update(chunk)
+                size += len(chunk)
+                spool.write(chunk)
+                if worker is not None:
+                    if failed:
+                        break
+                    queue.put(chunk)
+        finally:
+            if worker is not None:
+                queue.put(None)
+                worker.join()
+        if failed:
+            raise failed[0]
     except BaseException:
         spool.close()
         raise
