@@ -207,13 +207,14 @@ def test_a_payload_fed_in_pieces_fails_as_a_whole_one_does(data, problem, piece)
 
 @pytest.mark.parametrize("piece", [1, 3, 1000, 10**7])
 def test_a_payload_fed_in_pieces_gives_the_records_json_gives(piece):
-    data = b"\xef\xbb\xbf [" + b" , ".join([source.snapshot_bytes()[1:-1], b'{"n": 12345}', b'{"s": "\xed\xa0\x80 \\u00e9"}']) + b"]\n"
-    reader, records = source.PayloadReader(min_records=252), []
+    data = b"\xef\xbb\xbf [" + b" , ".join([source.snapshot_bytes()[1:-1], b'{"n": 12345}', b'{"s": "\xed\xa0\x80 \\u00e9"}',
+                                            b'{"t": "x}, {\\"u\\": 1}, {"}', b'{"v": [{"a": 1}, {"b": 2}],"w":{}}']) + b"]\n"
+    reader, records = source.PayloadReader(min_records=254), []
     for start in range(0, len(data), piece):
         records += reader.feed(data[start:start + piece])
     records += reader.close()
     assert records == json.loads(data.decode("utf-8-sig", "surrogatepass"))
-    assert reader.items == 252 and reader.size == len(data)
+    assert reader.items == 254 and reader.size == len(data)
 
 
 def test_read_records_gives_the_payload_in_batches_and_checks_the_whole_at_the_end():
