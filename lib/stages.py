@@ -325,7 +325,7 @@ def _young_gc_only():
 class _Silver:
     """The clean rows of stage 2 in a temporary Parquet file, one row group per chunk, with the
     record id of every row, the running fingerprint and a sample for previews. The file is removed
-    when this object goes (or by `discard`)."""
+    by `discard` (write_clean does once it has uploaded it), else when this object goes."""
 
     def __init__(self):
         import weakref
@@ -524,8 +524,12 @@ def prepare_clean(stage: Stage, *, backfill_date: str = "", min_records: int = 1
     silver, drift = _Silver(), quality.Drift()
     quarantine: dict[int, list] = {}  # record id → [name_common, reasons, source]
     keys, strings, starts, raw = [], [], [], []
-    with _young_gc_only():
-        _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw)
+    try:
+        with _young_gc_only():
+            _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw)
+    except BaseException:
+        silver.discard()  # a failed stage's traceback may keep `silver` alive as long as its kernel
+        raise
 
     # Settle keys: across objects the newest copy wins; within one object copies are compared.
     total = sum(o["records"] for o in raw)
@@ -647,14 +651,17 @@ def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float
     counts = prepared.validated.counts
     total = counts["records"]
     fraction = counts["quarantined"] / total if total else 1.0
+    silver = prepared.silver
+    if not os.path.exists(silver.path):
+        raise StageError("these prepared rows were written (or discarded) already: run prepare_clean again")
     if fraction > max_invalid_fraction:
+        silver.discard()
         raise StageError(
             f"{counts['quarantined']} of {total} records ({fraction:.1%}) break the contract, more than "
             f"max_invalid_fraction={max_invalid_fraction:.1%}; nothing was written to {settings.clean_bucket!r}")
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.clean_bucket)
     inputs = [o["uri"] for o in prepared.raw_objects]
-    silver = prepared.silver
     rows = silver.rows
     meta = stage.meta(**{"contract-version": contract.VERSION, "format": fmt.name})
     clean_key = layout.clean_key(prepared.date, stage.run_id, fmt.extension)
@@ -674,6 +681,7 @@ def write_clean(stage: Stage, prepared: Prepared, *, max_invalid_fraction: float
                                        content_type=fmt.content_type, metadata=meta)
         finally:
             spool.close()
+    silver.discard()  # uploaded: the temporary file goes now (a kernel may be killed rather than ended)
     quarantine = prepared.validated.quarantine
     artifacts = [clean, storage.put_bytes(
         s3, settings.clean_bucket, layout.quarantine_key(prepared.date, stage.run_id, fmt.extension),
