@@ -79,22 +79,42 @@ def safe_text(v):
     return v
 
 
-def _rule(fn, message: str) -> pa.Check:
-    return pa.Check(fn, element_wise=True, error=message)
+def _all_texts(values: list) -> list[str] | None:
+    """Every text of a column of texts (nulls left out) or of lists of texts, in one list; None
+    when the column holds anything else (then each value is looked at)."""
+    types = set(map(type, values))
+    if types <= {str, type(None)}:
+        return [v for v in values if v is not None] if type(None) in types else values
+    if types == {list}:
+        items = list(chain.from_iterable(values))
+        if set(map(type, items)) <= {str}:
+            return items
+    return None
+
+
+def _storable(texts: list[str]) -> bool:
+    """No NUL and no lone surrogate in any of these texts (one join, one encode)."""
+    joined = "".join(texts)
+    return "\x00" not in joined and not _has_lone_surrogate(joined)
 
 
 def unstorable(frame: pd.DataFrame) -> dict[int, list[str]]:
     """Text that cannot survive every hop byte for byte, refused by field name: PostgreSQL text
     cannot hold NUL, UTF-8 (Parquet, CSV, PostgreSQL) cannot encode a lone surrogate, and a key
     longer than KEY_MAX_BYTES cannot be indexed (other text may be as long as it likes). Checked
-    here rather than by pandera, which cannot report a lone surrogate it finds."""
+    here rather than by the record rules, whose reasons show the value. Each column is first
+    screened as a whole (its texts joined and encoded once); only a column that holds such text
+    (or values of other kinds) is gone through value by value."""
     reasons: dict[int, list[str]] = {}
     for index, key in frame[KEY].items():
-        if isinstance(key, str) and len(key.encode("utf-8", "surrogatepass")) > KEY_MAX_BYTES:
+        if isinstance(key, str) and len(key) * 4 > KEY_MAX_BYTES and len(key.encode("utf-8", "surrogatepass")) > KEY_MAX_BYTES:
             reasons.setdefault(int(index), []).append(
                 f"{KEY} is {len(key.encode('utf-8', 'surrogatepass'))} bytes long, more than the {KEY_MAX_BYTES} "
                 "a key may have (PostgreSQL indexes it)")
     for column in TEXT_COLUMNS + LIST_COLUMNS:
+        texts = _all_texts(frame[column].tolist())
+        if texts is not None and _storable(texts):
+            continue
         for index, value in frame[column].items():
             texts = _texts(value)
             if any(_has_nul(x) for x in texts):
@@ -106,32 +126,25 @@ def unstorable(frame: pd.DataFrame) -> dict[int, list[str]]:
     return reasons
 
 
-def _rules_for(column: Column) -> list[pa.Check]:
+def _rule_for(column: Column):
     if column.name == "population":
-        return [_rule(_is_count, "population must be a whole number >= 0")]
+        return _is_count, "population must be a whole number >= 0"
     if column.name == "area":
-        return [_rule(_is_measure, "area must be a number >= 0")]
+        return _is_measure, "area must be a number >= 0"
     if column.name == "region":
-        return [_rule(lambda v: v in REGIONS, "region must be one of " + ", ".join(REGIONS))]
+        return (lambda v: v in REGIONS), "region must be one of " + ", ".join(REGIONS)
     if column.name == "timezones":
-        return [_rule(_is_timezone_list, "timezones must be a non-empty list shaped UTC±HH:MM")]
+        return _is_timezone_list, "timezones must be a non-empty list shaped UTC±HH:MM"
     if column.kind == "text[]":
-        return [_rule(_is_text_list, f"{column.name} must be a list of strings")]
-    return [_rule(_is_text, f"{column.name} must be non-empty text")]
+        return _is_text_list, f"{column.name} must be a list of strings"
+    return _is_text, f"{column.name} must be non-empty text"
 
 
-# The rules a flattened source record must meet (values as found, nothing coerced).
-RECORD_RULES = pa.DataFrameSchema(
-    {
-        c.name: pa.Column(
-            None, nullable=c.nullable, checks=_rules_for(c),
-        )  # duplicate keys: see `duplicates`, decided independently of the record order
-        for c in CONTRACT
-    },
-    strict=True,
-    ordered=True,
-    name=f"silver record rules v{VERSION}",
-)
+# The rules a flattened source record must meet (values as found, nothing coerced), by column:
+# (predicate, the reason given when a value breaks it). A null breaks a non-nullable column with
+# "<column> is missing" and is not judged further; duplicate keys: see `duplicates`, decided
+# independently of the record order.
+RECORD_RULES = {c.name: _rule_for(c) for c in CONTRACT}
 
 # The typed silver table every later hop reads back.
 _DTYPES = {"text": object, "text[]": object, "bigint": "int64", "double": "float64"}
@@ -140,6 +153,10 @@ SILVER = pa.DataFrameSchema(
     strict="filter",
     ordered=False,
     name=f"silver contract v{VERSION}",
+)
+SILVER_ROWS = pa.DataFrameSchema(
+    {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable) for c in CONTRACT},
+    strict="filter", ordered=False, name=f"silver contract v{VERSION} (rows of a chunk)",
 )
 
 
@@ -155,28 +172,99 @@ class Validated:
                 "records": len(self.clean) + len(self.quarantine)}
 
 
+def _check_shape(frame: pd.DataFrame) -> None:
+    """Frame-level problems (a column missing, unexpected or out of order) cannot be pinned to records."""
+    if list(frame.columns) == COLUMNS:
+        return
+    problems = [f"column {c!r} not in the contract" for c in frame.columns if c not in COLUMNS]
+    problems += [f"column {c!r} missing" for c in COLUMNS if c not in frame.columns]
+    if not problems:
+        problems = ["columns out of the contract's order"]
+    raise ValueError("the flattened frame breaks the contract's shape: " + "; ".join(sorted(problems)))
+
+
+_TIMEZONES = re.compile(r"(?:UTC(?:[+-]\d{2}:\d{2})?\n)*")
+
+
+def _column_passes(column: Column, values: list) -> bool:
+    """True when every value of the column surely meets its rule, decided by whole-column
+    operations (types as sets, min/max, one regex over the joined texts); False means "look at
+    each value", never that one fails."""
+    types = set(map(type, values))
+    if column.name == "population":
+        return types <= {int} and (not values or (min(values) >= 0 and max(values) <= BIGINT_MAX))
+    if column.name == "area":
+        if not values:
+            return True
+        try:  # a NaN or an infinity makes the sum NaN or infinite
+            return types <= {int, float} and min(values) >= 0 and math.isfinite(sum(values))
+        except OverflowError:
+            return False
+    if column.name == "region":
+        return types <= {str} and set(values) <= set(REGIONS)
+    if column.kind == "text[]":
+        if values and types != {list}:
+            return False
+        items = list(chain.from_iterable(values))
+        if not set(map(type, items)) <= {str}:
+            return False
+        if column.name == "timezones":
+            return all(values) and _TIMEZONES.fullmatch("".join(x + "\n" for x in items)) is not None
+        return True
+    texts = [v for v in values if v is not None] if column.nullable else values
+    if not set(map(type, texts)) <= {str}:
+        return False
+    return all(map(str.strip, texts))  # none blank
+
+
 def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
-    try:
-        RECORD_RULES.validate(frame, lazy=True)
-        return {}
-    except pa.errors.SchemaErrors as err:
-        cases = err.failure_cases
-    bad = cases[cases["index"].notna()]
-    unlocated = cases[cases["index"].isna()]
-    if len(unlocated):
-        # Frame-level problems (a column missing or unexpected) cannot be pinned to records.
-        raise ValueError("the flattened frame breaks the contract's shape: "
-                         + "; ".join(sorted(set(unlocated["check"].astype(str)))))
+    """The record rules, column by column over whole columns: reasons by record (its index label),
+    in column order, each naming the value it got (lone surrogates shown escaped)."""
+    _check_shape(frame)
     reasons: dict[int, list[str]] = {}
-    for index, column, check, value in zip(bad["index"], bad["column"], bad["check"], bad["failure_case"]):
-        check = str(check)
-        if check == "not_nullable":
-            text = f"{column} is missing"
-        else:
-            shown = repr(value)
-            text = f"{check} (got {shown[:80] + '…' if len(shown) > 81 else shown})"
-        reasons.setdefault(int(index), []).append(text)
+    labels = frame.index.tolist()
+    for column in CONTRACT:
+        series = frame[column.name]
+        values = series.tolist()
+        if _column_passes(column, values):
+            continue
+        null = series.isna().tolist()
+        check, message = RECORD_RULES[column.name]
+        shown = safe_text if column.kind in ("text", "text[]") else (lambda v: v)
+        for i in [i for i, (v, n) in enumerate(zip(values, null)) if (not n and not check(v)) or (n and not column.nullable)]:
+            if null[i]:
+                text = f"{column.name} is missing"
+            else:
+                got = repr(shown(values[i]))
+                text = f"{message} (got {got[:80] + '…' if len(got) > 81 else got})"
+            reasons.setdefault(int(labels[i]), []).append(text)
     return reasons
+
+
+def record_reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
+    """Why each record that breaks the contract does (unstorable text, then the record rules), by
+    index label; duplicates are settled apart (`duplicates`, or across chunks by the caller)."""
+    reasons = unstorable(frame)
+    for index, found in _reasons(frame).items():
+        reasons.setdefault(index, []).extend(found)
+    return reasons
+
+
+def copy_shape(values) -> str:
+    """A record's flattened values in a form that compares copies of one key."""
+    return json.dumps(list(values), sort_keys=True, default=str, ensure_ascii=True)
+
+
+def settle_copies(key: str, copies: list[tuple[int, str]]) -> tuple[dict[int, str], dict]:
+    """The copies of one key, as (record, copy_shape) in record order: identical copies keep the
+    first, copies that differ are all quarantined. Returns reasons by record and the summary."""
+    if len({shape for _, shape in copies}) == 1:
+        reasons = {i: f"{KEY} {safe_text(key)!r}: identical copy of another record (one copy kept)"
+                   for i, _ in copies[1:]}
+        return reasons, {"copies": len(copies), "outcome": "identical: one copy kept"}
+    reasons = {i: (f"{KEY} {safe_text(key)!r} appears {len(copies)} times with different values: "
+                   "every copy quarantined") for i, _ in copies}
+    return reasons, {"copies": len(copies), "outcome": "different values: all quarantined"}
 
 
 def duplicates(frame: pd.DataFrame) -> tuple[dict[int, str], dict]:
@@ -191,21 +279,14 @@ def duplicates(frame: pd.DataFrame) -> tuple[dict[int, str], dict]:
     for key, indices in groups.items():
         if len(indices) < 2:
             continue
-        shapes = {json.dumps([frame.at[i, c] for c in COLUMNS], sort_keys=True, default=str, ensure_ascii=True)
-                  for i in indices}
-        if len(shapes) == 1:
-            for i in indices[1:]:
-                reasons[i] = f"{KEY} {safe_text(key)!r}: identical copy of another record (one copy kept)"
-            summary[safe_text(key)] = {"copies": len(indices), "outcome": "identical: one copy kept"}
-        else:
-            for i in indices:
-                reasons[i] = (f"{KEY} {safe_text(key)!r} appears {len(indices)} times with different values: "
-                              "every copy quarantined")
-            summary[safe_text(key)] = {"copies": len(indices), "outcome": "different values: all quarantined"}
+        found, summary[safe_text(key)] = settle_copies(
+            key, [(i, copy_shape(frame.loc[i, COLUMNS])) for i in indices])
+        reasons.update(found)
     return reasons, summary
 
 
-def _source_json(record) -> str:
+def source_json(record) -> str:
+    """A source record as the quarantine keeps it."""
     text = json.dumps(record, ensure_ascii=False, sort_keys=True, default=str)
     return text if not _has_lone_surrogate(text) else json.dumps(record, ensure_ascii=True, sort_keys=True, default=str)
 
@@ -213,12 +294,7 @@ def _source_json(record) -> str:
 def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     """Split flattened records into typed clean rows and quarantined ones with their reasons.
     Every record lands in exactly one of the two."""
-    reasons = unstorable(frame)
-    readable = frame.copy()
-    for column in TEXT_COLUMNS + LIST_COLUMNS:
-        readable[column] = pd.Series([safe_text(v) for v in frame[column]], index=frame.index, dtype=object)
-    for index, found in _reasons(readable).items():
-        reasons.setdefault(index, []).extend(found)
+    reasons = record_reasons(frame)
     copies, summary = duplicates(frame)
     for index, reason in copies.items():
         reasons.setdefault(index, []).append(reason)
@@ -228,7 +304,7 @@ def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
             "record": bad,
             "name_common": [safe_text(frame.at[i, KEY]) for i in bad],
             "reasons": [safe_text("; ".join(reasons[i])) for i in bad],
-            "source": [_source_json(records[i]) for i in bad],
+            "source": [source_json(records[i]) for i in bad],
         },
         columns=["record", "name_common", "reasons", "source"],
     )
@@ -238,14 +314,15 @@ def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     return Validated(clean.reset_index(drop=True), quarantine, summary)
 
 
-def typed(frame: pd.DataFrame) -> pd.DataFrame:
-    """Contract types for rows that met the rules, checked against the typed contract."""
+def typed(frame: pd.DataFrame, unique: bool = True) -> pd.DataFrame:
+    """Contract types for rows that met the rules, checked against the typed contract (a chunk of
+    a larger table with unique=False: its keys are settled across chunks by the caller)."""
     out = frame.copy()
     out["population"] = out["population"].astype("int64")
     out["area"] = out["area"].astype("float64")
     for col in TEXT_COLUMNS + LIST_COLUMNS:
         out[col] = out[col].astype(object)
-    return SILVER.validate(out)
+    return (SILVER if unique else SILVER_ROWS).validate(out)
 
 
 _CANONICAL = json_text
@@ -442,9 +519,27 @@ class Fingerprint:
 
 def drift(records: list[dict]) -> dict:
     """Source fields that are new or missing compared with the expected ten, with record counts."""
-    seen = Counter(k for r in records if isinstance(r, dict) for k in r)
-    total = sum(1 for r in records if isinstance(r, dict))
-    return {
-        "unexpected_fields": {k: n for k, n in sorted(seen.items()) if k not in SOURCE_FIELDS},
-        "missing_fields": {f: total - seen.get(f, 0) for f in SOURCE_FIELDS if seen.get(f, 0) < total},
-    }
+    return Drift().add(records).result()
+
+
+class Drift:
+    """`drift` of records read in batches: only the field counts are kept (counted per distinct
+    set of fields, which nearly every record shares)."""
+
+    def __init__(self):
+        self.shapes: Counter = Counter()
+
+    def add(self, records: list[dict]) -> "Drift":
+        self.shapes.update(map(tuple, (r for r in records if isinstance(r, dict))))
+        return self
+
+    def result(self) -> dict:
+        seen: Counter = Counter()
+        for fields, n in self.shapes.items():
+            for k in fields:
+                seen[k] += n
+        total = sum(self.shapes.values())
+        return {
+            "unexpected_fields": {k: n for k, n in sorted(seen.items()) if k not in SOURCE_FIELDS},
+            "missing_fields": {f: total - seen.get(f, 0) for f in SOURCE_FIELDS if seen.get(f, 0) < total},
+        }

@@ -185,6 +185,58 @@ def test_parse_payload_names_the_problem(data, problem):
         source.parse_payload(data)
 
 
+@pytest.mark.parametrize("data, problem", [
+    (source.snapshot_bytes()[:5000], "ends inside a UTF-8 character"),
+    (source.snapshot_bytes()[:-10], "truncated"),
+    (b"<!DOCTYPE html><html><body>Service Unavailable</body></html>", "HTML page"),
+    (json.dumps(FIELDS_MESSAGE).encode(), "JSON dict, not a list"),
+    (b"[]", "empty list"),
+    (b'[{"name": {}}, 3, "x"]', "2 of 3 items"),
+    (b'[{"a": 1}] [', "Extra data"),
+    (b"\xff\xfe\xfa", "not UTF-8"),
+    (b"", "not valid JSON"),
+])
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_a_payload_fed_in_pieces_fails_as_a_whole_one_does(data, problem, piece):
+    reader = source.PayloadReader()
+    with pytest.raises(PayloadError, match=problem):
+        for start in range(0, len(data), piece):
+            reader.feed(data[start:start + piece])
+        reader.close()
+
+
+@pytest.mark.parametrize("piece", [1, 3, 1000, 10**7])
+def test_a_payload_fed_in_pieces_gives_the_records_json_gives(piece):
+    data = b"\xef\xbb\xbf [" + b" , ".join([source.snapshot_bytes()[1:-1], b'{"n": 12345}', b'{"s": "\xed\xa0\x80 \\u00e9"}',
+                                            b'{"t": "x}, {\\"u\\": 1}, {"}', b'{"v": [{"a": 1}, {"b": 2}],"w":{}}']) + b"]\n"
+    reader, records = source.PayloadReader(min_records=254), []
+    for start in range(0, len(data), piece):
+        records += reader.feed(data[start:start + piece])
+    records += reader.close()
+    assert records == json.loads(data.decode("utf-8-sig", "surrogatepass"))
+    assert reader.items == 254 and reader.size == len(data)
+
+
+def test_read_records_gives_the_payload_in_batches_and_checks_the_whole_at_the_end():
+    import io
+
+    batches = list(source.read_records(io.BytesIO(source.snapshot_bytes()), chunk_bytes=10_000))
+    assert len(batches) > 5 and sum(batches, []) == json.loads(source.snapshot_bytes())
+    with pytest.raises(PayloadError, match="fewer than min_records=251"):
+        list(source.read_records(io.BytesIO(source.snapshot_bytes()), min_records=251))
+
+
+def test_fetch_spools_the_answer_with_its_size_and_sha256(api):
+    import hashlib
+
+    api.copies = 60  # ~11 MB: past the in-memory part of the spool
+    got = source.fetch(api.url)
+    data = got.data
+    assert got.size == len(data) and got.sha256 == hashlib.sha256(data).hexdigest()
+    assert len(source.parse_payload(data)) == 15_000
+    got.close()
+
+
 def test_too_few_records_are_refused_with_the_counts():
     with pytest.raises(PayloadError, match="2 records, fewer than min_records=3"):
         source.parse_payload(b'[{"a": 1}, {"b": 2}]', min_records=3)
@@ -228,3 +280,11 @@ def test_ingest_never_papers_over_an_api_error(api):
 def test_ingest_uses_the_api_when_it_answers(api):
     got = source.fetch_or_snapshot(api.url, fallback=True)
     assert got.origin == "api" and got.fallback_reason is None
+
+
+def test_a_consumer_is_fed_the_answer_as_it_arrives_and_its_error_ends_the_fetch(api):
+    got = source.fetch(api.url, consume=source.PayloadReader)
+    assert got.consumer.items == 250 and got.consumer.size == got.size
+    api.queue(Scripted(200, source.snapshot_bytes()[:3000]))
+    with pytest.raises(PayloadError, match="truncated"):
+        source.fetch(api.url, consume=source.PayloadReader)
