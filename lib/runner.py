@@ -223,6 +223,12 @@ def _warm_engine():
     return WarmEngine
 
 
+# A kernel keeps most of what a large stage allocated (Python's and the allocators' free lists are
+# not handed back to the system), so the stages of a big run would add up in one process: past this
+# size after a stage, the next stage gets a fresh kernel. Small runs never reach it.
+RECYCLE_MIB = 512
+
+
 class Kernels:
     """One kernel for the stages of a run, instead of one per stage: starting a kernel and importing
     lib costs more CPU than a 250-record stage does. It is started (and imports lib, ipykernel's
@@ -252,13 +258,26 @@ class Kernels:
         self.km = km
 
     def take(self):
-        """The kernel for the stage about to run, or None (papermill starts one)."""
+        """The kernel for the stage about to run, or None (papermill starts one). A kernel that has
+        died, or that a large stage left bigger than RECYCLE_MIB, is replaced first."""
         from jupyter_core.utils import run_sync
 
         if self.km is not None and not run_sync(self.km.is_alive)():
             self.close()
+        elif self.km is not None and (rss := self.rss()) > RECYCLE_MIB * 2**20:
+            log.info("kernel holds %d MiB after the last stage: the next stage gets a new one", rss >> 20)
+            self.close()
         self.start()
         return self.km
+
+    def rss(self) -> int:
+        """The kernel process's resident size in bytes (0 when it cannot be read)."""
+        import psutil
+
+        try:
+            return psutil.Process(self.km.provisioner.pid).memory_info().rss
+        except (AttributeError, TypeError, psutil.Error):
+            return 0
 
     def close(self) -> None:
         km, self.km = self.km, None

@@ -61,3 +61,22 @@ def test_preflight_names_a_database_that_refuses_the_password(settings):
     assert len(problems) == 1 and problems[0].startswith("database:")
     assert "password authentication failed" in problems[0] and ":***@" in problems[0]
     assert "not-the-password" not in problems[0]
+
+
+# --- the run's kernel (a real one) --------------------------------------------------------------------
+
+def test_a_kernel_grown_past_the_limit_is_replaced_before_the_next_stage_and_a_small_one_is_kept(monkeypatch):
+    kernels = runner.Kernels("python3", "kernel-test")
+    try:
+        first = kernels.take()
+        assert first is not None and kernels.rss() > 0
+        assert kernels.take() is first  # well under RECYCLE_MIB: the same kernel serves the next stage
+        pid = first.provisioner.pid
+        monkeypatch.setattr(runner, "RECYCLE_MIB", 0)  # as if the last stage had left it larger
+        second = kernels.take()
+        assert second is not None and second is not first and second.provisioner.pid != pid
+        import psutil
+
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        kernels.close()
