@@ -508,7 +508,9 @@ class Fingerprint:
         digest = hashlib.sha256()
         if self.chunks:
             lines = pa.chunked_array(self.chunks, pa.large_string()).combine_chunks()
+            self.chunks = [lines]  # the pieces are copied: not kept beside the copy and its sorted one
             lines = lines.take(pc.sort_indices(lines))
+            self.chunks = [lines]
             step = 65_536
             for start in range(0, len(lines), step):
                 if start:
