@@ -141,12 +141,17 @@ def changes_between(previous: bytes | None, current: bytes, previous_run_id: str
     }
 
 
-def changes_table(report: dict) -> pd.DataFrame:
-    rows = [{"country": k, "change": "added", "field": "", "old": "", "new": ""} for k in report["added"]]
-    rows += [{"country": k, "change": "removed", "field": "", "old": "", "new": ""} for k in report["removed"]]
-    rows += [{"country": k, "change": "changed", "field": f, "old": o, "new": n}
-             for k, fields in report["changed"].items() for f, (o, n) in fields.items()]
-    return pd.DataFrame(rows, columns=["country", "change", "field", "old", "new"])
+def changes_table(report: dict, rows: int | None = None) -> pd.DataFrame:
+    """The change report as a table, one row per added or removed country and per changed field;
+    only its first `rows` rows when given (a preview of a million added countries stays small)."""
+    from itertools import chain, islice
+
+    table = chain(
+        ({"country": k, "change": "added", "field": "", "old": "", "new": ""} for k in report["added"]),
+        ({"country": k, "change": "removed", "field": "", "old": "", "new": ""} for k in report["removed"]),
+        ({"country": k, "change": "changed", "field": f, "old": o, "new": n}
+         for k, fields in report["changed"].items() for f, (o, n) in fields.items()))
+    return pd.DataFrame(list(islice(table, rows)), columns=["country", "change", "field", "old", "new"])
 
 
 def _field(details: dict[str, dict], stage: str, ref: str):

@@ -938,6 +938,17 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     return golden
 
 
+def _shared_text(column):
+    """An Arrow text column as an object array in which equal values are one Python string: a million
+    rows of a dozen regions hold a dozen strings, not a million (nulls stay None)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    encoded = column.combine_chunks().dictionary_encode()
+    values = np.array([*encoded.dictionary.to_pylist(), None], dtype=object)
+    return values[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
+
+
 def _write_gold(stage: Stage, fmt: formats.Format, table: str, key: str, typed: bytes, rows: int, fp: dict,
                 digest: str, gold_body) -> Golden:
     """The rest of `build_gold`: the change report, the aggregates and every gold object."""
@@ -950,7 +961,7 @@ def _write_gold(stage: Stage, fmt: formats.Format, table: str, key: str, typed: 
     report = gold.changes_between(previous, typed, previous_id)
     del previous
     columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
-    frame = pd.DataFrame({name: pd.Series(columns.column(name).to_pylist(), dtype=object)
+    frame = pd.DataFrame({name: pd.Series(_shared_text(columns.column(name)), dtype=object)
                           if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
                           for name in AGGREGATE_COLUMNS})
     del columns

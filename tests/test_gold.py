@@ -82,6 +82,9 @@ def test_changes_lists_added_removed_and_changed_fields_with_old_and_new(clean):
     }
     table = gold.changes_table(report)
     assert sorted(table["change"]) == ["added", "changed", "changed", "removed"]
+    first = gold.changes_table(report, rows=2)  # a preview: the first rows only, in the same order
+    assert first.to_dict(orient="records") == table.head(2).to_dict(orient="records")
+    assert gold.changes_table(report, rows=0).columns.tolist() == table.columns.tolist()
 
 
 def test_nulls_on_both_sides_are_not_a_change(clean):
