@@ -158,8 +158,17 @@ def verify_input(stage: Stage, s3, bucket: str, key: str, layer: str, *, require
     must exist; `against_record=False` checks the metadata only, for another run's objects). Raises
     StageError naming the object and the disagreeing side before anything is written."""
     data, meta = storage.get_bytes(s3, bucket, key)
-    digest = storage.sha256(data)
     uri = f"s3://{bucket}/{key}"
+    expected = expected_sha256(stage, uri, layer, meta, required=required, against_record=against_record)
+    prove(stage, uri, storage.sha256(data), expected)
+    return data, meta
+
+
+def expected_sha256(stage: Stage, uri: str, layer: str, meta: dict, *, required: bool = True,
+                    against_record: bool = True) -> dict[str, str | None]:
+    """What each witness says an input object's sha256 is: its own metadata and, unless
+    `against_record` is off, the record of the stage that wrote `layer` (which must exist when
+    `required`). One place for the proof `verify_input` and the streamed readers make."""
     expected = {"the object's metadata": meta.get("sha256")}
     record = stage.previous_record(layer) if against_record else None
     if record is not None:
@@ -169,11 +178,15 @@ def verify_input(stage: Stage, s3, bucket: str, key: str, layer: str, *, require
         writer = registry.writer_of(layer).name
         raise StageError(f"{uri}: no {writer} record to check it against in run {stage.input_run(layer)}; "
                          f"run {writer} first; nothing was written")
+    return expected
+
+
+def prove(stage: Stage, uri: str, digest: str, expected: dict[str, str | None]) -> None:
+    """Raise StageError naming the first witness whose sha256 is not the one read."""
     for where, value in expected.items():
         if value != digest:
             raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
                              f"nothing was written by {stage.name}")
-    return data, meta
 
 
 # --- 1. ingest -----------------------------------------------------------------------------------
@@ -457,12 +470,8 @@ def _stream_raw(stage: Stage, s3, key: str, *, against_record: bool, min_records
     Yields (records, first position); returns (records, sha256)."""
     bucket = stage.settings.raw_bucket
     uri = f"s3://{bucket}/{key}"
-    record = stage.previous_record("raw") if against_record else None
     body, meta = storage.open_object(s3, bucket, key)
-    expected = {"the object's metadata": meta.get("sha256")}
-    if record is not None:
-        listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
-        expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
+    expected = expected_sha256(stage, uri, "raw", meta, required=False, against_record=against_record)
     sha, reader, pending, position, problem = hashlib.sha256(), source.PayloadReader(min_records), [], 0, None
     try:
         while True:
@@ -488,10 +497,7 @@ def _stream_raw(stage: Stage, s3, key: str, *, against_record: bool, min_records
     finally:
         body.close()
     digest = sha.hexdigest()
-    for where, value in expected.items():
-        if value != digest:
-            raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
-                             f"nothing was written by {stage.name}")
+    prove(stage, uri, digest, expected)
     if problem is not None:
         raise StageError(f"{uri}: {problem}; nothing was written") from None
     return reader.items, digest
@@ -892,17 +898,12 @@ def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> stora
         raise
     finally:
         body.close()
-    uri, digest = f"s3://{bucket}/{key}", spool.sha256
-    expected = {"the object's metadata": meta.get("sha256")}
-    record = stage.previous_record(layer)
-    if record is not None:
-        listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
-        expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
-    for where, value in expected.items():
-        if value != digest:
-            spool.close()
-            raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
-                             f"nothing was written by {stage.name}")
+    uri = f"s3://{bucket}/{key}"
+    try:
+        prove(stage, uri, spool.sha256, expected_sha256(stage, uri, layer, meta, required=False))
+    except StageError:
+        spool.close()
+        raise
     return spool
 
 
