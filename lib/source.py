@@ -467,22 +467,6 @@ def parse_whole(data: bytes):
         ) from None
 
 
-def read_records(fileobj: BinaryIO, min_records: int = 1, chunk_bytes: int = CHUNK_BYTES):
-    """The records of a payload read from a file object, in lists as they are parsed (about one
-    per chunk read); PayloadError once something is wrong, the whole-payload checks at the end."""
-    reader = PayloadReader(min_records)
-    while True:
-        chunk = fileobj.read(chunk_bytes)
-        if not chunk:
-            break
-        records = reader.feed(chunk)
-        if records:
-            yield records
-    records = reader.close()
-    if records:
-        yield records
-
-
 def parse_payload(data: bytes, min_records: int = 1) -> list[dict]:
     """The payload as a list of records, or PayloadError saying what is wrong with it."""
     reader = PayloadReader(min_records)

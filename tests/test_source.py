@@ -217,15 +217,6 @@ def test_a_payload_fed_in_pieces_gives_the_records_json_gives(piece):
     assert reader.items == 254 and reader.size == len(data)
 
 
-def test_read_records_gives_the_payload_in_batches_and_checks_the_whole_at_the_end():
-    import io
-
-    batches = list(source.read_records(io.BytesIO(source.snapshot_bytes()), chunk_bytes=10_000))
-    assert len(batches) > 5 and sum(batches, []) == json.loads(source.snapshot_bytes())
-    with pytest.raises(PayloadError, match="fewer than min_records=251"):
-        list(source.read_records(io.BytesIO(source.snapshot_bytes()), min_records=251))
-
-
 def test_fetch_spools_the_answer_with_its_size_and_sha256(api):
     import hashlib
 
