@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import codecs
 import email.utils
-import hashlib
 import json
 import logging
 import random
 import re
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -81,8 +79,9 @@ def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
     The consumer works in a thread of its own, a few chunks behind at most, so checking overlaps
     receiving (sockets, hashing and file writes release the GIL); what it raises is raised here,
     and receiving stops at once."""
-    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY)
-    digest, size = hashlib.sha256(), 0
+    from lib.storage import HashingSpool  # late: the payload checks need no S3 client
+
+    spool = HashingSpool(max_memory=SPOOL_MEMORY)
     queue: Queue = Queue(maxsize=4)
     failed: list[BaseException] = []
 
@@ -103,8 +102,6 @@ def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
     try:
         try:
             for chunk in chunks:
-                digest.update(chunk)
-                size += len(chunk)
                 spool.write(chunk)
                 if worker is not None:
                     if failed:
@@ -119,8 +116,7 @@ def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
     except BaseException:
         spool.close()
         raise
-    spool.seek(0)
-    return spool, size, digest.hexdigest()
+    return spool.rewound(), spool.size, spool.sha256
 
 
 def check_url(url: str) -> str:
