@@ -473,28 +473,22 @@ def _stream_raw(stage: Stage, s3, key: str, *, against_record: bool, min_records
     body, meta = storage.open_object(s3, bucket, key)
     expected = expected_sha256(stage, uri, "raw", meta, required=False, against_record=against_record)
     sha, reader, pending, position, problem = hashlib.sha256(), source.PayloadReader(min_records), [], 0, None
+    chunks = storage.read_ahead(body, source.CHUNK_BYTES, sha)  # read and hashed while the last is parsed
     try:
-        while True:
-            chunk = body.read(source.CHUNK_BYTES)
-            sha.update(chunk)
+        for chunk in chunks:
             if problem is not None:
-                if not chunk:
-                    break
-                continue
+                continue  # read on: a checksum mismatch says more than a parse error
             try:
                 pending += reader.feed(chunk) if chunk else reader.close()
             except source.PayloadError as err:
-                problem = err  # read on: a checksum mismatch says more than a parse error
-                if not chunk:
-                    break
+                problem = err
                 continue
             while len(pending) >= rows or (pending and not chunk):
                 batch, pending = pending[:rows], pending[rows:]
                 yield batch, position
                 position += len(batch)
-            if not chunk:
-                break
     finally:
+        chunks.close()
         body.close()
     digest = sha.hexdigest()
     prove(stage, uri, digest, expected)

@@ -227,6 +227,53 @@ def list_objects(s3, bucket: str, prefix: str = "") -> list[dict]:
     return sorted(out, key=lambda o: o["key"])
 
 
+def read_ahead(body, chunk_bytes: int, digest=None, depth: int = 4):
+    """The chunks of a file object (an object's body), read by a thread of their own up to `depth`
+    chunks ahead of the caller and added to `digest` (a hashlib object) as they are read: reading the
+    socket and hashing release the GIL, so they go on while the caller parses the chunk before.
+    The last chunk is b""; an error reading is raised to the caller. Closing the generator (or
+    leaving the loop) stops the thread."""
+    import queue
+    import threading
+
+    chunks: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def put(item) -> None:
+        while not stop.is_set():
+            try:
+                chunks.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def read() -> None:
+        try:
+            while not stop.is_set():
+                chunk = body.read(chunk_bytes)
+                if digest is not None:
+                    digest.update(chunk)
+                put(chunk)
+                if not chunk:
+                    return
+        except BaseException as err:  # noqa: BLE001 - handed to the caller, raised there
+            put(err)
+
+    reader = threading.Thread(target=read, name="read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            item = chunks.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if not item:
+                return
+    finally:
+        stop.set()
+        reader.join()
+
+
 class HashingSpool:
     """A write-only file that hashes and counts what passes through it, spilling to disk past 8 MiB,
     so a COPY ... TO STDOUT can stream into an upload whose sha256 goes into its metadata."""

@@ -162,3 +162,38 @@ def test_clients_are_built_once_per_settings(settings):
     assert storage.cloud_client(settings.cloud) is storage.cloud_client(settings.cloud)
     other = dataclasses.replace(settings.store, access_key=Secret("someone-else"))
     assert storage.client(other) is not storage.client(settings.store)
+
+
+def test_read_ahead_gives_every_byte_of_an_object_and_hashes_it_as_read(s3, bucket):
+    data = bytes(range(256)) * 40_000  # 10 MB, many chunks
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
+    body, _ = storage.open_object(s3, bucket, "big.bin")
+    digest = hashlib.sha256()
+    chunks = list(storage.read_ahead(body, 1 << 20, digest))
+    assert chunks[-1] == b"" and all(chunks[:-1])
+    assert b"".join(chunks) == data and digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_read_ahead_stops_its_thread_when_the_reader_leaves_early(s3, bucket):
+    import threading
+
+    s3.put_object(Bucket=bucket, Key="big.bin", Body=b"x" * 5_000_000)
+    body, _ = storage.open_object(s3, bucket, "big.bin")
+    chunks = storage.read_ahead(body, 65_536, depth=2)
+    assert next(chunks) == b"x" * 65_536
+    chunks.close()
+    body.close()
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+
+
+def test_read_ahead_raises_a_read_error_to_the_reader():
+    class Broken(io.BytesIO):
+        def read(self, n=-1):
+            if self.tell() >= 10:
+                raise OSError("connection reset")
+            return super().read(5)
+
+    chunks = storage.read_ahead(Broken(b"0123456789abcdef"), 5)
+    assert next(chunks) == b"01234" and next(chunks) == b"56789"
+    with pytest.raises(OSError, match="connection reset"):
+        next(chunks)
