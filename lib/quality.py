@@ -330,14 +330,19 @@ _CANONICAL = json_text
 
 def _canonical_column(kind: str, values: list) -> list:
     """One column's values in the canonical form of `row_hash`, converted column-wise."""
+    # The usual case is a column in its canonical form already (a typed frame's): that is checked
+    # once for the whole column from the set of its values' types (map and set run in C).
+    types = set(map(type, values))
     if kind == "text[]":
-        if all(type(v) in (list, tuple) for v in values) and all(type(x) is str for x in chain.from_iterable(values)):
-            return values  # lists of text already (the usual case): checked once for the whole column
+        if types <= {list, tuple} and set(map(type, chain.from_iterable(values))) <= {str}:
+            return values
         return [[str(x) for x in v] for v in values]
     if kind == "bigint":
-        return [int(v) for v in values]
+        return values if types <= {int} else [int(v) for v in values]
     if kind == "double":
-        return [float(v) for v in values]
+        return values if types <= {float} else [float(v) for v in values]
+    if types <= {str, type(None)}:
+        return values
     return [None if v is None or (isinstance(v, float) and math.isnan(v)) else (v if type(v) is str else str(v))
             for v in values]
 
