@@ -29,7 +29,10 @@ def _labels(rows: list[dict]) -> list[str]:
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+    # Fixed margins that fit the axis labels and the two-line tick labels: tight_layout measured them
+    # with a whole draw of its own before the one that writes the file (~0.1 s a chart).
+    fig.subplots_adjust(left=0.08, right=0.985, top=0.9, bottom=0.2 if fig.get_figheight() < 4.5 else 0.13,
+                        hspace=0.12)
     fig.savefig(path, dpi=90)
     _pyplot().close(fig)
 
