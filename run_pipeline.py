@@ -297,10 +297,17 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
-    if kernels is not None:
+    if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
-    report.after_run(record.dir, pages)  # report.html of the run and outputs/index.html
+    # The index's trend pictures are drawn by the run's kernel (matplotlib is imported there for the
+    # gold chart) while this process writes the run's report; then the kernel ends.
+    pictures = kernels.draw_trends(record.dir.parent.parent) if kernels is not None and kernels.km is not None else None
+    try:
+        report.after_run(record.dir, pages, pictures)  # report.html of the run and outputs/index.html
+    finally:
+        if kernels is not None:
+            kernels.close()
     alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")

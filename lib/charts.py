@@ -18,11 +18,6 @@ def _pyplot():
     return plt
 
 
-def warm_up() -> None:
-    """Import matplotlib ahead (the runner does it in a background thread while the stages run)."""
-    _pyplot()
-
-
 def _labels(rows: list[dict]) -> list[str]:
     # "11-28 05:54" reads better than a 20-character run id under each tick.
     return [f"{(s['started'] or '')[5:16].replace('T', ' ')}\n{s['run_id'][-6:]}" for s in rows]

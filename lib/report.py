@@ -282,8 +282,8 @@ def _notebook_pages(run_dir: Path, manifest: dict, rendered: dict[str, str] | No
 class Pages:
     """The runner's pages, rendered while the run goes: each stage's executed notebook is rendered in
     a background thread as soon as the stage ends, while the kernel runs the next stage (this process
-    only waits on the kernel meanwhile), and nbconvert and matplotlib are imported there as the first
-    stage runs. `after_run` then renders only what is left (the report, the index, the trends)."""
+    only waits on the kernel meanwhile), and nbconvert is imported there as the first stage runs.
+    `after_run` then renders only what is left (the report and the index)."""
 
     def __init__(self, run_dir: Path):
         from concurrent.futures import ThreadPoolExecutor
@@ -317,9 +317,6 @@ class Pages:
 
 def _warm_up() -> None:
     _exporter()
-    from lib import charts
-
-    charts.warm_up()
 
 
 def _strip_remote_scripts(page: str) -> str:
@@ -405,13 +402,23 @@ def _index_row(s: dict, outputs: Path) -> str:
             + num(s["duration_s"]) + f"<td>{notebooks}</td></tr>")
 
 
-def write_index(outputs: Path) -> Path:
-    """`outputs/index.html`: every run newest first, and trend pictures beside it."""
+def trends(outputs: Path | str) -> dict[str, str | None]:
+    """Draw the index's trend pictures beside it (lib/charts.py): picture → file name, or None when
+    no run has its figures yet. The runner has its run's kernel call this after the last stage."""
     from lib import charts
 
+    outputs = Path(outputs)
+    outputs.mkdir(parents=True, exist_ok=True)
+    return charts.write(review.summaries(outputs), outputs)
+
+
+def write_index(outputs: Path, pictures: dict[str, str | None] | None = None) -> Path:
+    """`outputs/index.html`: every run newest first, and trend pictures beside it (`pictures`: the
+    ones `trends` drew already; drawn here when None)."""
     outputs.mkdir(parents=True, exist_ok=True)
     rows = review.summaries(outputs)
-    pictures = charts.write(rows, outputs)
+    if pictures is None:
+        pictures = trends(outputs)
     head = "".join(f"<th>{e(h)}</th>" for h in ["run", "started (UTC)", "how", "status", "source",
                                                 *(f"rows {layer}" for layer in review.LAYERS.values()),
                                                 "quarantined", "added", "removed", "changed", "seconds",
@@ -424,11 +431,11 @@ def write_index(outputs: Path) -> Path:
             f'the live API.</div>' if snapshots else "")
     titles = {"rows": "Rows per layer and quarantined, per run", "durations": "Stage durations per run",
               "regions": "Population by region over time"}
-    trends = "".join(f'<h3>{e(titles[k])}</h3><img src="{e(v)}" alt="{e(titles[k])}">' if v else
+    figures = "".join(f'<h3>{e(titles[k])}</h3><img src="{e(v)}" alt="{e(titles[k])}">' if v else
                      f"<h3>{e(titles[k])}</h3><p>No run has these figures yet.</p>" for k, v in pictures.items())
     body = (f"<h1>Pipeline runs</h1><p>{len(rows)} run{'s' if len(rows) != 1 else ''}, newest first. "
             "Each run id opens its report: status, source, quarantine, changes, every object written.</p>"
-            f"{warn}{table}<h2>Trends</h2>{trends}")
+            f"{warn}{table}<h2>Trends</h2>{figures}")
     path = outputs / "index.html"
     path.write_text(_page("Pipeline runs", body), encoding="utf-8")
     return path
@@ -441,13 +448,14 @@ def write_all(outputs: Path) -> Path:
     return write_index(outputs)
 
 
-def after_run(run_dir: Path, pages: Pages | None = None) -> None:
+def after_run(run_dir: Path, pages: Pages | None = None, pictures=None) -> None:
     """The runner's hook after a run: its report and the index (`pages`: the notebook pages rendered
-    while the run went). A rendering problem is logged, never turned into a failed run."""
+    while the run went; `pictures`: a function giving the trend pictures drawn meanwhile elsewhere,
+    or None when they are still to draw). A rendering problem is logged, never turned into a failed run."""
     try:
         rendered = pages.done() if pages is not None else None
         log.info("report: %s", write(run_dir, rendered))
-        log.info("index: %s", write_index(run_dir.parent.parent))
+        log.info("index: %s", write_index(run_dir.parent.parent, pictures() if pictures is not None else None))
     except Exception:  # noqa: BLE001
         log.warning("could not render the report of %s", run_dir, exc_info=True)
 

@@ -275,6 +275,43 @@ class Kernels:
         self.start()
         return self.km
 
+    def draw_trends(self, outputs, timeout: float = 60.0):
+        """Have the kernel, idle after the last stage and with matplotlib imported for the gold chart,
+        draw the run index's trend pictures (lib/report.py `trends`) while this process writes the
+        report: a function is returned that waits for them (picture → file name), or for None, when
+        there is no kernel or it could not draw them (the caller draws them then)."""
+        if self.kc is None or self.km is None:
+            return lambda: None
+        code = f"import lib.report\n_medallion_trends = lib.report.trends({str(outputs)!r})"
+        try:
+            msg_id = self.kc.execute(code, store_history=False, user_expressions={"trends": "_medallion_trends"})
+        except Exception as err:  # noqa: BLE001 - drawn by the caller instead
+            log.debug("kernel could not be asked for the trends: %s", err)
+            return lambda: None
+
+        def wait():
+            import ast
+
+            from jupyter_core.utils import run_sync
+
+            deadline = time.monotonic() + timeout
+            try:
+                while (left := deadline - time.monotonic()) > 0:
+                    reply = run_sync(self.kc.get_shell_msg)(timeout=left)
+                    if reply.get("parent_header", {}).get("msg_id") != msg_id:
+                        continue
+                    value = reply["content"].get("user_expressions", {}).get("trends", {})
+                    if reply["content"].get("status") != "ok" or value.get("status") != "ok":
+                        log.info("the kernel could not draw the trends: %s", reply["content"].get("evalue", value))
+                        return None
+                    pictures = ast.literal_eval(value["data"]["text/plain"])
+                    return {str(k): (str(v) if v is not None else None) for k, v in pictures.items()}
+            except Exception as err:  # noqa: BLE001 - drawn by the caller instead
+                log.info("the kernel could not draw the trends: %s", err)
+            return None
+
+        return wait
+
     def rss(self) -> int:
         """The kernel process's resident size in bytes (0 when it cannot be read)."""
         import psutil

@@ -80,3 +80,27 @@ def test_a_kernel_grown_past_the_limit_is_replaced_before_the_next_stage_and_a_s
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     finally:
         kernels.close()
+
+
+def test_the_run_kernel_draws_the_index_trends_and_the_index_shows_them(tmp_path):
+    from lib import report, runs
+
+    runs.write_json(runs.manifest_path(tmp_path, "r-1"), {
+        "run_id": "r-1", "status": "succeeded", "started": "2026-11-28T10:00:00+00:00",
+        "ended": "2026-11-28T10:00:09+00:00", "requested_stages": ["01_ingest"],
+        "stages": {"01_ingest": {"status": "succeeded", "duration_s": 1.2, "rows_out": 250}}})
+    kernels = runner.Kernels("python3", "kernel-test")
+    try:
+        assert kernels.take() is not None
+        assert kernels.draw_trends(tmp_path)() is None  # not connected yet: the caller draws them
+        kernels.kc = kernels.km.client()
+        kernels.kc.start_channels()
+        pictures = kernels.draw_trends(tmp_path)()
+        assert pictures == {"rows": "trend-rows.png", "durations": "trend-durations.png", "regions": None}
+        assert (tmp_path / "trend-rows.png").read_bytes()[:4] == b"\x89PNG"
+        page = report.write_index(tmp_path, pictures).read_text()
+        assert 'src="trend-durations.png"' in page and "No run has these figures yet" in page
+        (tmp_path / "a-file").write_text("not a folder")
+        assert kernels.draw_trends(tmp_path / "a-file" / "outputs")() is None  # the kernel's error: the caller draws
+    finally:
+        kernels.close()
