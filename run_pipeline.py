@@ -250,12 +250,18 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     if problems:
         kernels.close()
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        failed = {"run_id": run_id, "status": "failed", "preflight": problems}
         if runs.manifest_path(settings, run_id).exists():
             # An existing run: record the stages asked for, so that --resume goes on with them.
             record = runs.RunRecord.open(settings, run_id, stages, chosen)
             record.data["preflight"] = problems
             record.finish("failed")
+            failed = record.data
             print(f"  after fixing the cause: python run_pipeline.py --resume {run_id}", file=sys.stderr)
+        from lib import alerts
+
+        # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
+        alerts.after_run(failed, runs.run_dir(settings, run_id), settings.secrets(), logfile)
         return runner.EXIT_FAILED
     runner.install_signal_handlers()
     try:

@@ -66,15 +66,19 @@ def reasons(manifest: dict, quarantine_threshold: int = 0) -> list[str]:
     return found
 
 
-def message(manifest: dict, record_dir: Path, found: list[str]) -> tuple[str, str]:
-    """(title, body): run id, status, what happened, where the record is."""
+def message(manifest: dict, record_dir: Path, found: list[str], log_file: Path | None = None) -> tuple[str, str]:
+    """(title, body): run id, status, what happened, where the record is (or, for a run that never
+    started and left no record, where its log is)."""
     run_id = manifest.get("run_id", "?")
     status = str(manifest.get("status", "?")).upper()
     lines = [f"run {run_id} {status}"]
     for reason in found:
         reason = " ".join(reason.split())  # one line each: tracebacks and tables are in the record
         lines.append("- " + (reason if len(reason) <= MAX_ERROR else reason[:MAX_ERROR] + "…"))
-    lines.append(f"record: {record_dir / 'manifest.json'}")
+    if log_file is not None and not (record_dir / "manifest.json").exists():
+        lines.append(f"nothing ran and no run record was written; log: {log_file}")
+    else:
+        lines.append(f"record: {record_dir / 'manifest.json'}")
     return f"{TITLE}: run {run_id} {status}", "\n".join(lines)
 
 
@@ -106,8 +110,9 @@ def send(urls: list[str], title: str, body: str, redact: list[str] = ()) -> int:
     return delivered
 
 
-def after_run(manifest: dict, record_dir: Path, secrets: list[str] = ()) -> int:
-    """The runner's hook after a run ends: alert if anything deserves it. Never raises."""
+def after_run(manifest: dict, record_dir: Path, secrets: list[str] = (), log_file: Path | None = None) -> int:
+    """The runner's hook after a run ends, or fails its preflight: alert if anything deserves it.
+    Never raises."""
     try:
         urls, threshold = settings()
         found = reasons(manifest, threshold)
@@ -117,7 +122,7 @@ def after_run(manifest: dict, record_dir: Path, secrets: list[str] = ()) -> int:
             log.info("run %s needs attention (%s); no ALERT_URLS configured", manifest.get("run_id"),
                      "; ".join(r.split("\n")[0][:120] for r in found))
             return 0
-        title, body = message(manifest, record_dir, found)
+        title, body = message(manifest, record_dir, found, log_file)
         return send(urls, title, body, list(secrets))
     except Exception as err:  # noqa: BLE001
         log.warning("alerts not sent: %s", err)

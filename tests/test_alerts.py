@@ -138,6 +138,22 @@ def test_a_failed_run_alerts_once_and_keeps_its_exit_code(run_pipeline, settings
     assert lines[2] == f"record: {runs.run_dir(settings, run_id) / 'manifest.json'}"
 
 
+def test_a_run_stopped_by_its_preflight_alerts_once_saying_nothing_ran(run_pipeline, settings, webhook, unique):
+    run_id = f"alertpre-{unique}"
+    dead = closed_port()
+    url = f"http://127.0.0.1:{dead}/v3.1/all?fields={','.join(contract.SOURCE_FIELDS)}"
+    res = run_pipeline("--run-id", run_id, env={"API_BASE_URL": url, "SNAPSHOT_FALLBACK": "false",
+                                                "ALERT_URLS": f"json://127.0.0.1:{webhook.port}/"})
+    assert res.returncode == 1 and "Preflight failed" in res.stderr
+    assert not runs.run_dir(settings, run_id).exists()  # still no record for a run that never started
+    assert len(webhook.posts) == 1
+    lines = webhook.posts[0]["json"]["message"].splitlines()
+    assert lines[0] == f"run {run_id} FAILED"
+    assert lines[1].startswith("- preflight failed: API ") and url in lines[1] and "snapshot fallback is off" in lines[1]
+    assert lines[2].startswith("nothing ran and no run record was written; log: ")
+    assert lines[2].split("log: ")[1].startswith(str(settings.logs_dir))
+
+
 def test_snapshot_fallback_with_every_destination_down_still_succeeds(run_pipeline, settings, unique, webhook):
     webhook.status = 500  # one destination answers with an error, the others do not answer at all
     run_id = f"alertdown-{unique}"
