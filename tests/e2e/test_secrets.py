@@ -140,9 +140,10 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
     printed = [(" ".join(r.args[2:]), label) for r in outputs for label, value in scanned.items()
                if value in r.stdout or value in r.stderr]
     assert printed == []
-    # The run that failed in a stage was alerted (the others failed their preflight, before any run
-    # record), and no alert carried a credential.
-    assert [p["json"]["title"] for p in webhook.posts] == [f"countries-medallion: run {failing} FAILED"]
+    # Every failed run was alerted, in a stage or by its preflight (those with a wrong credential), and
+    # no alert carried a credential.
+    assert [p["json"]["title"] for p in webhook.posts] == [
+        f"countries-medallion: run {r} FAILED" for r in (failing, f"{failing}-2", f"{failing}-3", resumed)]
     alerted = [(p["json"]["title"], label) for p in webhook.posts for label, value in scanned.items()
                if value.encode() in p["body"]]
     assert alerted == []
