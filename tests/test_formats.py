@@ -103,3 +103,17 @@ def test_csv_arrow_batches_lower_case_the_header_and_read_empty_text_as_null(cle
     assert list(formats.csv_arrow_batches(io.BytesIO(head + b"\r\n"))) == []
     with pytest.raises(formats.FormatError, match="lacks contract columns: area"):
         list(formats.csv_arrow_batches(io.BytesIO(formats.csv_encode(frame.drop(columns="area")))))
+
+
+def test_csv_arrow_batches_join_small_reads_into_batches_of_block_size(clean, monkeypatch):
+    import pyarrow as pa
+
+    data = formats.csv_encode(pd.concat([clean[COLUMNS]] * 8, ignore_index=True))
+    whole = pa.Table.from_batches(list(formats.csv_arrow_batches(io.BytesIO(data), block_size=1 << 30)))
+    assert whole.num_rows == 8 * len(clean)
+    monkeypatch.setattr(formats, "READ_BLOCK", 16 << 10)  # the file is read in many small blocks
+    one = list(formats.csv_arrow_batches(io.BytesIO(data), block_size=1 << 30))
+    assert len(one) == 1 and pa.Table.from_batches(one).equals(whole)
+    some = list(formats.csv_arrow_batches(io.BytesIO(data), block_size=64 << 10))
+    assert 1 < len(some) < len(data) // (16 << 10) and all(b.nbytes >= 64 << 10 for b in some[:-1])
+    assert pa.Table.from_batches(some).equals(whole)
