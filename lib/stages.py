@@ -854,6 +854,8 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
 class Golden:
     table: pd.DataFrame  # a sample: the gold table's first rows (the table itself is never held whole)
     aggregates: dict[str, pd.DataFrame]
+    # The change report (lib/gold.py `changes`) with its added and removed keys cut to the first
+    # CHANGES_SAMPLE (changes.json has them all) and "counts": how many were added, removed, changed.
     changes: dict
     reconciliation: pd.DataFrame | None
     artifacts: list[storage.Artifact]
@@ -861,6 +863,15 @@ class Golden:
 
 # The columns the aggregates read (lib/gold.py): only these are taken out of Arrow into pandas.
 AGGREGATE_COLUMNS = [contract.KEY, "region", "subregion", "population", "area"]
+CHANGES_SAMPLE = 1000  # added and removed keys kept in `Golden.changes` (a first table adds every key)
+
+
+def _release_arrow() -> None:
+    """Hand back to the system the memory Arrow's allocator keeps after a large step (mimalloc holds
+    freed pages for reuse: some 100 MiB after converting a million rows)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
@@ -921,6 +932,7 @@ def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str 
     digest = spool.sha256
     try:
         typed, rows = formats.csv_to_parquet(spool.rewound())
+        _release_arrow()
         exported = (stage.previous_record("cloud") or {}).get("details") or {}
         if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
             # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
@@ -959,37 +971,49 @@ def _write_gold(stage: Stage, fmt: formats.Format, table: str, key: str, typed: 
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
-    report = gold.changes_between(previous, typed, previous_id)
+    report = gold.changes_arrow(previous, typed, previous_id)
     del previous
-    columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
-    frame = pd.DataFrame({name: pd.Series(_shared_text(columns.column(name)), dtype=object)
-                          if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
-                          for name in AGGREGATE_COLUMNS})
-    del columns
-    aggregates = {name: fn(frame) for name, fn in gold.AGGREGATES.items()}
-    del frame
-    sample = formats.parquet_decode(typed, rows=10)
-    source_uri = f"s3://{settings.cloud.bucket}/{key}"
-    meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
-    changes = json.dumps(report, indent=2, ensure_ascii=False, default=str).encode()
-    outputs = [
-        (layout.gold_table_key(table, stage.run_id, fmt.extension), gold_body, rows, fmt.content_type),
-        *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
-          for name, agg in aggregates.items()),
-        (layout.changes_key(stage.run_id), changes,
-         len(report["added"]) + len(report["removed"]) + len(report["changed"]), "application/json"),
-    ]
-    artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size, digest=body.sha256,
-                                    rows=n, inputs=[source_uri], metadata=meta_out, content_type=content_type)
-                 if isinstance(body, storage.HashingSpool) else
-                 storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
-                                   metadata=meta_out, content_type=content_type)
-                 for k, body, n, content_type in outputs]
+    counts = {name: len(report[name]) for name in ("added", "removed", "changed")}
+    changes = storage.HashingSpool()  # changes.json, written as it is encoded
+    try:
+        gold.write_changes(report, changes)
+        report = {**report, "added": report["added"][:CHANGES_SAMPLE].to_pylist(),
+                  "removed": report["removed"][:CHANGES_SAMPLE].to_pylist(), "counts": counts}
+        columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
+        # The keys (a million different ones) stay in Arrow as pandas' string dtype; the other text
+        # columns hold a few values each, as shared Python strings.
+        frame = pd.DataFrame({name: columns.column(name).to_pandas(types_mapper={
+                                  columns.schema.field(name).type: pd.StringDtype("pyarrow")}.get)
+                              if name == contract.KEY else pd.Series(_shared_text(columns.column(name)), dtype=object)
+                              if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
+                              for name in AGGREGATE_COLUMNS})
+        del columns
+        aggregates = {name: fn(frame) for name, fn in gold.AGGREGATES.items()}
+        del frame
+        _release_arrow()
+        sample = formats.parquet_decode(typed, rows=10)
+        source_uri = f"s3://{settings.cloud.bucket}/{key}"
+        meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
+        outputs = [
+            (layout.gold_table_key(table, stage.run_id, fmt.extension), gold_body, rows, fmt.content_type),
+            *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
+              for name, agg in aggregates.items()),
+            (layout.changes_key(stage.run_id), changes, sum(counts.values()), "application/json"),
+        ]
+        artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size,
+                                        digest=body.sha256, rows=n, inputs=[source_uri], metadata=meta_out,
+                                        content_type=content_type)
+                     if isinstance(body, storage.HashingSpool) else
+                     storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
+                                       metadata=meta_out, content_type=content_type)
+                     for k, body, n, content_type in outputs]
+    finally:
+        changes.close()
     for artifact in artifacts:
         stage.record.output(artifact)
     stage.record.update(rows_in=rows, rows_out=rows, gold_rows=rows,
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
-                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"},
+                        format=fmt.name, changes=counts,
                         by_region=dict(zip(aggregates["by_region"]["region"].astype(str),
                                            aggregates["by_region"]["population"].astype(int).tolist())))
     return Golden(sample, aggregates, report, None, artifacts)

@@ -219,3 +219,21 @@ def test_silver_written_from_chunks_reads_back_whole_with_the_recorded_fingerpri
     assert quality.fingerprint(back)["fingerprint"] == details["clean_fingerprint"]
     assert quality.fingerprint(back) == quality.fingerprint(quality.validate(transform.flatten(records), records).clean)
     assert quarantine.rows == 0 and details["raw_records"] == 250 and details["clean_rows"] == 250
+
+
+def test_a_first_gold_table_keeps_a_sample_of_its_added_keys_and_writes_them_all(settings, s3, unique, monkeypatch):
+    """A first table adds every key: the report in memory keeps the first CHANGES_SAMPLE of them and
+    the counts; changes.json (streamed) has every key, in order, as json.dumps would write it."""
+    monkeypatch.setattr(stages, "CHANGES_SAMPLE", 5)
+    run_id, table = f"st-first-{unique}", f"t_{unique}"
+    golden = run_stages(run_id, table)["gold"]
+    data, meta = storage.get_bytes(s3, settings.gold_bucket, layout.changes_key(run_id))
+    report = json.loads(data)
+    keys = sorted(formats.get(formats.GOLD).decode(storage.get_bytes(
+        s3, settings.gold_bucket, layout.gold_table_key(table, run_id, formats.get(formats.GOLD).extension))[0])["name_common"])
+    assert report == {"previous_run_id": None, "added": keys, "removed": [], "changed": {}}
+    assert data == json.dumps(report, indent=2, ensure_ascii=False).encode()
+    assert meta["sha256"] == storage.sha256(data) and meta["rows"] == str(len(keys))
+    assert golden.changes["added"] == keys[:5] and golden.changes["removed"] == []
+    assert golden.changes["counts"] == {"added": len(keys), "removed": 0, "changed": 0}
+    assert runs.read_stage(settings, run_id, "05_gold")["details"]["changes"] == golden.changes["counts"]
