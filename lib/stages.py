@@ -895,15 +895,25 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
     return None, None
 
 
-def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> storage.HashingSpool:
+def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str, read=None):
     """`verify_input` for an object too large to hold: streamed to a spool on disk while hashed, then
     its sha256 proven against its metadata and the writer's record (when there is one), before
-    anything is written. Close the spool after use."""
+    anything is written. `read`, when given, reads the object as it downloads (a file object read
+    forward only, lib/formats.py ForwardReader) and its result is returned with the spool; what it
+    raises is raised after the proof, so a changed object is reported as changed. Close the spool
+    after use."""
     body, meta = storage.open_object(s3, bucket, key)
     spool = storage.HashingSpool()
+    result, failure = None, None
     try:
-        for chunk in iter(lambda: body.read(8 << 20), b""):
-            spool.write(chunk)
+        stream = formats.ForwardReader(body, sink=spool)
+        if read is not None:
+            try:
+                result = read(stream)
+            except Exception as err:  # noqa: BLE001 - raised below, once the bytes are proven
+                failure = err
+        while stream.read(8 << 20):
+            pass
     except BaseException:
         spool.close()
         raise
@@ -912,26 +922,29 @@ def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> stora
     uri = f"s3://{bucket}/{key}"
     try:
         prove(stage, uri, spool.sha256, expected_sha256(stage, uri, layer, meta, required=False))
-    except StageError:
+        if failure is not None:
+            raise failure
+    except BaseException:
         spool.close()
         raise
-    return spool
+    return spool, result
 
 
 def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str = "") -> Golden:
     """Fetch this run's export, verify its checksum against what stage 4 wrote, then write gold:
     the table, aggregates by region and subregion, the change report. `reconcile` and `publish`
-    follow. The export is converted to typed Parquet in Arrow batches; the aggregates read only
-    their columns and the change report compares column by column (lib/gold.py `changes_between`)."""
+    follow. The export is converted to typed Parquet in Arrow batches as it downloads (used once its
+    sha256 is proven); the aggregates read only their columns and the change report compares column
+    by column (lib/gold.py `changes_arrow`), its keys written to changes.json as they are encoded."""
     settings = stage.settings
     params.check("table", table)
     fmt = formats.get(gold_format or formats.GOLD)
     cloud = storage.cloud_client(settings.cloud)
     key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
-    spool = _spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud")
+    # Converted to typed Parquet as it downloads; used only once its sha256 is proven.
+    spool, (typed, rows) = _spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud", formats.csv_to_parquet)
     digest = spool.sha256
     try:
-        typed, rows = formats.csv_to_parquet(spool.rewound())
         _release_arrow()
         exported = (stage.previous_record("cloud") or {}).get("details") or {}
         if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):

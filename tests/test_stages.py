@@ -71,6 +71,20 @@ def test_gold_refuses_an_export_whose_checksum_does_not_match(settings, s3, uniq
     assert gold_keys(s3, settings, run_id) == []
 
 
+def test_gold_reports_a_changed_export_as_changed_even_when_it_no_longer_reads_as_csv(settings, s3, unique):
+    """The export is converted as it downloads, but a failure to read it is raised only after its
+    sha256 is proven: an export cut short says checksum mismatch, not a CSV error."""
+    run_id, table = f"st-cut-{unique}", f"t_{unique}"
+    export = run_stages(run_id, table, upto=4)["export"][0]
+    cloud = storage.cloud_client(settings.cloud)
+    data, meta = storage.get_bytes(cloud, export.bucket, export.key)
+    cloud.put_object(Bucket=export.bucket, Key=export.key, Body=data[:data.index(b"\n") - 3], Metadata=meta)
+
+    with pytest.raises(stages.StageError, match="checksum mismatch.*nothing was written by 05_gold"):
+        stages.build_gold(stages.begin("05_gold", run_id), table=table)
+    assert gold_keys(s3, settings, run_id) == []
+
+
 def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(settings, s3, unique):
     table = f"t_{unique}"
     good, bad = f"st-good-{unique}", f"st-bad-{unique}"
