@@ -101,44 +101,87 @@ def changes(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run_i
 
 def changes_between(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
     """`changes` of two gold tables given as Parquet bytes (lib/formats.py `csv_to_parquet` makes
-    them from CSV), read one column at a time: the keys are matched once, then each column of the
-    shared keys is compared in Arrow (lists by their canonical JSON text, equal exactly when the
-    lists are; nulls equal nulls, and NaN equals NaN, as `_plain` sees them). Only the differing
-    cells become Python values, so two tables of a million rows compare in bounded memory. The
-    report is the one `changes` gives for the same tables."""
+    them from CSV): `changes_arrow` with the added and removed keys as Python lists."""
+    report = changes_arrow(previous, current, previous_run_id)
+    return {**report, "added": report["added"].to_pylist(), "removed": report["removed"].to_pylist()}
+
+
+def changes_arrow(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
+    """The change report of two gold tables given as Parquet bytes, read one column at a time: the
+    keys are matched once, then each column of the shared keys is compared in Arrow (lists by their
+    canonical JSON text, equal exactly when the lists are; nulls equal nulls, and NaN equals NaN, as
+    `_plain` sees them). Only the differing cells and their keys become Python values; the added and
+    removed keys stay sorted Arrow arrays (a first table of a million rows adds a million keys), so
+    two tables of a million rows compare in bounded memory. The report is the one `changes` gives
+    for the same tables, lists aside."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     from lib import formats, quality
 
+    def in_order(keys):  # Arrow orders text by its UTF-8 bytes: the code point order of sorted()
+        return keys.take(pc.array_sort_indices(keys))
+
     new_keys = formats.parquet_column(current, KEY)
     if previous is None:
-        return {"previous_run_id": None, "added": sorted(new_keys.to_pylist()), "removed": [], "changed": {}}
+        return {"previous_run_id": None, "added": in_order(new_keys), "removed": new_keys.slice(0, 0), "changed": {}}
     old_keys = formats.parquet_column(previous, KEY)
     at = pc.index_in(new_keys, value_set=old_keys)  # each current row's row in the previous table
     shared = pc.is_valid(at)
-    new_rows = np.flatnonzero(shared.to_numpy(zero_copy_only=False))
+    new_rows = pa.array(np.flatnonzero(shared.to_numpy(zero_copy_only=False)))
     old_rows = at.filter(shared)
-    keys = new_keys.take(pa.array(new_rows)).to_pylist()
-    changed: dict[str, dict] = {}
+    differing: dict[str, tuple] = {}  # column: (positions among the shared rows, old values, new values)
     for col in COLUMNS[1:]:
         old = formats.parquet_column(previous, col).take(old_rows)
-        new = formats.parquet_column(current, col).take(pa.array(new_rows))
+        new = formats.parquet_column(current, col).take(new_rows)
         a, b = (quality._json_lists(old), quality._json_lists(new)) if col in LIST_COLUMNS else (old, new)
         if a.type != b.type:
             a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())
         same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
         if pa.types.is_floating(a.type):
             same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False))
-        for i in np.flatnonzero(~same.to_numpy(zero_copy_only=False)).tolist():
-            changed.setdefault(keys[i], {})[col] = [_plain(old[i].as_py()), _plain(new[i].as_py())]
-    added = pc.invert(shared)
+        where = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
+        if len(where):
+            differing[col] = (where, old.take(pa.array(where)).to_pylist(), new.take(pa.array(where)).to_pylist())
+        del old, new, a, b, same
+    rows = np.unique(np.concatenate([w for w, _, _ in differing.values()])) if differing else np.array([], int)
+    keys = new_keys.take(new_rows.take(pa.array(rows))).to_pylist() if len(rows) else []
+    changed: dict[str, dict] = {}
+    for col in COLUMNS[1:]:
+        if col in differing:
+            where, olds, news = differing[col]
+            for i, o, n in zip(np.searchsorted(rows, where).tolist(), olds, news):
+                changed.setdefault(keys[i], {})[col] = [_plain(o), _plain(n)]
     return {
         "previous_run_id": previous_run_id,
-        "added": sorted(new_keys.filter(added).to_pylist()),
-        "removed": sorted(old_keys.filter(pc.invert(pc.is_in(old_keys, value_set=new_keys))).to_pylist()),
-        "changed": {k: {c: v[c] for c in COLUMNS[1:] if c in v} for k, v in sorted(changed.items())},
+        "added": in_order(new_keys.filter(pc.invert(shared))),
+        "removed": in_order(old_keys.filter(pc.invert(pc.is_in(old_keys, value_set=new_keys)))),
+        "changed": {k: changed[k] for k in sorted(changed)},
     }
+
+
+def write_changes(report: dict, sink, chunk: int = 10_000) -> None:
+    """The change report as the JSON text `json.dumps(report, indent=2, ensure_ascii=False,
+    default=str)` gives, written to a binary `sink` piece by piece: the added and removed keys may be
+    Arrow arrays (`changes_arrow`) or lists and are encoded `chunk` keys at a time, so a million keys
+    are never one Python list nor one string."""
+    import json
+
+    def text(value) -> str:  # a value at the report's second level, indented as json.dumps indents it
+        return json.dumps(value, indent=2, ensure_ascii=False, default=str).replace("\n", "\n  ")
+
+    sink.write(f'{{\n  "previous_run_id": {text(report["previous_run_id"])},\n'.encode())
+    for name in ("added", "removed"):
+        keys = report[name]
+        sink.write(f'  "{name}": ['.encode())
+        for at in range(0, len(keys), chunk):
+            part = keys[at:at + chunk]
+            part = part.to_pylist() if hasattr(part, "to_pylist") else list(part)
+            # The C encoder (no indent) with the indented separator: the same text, at C speed.
+            body = json.dumps(part, ensure_ascii=False, separators=(",\n    ", ": "))[1:-1]
+            sink.write(((",\n    " if at else "\n    ") + body).encode())
+        sink.write(("\n  ],\n" if len(keys) else "],\n").encode())
+    sink.write(f'  "changed": {text(report["changed"])}\n}}'.encode())
 
 
 def changes_table(report: dict, rows: int | None = None) -> pd.DataFrame:

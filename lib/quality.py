@@ -513,14 +513,13 @@ class Fingerprint:
         digest = hashlib.sha256()
         if self.chunks:
             lines = pa.chunked_array(self.chunks, pa.large_string()).combine_chunks()
-            self.chunks = [lines]  # the pieces are copied: not kept beside the copy and its sorted one
-            lines = lines.take(pc.sort_indices(lines))
-            self.chunks = [lines]
+            self.chunks = [lines]  # the pieces are copied: not kept beside the copy
+            order = pc.sort_indices(lines)  # taken a slice at a time: the lines are never held twice
             step = 65_536
             for start in range(0, len(lines), step):
                 if start:
                     digest.update(b"\n")
-                digest.update("\n".join(lines.slice(start, step).to_pylist()).encode())
+                digest.update("\n".join(lines.take(order.slice(start, step)).to_pylist()).encode())
         return {"rows": self.rows, "fingerprint": digest.hexdigest()}
 
 

@@ -126,7 +126,9 @@ ENGINE = "medallion"
 
 def import_papermill():
     """papermill, without the ~2 s nbformat pays for jsonschema's IRI format checker: jsonschema builds
-    an RFC 3987 grammar at import (rfc3987_syntax) for a string format no notebook schema uses."""
+    an RFC 3987 grammar at import (rfc3987_syntax) for a string format no notebook schema uses; and
+    without pyarrow, which papermill imports for its HDFS paths (~80 MiB of the runner's memory for
+    the whole run; the runner reads and writes local notebooks only)."""
     import sys
 
     if "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules:
@@ -135,6 +137,12 @@ def import_papermill():
             import jsonschema  # noqa: F401
         finally:
             del sys.modules["rfc3987_syntax"]
+    if "papermill" not in sys.modules and "pyarrow" not in sys.modules:
+        sys.modules["pyarrow"] = None  # papermill treats it as not installed (hdfs:// paths unsupported)
+        try:
+            import papermill.iorw  # noqa: F401
+        finally:
+            del sys.modules["pyarrow"]  # anything else may still import it
     import papermill
 
     return papermill

@@ -848,6 +848,8 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
 class Golden:
     table: pd.DataFrame  # a sample: the gold table's first rows (the table itself is never held whole)
     aggregates: dict[str, pd.DataFrame]
+    # The change report (lib/gold.py `changes`) with its added and removed keys cut to the first
+    # CHANGES_SAMPLE (changes.json has them all) and "counts": how many were added, removed, changed.
     changes: dict
     reconciliation: pd.DataFrame | None
     artifacts: list[storage.Artifact]
@@ -855,6 +857,15 @@ class Golden:
 
 # The columns the aggregates read (lib/gold.py): only these are taken out of Arrow into pandas.
 AGGREGATE_COLUMNS = [contract.KEY, "region", "subregion", "population", "area"]
+CHANGES_SAMPLE = 1000  # added and removed keys kept in `Golden.changes` (a first table adds every key)
+
+
+def _release_arrow() -> None:
+    """Hand back to the system the memory Arrow's allocator keeps after a large step (mimalloc holds
+    freed pages for reuse: some 100 MiB after converting a million rows)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
 
 
 def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
@@ -878,15 +889,25 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
     return None, None
 
 
-def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> storage.HashingSpool:
+def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str, read=None):
     """`verify_input` for an object too large to hold: streamed to a spool on disk while hashed, then
     its sha256 proven against its metadata and the writer's record (when there is one), before
-    anything is written. Close the spool after use."""
+    anything is written. `read`, when given, reads the object as it downloads (a file object read
+    forward only, lib/formats.py ForwardReader) and its result is returned with the spool; what it
+    raises is raised after the proof, so a changed object is reported as changed. Close the spool
+    after use."""
     body, meta = storage.open_object(s3, bucket, key)
     spool = storage.HashingSpool()
+    result, failure = None, None
     try:
-        for chunk in iter(lambda: body.read(8 << 20), b""):
-            spool.write(chunk)
+        stream = formats.ForwardReader(body, sink=spool)
+        if read is not None:
+            try:
+                result = read(stream)
+            except Exception as err:  # noqa: BLE001 - raised below, once the bytes are proven
+                failure = err
+        while stream.read(8 << 20):
+            pass
     except BaseException:
         spool.close()
         raise
@@ -895,26 +916,30 @@ def _spooled_input(stage: Stage, s3, bucket: str, key: str, layer: str) -> stora
     uri = f"s3://{bucket}/{key}"
     try:
         prove(stage, uri, spool.sha256, expected_sha256(stage, uri, layer, meta, required=False))
-    except StageError:
+        if failure is not None:
+            raise failure
+    except BaseException:
         spool.close()
         raise
-    return spool
+    return spool, result
 
 
 def build_gold(stage: Stage, *, table: str = "capitals_clean", gold_format: str = "") -> Golden:
     """Fetch this run's export, verify its checksum against what stage 4 wrote, then write gold:
     the table, aggregates by region and subregion, the change report. `reconcile` and `publish`
-    follow. The export is converted to typed Parquet in Arrow batches; the aggregates read only
-    their columns and the change report compares column by column (lib/gold.py `changes_between`)."""
+    follow. The export is converted to typed Parquet in Arrow batches as it downloads (used once its
+    sha256 is proven); the aggregates read only their columns and the change report compares column
+    by column (lib/gold.py `changes_arrow`), its keys written to changes.json as they are encoded."""
     settings = stage.settings
     params.check("table", table)
     fmt = formats.get(gold_format or formats.GOLD)
     cloud = storage.cloud_client(settings.cloud)
     key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
-    spool = _spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud")
+    # Converted to typed Parquet as it downloads; used only once its sha256 is proven.
+    spool, (typed, rows) = _spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud", formats.csv_to_parquet)
     digest = spool.sha256
     try:
-        typed, rows = formats.csv_to_parquet(spool.rewound())
+        _release_arrow()
         exported = (stage.previous_record("cloud") or {}).get("details") or {}
         if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
             # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
@@ -953,37 +978,49 @@ def _write_gold(stage: Stage, fmt: formats.Format, table: str, key: str, typed: 
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
-    report = gold.changes_between(previous, typed, previous_id)
+    report = gold.changes_arrow(previous, typed, previous_id)
     del previous
-    columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
-    frame = pd.DataFrame({name: pd.Series(_shared_text(columns.column(name)), dtype=object)
-                          if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
-                          for name in AGGREGATE_COLUMNS})
-    del columns
-    aggregates = {name: fn(frame) for name, fn in gold.AGGREGATES.items()}
-    del frame
-    sample = formats.parquet_decode(typed, rows=10)
-    source_uri = f"s3://{settings.cloud.bucket}/{key}"
-    meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
-    changes = json.dumps(report, indent=2, ensure_ascii=False, default=str).encode()
-    outputs = [
-        (layout.gold_table_key(table, stage.run_id, fmt.extension), gold_body, rows, fmt.content_type),
-        *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
-          for name, agg in aggregates.items()),
-        (layout.changes_key(stage.run_id), changes,
-         len(report["added"]) + len(report["removed"]) + len(report["changed"]), "application/json"),
-    ]
-    artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size, digest=body.sha256,
-                                    rows=n, inputs=[source_uri], metadata=meta_out, content_type=content_type)
-                 if isinstance(body, storage.HashingSpool) else
-                 storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
-                                   metadata=meta_out, content_type=content_type)
-                 for k, body, n, content_type in outputs]
+    counts = {name: len(report[name]) for name in ("added", "removed", "changed")}
+    changes = storage.HashingSpool()  # changes.json, written as it is encoded
+    try:
+        gold.write_changes(report, changes)
+        report = {**report, "added": report["added"][:CHANGES_SAMPLE].to_pylist(),
+                  "removed": report["removed"][:CHANGES_SAMPLE].to_pylist(), "counts": counts}
+        columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
+        # The keys (a million different ones) stay in Arrow as pandas' string dtype; the other text
+        # columns hold a few values each, as shared Python strings.
+        frame = pd.DataFrame({name: columns.column(name).to_pandas(types_mapper={
+                                  columns.schema.field(name).type: pd.StringDtype("pyarrow")}.get)
+                              if name == contract.KEY else pd.Series(_shared_text(columns.column(name)), dtype=object)
+                              if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
+                              for name in AGGREGATE_COLUMNS})
+        del columns
+        aggregates = {name: fn(frame) for name, fn in gold.AGGREGATES.items()}
+        del frame
+        _release_arrow()
+        sample = formats.parquet_decode(typed, rows=10)
+        source_uri = f"s3://{settings.cloud.bucket}/{key}"
+        meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
+        outputs = [
+            (layout.gold_table_key(table, stage.run_id, fmt.extension), gold_body, rows, fmt.content_type),
+            *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
+              for name, agg in aggregates.items()),
+            (layout.changes_key(stage.run_id), changes, sum(counts.values()), "application/json"),
+        ]
+        artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size,
+                                        digest=body.sha256, rows=n, inputs=[source_uri], metadata=meta_out,
+                                        content_type=content_type)
+                     if isinstance(body, storage.HashingSpool) else
+                     storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
+                                       metadata=meta_out, content_type=content_type)
+                     for k, body, n, content_type in outputs]
+    finally:
+        changes.close()
     for artifact in artifacts:
         stage.record.output(artifact)
     stage.record.update(rows_in=rows, rows_out=rows, gold_rows=rows,
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
-                        format=fmt.name, changes={k: len(v) for k, v in report.items() if k != "previous_run_id"},
+                        format=fmt.name, changes=counts,
                         by_region=dict(zip(aggregates["by_region"]["region"].astype(str),
                                            aggregates["by_region"]["population"].astype(int).tolist())))
     return Golden(sample, aggregates, report, None, artifacts)

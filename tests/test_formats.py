@@ -103,3 +103,49 @@ def test_csv_arrow_batches_lower_case_the_header_and_read_empty_text_as_null(cle
     assert list(formats.csv_arrow_batches(io.BytesIO(head + b"\r\n"))) == []
     with pytest.raises(formats.FormatError, match="lacks contract columns: area"):
         list(formats.csv_arrow_batches(io.BytesIO(formats.csv_encode(frame.drop(columns="area")))))
+
+
+def test_forward_reader_reads_lines_puts_bytes_back_and_copies_what_it_takes():
+    sink = io.BytesIO()
+    stream = formats.ForwardReader(io.BytesIO(b"a,b\r\n1,2\n3,4"), sink=sink)
+    assert stream.readline() == b"a,b\r\n" and stream.first_line == b"a,b\r\n"
+    first = stream.read(1)
+    stream.unread(first)
+    assert stream.read(3) == b"1,2" and stream.readline() == b"\n" and stream.read() == b"3,4"
+    assert stream.read(5) == b"" and stream.readline() == b"" and stream.first_line == b"a,b\r\n"
+    assert sink.getvalue() == b"a,b\r\n1,2\n3,4"  # each byte once, however often it was put back
+
+
+def test_csv_to_parquet_reads_a_stream_that_cannot_seek(clean):
+    class Forward(io.RawIOBase):  # a download: read only, no tell or seek
+        def __init__(self, data):
+            self.data = io.BytesIO(data)
+
+        def readable(self):
+            return True
+
+        def read(self, n=-1):
+            return self.data.read(n)
+
+        def seekable(self):
+            return False
+
+    data = formats.csv_encode(clean[COLUMNS])
+    assert formats.csv_to_parquet(Forward(data)) == formats.csv_to_parquet(data)
+    head = data[:data.index(b"\n") + 1]
+    typed, rows = formats.csv_to_parquet(Forward(head))
+    assert rows == 0 and formats.parquet_decode(typed).columns.tolist() == COLUMNS
+
+
+def test_csv_arrow_batches_join_small_reads_into_batches_of_block_size(clean, monkeypatch):
+    import pyarrow as pa
+
+    data = formats.csv_encode(pd.concat([clean[COLUMNS]] * 8, ignore_index=True))
+    whole = pa.Table.from_batches(list(formats.csv_arrow_batches(io.BytesIO(data), block_size=1 << 30)))
+    assert whole.num_rows == 8 * len(clean)
+    monkeypatch.setattr(formats, "READ_BLOCK", 16 << 10)  # the file is read in many small blocks
+    one = list(formats.csv_arrow_batches(io.BytesIO(data), block_size=1 << 30))
+    assert len(one) == 1 and pa.Table.from_batches(one).equals(whole)
+    some = list(formats.csv_arrow_batches(io.BytesIO(data), block_size=64 << 10))
+    assert 1 < len(some) < len(data) // (16 << 10) and all(b.nbytes >= 64 << 10 for b in some[:-1])
+    assert pa.Table.from_batches(some).equals(whole)

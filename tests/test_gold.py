@@ -128,6 +128,42 @@ def test_changes_between_parquet_tables_is_the_report_changes_gives(clean, encod
     assert len(gold.changes_between(as_bytes(previous), as_bytes(current), "r")["changed"]) == 6
 
 
+@pytest.mark.parametrize("chunk", [1, 2, 10_000])
+def test_write_changes_writes_the_text_json_dumps_gives_piece_by_piece(clean, chunk):
+    """changes.json is streamed: the same bytes as json.dumps(report, indent=2), whether the added and
+    removed keys are lists or Arrow arrays, however many keys are encoded at a time."""
+    import io
+    import json
+
+    import pyarrow as pa
+
+    odd = ['q", ', 'back\\slash', "é ü 日本", "new\nline", 'a"b']
+    reports = [
+        {"previous_run_id": None, "added": sorted(clean["name_common"].tolist() + odd), "removed": [], "changed": {}},
+        {"previous_run_id": "run-1", "added": [], "removed": ["Xland"],
+         "changed": {"A": {"capital": [["x"], ["y", "z"]], "area": [1.5, None]}, 'B"': {"population": [1, 2]}}},
+        {"previous_run_id": "run-2", "added": [], "removed": [], "changed": {}},
+    ]
+    for report in reports:
+        want = json.dumps(report, indent=2, ensure_ascii=False, default=str).encode()
+        arrow = {**report, "added": pa.array(report["added"], pa.string()),
+                 "removed": pa.array(report["removed"], pa.string())}
+        for given in (report, arrow):
+            sink = io.BytesIO()
+            gold.write_changes(given, sink, chunk=chunk)
+            assert sink.getvalue() == want
+
+
+def test_changes_arrow_keeps_the_added_and_removed_keys_in_arrow_in_order(clean):
+    current = formats.parquet_encode(clean.iloc[::-1].reset_index(drop=True))
+    report = gold.changes_arrow(None, current, None)
+    assert report["added"].to_pylist() == sorted(clean["name_common"]) and len(report["removed"]) == 0
+    previous = formats.parquet_encode(clean.head(100))
+    report = gold.changes_arrow(previous, formats.parquet_encode(clean.iloc[50:]), "r")
+    assert report["added"].to_pylist() == sorted(clean["name_common"].iloc[100:])
+    assert report["removed"].to_pylist() == sorted(clean["name_common"].iloc[:50]) and report["changed"] == {}
+
+
 # --- reconcile -------------------------------------------------------------------------------------
 
 def stage_records(rows=250, fp="f" * 64, sha="s" * 64, mode="upsert", gold_sha="e" * 64, gold_rows=248):

@@ -54,6 +54,16 @@ def test_papermill_is_imported_without_the_iri_grammar_and_still_validates_noteb
     assert out.split() == ["invalid", "caught", "False"]
 
 
+def test_papermill_is_imported_without_pyarrow_which_stays_importable():
+    import subprocess
+    import sys
+
+    code = ("import sys; from lib import runner; runner.import_papermill(); import papermill.iorw\n"
+            "print('pyarrow' in sys.modules)\nimport pyarrow\nprint(pyarrow.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "pyarrow"]
+
+
 def test_preflight_names_a_database_that_refuses_the_password(settings):
     db = dataclasses.replace(settings.db, password=config.Secret("not-the-password"))
     wrong = dataclasses.replace(settings, db=db)

@@ -71,6 +71,20 @@ def test_gold_refuses_an_export_whose_checksum_does_not_match(settings, s3, uniq
     assert gold_keys(s3, settings, run_id) == []
 
 
+def test_gold_reports_a_changed_export_as_changed_even_when_it_no_longer_reads_as_csv(settings, s3, unique):
+    """The export is converted as it downloads, but a failure to read it is raised only after its
+    sha256 is proven: an export cut short says checksum mismatch, not a CSV error."""
+    run_id, table = f"st-cut-{unique}", f"t_{unique}"
+    export = run_stages(run_id, table, upto=4)["export"][0]
+    cloud = storage.cloud_client(settings.cloud)
+    data, meta = storage.get_bytes(cloud, export.bucket, export.key)
+    cloud.put_object(Bucket=export.bucket, Key=export.key, Body=data[:data.index(b"\n") - 3], Metadata=meta)
+
+    with pytest.raises(stages.StageError, match="checksum mismatch.*nothing was written by 05_gold"):
+        stages.build_gold(stages.begin("05_gold", run_id), table=table)
+    assert gold_keys(s3, settings, run_id) == []
+
+
 def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(settings, s3, unique):
     table = f"t_{unique}"
     good, bad = f"st-good-{unique}", f"st-bad-{unique}"
@@ -219,3 +233,21 @@ def test_silver_written_from_chunks_reads_back_whole_with_the_recorded_fingerpri
     assert quality.fingerprint(back)["fingerprint"] == details["clean_fingerprint"]
     assert quality.fingerprint(back) == quality.fingerprint(quality.validate(transform.flatten(records), records).clean)
     assert quarantine.rows == 0 and details["raw_records"] == 250 and details["clean_rows"] == 250
+
+
+def test_a_first_gold_table_keeps_a_sample_of_its_added_keys_and_writes_them_all(settings, s3, unique, monkeypatch):
+    """A first table adds every key: the report in memory keeps the first CHANGES_SAMPLE of them and
+    the counts; changes.json (streamed) has every key, in order, as json.dumps would write it."""
+    monkeypatch.setattr(stages, "CHANGES_SAMPLE", 5)
+    run_id, table = f"st-first-{unique}", f"t_{unique}"
+    golden = run_stages(run_id, table)["gold"]
+    data, meta = storage.get_bytes(s3, settings.gold_bucket, layout.changes_key(run_id))
+    report = json.loads(data)
+    keys = sorted(formats.get(formats.GOLD).decode(storage.get_bytes(
+        s3, settings.gold_bucket, layout.gold_table_key(table, run_id, formats.get(formats.GOLD).extension))[0])["name_common"])
+    assert report == {"previous_run_id": None, "added": keys, "removed": [], "changed": {}}
+    assert data == json.dumps(report, indent=2, ensure_ascii=False).encode()
+    assert meta["sha256"] == storage.sha256(data) and meta["rows"] == str(len(keys))
+    assert golden.changes["added"] == keys[:5] and golden.changes["removed"] == []
+    assert golden.changes["counts"] == {"added": len(keys), "removed": 0, "changed": 0}
+    assert runs.read_stage(settings, run_id, "05_gold")["details"]["changes"] == golden.changes["counts"]
