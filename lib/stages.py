@@ -12,7 +12,6 @@ import contextlib
 import gc
 import hashlib
 import io
-import json
 import logging
 import os
 import shutil
