@@ -766,7 +766,8 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
                 # from its stored values in the same transaction.
                 result = db.merge(conn, spool, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
                                   retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
+                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind,
+                                  lists="array")
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
         current_rows = result["current_rows"]
@@ -816,6 +817,11 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
     storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
     conn = stage.db_connection()
     artifacts = []
+
+    def copy_table(name: str, sink) -> int:
+        sink = formats.UpperHeader(sink) if column_case == "upper" else sink
+        return db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
+
     try:
         if not db.table_exists(conn, db_schema, table):
             raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of('table').name} first")
@@ -824,13 +830,14 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             key = layout.export_key(settings.cloud.prefix, name, stage.run_id)
             spool = storage.HashingSpool()
             try:
-                sink = formats.UpperHeader(spool) if column_case == "upper" else spool
-                rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
-                if name == table:  # the fingerprint of the exported bytes, parsed back in Arrow batches
+                if name != table:
+                    rows = copy_table(name, spool)
+                else:  # the fingerprint of the exported bytes, parsed in Arrow batches as COPY writes them
                     fp = quality.Fingerprint()
-                    for batch in formats.csv_arrow_batches(spool.rewound()):
-                        fp.add(batch)
-                    fp = fp.result()
+                    with db.streamed(lambda pipe: copy_table(table, storage.Tee(spool, pipe))) as (stream, done):
+                        for batch in formats.csv_arrow_batches(stream):
+                            fp.add(batch)
+                    rows, fp = done["result"], fp.result()
                     _check_table(stage, db_schema, table, rows, fp["fingerprint"])
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(

@@ -253,3 +253,15 @@ class HashingSpool:
 
     def close(self) -> None:
         self.file.close()
+
+
+class Tee:
+    """A write-only sink that passes every chunk on to each of `sinks`, in order."""
+
+    def __init__(self, *sinks):
+        self.sinks = sinks
+
+    def write(self, chunk) -> int:
+        for sink in self.sinks:
+            sink.write(chunk)
+        return len(chunk)

@@ -294,6 +294,38 @@ def test_a_failed_first_load_leaves_no_table_behind(pg, clean, table):
     assert not db.table_exists(pg, SCHEMA, f"{table}_history")
 
 
+@pytest.mark.parametrize("name", sorted(formats.FORMATS))
+def test_array_literal_batches_load_awkward_text_as_the_silver_table_has_it(pg, clean, table, name):
+    """The stage's path (formats.copy_csv, lists="array"): stored values read back as JSON give stage
+    2's fingerprint (the proof inside the merge), quotes, backslashes, braces and "NULL" included; a
+    reload of the same batch changes nothing."""
+    from tests.test_formats import AWKWARD, awkward
+
+    frame = awkward(clean)
+    out = io.BytesIO()
+    formats.copy_csv(formats.get(name).encode(frame), name, out)
+    expected = quality.fingerprint(frame[COLUMNS])["fingerprint"]
+    result = load(pg, out.getvalue(), table, "r1", full=True, lists="array", expected_fingerprint=expected)
+    assert result["inserted"] == len(frame) and result["batch_fingerprint"] == expected
+    assert current(pg, table).at[frame.at[0, KEY], "capital"] == AWKWARD
+    again = load(pg, out.getvalue(), table, "r2", full=True, lists="array", expected_fingerprint=expected)
+    assert again["unchanged"] == len(frame) and again["drift"]["rows"] == 0
+    assert load(pg, csv(frame[COLUMNS]), table, "r3")["unchanged"] == len(frame)  # the JSON form: the same rows
+
+
+@pytest.mark.parametrize("forged", [b'"{""unterminated"', b'"[""json""]"', b"x"])
+def test_a_bad_array_literal_rolls_back(pg, clean, table, forged):
+    load(pg, csv(clean.head(5)), table, "r1")
+    before = dump(pg, table)
+    out = io.BytesIO()
+    formats.copy_csv(csv(changed(clean.head(6), 5, capital=["FORGED"])), "csv", out)
+    data = out.getvalue().replace(b'"{""FORGED""}"', forged)
+    assert data.count(b"FORGED") == 0
+    with pytest.raises(DatabaseError, match=f"loading public.{table} failed and was rolled back"):
+        load(pg, data, table, "r2", lists="array")
+    assert dump(pg, table) == before
+
+
 def test_a_csv_without_the_row_hash_column_is_refused(pg, clean, table):
     with pytest.raises(DatabaseError, match="rolled back"):
         load(pg, formats.csv_encode(clean.head(2)[COLUMNS]), table, "r1")
