@@ -235,14 +235,9 @@ def _list_json(prefix: str | None = None) -> sql.Composed:
             c=sql.Identifier(prefix, c) if prefix else sql.Identifier(c), n=sql.Identifier(c)) for c in COLUMNS)
 
 
-@contextlib.contextmanager
-def streamed(copy):
-    """Run `copy(sink)` (a COPY ... TO STDOUT into `sink`) in a thread writing into a pipe, and yield
-    the pipe's reading end, so the rows are parsed while PostgreSQL still renders them (the server
-    and the parse each take a core). The reader must be read to its end. An error of the COPY is
-    raised once the reading is done (before the reader's own, which a cut-off stream would cause);
-    leaving early closes the pipe, which ends the COPY. `copy`'s return value ends up in the dict
-    yielded beside the reader, under "result"."""
+def _piped(write):
+    """Start `write(sink)` in a thread writing into a pipe; its reading end, the thread, and the dict
+    that gets write's return value ("result") or its error ("error")."""
     import fcntl
     import os
     import threading
@@ -255,15 +250,27 @@ def streamed(copy):
 
     def run():
         try:
-            outcome["result"] = copy(writer)
+            outcome["result"] = write(writer)
         except BaseException as err:  # handed to the reading thread
             outcome["error"] = err
         finally:
             with contextlib.suppress(OSError):
                 writer.close()
 
-    thread = threading.Thread(target=run, name="copy-out", daemon=True)
+    thread = threading.Thread(target=run, name="pipe-writer", daemon=True)
     thread.start()
+    return reader, thread, outcome
+
+
+@contextlib.contextmanager
+def streamed(copy):
+    """Run `copy(sink)` (a COPY ... TO STDOUT into `sink`) in a thread writing into a pipe, and yield
+    the pipe's reading end, so the rows are parsed while PostgreSQL still renders them (the server
+    and the parse each take a core). The reader must be read to its end. An error of the COPY is
+    raised once the reading is done (before the reader's own, which a cut-off stream would cause);
+    leaving early closes the pipe, which ends the COPY. `copy`'s return value ends up in the dict
+    yielded beside the reader, under "result"."""
+    reader, thread, outcome = _piped(copy)
     try:
         yield reader, outcome
     except BaseException:
@@ -271,6 +278,43 @@ def streamed(copy):
         thread.join()
         if isinstance(outcome.get("error"), psycopg2.Error):
             raise outcome["error"] from None  # the server's error, not the parse of a cut-off stream
+        raise
+    reader.close()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+class _Fed:
+    """The reading end of `fed`'s pipe: its end raises the producer's error, so a COPY ... FROM STDIN
+    reading it fails (and its transaction rolls back) instead of loading a cut-off batch."""
+
+    def __init__(self, reader, thread, outcome):
+        self.reader, self.thread, self.outcome = reader, thread, outcome
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.reader.read(size)
+        if not chunk:
+            self.thread.join()
+            if "error" in self.outcome:
+                raise self.outcome["error"]
+        return chunk
+
+
+@contextlib.contextmanager
+def fed(produce):
+    """Run `produce(sink)` (writing a CSV for `merge`, say) in a thread writing into a pipe, and yield
+    a reader of it for COPY ... FROM STDIN, so the rows are produced while PostgreSQL copies the
+    previous ones; and a dict that gets produce's return value under "result". The producer's
+    error wins over the reader's (a COPY failed by it)."""
+    reader, thread, outcome = _piped(produce)
+    try:
+        yield _Fed(reader, thread, outcome), outcome
+    except BaseException:
+        reader.close()  # a producer still writing stops (broken pipe)
+        thread.join()
+        if "error" in outcome and not isinstance(outcome["error"], BrokenPipeError):
+            raise outcome["error"] from None
         raise
     reader.close()
     thread.join()

@@ -752,24 +752,23 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
     obj = clean_object(stage, s3)
     data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
     cleaned = stage.previous_record("clean")["details"]
-    import tempfile
-
     fmt = formats.of_key(obj["key"])
     conn = stage.db_connection()
     try:
-        with tempfile.TemporaryFile() as spool:  # the CSV that COPY reads, converted in Arrow batches
-            batch_rows = formats.copy_csv(data, fmt.name, spool)
-            del data
-            spool.seek(0)
+        # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
+        # previous ones (a conversion error fails the COPY, so nothing is loaded).
+        with db.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
             try:
                 # The batch is proven inside the merge, and the whole table's fingerprint recomputed
                 # from its stored values in the same transaction.
-                result = db.merge(conn, spool, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
-                                  retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind,
-                                  lists="array")
+                result = db.merge(conn, csv_rows, schema=db_schema, table=table, run_id=stage.run_id,
+                                  mode=write_mode, retire_missing=retire_missing,
+                                  expected_fingerprint=cleaned.get("clean_fingerprint"),
+                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind, lists="array")
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
+        batch_rows = converted["result"]
+        del data
         current_rows = result["current_rows"]
         sample = db.preview(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))

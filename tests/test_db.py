@@ -326,6 +326,27 @@ def test_a_bad_array_literal_rolls_back(pg, clean, table, forged):
     assert dump(pg, table) == before
 
 
+def test_a_batch_fed_by_a_failing_producer_loads_nothing(pg, clean, table):
+    """db.fed: a producer that fails half-way fails the COPY reading it; its own error is raised and
+    the cut-off batch is not loaded (not even the table is left)."""
+    out = io.BytesIO()
+    formats.copy_csv(csv(clean), "csv", out)
+    half = out.getvalue()[:len(out.getvalue()) // 2].rsplit(b"\n", 1)[0] + b"\n"
+
+    def produce(sink):
+        sink.write(half)
+        sink.flush()
+        raise formats.FormatError("the silver object broke off")
+
+    with pytest.raises(formats.FormatError, match="broke off"):
+        with db.fed(produce) as (rows, _):
+            load(pg, rows, table, "r1", lists="array")
+    assert not db.table_exists(pg, SCHEMA, table)
+    with db.fed(lambda sink: formats.copy_csv(csv(clean), "csv", sink)) as (rows, produced):
+        assert load(pg, rows, table, "r1", lists="array")["inserted"] == len(clean)
+    assert produced["result"] == len(clean)
+
+
 def test_a_csv_without_the_row_hash_column_is_refused(pg, clean, table):
     with pytest.raises(DatabaseError, match="rolled back"):
         load(pg, formats.csv_encode(clean.head(2)[COLUMNS]), table, "r1")
