@@ -817,9 +817,12 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
     conn = stage.db_connection()
     artifacts = []
 
-    def copy_table(name: str, sink) -> int:
-        sink = formats.UpperHeader(sink) if column_case == "upper" else sink
-        return db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
+    def copy_table(name: str, *sinks) -> int:
+        tee = storage.Tee(*sinks)
+        rows = db.copy_out(conn, db_schema, name, formats.UpperHeader(tee) if column_case == "upper" else tee,
+                           pipeline_table=name == table)
+        tee.flush()
+        return rows
 
     try:
         if not db.table_exists(conn, db_schema, table):
@@ -833,7 +836,7 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
                     rows = copy_table(name, spool)
                 else:  # the fingerprint of the exported bytes, parsed in Arrow batches as COPY writes them
                     fp = quality.Fingerprint()
-                    with db.streamed(lambda pipe: copy_table(table, storage.Tee(spool, pipe))) as (stream, done):
+                    with db.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
                         for batch in formats.csv_arrow_batches(stream):
                             fp.add(batch)
                     rows, fp = done["result"], fp.result()

@@ -162,3 +162,13 @@ def test_clients_are_built_once_per_settings(settings):
     assert storage.cloud_client(settings.cloud) is storage.cloud_client(settings.cloud)
     other = dataclasses.replace(settings.store, access_key=Secret("someone-else"))
     assert storage.client(other) is not storage.client(settings.store)
+
+
+def test_tee_passes_every_byte_to_each_sink_in_order_once_flushed():
+    first, second = io.BytesIO(), io.BytesIO()
+    tee = storage.Tee(first, second, size=10)
+    for chunk in (b"abc", "déf", b"0123456789", b"z"):
+        tee.write(chunk)
+    assert first.getvalue() == second.getvalue() == "abcdéf0123456789".encode()  # passed on past 10 bytes
+    tee.flush()
+    assert first.getvalue() == second.getvalue() == "abcdéf0123456789z".encode()
