@@ -238,12 +238,13 @@ def _list_json(prefix: str | None = None) -> sql.Composed:
 def _piped(write):
     """Start `write(sink)` in a thread writing into a pipe; its reading end, the thread, and the dict
     that gets write's return value ("result") or its error ("error")."""
-    import fcntl
     import os
     import threading
 
     read_fd, write_fd = os.pipe()
-    with contextlib.suppress(OSError, AttributeError):  # a 1 MiB pipe (Linux), fewer wake-ups
+    with contextlib.suppress(ImportError, OSError, AttributeError):  # a 1 MiB pipe (Linux), fewer wake-ups
+        import fcntl
+
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
     reader, writer = open(read_fd, "rb", buffering=1 << 20), open(write_fd, "wb", buffering=1 << 16)
     outcome: dict = {}

@@ -544,3 +544,30 @@ def test_ending_a_dead_runs_sessions_frees_its_locks_and_spares_the_others(setti
     finally:
         other.close()
         runner.close()
+
+
+def test_a_streamed_copy_gives_its_rows_and_raises_the_servers_error_over_a_cut_off_parse(pg):
+    """db.streamed: the rows arrive through the pipe as COPY writes them; a COPY that fails half-way
+    raises the server's error (not the reader's, which saw a cut-off stream); a reader that stops early
+    ends the COPY, its own error raised, and the connection is usable again after a rollback."""
+    import psycopg2
+
+    def copy(query):
+        return lambda sink: pg.cursor().copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv)", sink)
+
+    with db.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 100000) x")) as (stream, _):
+        lines = stream.read().splitlines()
+    assert len(lines) == 100000 and lines[-1].startswith(b"100000,")
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        with db.streamed(copy("SELECT 1 / (50000 - x) FROM generate_series(1, 100000) x")) as (stream, _):
+            data = stream.read()
+            raise ValueError(f"cut off after {len(data)} bytes")
+    pg.rollback()
+    with pytest.raises(ValueError, match="stopped"):
+        with db.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 1000000) x")) as (stream, _):
+            stream.read(10)
+            raise ValueError("stopped")
+    pg.rollback()
+    with pg.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
