@@ -33,6 +33,7 @@ WRITE_MODES = ("upsert", "append", "replace")
 LOADS_TABLE = "pipeline_loads"
 LOCK_KEY = (7420, 1)  # (namespace, id) of the pipeline's session advisory lock
 LOAD_LOCK_TIMEOUT = "60s"  # longest wait of a load for a lock held by another session
+LOAD_WORK_MEM = "64MB"  # a load's work_mem (its joins and sorts over the batch; SET LOCAL)
 APP_NAME = "countries-medallion"  # sessions are named "countries-medallion <stage> <run id>"
 AUDIT_COLUMNS = ("_row_hash", "_run_id", "_loaded_at")
 HISTORY_COLUMNS = ("version_id", "_row_hash", "_run_id", "valid_from", "valid_to", "is_current")
@@ -234,23 +235,108 @@ def _list_json(prefix: str | None = None) -> sql.Composed:
             c=sql.Identifier(prefix, c) if prefix else sql.Identifier(c), n=sql.Identifier(c)) for c in COLUMNS)
 
 
+def _piped(write):
+    """Start `write(sink)` in a thread writing into a pipe; its reading end, the thread, and the dict
+    that gets write's return value ("result") or its error ("error")."""
+    import os
+    import threading
+
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(ImportError, OSError, AttributeError):  # a 1 MiB pipe (Linux), fewer wake-ups
+        import fcntl
+
+        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
+    reader, writer = open(read_fd, "rb", buffering=1 << 20), open(write_fd, "wb", buffering=1 << 16)
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = write(writer)
+        except BaseException as err:  # handed to the reading thread
+            outcome["error"] = err
+        finally:
+            with contextlib.suppress(OSError):
+                writer.close()
+
+    thread = threading.Thread(target=run, name="pipe-writer", daemon=True)
+    thread.start()
+    return reader, thread, outcome
+
+
+@contextlib.contextmanager
+def streamed(copy):
+    """Run `copy(sink)` (a COPY ... TO STDOUT into `sink`) in a thread writing into a pipe, and yield
+    the pipe's reading end, so the rows are parsed while PostgreSQL still renders them (the server
+    and the parse each take a core). The reader must be read to its end. An error of the COPY is
+    raised once the reading is done (before the reader's own, which a cut-off stream would cause);
+    leaving early closes the pipe, which ends the COPY. `copy`'s return value ends up in the dict
+    yielded beside the reader, under "result"."""
+    reader, thread, outcome = _piped(copy)
+    try:
+        yield reader, outcome
+    except BaseException:
+        reader.close()
+        thread.join()
+        if isinstance(outcome.get("error"), psycopg2.Error):
+            raise outcome["error"] from None  # the server's error, not the parse of a cut-off stream
+        raise
+    reader.close()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
+class _Fed:
+    """The reading end of `fed`'s pipe: its end raises the producer's error, so a COPY ... FROM STDIN
+    reading it fails (and its transaction rolls back) instead of loading a cut-off batch."""
+
+    def __init__(self, reader, thread, outcome):
+        self.reader, self.thread, self.outcome = reader, thread, outcome
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self.reader.read(size)
+        if not chunk:
+            self.thread.join()
+            if "error" in self.outcome:
+                raise self.outcome["error"]
+        return chunk
+
+
+@contextlib.contextmanager
+def fed(produce):
+    """Run `produce(sink)` (writing a CSV for `merge`, say) in a thread writing into a pipe, and yield
+    a reader of it for COPY ... FROM STDIN, so the rows are produced while PostgreSQL copies the
+    previous ones; and a dict that gets produce's return value under "result". The producer's
+    error wins over the reader's (a COPY failed by it)."""
+    reader, thread, outcome = _piped(produce)
+    try:
+        yield _Fed(reader, thread, outcome), outcome
+    except BaseException:
+        reader.close()  # a producer still writing stops (broken pipe)
+        thread.join()
+        if "error" in outcome and not isinstance(outcome["error"], BrokenPipeError):
+            raise outcome["error"] from None
+        raise
+    reader.close()
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def _hashed_rows(cur, query: sql.Composable, extra: dict[str, str]):
     """Stream a query's rows (the contract columns as `_list_json` gives them, then `extra` columns:
     name → "string" or "bool") out of PostgreSQL with COPY, and yield Arrow record batches of them
     with each row's hash recomputed from its values (quality.arrow_row_hashes). COPY renders every
-    value as text (floats exactly); the rows are spooled to disk, so a table of any size is read in
-    bounded memory."""
-    import tempfile
-
+    value as text (floats exactly); the rows are parsed as they arrive (`streamed`), so a table of
+    any size is read in bounded memory while the server renders the next ones."""
     import pyarrow as pa
 
     from lib import formats, quality  # late: quality pulls in pandera
 
-    with tempfile.TemporaryFile() as spool:
-        cur.copy_expert(sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query), spool)
-        spool.seek(0)
-        types = {name: pa.bool_() if kind == "bool" else pa.string() for name, kind in extra.items()}
-        for batch in formats.csv_arrow_batches(spool, extra=types):
+    statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query).as_string(cur)
+    types = {name: pa.bool_() if kind == "bool" else pa.string() for name, kind in extra.items()}
+    with streamed(lambda sink: cur.copy_expert(statement, sink)) as (stream, _):
+        for batch in formats.csv_arrow_batches(stream, extra=types):
             yield batch, quality.arrow_row_hashes(batch)
 
 
@@ -300,12 +386,35 @@ def _typed_select() -> sql.Composed:
     return sql.SQL(", ").join(parts)
 
 
+LIST_FORMATS = ("json", "array")
+
+
+def _stage_batch(cur, csv_data, lists: str) -> None:
+    """The batch as the temporary table `_batch` (contract types, then _row_hash). With lists="array"
+    (PostgreSQL array literals, as formats.copy_csv writes them) COPY types every cell itself; with
+    lists="json" (the silver CSV) the rows are copied as text and cast, each JSON array unnested."""
+    source = csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data)
+    copy = sql.SQL("COPY {} ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
+    if lists == "array":
+        cur.execute(sql.SQL("CREATE TEMP TABLE _batch ({}, _row_hash text) ON COMMIT DROP").format(
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(SQL_TYPES[c.kind]))
+                               for c in CONTRACT)))
+        cur.copy_expert(copy.format(sql.Identifier("_batch"), _cols(COLUMNS)).as_string(cur), source)
+        return
+    cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
+        sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
+    cur.copy_expert(copy.format(sql.Identifier("_stage"), _cols(COLUMNS)).as_string(cur), source)
+    cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(_typed_select()))
+
+
 def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "upsert",
           retire_missing: bool = True, lock_timeout: str = LOAD_LOCK_TIMEOUT,
           expected_fingerprint: str | None = None, data_as_of: str | None = None,
-          allow_rewind: bool = False) -> dict:
-    """Load a silver CSV (bytes or a binary file object) into `schema.table` in ONE transaction: COPY
-    into a staging table, then merge.
+          allow_rewind: bool = False, lists: str = "json") -> dict:
+    """Load a CSV (bytes or a binary file object: the contract columns then _row_hash) into
+    `schema.table` in ONE transaction: COPY into a temporary table, then merge. Its list cells are
+    JSON arrays (lists="json", the silver CSV) or PostgreSQL array literals (lists="array", what
+    formats.copy_csv writes: COPY types them itself, no cast).
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
              unchanged rows untouched; with retire_missing, keys absent from the batch are removed
@@ -329,6 +438,8 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
     """
     if mode not in WRITE_MODES:
         raise ValueError(f"write mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
+    if lists not in LIST_FORMATS:
+        raise ValueError(f"list format {lists!r} is not one of {', '.join(LIST_FORMATS)}")
     names.run_id(run_id)
     names.schema(schema)
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
@@ -338,15 +449,14 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
         with transaction(conn):
             with conn.cursor() as cur:
                 cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
+                # Room for the batch's hash joins and key-order sorts (this transaction only).
+                cur.execute("SET LOCAL work_mem = %s", (LOAD_WORK_MEM,))
                 ensure_tables(cur, schema, table)
-                cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
-                    sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
-                cur.copy_expert(sql.SQL("COPY _stage ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
-                                .format(data_cols).as_string(conn),
-                                csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data))
-                cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(
-                    _typed_select()))
+                _stage_batch(cur, csv_data, lists)
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(loads))
+                # No other session writes the table until this one commits (readers go on): the rows
+                # compared below are the rows written over, and a key found new stays new.
+                cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
                 _refuse_rewind(cur, loads, schema, table, run_id, data_as_of, allow_rewind)
                 differs = sql.SQL(" OR ").join(
                     sql.SQL("t.{c} IS DISTINCT FROM b.{c}").format(c=sql.Identifier(c)) for c in COLUMNS[1:])
@@ -377,6 +487,18 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
                         "INSERT INTO _changes SELECT t.{k}, 'retire' FROM {t} t "
                         "WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k})").format(
                         k=sql.Identifier(KEY), t=target))
+                cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
+                counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
+
+                def of_batch(changes: tuple[str, ...]) -> sql.Composable:
+                    """The batch rows whose change is one of `changes` (no filter when that is all of
+                    them), in key order: the indexes are then filled in order."""
+                    order = sql.SQL(" ORDER BY {}").format(sql.Identifier(KEY))
+                    if all(counts[c] == 0 for c in ("insert", "update", "unchanged") if c not in changes):
+                        return sql.SQL("FROM _batch") + order
+                    return sql.SQL("FROM _batch WHERE {} IN (SELECT key FROM _changes WHERE change IN ({}))").format(
+                        sql.Identifier(KEY), sql.SQL(", ").join(map(sql.Literal, changes))) + order
+
                 # History: close the current version of changed and retired keys, open new versions.
                 cur.execute(sql.SQL(
                     "UPDATE {h} SET valid_to = now(), is_current = false WHERE is_current AND {k} IN "
@@ -384,28 +506,27 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
                     h=hist, k=sql.Identifier(KEY)))
                 cur.execute(sql.SQL(
                     "INSERT INTO {h} ({cols}, _row_hash, _run_id, valid_from, valid_to, is_current) "
-                    "SELECT {cols}, _row_hash, %s, now(), NULL, true FROM _batch WHERE {k} IN "
-                    "(SELECT key FROM _changes WHERE change IN ('insert', 'update'))").format(
-                    h=hist, cols=data_cols, k=sql.Identifier(KEY)), (run_id,))
+                    "SELECT {cols}, _row_hash, %s, now(), NULL, true {rows}").format(
+                    h=hist, cols=data_cols, rows=of_batch(("insert", "update"))), (run_id,))
                 # Current rows.
                 if mode == "replace":
                     cur.execute(sql.SQL("DELETE FROM {}").format(target))
-                    written = "('insert', 'update', 'unchanged')"
+                    written = ("insert", "update", "unchanged")
                 else:
                     cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
                                         "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
-                    written = "('insert', 'update')"
+                    written = ("insert", "update")
                 updates = sql.SQL(", ").join(
                     sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
                     for c in [*COLUMNS[1:], *AUDIT_COLUMNS])
+                # An updated key is still in the table (replace emptied it): only then can a row
+                # conflict, the table being locked against other writers.
+                conflict = sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(sql.Identifier(KEY), updates) \
+                    if counts["update"] and mode != "replace" else sql.SQL("")
                 cur.execute(sql.SQL(
                     "INSERT INTO {t} ({cols}, _row_hash, _run_id, _loaded_at) "
-                    "SELECT {cols}, _row_hash, %s, now() FROM _batch WHERE {k} IN "
-                    "(SELECT key FROM _changes WHERE change IN " + written + ") "
-                    "ON CONFLICT ({k}) DO UPDATE SET {updates}").format(
-                    t=target, cols=data_cols, k=sql.Identifier(KEY), updates=updates), (run_id,))
-                cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
-                counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
+                    "SELECT {cols}, _row_hash, %s, now() {rows}{conflict}").format(
+                    t=target, cols=data_cols, rows=of_batch(written), conflict=conflict), (run_id,))
                 # Audit before commit: the table is read back once, and the fingerprint of the batch's
                 # rows, recomputed from the stored values, must be the silver table's. Rows that are
                 # not stored as the batch has them are named (compared in SQL, doubles by their bits)

@@ -304,29 +304,52 @@ def parquet_column(data: bytes, name: str):
     return values
 
 
+def pg_arrays(values):
+    """Each list of strings (an Arrow list array) as the text of a PostgreSQL array literal, built with
+    Arrow kernels: every element double-quoted with backslash and double quote escaped (so "NULL", an
+    empty string, commas, braces and spaces are kept as they are), a null element as NULL, an empty
+    list as {}; a null list stays null (COPY's null). PostgreSQL's array input reads it back exactly."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_large_list(values.type):
+        values = values.cast(pa.list_(values.type.value_type))
+    text = pa.large_string()
+    items = pc.cast(values.values, text)
+    items = pc.replace_substring(pc.replace_substring(items, "\\", "\\\\"), '"', '\\"')
+    items = pc.fill_null(pc.binary_join_element_wise(pa.scalar('"', text), items, pa.scalar('"', text),
+                                                     pa.scalar("", text)), pa.scalar("NULL", text))
+    lists = pa.ListArray.from_arrays(values.offsets, items)  # a null list: masked below
+    literals = pc.binary_join_element_wise(pa.scalar("{", text), pc.binary_join(lists, pa.scalar(",", text)),
+                                           pa.scalar("}", text), pa.scalar("", text))
+    return pc.if_else(values.is_null(), pa.scalar(None, text), literals) if values.null_count else literals
+
+
 def copy_csv(data: bytes, format_name: str, sink) -> int:
-    """A silver object's bytes as the CSV that COPY reads (contract columns then _row_hash, lists as
-    JSON arrays, a null as an empty field), written to `sink`; returns its rows. A CSV object is
-    that already; a Parquet object is converted batch by batch in Arrow (never as Python objects)."""
-    if format_name == "csv":
-        sink.write(data)
-        return sum(len(b) for b in csv_arrow_batches(io.BytesIO(data)))
+    """A silver object's bytes as the CSV that the load's COPY reads (db.merge with lists="array"):
+    the contract columns then _row_hash, each list cell a PostgreSQL array literal (`pg_arrays`), a
+    null an empty field, written to `sink`; returns its rows. Either format is converted batch by
+    batch in Arrow, never as Python objects (a CSV object's JSON list cells parsed by `arrow_lists`)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
-    from lib import quality  # late: quality imports this module
-
     writer, rows = None, 0
     wanted = [*COLUMNS, "_row_hash"]
-    for batch in parquet_arrow_batches(data):
+    batches = (arrow_lists(b) for b in csv_arrow_batches(io.BytesIO(data))) if format_name == "csv" \
+        else parquet_arrow_batches(data)
+    for batch in batches:
         names = [n for n in wanted if n in batch.schema.names]
-        out = pa.record_batch([quality._json_lists(batch.column(n)) if n in LIST_COLUMNS else batch.column(n)
+        out = pa.record_batch([pg_arrays(batch.column(n)) if n in LIST_COLUMNS else batch.column(n)
                                for n in names], names=names)
         if writer is None:
             writer = pcsv.CSVWriter(sink, out.schema)
         writer.write_batch(out)
         rows += len(out)
-    if writer is not None:
+    if writer is None:  # no rows: the header alone
+        sink.write((",".join(f'"{n}"' for n in wanted) + "\n").encode())
+    else:
         writer.close()
     return rows
 

@@ -745,23 +745,23 @@ def load(stage: Stage, *, db_schema: str = "public", table: str = "capitals_clea
     obj = clean_object(stage, s3)
     data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
     cleaned = stage.previous_record("clean")["details"]
-    import tempfile
-
     fmt = formats.of_key(obj["key"])
     conn = stage.db_connection()
     try:
-        with tempfile.TemporaryFile() as spool:  # the CSV that COPY reads, converted in Arrow batches
-            batch_rows = formats.copy_csv(data, fmt.name, spool)
-            del data
-            spool.seek(0)
+        # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
+        # previous ones (a conversion error fails the COPY, so nothing is loaded).
+        with db.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
             try:
                 # The batch is proven inside the merge, and the whole table's fingerprint recomputed
                 # from its stored values in the same transaction.
-                result = db.merge(conn, spool, schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
-                                  retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind)
+                result = db.merge(conn, csv_rows, schema=db_schema, table=table, run_id=stage.run_id,
+                                  mode=write_mode, retire_missing=retire_missing,
+                                  expected_fingerprint=cleaned.get("clean_fingerprint"),
+                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind, lists="array")
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
+        batch_rows = converted["result"]
+        data = None  # the silver bytes (the converting thread's closure holds the same cell)
         current_rows = result["current_rows"]
         sample = db.preview(conn, db_schema, table)
         history_rows = db.count(conn, db_schema, db.history_table(table))
@@ -809,6 +809,14 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
     storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
     conn = stage.db_connection()
     artifacts = []
+
+    def copy_table(name: str, *sinks) -> int:
+        tee = storage.Tee(*sinks)
+        rows = db.copy_out(conn, db_schema, name, formats.UpperHeader(tee) if column_case == "upper" else tee,
+                           pipeline_table=name == table)
+        tee.flush()
+        return rows
+
     try:
         if not db.table_exists(conn, db_schema, table):
             raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of('table').name} first")
@@ -817,13 +825,14 @@ def export(stage: Stage, *, db_schema: str = "public", table: str = "capitals_cl
             key = layout.export_key(settings.cloud.prefix, name, stage.run_id)
             spool = storage.HashingSpool()
             try:
-                sink = formats.UpperHeader(spool) if column_case == "upper" else spool
-                rows = db.copy_out(conn, db_schema, name, sink, pipeline_table=name == table)
-                if name == table:  # the fingerprint of the exported bytes, parsed back in Arrow batches
+                if name != table:
+                    rows = copy_table(name, spool)
+                else:  # the fingerprint of the exported bytes, parsed in Arrow batches as COPY writes them
                     fp = quality.Fingerprint()
-                    for batch in formats.csv_arrow_batches(spool.rewound()):
-                        fp.add(batch)
-                    fp = fp.result()
+                    with db.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
+                        for batch in formats.csv_arrow_batches(stream):
+                            fp.add(batch)
+                    rows, fp = done["result"], fp.result()
                     _check_table(stage, db_schema, table, rows, fp["fingerprint"])
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(

@@ -300,3 +300,29 @@ class HashingSpool:
 
     def close(self) -> None:
         self.file.close()
+
+
+class Tee:
+    """A write-only sink that passes what it is given on to each of `sinks`, in order, gathered into
+    pieces of about `size` bytes (COPY writes one row per call); call flush() at the end."""
+
+    def __init__(self, *sinks, size: int = 1 << 20):
+        self.sinks, self.size = sinks, size
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+
+    def write(self, chunk) -> int:
+        if isinstance(chunk, str):
+            chunk = chunk.encode("utf-8")
+        self.pending.append(chunk)
+        self.pending_size += len(chunk)
+        if self.pending_size >= self.size:
+            self.flush()
+        return len(chunk)
+
+    def flush(self) -> None:
+        if self.pending:
+            data = b"".join(self.pending)
+            self.pending, self.pending_size = [], 0
+            for sink in self.sinks:
+                sink.write(data)

@@ -294,6 +294,59 @@ def test_a_failed_first_load_leaves_no_table_behind(pg, clean, table):
     assert not db.table_exists(pg, SCHEMA, f"{table}_history")
 
 
+@pytest.mark.parametrize("name", sorted(formats.FORMATS))
+def test_array_literal_batches_load_awkward_text_as_the_silver_table_has_it(pg, clean, table, name):
+    """The stage's path (formats.copy_csv, lists="array"): stored values read back as JSON give stage
+    2's fingerprint (the proof inside the merge), quotes, backslashes, braces and "NULL" included; a
+    reload of the same batch changes nothing."""
+    from tests.test_formats import AWKWARD, awkward
+
+    frame = awkward(clean)
+    out = io.BytesIO()
+    formats.copy_csv(formats.get(name).encode(frame), name, out)
+    expected = quality.fingerprint(frame[COLUMNS])["fingerprint"]
+    result = load(pg, out.getvalue(), table, "r1", full=True, lists="array", expected_fingerprint=expected)
+    assert result["inserted"] == len(frame) and result["batch_fingerprint"] == expected
+    assert current(pg, table).at[frame.at[0, KEY], "capital"] == AWKWARD
+    again = load(pg, out.getvalue(), table, "r2", full=True, lists="array", expected_fingerprint=expected)
+    assert again["unchanged"] == len(frame) and again["drift"]["rows"] == 0
+    assert load(pg, csv(frame[COLUMNS]), table, "r3")["unchanged"] == len(frame)  # the JSON form: the same rows
+
+
+@pytest.mark.parametrize("forged", [b'"{""unterminated"', b'"[""json""]"', b"x"])
+def test_a_bad_array_literal_rolls_back(pg, clean, table, forged):
+    load(pg, csv(clean.head(5)), table, "r1")
+    before = dump(pg, table)
+    out = io.BytesIO()
+    formats.copy_csv(csv(changed(clean.head(6), 5, capital=["FORGED"])), "csv", out)
+    data = out.getvalue().replace(b'"{""FORGED""}"', forged)
+    assert data.count(b"FORGED") == 0
+    with pytest.raises(DatabaseError, match=f"loading public.{table} failed and was rolled back"):
+        load(pg, data, table, "r2", lists="array")
+    assert dump(pg, table) == before
+
+
+def test_a_batch_fed_by_a_failing_producer_loads_nothing(pg, clean, table):
+    """db.fed: a producer that fails half-way fails the COPY reading it; its own error is raised and
+    the cut-off batch is not loaded (not even the table is left)."""
+    out = io.BytesIO()
+    formats.copy_csv(csv(clean), "csv", out)
+    half = out.getvalue()[:len(out.getvalue()) // 2].rsplit(b"\n", 1)[0] + b"\n"
+
+    def produce(sink):
+        sink.write(half)
+        sink.flush()
+        raise formats.FormatError("the silver object broke off")
+
+    with pytest.raises(formats.FormatError, match="broke off"):
+        with db.fed(produce) as (rows, _):
+            load(pg, rows, table, "r1", lists="array")
+    assert not db.table_exists(pg, SCHEMA, table)
+    with db.fed(lambda sink: formats.copy_csv(csv(clean), "csv", sink)) as (rows, produced):
+        assert load(pg, rows, table, "r1", lists="array")["inserted"] == len(clean)
+    assert produced["result"] == len(clean)
+
+
 def test_a_csv_without_the_row_hash_column_is_refused(pg, clean, table):
     with pytest.raises(DatabaseError, match="rolled back"):
         load(pg, formats.csv_encode(clean.head(2)[COLUMNS]), table, "r1")
@@ -491,3 +544,30 @@ def test_ending_a_dead_runs_sessions_frees_its_locks_and_spares_the_others(setti
     finally:
         other.close()
         runner.close()
+
+
+def test_a_streamed_copy_gives_its_rows_and_raises_the_servers_error_over_a_cut_off_parse(pg):
+    """db.streamed: the rows arrive through the pipe as COPY writes them; a COPY that fails half-way
+    raises the server's error (not the reader's, which saw a cut-off stream); a reader that stops early
+    ends the COPY, its own error raised, and the connection is usable again after a rollback."""
+    import psycopg2
+
+    def copy(query):
+        return lambda sink: pg.cursor().copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv)", sink)
+
+    with db.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 100000) x")) as (stream, _):
+        lines = stream.read().splitlines()
+    assert len(lines) == 100000 and lines[-1].startswith(b"100000,")
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        with db.streamed(copy("SELECT 1 / (50000 - x) FROM generate_series(1, 100000) x")) as (stream, _):
+            data = stream.read()
+            raise ValueError(f"cut off after {len(data)} bytes")
+    pg.rollback()
+    with pytest.raises(ValueError, match="stopped"):
+        with db.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 1000000) x")) as (stream, _):
+            stream.read(10)
+            raise ValueError("stopped")
+    pg.rollback()
+    with pg.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)

@@ -197,3 +197,13 @@ def test_read_ahead_raises_a_read_error_to_the_reader():
     assert next(chunks) == b"01234" and next(chunks) == b"56789"
     with pytest.raises(OSError, match="connection reset"):
         next(chunks)
+
+
+def test_tee_passes_every_byte_to_each_sink_in_order_once_flushed():
+    first, second = io.BytesIO(), io.BytesIO()
+    tee = storage.Tee(first, second, size=10)
+    for chunk in (b"abc", "déf", b"0123456789", b"z"):
+        tee.write(chunk)
+    assert first.getvalue() == second.getvalue() == "abcdéf0123456789".encode()  # passed on past 10 bytes
+    tee.flush()
+    assert first.getvalue() == second.getvalue() == "abcdéf0123456789z".encode()
