@@ -154,6 +154,14 @@ class ForwardReader:
         return line
 
 
+def _header_names(line: bytes) -> list[str]:
+    """A CSV header line's column names, lower-cased (column_case=upper writes them upper-case)."""
+    import csv
+
+    header = line.decode("utf-8")
+    return [n.lower() for n in next(csv.reader([header]))] if header.strip() else []
+
+
 def csv_arrow_batches(fileobj, extra: dict | None = None, block_size: int = 8 << 20):
     """A CSV object (list cells as JSON arrays) read from a file object as Arrow record batches of
     about `block_size` bytes each, typed as the contract (list columns stay JSON text; quality's
@@ -162,14 +170,12 @@ def csv_arrow_batches(fileobj, extra: dict | None = None, block_size: int = 8 <<
     The file is read in blocks of READ_BLOCK bytes and the batches joined up to `block_size`: the
     reader reads a few dozen blocks ahead of the parser, each a Python bytes object the allocator
     keeps afterwards, so big blocks cost some 25 times their size in memory (8 MiB: ~400 MiB)."""
-    import csv
 
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
     stream = fileobj if isinstance(fileobj, ForwardReader) else ForwardReader(fileobj)
-    header = stream.readline().decode("utf-8")
-    names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else []
+    names = _header_names(stream.readline())
     missing = [c for c in COLUMNS if c not in names]
     if missing:
         raise FormatError(f"CSV lacks contract columns: {', '.join(missing)}")
@@ -209,7 +215,6 @@ def parquet_arrow_batches(data: bytes, rows: int = 65_536):
     """A Parquet object's rows as Arrow record batches of at most `rows` rows, with the contract's
     columns typed as `decode` types them (an empty text as null) and any other columns as stored."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     parquet = pq.ParquetFile(io.BytesIO(data))
@@ -218,16 +223,22 @@ def parquet_arrow_batches(data: bytes, rows: int = 65_536):
         raise FormatError(f"Parquet lacks contract columns: {', '.join(missing)}")
     types = _arrow_types()
     for batch in parquet.iter_batches(batch_size=rows):
-        columns = []
-        for name in batch.schema.names:
-            values = batch.column(name)
-            if name in TEXT_COLUMNS:
-                values = pc.cast(values, pa.string())
-                values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-            elif name in types and name not in LIST_COLUMNS:
-                values = pc.cast(values, types[name])
-            columns.append(values)
-        yield pa.record_batch(columns, names=batch.schema.names)
+        yield pa.record_batch([_typed_column(name, batch.column(name), types) for name in batch.schema.names],
+                              names=batch.schema.names)
+
+
+def _typed_column(name: str, values, types: dict):
+    """A column read from Parquet typed as `decode` types it: a contract text column as text with an
+    empty text as null, a contract number as its type; lists and other columns as stored."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if name in TEXT_COLUMNS:
+        values = pc.cast(values, pa.string())
+        return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    if name in types and name not in LIST_COLUMNS:
+        return pc.cast(values, types[name])
+    return values
 
 
 def arrow_lists(batch):
@@ -277,10 +288,7 @@ def csv_to_parquet(data) -> tuple[bytes, int]:
     if writer is None:
         import pyarrow as pa
 
-        header = (source.first_line or b"").decode("utf-8")
-        import csv
-
-        names = [n.lower() for n in next(csv.reader([header]))] if header.strip() else list(COLUMNS)
+        names = _header_names(source.first_line or b"") or list(COLUMNS)
         types = _arrow_types({c: pa.list_(pa.string()) for c in LIST_COLUMNS})
         writer = pq.ParquetWriter(out, pa.schema([(n, types.get(n, pa.string())) for n in names]), compression="zstd")
     writer.close()
@@ -290,18 +298,10 @@ def csv_to_parquet(data) -> tuple[bytes, int]:
 def parquet_column(data: bytes, name: str):
     """One column of a Parquet object as an Arrow array, typed as `decode` types it (an empty text as
     null): read alone, as Parquet stores columns apart."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    values = pq.read_table(io.BytesIO(data), columns=[name]).column(name).combine_chunks()
-    if name in TEXT_COLUMNS:
-        values = pc.cast(values, pa.string())
-        return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
-    types = _arrow_types()
-    if name in types and name not in LIST_COLUMNS:
-        return pc.cast(values, types[name])
-    return values
+    return _typed_column(name, pq.read_table(io.BytesIO(data), columns=[name]).column(name).combine_chunks(),
+                         _arrow_types())
 
 
 def pg_arrays(values):
