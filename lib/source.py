@@ -16,6 +16,7 @@ from queue import Queue
 from typing import BinaryIO
 from urllib.parse import parse_qs, urlsplit
 
+import msgspec
 import requests
 import tenacity
 
@@ -269,10 +270,15 @@ class PayloadReader:
     on, so a payload of any size is never held whole. Each record is decoded by the C json decoder
     (`raw_decode`); a record cut off by the end of the data received so far is decoded again once
     at least as much again has arrived. A payload that is not a UTF-8 JSON array (an error, or a
-    rare UTF-16 one) is parsed whole at the end, as before."""
+    rare UTF-16 one) is parsed whole at the end, as before.
+    Whole runs of records are decoded by msgspec where it can (`_decode_run`): the same values json
+    gives, several times faster. With shallow=True only each record's fields are decoded, their
+    values kept as msgspec.Raw (the JSON checked, not built: the ingest's scan needs the fields
+    alone); `full` turns such a record into the one json gives."""
 
-    def __init__(self, min_records: int = 1):
+    def __init__(self, min_records: int = 1, shallow: bool = False):
         self.min_records = min_records
+        self.shallow = shallow
         self.size = 0  # bytes fed
         self.items = 0  # items in the array
         self.not_objects = 0
@@ -439,12 +445,36 @@ class PayloadReader:
         cut = max(buf.rfind("}, {", pos, end), buf.rfind("},{", pos, end))
         if cut < 0:
             return None
+        text = "[" + buf[pos:cut + 1] + "]"
+        items = _decode_run(text, self.shallow)
+        if items is not None:
+            return items, cut + 1
         try:
-            return json.loads("[" + buf[pos:cut + 1] + "]"), cut + 1
+            return json.loads(text), cut + 1
         except json.JSONDecodeError:
             self._misses += 1
             self._bulk = self._misses < 3
             return None
+
+
+_DECODERS = {False: msgspec.json.Decoder(), True: msgspec.json.Decoder(list[dict[str, msgspec.Raw]])}
+
+
+def _decode_run(text: str, shallow: bool) -> list | None:
+    """A JSON array of records decoded by msgspec (shallow: each a dict of its fields' msgspec.Raw
+    JSON), or None where msgspec refuses it: JSON that json reads though the standard does not (NaN,
+    a number beyond a double's range, a lone surrogate), an item that is not an object (shallow), or
+    broken JSON. Then json decodes it as before, so every such outcome, message included, is json's.
+    Where msgspec accepts the text, its values are json's (tests/test_source.py compares them)."""
+    try:
+        return _DECODERS[shallow].decode(text)
+    except Exception:  # msgspec.DecodeError; a text that UTF-8 cannot encode; nesting too deep
+        return None
+
+
+def full(record: dict) -> dict:
+    """A record of a shallow PayloadReader as json gives it (its Raw values decoded by json)."""
+    return {k: json.loads(bytes(v)) if isinstance(v, msgspec.Raw) else v for k, v in record.items()}
 
 
 def parse_whole(data: bytes):

@@ -205,16 +205,49 @@ def test_a_payload_fed_in_pieces_fails_as_a_whole_one_does(data, problem, piece)
         reader.close()
 
 
+# Records json reads its own way (NaN, a number past a double, lone surrogates, duplicate fields), or
+# that look like record boundaries inside a string, among ordinary ones.
+EDGE_RECORDS = [
+    b'{"n": 12345}', b'{"s": "\xed\xa0\x80 \\u00e9"}', b'{"t": "x}, {\\"u\\": 1}, {"}',
+    b'{"v": [{"a": 1}, {"b": 2}],"w":{}}',
+    b'{"big": 123456789012345678901234567890, "neg": -0.0, "tiny": 0.1e-320, "e": 1E2, "f": 1.0000000000000001}',
+    b'{"huge": 1e400}', b'{"nan": NaN, "inf": -Infinity}', b'{"esc": "\\ud800 \\udc00x\\ud83d\\ude00 \\u0000 \\"q\\" \\\\ \\/"}',
+    b'{"\\udfff": 1}', b'{"dup": 1, "dup": [2], "x": null}', b'{"deep": [[[[[[[[[[{"a": [true, false]}]]]]]]]]]]}',
+]
+
+
+@pytest.mark.parametrize("shallow", [False, True])
 @pytest.mark.parametrize("piece", [1, 3, 1000, 10**7])
-def test_a_payload_fed_in_pieces_gives_the_records_json_gives(piece):
-    data = b"\xef\xbb\xbf [" + b" , ".join([source.snapshot_bytes()[1:-1], b'{"n": 12345}', b'{"s": "\xed\xa0\x80 \\u00e9"}',
-                                            b'{"t": "x}, {\\"u\\": 1}, {"}', b'{"v": [{"a": 1}, {"b": 2}],"w":{}}']) + b"]\n"
-    reader, records = source.PayloadReader(min_records=254), []
+def test_a_payload_fed_in_pieces_gives_the_records_json_gives(piece, shallow):
+    snapshot = source.snapshot_bytes()[1:-1]
+    records_ = [snapshot, *EDGE_RECORDS[:4], snapshot, *EDGE_RECORDS[4:], snapshot]
+    data = b"\xef\xbb\xbf [" + b" , ".join(records_) + b"]\n"
+    reader, records = source.PayloadReader(min_records=750 + len(EDGE_RECORDS), shallow=shallow), []
     for start in range(0, len(data), piece):
         records += reader.feed(data[start:start + piece])
     records += reader.close()
-    assert records == json.loads(data.decode("utf-8-sig", "surrogatepass"))
-    assert reader.items == 254 and reader.size == len(data)
+    expected = json.loads(data.decode("utf-8-sig", "surrogatepass"))
+    assert [source.full(r) for r in records] == expected if shallow else records == expected
+    assert repr([source.full(r) for r in records]) == repr(expected)  # -0.0, nan and inf too
+    assert reader.items == 750 + len(EDGE_RECORDS) and reader.size == len(data)
+
+
+def test_runs_of_records_are_decoded_by_msgspec_and_a_shallow_reader_leaves_values_undecoded():
+    import msgspec
+
+    data = source.snapshot_bytes()
+    reader = source.PayloadReader(shallow=True)
+    records = reader.feed(data[:len(data) // 2]) + reader.feed(data[len(data) // 2:]) + reader.close()
+    assert len(records) == 250 and list(records[100]) == list(json.loads(data)[100])
+    assert sum(isinstance(r["name"], msgspec.Raw) for r in records) > 200  # the bulk path, shallow
+    assert [source.full(r) for r in records] == json.loads(data)
+    text = data.decode()
+    assert source._decode_run(text, False) == json.loads(data)
+    # What msgspec refuses is left to json: None, never a different value.
+    for refused in ('[{"a": NaN}]', '[{"a": "\\ud800"}]', '[{"a": 1},]', '[{"a": "\ud800"}]', '[{"a": [1 2]}]'):
+        assert source._decode_run(refused, False) is None and source._decode_run(refused, True) is None, refused
+    assert source._decode_run('[{"a": 1e400}]', False) is None  # json reads it as inf
+    assert source._decode_run("[1, 2]", True) is None  # not records: counted by json's path
 
 
 def test_fetch_spools_the_answer_with_its_size_and_sha256(api):
