@@ -205,11 +205,12 @@ class Ingested:
 
 
 class _Scan:
-    """A payload read once as it streams in: parsed record by record (lib/source.py PayloadReader),
-    counted and hashed, its first records kept as a sample and its fields counted for drift."""
+    """A payload read once as it streams in: checked record by record (lib/source.py PayloadReader;
+    only each record's fields are decoded, since only they are counted), counted and hashed, its
+    first records decoded whole and kept as a sample, its fields counted for drift."""
 
     def __init__(self, min_records: int, hashing: bool = True):
-        self.reader = source.PayloadReader(min_records)
+        self.reader = source.PayloadReader(min_records, shallow=True)
         self.hash = hashlib.sha256() if hashing else None
         self.sample: list[dict] = []
         self.drift = quality.Drift()
@@ -227,7 +228,7 @@ class _Scan:
         if records:
             self.drift.add(records)
             if len(self.sample) < SAMPLE_RECORDS:
-                self.sample += records[:SAMPLE_RECORDS - len(self.sample)]
+                self.sample += map(source.full, records[:SAMPLE_RECORDS - len(self.sample)])
 
     def read(self, fileobj) -> "_Scan":
         while chunk := fileobj.read(source.CHUNK_BYTES):
@@ -354,23 +355,31 @@ class _Silver:
         self.samples: list[pd.DataFrame] = []
 
     def write(self, frame: pd.DataFrame, ids) -> None:
+        """Write typed rows; their `_row_hash` is computed here from the Arrow table written (the
+        hashes `quality.row_hashes` gives, in Arrow's kernels) unless the frame has it already."""
         import numpy as np
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
-        frame = frame[contract.COLUMNS + ["_row_hash"]]
-        self.writer.write_table(pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False))
+        if "_row_hash" in frame:
+            frame = frame[contract.COLUMNS + ["_row_hash"]]
+            table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+        else:
+            frame = frame[contract.COLUMNS]
+            table = pa.Table.from_pandas(frame, schema=pa.schema(list(self.schema)[:-1]), preserve_index=False)
+            table = table.append_column(self.schema.field("_row_hash"),
+                                        pa.array(quality.arrow_row_hashes(table), pa.string()))
+        self.writer.write_table(table)
+        hashes = table.column("_row_hash")
         self.ids.append(np.asarray(ids, dtype="int64"))
         self.rows += len(frame)
-        try:  # quality.Fingerprint may take the hashes just computed instead of computing them again
-            self.fingerprint.add(frame, hashes=frame["_row_hash"].tolist())
-        except TypeError:
-            self.fingerprint.add(frame)
+        self.fingerprint.add(frame, hashes=hashes.combine_chunks())
         taken = sum(len(f) for f in self.samples)
         if taken < SAMPLE_RECORDS:
-            self.samples.append(frame.head(SAMPLE_RECORDS - taken).reset_index(drop=True))
+            head = frame.head(SAMPLE_RECORDS - taken).reset_index(drop=True)
+            self.samples.append(head.assign(_row_hash=pd.Series(hashes.slice(0, len(head)).to_pylist(), dtype=object)))
 
     def close(self) -> None:
         import numpy as np
@@ -613,9 +622,7 @@ def _first_pass(stage, s3, objects, against, min_records, silver, drift, quarant
             del records
             good = frame.drop(index=list(reasons)) if reasons else frame
             if len(good):
-                clean = quality.typed(good, unique=False)
-                clean["_row_hash"] = quality.row_hashes(clean)
-                silver.write(clean, first + good.index.to_numpy())
+                silver.write(quality.typed(good, unique=False), first + good.index.to_numpy())  # hashed there
             del frame, good
         raw.append({"uri": f"s3://{settings.raw_bucket}/{obj['key']}", "records": count, "sha256": digest})
 
