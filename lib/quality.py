@@ -79,15 +79,46 @@ def safe_text(v):
     return v
 
 
-def _all_texts(values: list) -> list[str] | None:
+class _Columns:
+    """What `unstorable` and the record rules both look at in each column of a flattened frame
+    (its values, the set of their types, a list column's items and theirs), found once."""
+
+    def __init__(self, frame: pd.DataFrame):
+        self.frame = frame
+        self._values: dict = {}
+        self._types: dict = {}
+        self._items: dict = {}
+
+    def values(self, name: str) -> list:
+        if name not in self._values:
+            self._values[name] = self.frame[name].tolist()
+        return self._values[name]
+
+    def types(self, name: str) -> set:
+        if name not in self._types:
+            self._types[name] = set(map(type, self.values(name)))
+        return self._types[name]
+
+    def items(self, name: str) -> tuple[list, set] | None:
+        """A column of lists only: all their items in one list, and the set of the items' types."""
+        if name not in self._items:
+            found = None
+            if self.types(name) <= {list}:
+                items = list(chain.from_iterable(self.values(name)))
+                found = items, set(map(type, items))
+            self._items[name] = found
+        return self._items[name]
+
+
+def _all_texts(columns: _Columns, name: str) -> list[str] | None:
     """Every text of a column of texts (nulls left out) or of lists of texts, in one list; None
     when the column holds anything else (then each value is looked at)."""
-    types = set(map(type, values))
+    types, values = columns.types(name), columns.values(name)
     if types <= {str, type(None)}:
         return [v for v in values if v is not None] if type(None) in types else values
     if types == {list}:
-        items = list(chain.from_iterable(values))
-        if set(map(type, items)) <= {str}:
+        items, item_types = columns.items(name)
+        if item_types <= {str}:
             return items
     return None
 
@@ -98,21 +129,25 @@ def _storable(texts: list[str]) -> bool:
     return "\x00" not in joined and not _has_lone_surrogate(joined)
 
 
-def unstorable(frame: pd.DataFrame) -> dict[int, list[str]]:
+def unstorable(frame: pd.DataFrame, columns: _Columns | None = None) -> dict[int, list[str]]:
     """Text that cannot survive every hop byte for byte, refused by field name: PostgreSQL text
     cannot hold NUL, UTF-8 (Parquet, CSV, PostgreSQL) cannot encode a lone surrogate, and a key
     longer than KEY_MAX_BYTES cannot be indexed (other text may be as long as it likes). Checked
     here rather than by the record rules, whose reasons show the value. Each column is first
     screened as a whole (its texts joined and encoded once); only a column that holds such text
     (or values of other kinds) is gone through value by value."""
+    columns = columns or _Columns(frame)
     reasons: dict[int, list[str]] = {}
-    for index, key in frame[KEY].items():
+    keys = columns.values(KEY)
+    if columns.types(KEY) <= {str, type(None)} and max(map(len, filter(None, keys)), default=0) * 4 <= KEY_MAX_BYTES:
+        keys = []  # every key is short enough, whatever its characters
+    for index, key in zip(frame.index.tolist(), keys):
         if isinstance(key, str) and len(key) * 4 > KEY_MAX_BYTES and len(key.encode("utf-8", "surrogatepass")) > KEY_MAX_BYTES:
             reasons.setdefault(int(index), []).append(
                 f"{KEY} is {len(key.encode('utf-8', 'surrogatepass'))} bytes long, more than the {KEY_MAX_BYTES} "
                 "a key may have (PostgreSQL indexes it)")
     for column in TEXT_COLUMNS + LIST_COLUMNS:
-        texts = _all_texts(frame[column].tolist())
+        texts = _all_texts(columns, column)
         if texts is not None and _storable(texts):
             continue
         for index, value in frame[column].items():
@@ -186,11 +221,11 @@ def _check_shape(frame: pd.DataFrame) -> None:
 _TIMEZONES = re.compile(r"(?:UTC(?:[+-]\d{2}:\d{2})?\n)*")
 
 
-def _column_passes(column: Column, values: list) -> bool:
+def _column_passes(column: Column, columns: _Columns) -> bool:
     """True when every value of the column surely meets its rule, decided by whole-column
     operations (types as sets, min/max, one regex over the joined texts); False means "look at
     each value", never that one fails."""
-    types = set(map(type, values))
+    values, types = columns.values(column.name), columns.types(column.name)
     if column.name == "population":
         return types <= {int} and (not values or (min(values) >= 0 and max(values) <= BIGINT_MAX))
     if column.name == "area":
@@ -205,8 +240,8 @@ def _column_passes(column: Column, values: list) -> bool:
     if column.kind == "text[]":
         if values and types != {list}:
             return False
-        items = list(chain.from_iterable(values))
-        if not set(map(type, items)) <= {str}:
+        items, item_types = columns.items(column.name)
+        if not item_types <= {str}:
             return False
         if column.name == "timezones":
             return all(values) and _TIMEZONES.fullmatch("".join(x + "\n" for x in items)) is not None
@@ -217,16 +252,17 @@ def _column_passes(column: Column, values: list) -> bool:
     return all(map(str.strip, texts))  # none blank
 
 
-def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
+def _reasons(frame: pd.DataFrame, columns: _Columns | None = None) -> dict[int, list[str]]:
     """The record rules, column by column over whole columns: reasons by record (its index label),
     in column order, each naming the value it got (lone surrogates shown escaped)."""
     _check_shape(frame)
+    columns = columns or _Columns(frame)
     reasons: dict[int, list[str]] = {}
     labels = frame.index.tolist()
     for column in CONTRACT:
         series = frame[column.name]
-        values = series.tolist()
-        if _column_passes(column, values):
+        values = columns.values(column.name)
+        if _column_passes(column, columns):
             continue
         null = series.isna().tolist()
         check, message = RECORD_RULES[column.name]
@@ -244,8 +280,9 @@ def _reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
 def record_reasons(frame: pd.DataFrame) -> dict[int, list[str]]:
     """Why each record that breaks the contract does (unstorable text, then the record rules), by
     index label; duplicates are settled apart (`duplicates`, or across chunks by the caller)."""
-    reasons = unstorable(frame)
-    for index, found in _reasons(frame).items():
+    columns = _Columns(frame)
+    reasons = unstorable(frame, columns)
+    for index, found in _reasons(frame, columns).items():
         reasons.setdefault(index, []).extend(found)
     return reasons
 
