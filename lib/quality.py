@@ -418,6 +418,7 @@ def row_hash(values) -> str:
 # the sha256 of each row's text is a per-row call. The hashes are identical (tests/test_quality.py).
 
 _NAMED_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+_STRING_ESCAPES = {"\\": "\\\\", '"': '\\"', **_NAMED_ESCAPES}
 # One JSON string exactly as json.dumps(ensure_ascii=False) writes it, and a JSON array of them as
 # json.dumps writes it (", " between items) or PostgreSQL's array_to_json does ("," between items).
 _JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt]|\\u00(?:0[0-7]|0b|0e|0f|1[0-9a-f]))*"'
@@ -442,14 +443,16 @@ def _json_strings(values):
 
     pa, pc = _arrow()
     values = pc.cast(values, pa.large_string())
-    values = pc.replace_substring(pc.replace_substring(values, "\\", "\\\\"), '"', '\\"')
     data = values.buffers()[2]
+    found = set()
     if data is not None:
-        # Control characters are rare: escape only those present (a byte below 0x20 is always one in UTF-8).
+        # What needs escaping is rare: only the characters present are replaced (in UTF-8 a byte below
+        # 0x20, a quote or a backslash is always that character), each in one pass, the backslash first.
         raw = np.frombuffer(data, dtype=np.uint8)
-        for code in np.unique(raw[raw < 0x20]).tolist():
-            char = chr(code)
-            values = pc.replace_substring(values, char, _NAMED_ESCAPES.get(char, f"\\u{code:04x}"))
+        found = set(np.unique(raw[(raw < 0x20) | (raw == 0x22) | (raw == 0x5C)]).tolist())
+    for code in sorted(found, key=lambda c: (c != 0x5C, c != 0x22, c)):
+        char = chr(code)
+        values = pc.replace_substring(values, char, _STRING_ESCAPES.get(char, f"\\u{code:04x}"))
     return pc.binary_join_element_wise(_text('"'), values, _text('"'), _text(""))
 
 
