@@ -607,17 +607,21 @@ def _table_fingerprints(cur, target) -> tuple[dict, dict, list[str]]:
     query = sql.SQL("SELECT {cols}, t._row_hash, c.change AS _change FROM {t} t "
                     "LEFT JOIN _changes c ON c.key = t.{k}").format(cols=_list_json("t"), t=target,
                                                                       k=sql.Identifier(KEY))
-    batch_fp, current_fp, unproven = quality.Fingerprint(), quality.Fingerprint(), []
+    current_fp, in_batch, unproven = quality.Fingerprint(), [], []
     for rows, hashes in _hashed_rows(cur, query, {"_row_hash": "string", "_change": "string"}):
         hashes = pa.array(hashes, pa.large_string())
         current_fp.add(rows, hashes)
         change = rows.column("_change")
-        in_batch = pc.fill_null(pc.is_in(change, value_set=pa.array(["insert", "update", "unchanged"])), False)
-        batch_fp.add(rows.filter(in_batch), hashes.filter(in_batch))
+        if len(rows):
+            in_batch.append(pc.fill_null(pc.is_in(change, value_set=pa.array(["insert", "update", "unchanged"])), False))
         equal = pc.fill_null(pc.equal(change, "unchanged"), False)
         wrong_hash = pc.not_equal(hashes, pc.cast(rows.column("_row_hash"), pa.large_string()))
         unproven += rows.column(KEY).filter(pc.and_(equal, wrong_hash)).to_pylist()
-    return batch_fp.result(), current_fp.result(), unproven
+    if all(pc.all(mask).as_py() is not False for mask in in_batch):  # every row is the batch's: one fingerprint
+        current = current_fp.result()
+        return dict(current), current, unproven
+    batch = current_fp.subset(in_batch).result()
+    return batch, current_fp.result(), unproven
 
 
 def _refuse_rewind(cur, loads, schema: str, table: str, run_id: str, data_as_of: str | None,

@@ -530,6 +530,7 @@ class Fingerprint:
     def __init__(self):
         self.chunks: list = []
         self.rows = 0
+        self.joined = False
 
     def add(self, frame, hashes=None) -> "Fingerprint":
         """Add a pandas frame or an Arrow table/batch; `hashes` (a list or an Arrow array) are its row
@@ -548,12 +549,25 @@ class Fingerprint:
             self.rows += len(keys)
         return self
 
+    def subset(self, masks: list) -> "Fingerprint":
+        """The fingerprint of some of the rows added: `masks` holds one boolean array per `add` of a
+        non-empty chunk, true for the rows to keep (taken before `result`, which joins the chunks)."""
+        _, pc = _arrow()
+        if self.joined:
+            raise ValueError("a subset is taken before the result: the chunks are joined by then")
+        if len(masks) != len(self.chunks):
+            raise ValueError(f"{len(masks)} masks for {len(self.chunks)} chunks")
+        out = Fingerprint()
+        out.chunks = [pc.filter(lines, mask) for lines, mask in zip(self.chunks, masks)]
+        out.rows = sum(len(lines) for lines in out.chunks)
+        return out
+
     def result(self) -> dict:
         pa, pc = _arrow()
         digest = hashlib.sha256()
         if self.chunks:
             lines = pa.chunked_array(self.chunks, pa.large_string()).combine_chunks()
-            self.chunks = [lines]  # the pieces are copied: not kept beside the copy
+            self.chunks, self.joined = [lines], True  # the pieces are copied: not kept beside the copy
             order = pc.sort_indices(lines)  # taken a slice at a time: the lines are never held twice
             step = 65_536
             for start in range(0, len(lines), step):

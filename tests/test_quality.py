@@ -247,3 +247,17 @@ def test_a_chunked_fingerprint_sorts_lines_by_code_point_as_python_does():
     lines = sorted(f"{k}\th" for k in keys)
     assert fp.result() == {"rows": len(keys), "fingerprint": hashlib.sha256("\n".join(lines).encode()).hexdigest()}
     assert quality.Fingerprint().result()["fingerprint"] == hashlib.sha256(b"").hexdigest()
+
+
+def test_the_fingerprint_of_a_subset_is_the_fingerprint_of_those_rows_alone(clean):
+    import pyarrow as pa
+
+    fp = quality.Fingerprint().add(clean.head(100)).add(clean.iloc[100:0]).add(clean.iloc[100:])
+    masks = [pa.array([i % 3 == 0 for i in range(100)]), pa.array([i % 7 == 1 for i in range(100, len(clean))])]
+    kept = clean[[i % 3 == 0 if i < 100 else i % 7 == 1 for i in range(len(clean))]]
+    assert fp.subset(masks).result() == quality.fingerprint(kept)
+    with pytest.raises(ValueError, match="1 masks for 2 chunks"):
+        fp.subset(masks[:1])
+    assert fp.subset([pa.array([True] * 100), pa.array([True] * (len(clean) - 100))]).result() == fp.result()
+    with pytest.raises(ValueError, match="before the result"):
+        fp.subset(masks)
