@@ -260,6 +260,8 @@ def fetch_or_snapshot(url: str, *, fallback: bool, consume=None, **fetch_options
 
 
 _WS = re.compile(r"[ \t\n\r]*")
+_WS_BYTES = re.compile(rb"[ \t\n\r]*")
+_CONTINUATION_BYTES = bytes(range(0x80, 0xC0))  # the bytes of a UTF-8 character after its first
 _DECODER = json.JSONDecoder()
 
 
@@ -293,6 +295,7 @@ class PayloadReader:
         self._state = "start"  # start, first, item, after, done
         self._cut = 0  # length of a record cut off by the end of the text so far
         self._bulk, self._misses = True, 0  # decode whole runs of records at once (`_bulk_items`)
+        self._fast, self._raw = True, b""  # decode runs straight from the bytes (`_feed_bytes`), and what waits
 
     def feed(self, chunk: bytes) -> list[dict]:
         self.size += len(chunk)
@@ -306,6 +309,8 @@ class PayloadReader:
             chunk = self._start()
             if self._whole is not None:
                 return []
+        if self._fast:
+            return self._feed_bytes(chunk)
         return self._parse(self._decode(chunk, final=False), final=False)
 
     def close(self) -> list[dict]:
@@ -313,9 +318,11 @@ class PayloadReader:
         if self._decoder is None and self._whole is None:
             chunk = self._start()
             if self._whole is None:
-                out = self._parse(self._decode(chunk, final=False), final=False)
+                out = self._to_text(chunk)
         if self._whole is not None:
             return self._close_whole()
+        if self._fast:
+            out += self._to_text(self._raw)
         out += self._parse(self._decode(b"", final=True), final=True)
         self._check_counts()
         return out
@@ -369,6 +376,54 @@ class PayloadReader:
         self.not_objects = sum(1 for r in payload if not isinstance(r, dict))
         self._check_counts()
         return payload
+
+    # --- runs of records from the bytes ---------------------------------------------------------------
+
+    def _feed_bytes(self, chunk: bytes) -> list[dict]:
+        """Runs of whole records decoded by msgspec straight from the bytes received, no text made of
+        them: from a record's start up to the last "}, {" or "},{" received, as one array (see
+        `_bulk_items`). At the first thing this does not decode (the array's end, a non-object, broken
+        JSON, JSON that json reads its own way, bytes that are not strict UTF-8) the text path takes
+        the rest, from a record's start: it says what is wrong, or decodes it as json does."""
+        buf = self._raw + chunk if self._raw else chunk
+        pos = _WS_BYTES.match(buf).end()
+        if pos < len(buf):
+            expected = b"[" if self._state == "start" else b","
+            if buf[pos:pos + 1] != expected:
+                return self._to_text(buf)
+            pos = _WS_BYTES.match(buf, pos + 1).end()
+        if pos >= len(buf):
+            self._raw = buf
+            return []
+        if buf[pos:pos + 1] != b"{":
+            return self._to_text(buf)
+        cut = max(buf.rfind(b"}, {", pos), buf.rfind(b"},{", pos))
+        if cut < 0:
+            if len(buf) > 4 * CHUNK_BYTES:  # no record ends in sight: the text path
+                return self._to_text(buf)
+            self._raw = buf
+            return []
+        run = buf[pos:cut + 1]
+        if self.shallow:  # values left undecoded are not checked as UTF-8 by msgspec: checked here
+            try:
+                run.decode("utf-8")
+            except UnicodeDecodeError:
+                return self._to_text(buf)
+        items = _decode_run(b"[" + run + b"]", self.shallow)
+        if items is None:
+            return self._to_text(buf)
+        self._fed += cut + 1  # as if given to the text decoder: positions in later messages count them
+        self._offset += cut + 1 - (len(run) - len(run.translate(None, _CONTINUATION_BYTES)))
+        self._raw, self._state = buf[cut + 1:], "after"
+        self.items += len(items)
+        objects = [item for item in items if isinstance(item, dict)]
+        self.not_objects += len(items) - len(objects)
+        return objects
+
+    def _to_text(self, data: bytes) -> list[dict]:
+        """The text path from here on, given the bytes not decoded yet."""
+        self._fast, self._raw = False, b""
+        return self._parse(self._decode(data, final=False), final=False)
 
     # --- the array ----------------------------------------------------------------------------------
 
@@ -460,7 +515,7 @@ class PayloadReader:
 _DECODERS = {False: msgspec.json.Decoder(), True: msgspec.json.Decoder(list[dict[str, msgspec.Raw]])}
 
 
-def _decode_run(text: str, shallow: bool) -> list | None:
+def _decode_run(text: str | bytes, shallow: bool) -> list | None:
     """A JSON array of records decoded by msgspec (shallow: each a dict of its fields' msgspec.Raw
     JSON), or None where msgspec refuses it: JSON that json reads though the standard does not (NaN,
     a number beyond a double's range, a lone surrogate), an item that is not an object (shallow), or

@@ -232,12 +232,34 @@ def test_a_payload_fed_in_pieces_gives_the_records_json_gives(piece, shallow):
     assert reader.items == 750 + len(EDGE_RECORDS) and reader.size == len(data)
 
 
+@pytest.mark.parametrize("bad, problem", [
+    (b'{"x": "caf\xe9"}', "not UTF-8 text: 'utf-8' codec can't decode byte 0xe9"),
+    (b'{"x": [1, 2,]}', "not valid JSON"),
+    (b'{"x": NaN', "not valid JSON"),
+])
+def test_a_fault_deep_in_a_large_payload_is_reported_alike_whatever_the_reading(bad, problem):
+    snapshot = source.snapshot_bytes()[1:-1]
+    data = b"[" + b", ".join([snapshot, "{\"é\": \"漢字\"}".encode(), snapshot, bad, snapshot]) + b"]"
+    messages = set()
+    for shallow in (False, True):
+        for piece in (1000, 1 << 16, len(data)):
+            reader = source.PayloadReader(shallow=shallow)
+            with pytest.raises(PayloadError, match=problem) as caught:
+                for start in range(0, len(data), piece):
+                    reader.feed(data[start:start + piece])
+                reader.close()
+            messages.add(str(caught.value))
+    assert len(messages) == 1, messages
+
+
 def test_runs_of_records_are_decoded_by_msgspec_and_a_shallow_reader_leaves_values_undecoded():
     import msgspec
 
     data = source.snapshot_bytes()
     reader = source.PayloadReader(shallow=True)
-    records = reader.feed(data[:len(data) // 2]) + reader.feed(data[len(data) // 2:]) + reader.close()
+    records = reader.feed(data[:len(data) // 2]) + reader.feed(data[len(data) // 2:])
+    assert reader._fast and len(records) == 249  # decoded from the bytes (no text made of them) up to the last
+    records += reader.close()
     assert len(records) == 250 and list(records[100]) == list(json.loads(data)[100])
     assert sum(isinstance(r["name"], msgspec.Raw) for r in records) > 200  # the bulk path, shallow
     assert [source.full(r) for r in records] == json.loads(data)
