@@ -304,6 +304,30 @@ def parquet_column(data: bytes, name: str):
                          _arrow_types())
 
 
+def escape_present(values, escapes: dict[str, str], control=None):
+    """Arrow text with each character of `escapes` that occurs replaced by its escape, in the dict's
+    order (put the backslash first), then, when `control` is given, each control character that
+    occurs (U+0000-U+001F) replaced by control(char). One scan of the text's bytes finds which
+    occur (in UTF-8 a byte below 0x80 is always that character); only those cost a pass."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    data = values.buffers()[2]
+    if data is None:
+        return values
+    raw = np.frombuffer(data, dtype=np.uint8)
+    wanted = raw < 0x20 if control is not None else np.zeros(len(raw), dtype=bool)
+    for char in escapes:
+        wanted |= raw == ord(char)
+    found = set(np.unique(raw[wanted]).tolist())
+    for char, escape in escapes.items():
+        if ord(char) in found:
+            values = pc.replace_substring(values, char, escape)
+    for code in sorted(c for c in found if c < 0x20 and chr(c) not in escapes):
+        values = pc.replace_substring(values, chr(code), control(chr(code)))
+    return values
+
+
 def pg_arrays(values):
     """Each list of strings (an Arrow list array) as the text of a PostgreSQL array literal, built with
     Arrow kernels: every element double-quoted with backslash and double quote escaped (so "NULL", an
@@ -318,7 +342,7 @@ def pg_arrays(values):
         values = values.cast(pa.list_(values.type.value_type))
     text = pa.large_string()
     items = pc.cast(values.values, text)
-    items = pc.replace_substring(pc.replace_substring(items, "\\", "\\\\"), '"', '\\"')
+    items = escape_present(items, {"\\": "\\\\", '"': '\\"'})
     items = pc.fill_null(pc.binary_join_element_wise(pa.scalar('"', text), items, pa.scalar('"', text),
                                                      pa.scalar("", text)), pa.scalar("NULL", text))
     lists = pa.ListArray.from_arrays(values.offsets, items)  # a null list: masked below

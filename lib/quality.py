@@ -14,7 +14,7 @@ from itertools import chain
 import pandas as pd
 import pandera.pandas as pa
 
-from lib.formats import json_text
+from lib.formats import escape_present, json_text
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
@@ -418,7 +418,6 @@ def row_hash(values) -> str:
 # the sha256 of each row's text is a per-row call. The hashes are identical (tests/test_quality.py).
 
 _NAMED_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-_STRING_ESCAPES = {"\\": "\\\\", '"': '\\"', **_NAMED_ESCAPES}
 # One JSON string exactly as json.dumps(ensure_ascii=False) writes it, and a JSON array of them as
 # json.dumps writes it (", " between items) or PostgreSQL's array_to_json does ("," between items).
 _JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt]|\\u00(?:0[0-7]|0b|0e|0f|1[0-9a-f]))*"'
@@ -439,20 +438,9 @@ def _text(value: str):
 
 def _json_strings(values):
     """Each string as its JSON literal (null stays null)."""
-    import numpy as np
-
     pa, pc = _arrow()
-    values = pc.cast(values, pa.large_string())
-    data = values.buffers()[2]
-    found = set()
-    if data is not None:
-        # What needs escaping is rare: only the characters present are replaced (in UTF-8 a byte below
-        # 0x20, a quote or a backslash is always that character), each in one pass, the backslash first.
-        raw = np.frombuffer(data, dtype=np.uint8)
-        found = set(np.unique(raw[(raw < 0x20) | (raw == 0x22) | (raw == 0x5C)]).tolist())
-    for code in sorted(found, key=lambda c: (c != 0x5C, c != 0x22, c)):
-        char = chr(code)
-        values = pc.replace_substring(values, char, _STRING_ESCAPES.get(char, f"\\u{code:04x}"))
+    values = escape_present(pc.cast(values, pa.large_string()), {"\\": "\\\\", '"': '\\"'},
+                            lambda char: _NAMED_ESCAPES.get(char, f"\\u{ord(char):04x}"))
     return pc.binary_join_element_wise(_text('"'), values, _text('"'), _text(""))
 
 
