@@ -308,7 +308,7 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     record.finish(status)
     # The index's trend pictures are drawn by the run's kernel (matplotlib is imported there for the
     # gold chart) while this process writes the run's report; then the kernel ends.
-    pictures = kernels.draw_trends(record.dir.parent.parent) if kernels is not None and kernels.km is not None else None
+    pictures = kernels.draw_trends(record.dir.parent.parent) if kernels is not None else None
     try:
         report.after_run(record.dir, pages, pictures)  # report.html of the run and outputs/index.html
     finally:

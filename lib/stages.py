@@ -876,8 +876,8 @@ CHANGES_SAMPLE = 1000  # added and removed keys kept in `Golden.changes` (a firs
 
 
 def _release_arrow() -> None:
-    """Hand back to the system the memory Arrow's allocator keeps after a large step (mimalloc holds
-    freed pages for reuse: some 100 MiB after converting a million rows)."""
+    """Hand back to the system the memory Arrow's allocator keeps after a large step (its pool may hold
+    freed pages for reuse: with mimalloc some 100 MiB after converting a million rows)."""
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
