@@ -126,3 +126,40 @@ def test_pages_rendered_while_the_run_goes_are_used_and_a_notebook_changed_since
     assert 'href="01_ingest.html"' in page and 'href="02_clean.html"' in page
     assert "second attempt" in (run_dir / "02_clean.html").read_text()
 
+
+
+def test_a_notebook_page_keeps_nbconvert_accessibility_without_its_second_parse(tmp_path):
+    """The page exporter skips HTMLExporter's BeautifulSoup pass; what that pass adds (alt text on
+    images without any, a tab stop on each input and output) is still there, in the same places."""
+    from nbconvert import HTMLExporter
+    from nbformat.v4 import new_markdown_cell
+
+    png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    nb = new_notebook(cells=[
+        new_markdown_cell("# Stage\nSome *text*."),
+        new_code_cell("x = 1\nx", outputs=[
+            new_output("execute_result", data={"text/plain": "1", "text/html": "<b>1</b>"},
+                       execution_count=1),
+            new_output("display_data", data={"image/png": png, "text/plain": "<Figure>"}),
+            new_output("stream", name="stderr", text="a warning\n")]),
+    ], metadata={"language_info": {"name": "python", "pygments_lexer": "ipython3"}})
+    path = tmp_path / "05_gold.ipynb"
+    nbformat.write(nb, path)
+
+    assert report.notebook_page(path) == "05_gold.html"
+    page = (tmp_path / "05_gold.html").read_text()
+    stock, _ = HTMLExporter().from_filename(str(path))
+    assert page.count('tabindex="0"') == stock.count('tabindex="0"') == 5  # two inputs, three outputs
+    assert page.count(f'alt="{report.NO_ALT}"') == stock.count(f'alt="{report.NO_ALT}"') == 1
+    assert "<b>1</b>" in page and "Some <em>text</em>" in page and "a warning" in page
+    assert '<span class="n">x</span>' in page  # the code is highlighted (by pygments' Python lexer)
+
+
+def test_accessible_adds_alt_text_and_tab_stops_only_where_missing():
+    page = ('<div class="jp-Cell-inputWrapper"><img src="a.png"><img alt="kept" src="b.png"></div>'
+            '<div class="jp-RenderedText jp-OutputArea-output" data-mime-type="text/plain">'
+            '<div class="jp-OutputArea-outputs-not">x</div>')
+    out = report.accessible(page)
+    assert out.count('tabindex="0"') == 2
+    assert '<div class="jp-OutputArea-outputs-not">' in out
+    assert f'<img alt="{report.NO_ALT}" src="a.png">' in out and '<img alt="kept" src="b.png">' in out
