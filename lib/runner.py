@@ -238,6 +238,17 @@ def _warm_engine():
     return WarmEngine
 
 
+def kernel_specs():
+    """jupyter_client's kernel spec finder, looking where it looks by default: the Jupyter data folders,
+    then IPython's own (`$IPYTHONDIR` or ~/.ipython). Its default finds IPython's folder by importing
+    IPython (~0.15 s of the runner's CPU), which the runner has no other use for."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_core.paths import jupyter_path
+
+    ipython_dir = os.path.expanduser(os.environ.get("IPYTHONDIR") or os.path.join("~", ".ipython"))
+    return KernelSpecManager(kernel_dirs=[*jupyter_path("kernels"), os.path.join(ipython_dir, "kernels")])
+
+
 # A kernel keeps most of what a large stage allocated (Python's and the allocators' free lists are
 # not handed back to the system), so the stages of a big run would add up in one process: past this
 # size after a stage, the next stage gets a fresh kernel. Small runs never reach it.
@@ -262,7 +273,7 @@ class Kernels:
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
 
-        km = AsyncKernelManager(kernel_name=self.name)
+        km = AsyncKernelManager(kernel_name=self.name, kernel_spec_manager=kernel_specs())
         try:
             # RUNNER_ENV tells `stages.begin` in the kernel that the runner owns this run's record.
             run_sync(km.start_kernel)(extra_arguments=[*KERNEL_ARGUMENTS, f"--IPKernelApp.exec_lines={PRELOAD}"],

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 from lib import config, registry, runner
+
+ROOT = config.ROOT
 
 ALL = list(registry.NAMES)
 CLOSED_API = {"01_ingest": {"api_url": "http://127.0.0.1:9/v3.1/all?fields=name"}}
@@ -114,3 +120,20 @@ def test_the_run_kernel_draws_the_index_trends_and_the_index_shows_them(tmp_path
         assert kernels.draw_trends(tmp_path / "a-file" / "outputs")() is None  # the kernel's error: the caller draws
     finally:
         kernels.close()
+
+
+def test_kernel_specs_are_found_where_jupyter_looks_without_importing_ipython(tmp_path):
+    """The runner finds the kernel (the venv's python3, or one in $IPYTHONDIR/kernels) without the
+    IPython import jupyter_client's default costs."""
+    spec_dir = tmp_path / "ipython" / "kernels" / "medallion-test"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps({"argv": ["python", "-m", "ipykernel_launcher", "-f",
+                                                               "{connection_file}"],
+                                                      "display_name": "test", "language": "python"}))
+    code = ("import sys\nfrom lib import runner\nspecs = runner.kernel_specs()\n"
+            "assert specs.get_kernel_spec('python3').language == 'python'\n"
+            "assert specs.get_kernel_spec('medallion-test').display_name == 'test'\n"
+            "assert 'IPython' not in sys.modules, 'IPython was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "IPYTHONDIR": str(tmp_path / "ipython")})
+    assert done.returncode == 0, done.stderr
