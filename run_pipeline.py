@@ -281,7 +281,8 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0
-    pages = report.Pages(record.dir)  # each stage's page is rendered while the next stage runs
+    # Each stage's page is rendered while the next stage's cells run.
+    pages = report.Pages(record.dir, kernels.running if kernels is not None else None)
     for stage in stages:
         try:
             # Preflight's findings (hints) steer this run only; the record keeps what was asked for.

@@ -127,6 +127,27 @@ def test_pages_rendered_while_the_run_goes_are_used_and_a_notebook_changed_since
     assert "second attempt" in (run_dir / "02_clean.html").read_text()
 
 
+def test_pages_wait_for_their_gate_and_are_all_rendered_when_the_run_is_done(run_dir):
+    """With a gate (the kernel running a stage's cells), a page is rendered only while it is set;
+    `done` renders whatever is left without it."""
+    import threading
+    import time
+
+    gate = threading.Event()
+    pages = report.Pages(run_dir, gate)
+    pages.add("01_ingest")
+    time.sleep(0.3)
+    assert not (run_dir / "01_ingest.html").exists()  # nothing runs on the kernel: not rendered yet
+    gate.set()
+    pages.pages["01_ingest"][0].result(timeout=60)
+    assert (run_dir / "01_ingest.html").exists()
+    gate.clear()
+    pages.add("02_clean")
+    time.sleep(0.3)
+    assert not (run_dir / "02_clean.html").exists()
+    assert pages.done() == {"01_ingest": "01_ingest.html", "02_clean": "02_clean.html"}  # the gate never opened
+    assert (run_dir / "02_clean.html").exists()
+
 
 def test_a_notebook_page_keeps_nbconvert_accessibility_without_its_second_parse(tmp_path):
     """The page exporter skips HTMLExporter's BeautifulSoup pass; what that pass adds (alt text on
