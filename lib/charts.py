@@ -18,9 +18,15 @@ def _pyplot():
     return plt
 
 
+MAX_LABELS = 12  # tick labels side by side on a 9-inch chart before they run into each other
+
+
 def _labels(rows: list[dict]) -> list[str]:
-    # "11-28 05:54" reads better than a 20-character run id under each tick.
-    return [f"{(s['started'] or '')[5:16].replace('T', ' ')}\n{s['run_id'][-6:]}" for s in rows]
+    """A label under every run's tick, or under every k-th counted from the newest when more would
+    overlap: "11-28 05:54" and the run id's end read better than a 20-character run id."""
+    step = -(-len(rows) // MAX_LABELS)
+    return [f"{(s['started'] or '')[5:16].replace('T', ' ')}\n{s['run_id'][-6:]}"
+            if (len(rows) - 1 - i) % step == 0 else "" for i, s in enumerate(rows)]
 
 
 def _save(fig, path: Path) -> None:

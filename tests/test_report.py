@@ -184,3 +184,17 @@ def test_accessible_adds_alt_text_and_tab_stops_only_where_missing():
     assert out.count('tabindex="0"') == 2
     assert '<div class="jp-OutputArea-outputs-not">' in out
     assert f'<img alt="{report.NO_ALT}" src="a.png">' in out and '<img alt="kept" src="b.png">' in out
+
+
+def test_trend_tick_labels_stay_apart_and_always_name_the_newest_run():
+    from lib import charts
+
+    rows = [{"started": f"2026-11-28T10:{i:02d}:00+00:00", "run_id": f"r-{i:06d}"} for i in range(30)]
+    few = charts._labels(rows[:charts.MAX_LABELS])
+    assert all(few) and few[-1] == "11-28 10:11\n000011"  # a label under every run's tick
+    many = charts._labels(rows)
+    shown = [label for label in many if label]
+    assert len(many) == 30 and 1 < len(shown) <= charts.MAX_LABELS
+    assert many[-1] == "11-28 10:29\n000029" and many[0] == ""  # counted from the newest
+    at = [k for k, label in enumerate(many) if label]
+    assert len({b - a for a, b in zip(at, at[1:])}) == 1  # evenly spaced
