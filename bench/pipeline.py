@@ -33,14 +33,20 @@ class Measured:
     extra: dict = field(default_factory=dict)
 
 
-def _tree_rss(proc) -> int:
+def _tree(proc) -> list:
+    """The process and its descendants (psutil finds them by reading every process of the machine)."""
+    import psutil
+
+    try:
+        return [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _rss(procs: list) -> int:
     import psutil
 
     total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
     for p in procs:
         try:
             total += p.memory_info().rss
@@ -49,9 +55,11 @@ def _tree_rss(proc) -> int:
     return total
 
 
-def measure(argv: list[str], env: dict, interval: float = 0.05) -> Measured:
+def measure(argv: list[str], env: dict, interval: float = 0.05, tree_every: float = 0.5) -> Measured:
     """Run argv to its end: wall time, CPU (user + system of it and its reaped children), peak RSS of
-    its process tree."""
+    its process tree: the tree's members are looked up every `tree_every` seconds, their memory read
+    every `interval` (looking the tree up each time took ~2 ms, 4% of a core beside the runs
+    measured)."""
     import psutil
 
     out = tempfile.TemporaryFile()
@@ -63,8 +71,11 @@ def measure(argv: list[str], env: dict, interval: float = 0.05) -> Measured:
     def sample():
         nonlocal peak
         proc = psutil.Process(child.pid)
+        procs, looked_up = [], 0.0
         while not done.is_set():
-            peak = max(peak, _tree_rss(proc))
+            if time.monotonic() - looked_up >= tree_every:
+                procs, looked_up = _tree(proc), time.monotonic()
+            peak = max(peak, _rss(procs))
             done.wait(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)
