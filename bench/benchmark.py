@@ -195,8 +195,8 @@ def comparison(bench: Bench, repeats: int) -> dict:
     bench.api.copies = 1
     # The first run on the new stack creates its buckets (SeaweedFS sets up their volumes) and its
     # tables: one run of each, not counted, comes first.
-    _check(bench.runner(*bench.ids("warm-up")), "run_pipeline.py (warm-up)")
-    _check(bench.plain(*bench.ids("warm-up")), "the plain process (warm-up)")
+    _check(bench.runner(*bench.ids("warmup")), "run_pipeline.py (warm-up)")
+    _check(bench.plain(*bench.ids("warmup")), "the plain process (warm-up)")
     runner, plain = [], []
     for i in range(repeats):
         r = bench.runner(*bench.ids("runner"))
