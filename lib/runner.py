@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 
 from lib import config, registry, runs
@@ -268,8 +269,6 @@ class Kernels:
     its own and reports any failure as usual."""
 
     def __init__(self, name: str, run_id: str):
-        import threading
-
         self.name, self.run_id, self.km = name, run_id, None
         self.kc = None  # the client the stages share, connected by the first one (lib/runner.py _warm_engine)
         self.running = threading.Event()  # set while a notebook's cells run on this kernel
