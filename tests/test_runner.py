@@ -98,6 +98,35 @@ def test_a_kernel_grown_past_the_limit_is_replaced_before_the_next_stage_and_a_s
         kernels.close()
 
 
+def test_the_run_kernel_is_ipykernel_without_its_debugger_and_other_kernels_are_left_alone():
+    from jupyter_core.utils import run_sync
+
+    kernels = runner.Kernels("python3", "kernel-test")
+    try:
+        km = kernels.take()
+        assert km is not None and km.kernel_spec.argv[1:3] == ["-m", "lib.kernel"]
+        kc = km.client()
+        kc.start_channels()
+        try:
+            reply = run_sync(kc.execute_interactive)(
+                "import sys, ipykernel.debugger as d\n"
+                "debugger = ('debugpy' in sys.modules and sys.modules['debugpy'] is not None, d._is_debugpy_available)",
+                user_expressions={"out": "debugger", "lib": "'lib.stages' in sys.modules"}, timeout=60)
+        finally:
+            kc.stop_channels()
+        found = reply["content"]["user_expressions"]
+        assert found["out"]["data"]["text/plain"] == "(False, False)"
+        assert found["lib"]["data"]["text/plain"] == "True"  # the preload ran
+    finally:
+        kernels.close()
+    from jupyter_client.kernelspec import KernelSpec
+
+    other = KernelSpec(argv=["python", "-m", "my_kernel", "-f", "{connection_file}"], language="python")
+    runner.without_debugger(other)
+    assert other.argv[1:3] == ["-m", "my_kernel"]
+    runner.without_debugger(None)  # no spec (papermill's own kernel): nothing to do
+
+
 def test_the_run_kernel_draws_the_index_trends_and_the_index_shows_them(tmp_path):
     from lib import report, runs
 
