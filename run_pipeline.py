@@ -281,18 +281,15 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0
-    # Each stage's page is rendered while the next stage's cells run.
-    pages = report.Pages(record.dir, kernels.running if kernels is not None else None)
+    # nbconvert gets ready while the kernel boots; the notebooks' pages are rendered after the stages.
+    pages = report.Pages(record.dir)
     for stage in stages:
         try:
             # Preflight's findings (hints) steer this run only; the record keeps what was asked for.
             given = chosen.get(stage, {})
-            try:
-                runner.execute(record, stage, {**(hints or {}).get(stage, {}), **given}, kernel=args.kernel,
-                               start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
-                               kernels=kernels)
-            finally:
-                pages.add(stage)
+            runner.execute(record, stage, {**(hints or {}).get(stage, {}), **given}, kernel=args.kernel,
+                           start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
+                           kernels=kernels)
         except runner.Interrupted as why:
             status, code = "interrupted", runner.EXIT_INTERRUPTED
             print(f"\nrun {run_id} interrupted ({why}) during {stage}; "

@@ -312,65 +312,53 @@ def notebook_page(notebook: Path) -> str:
 
 def _notebook_pages(run_dir: Path, manifest: dict, rendered: dict[str, str] | None = None) -> dict[str, str]:
     """Render every executed notebook of the run (attempts included) beside it; stage → page name.
-    `rendered`: pages already rendered from the notebooks as they are now (see `Pages`)."""
+    `rendered`: pages already rendered from the notebooks as they are now (see `Pages.done`)."""
     rendered = rendered or {}
     return {notebook.stem: rendered.get(notebook.stem) or notebook_page(notebook)
             for notebook in sorted(run_dir.glob("*.ipynb"))}
 
 
 class Pages:
-    """The runner's pages, rendered while the run goes: each stage's executed notebook is rendered in
-    a background thread once the stage has ended, while the kernel runs the next stage's cells (this
-    process only waits on the kernel then), and nbconvert is imported there as the first stage runs.
-    `after_run` then renders only what is left (the report and the index).
+    """The runner's notebook pages. nbconvert is imported, and its templates compiled on a small
+    notebook, in a background thread from the start of the stages, while the kernel boots (this
+    process only waits for it then); the run's executed notebooks are rendered in that thread once
+    the stages are over (`done`), while the kernel draws the index's trends.
 
-    `gate`, when given, is set while a stage's cells run (lib/runner.py `Kernels.running`): rendering
-    waits for it. Between two stages the runner records the stage, sends lineage and has papermill
-    read and write the next notebook while the kernel waits; a page rendered then held the GIL for
-    most of that time (0.1-0.4 s of waiting a stage at 250 records, measured). `done` renders what
-    is left at once."""
+    Not while the stages run: each cell's next request comes from this process, and a page being
+    rendered held the GIL when the kernel's reply arrived. In a 250-record run of 47 cells the kernel
+    waited ~0.6 s in all between its cells with pages rendered as the next stage ran, ~0.35 s without
+    (measured); rendering five pages at the end takes ~0.15 s, beside the trends' ~0.35 s."""
 
-    def __init__(self, run_dir: Path, gate: threading.Event | None = None):
+    def __init__(self, run_dir: Path):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.run_dir, self.gate, self._draining = run_dir, gate, threading.Event()
+        self.run_dir = run_dir
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages")
-        self.pages: dict[str, tuple] = {}  # stem -> (future, the notebook's mtime when submitted)
-        self.pool.submit(self._when_free, _warm_up)
-
-    def _when_free(self, fn, *args):
-        if self.gate is not None:
-            while not self._draining.is_set() and not self.gate.wait(0.05):
-                pass
-        return fn(*args)
-
-    def add(self, stage: str) -> None:
-        """Render `<stage>.ipynb` as it is now (call when the stage has ended)."""
-        notebook = self.run_dir / f"{stage}.ipynb"
-        if notebook.exists():
-            self.pages[stage] = (self.pool.submit(self._when_free, notebook_page, notebook),
-                                 notebook.stat().st_mtime_ns)
+        self.pool.submit(_warm_up)
 
     def done(self) -> dict[str, str]:
-        """Wait for the pages submitted (rendered at once from now on); returns those still matching
-        their notebook (stem → page)."""
-        self._draining.set()
+        """Render every executed notebook of the run (attempts included); stem → page name. One that
+        cannot be rendered is left out here (`write` renders it again, and reports the error)."""
+        futures = {notebook.stem: self.pool.submit(notebook_page, notebook)
+                   for notebook in sorted(self.run_dir.glob("*.ipynb"))}
         out = {}
-        for stem, (future, mtime) in self.pages.items():
+        for stem, future in futures.items():
             try:
-                page = future.result()
-            except Exception:  # noqa: BLE001 - rendered again, and reported, by `write`
+                out[stem] = future.result()
+            except Exception:  # noqa: BLE001
                 log.debug("rendering %s in the background failed", stem, exc_info=True)
-                continue
-            notebook = self.run_dir / f"{stem}.ipynb"
-            if notebook.exists() and notebook.stat().st_mtime_ns == mtime:
-                out[stem] = page
         self.pool.shutdown(wait=True)
         return out
 
 
 def _warm_up() -> None:
-    _exporter()
+    """The exporter of this thread, with its templates compiled: the first page rendered takes twice
+    as long as the next ones."""
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
+
+    _exporter().from_notebook_node(new_notebook(cells=[
+        new_markdown_cell("# warm-up"),
+        new_code_cell("1", outputs=[new_output("stream", name="stdout", text="1\n")])]))
 
 
 def _strip_remote_scripts(page: str) -> str:
@@ -501,8 +489,8 @@ def write_all(outputs: Path) -> Path:
 
 
 def after_run(run_dir: Path, pages: Pages | None = None, pictures=None) -> None:
-    """The runner's hook after a run: its report and the index (`pages`: the notebook pages rendered
-    while the run went; `pictures`: a function giving the trend pictures drawn meanwhile elsewhere,
+    """The runner's hook after a run: its report and the index (`pages`: the run's `Pages`, which
+    renders the notebook pages with an exporter made ready during the run; `pictures`: a function giving the trend pictures drawn meanwhile elsewhere,
     or None when they are still to draw). A rendering problem is logged, never turned into a failed run."""
     try:
         rendered = pages.done() if pages is not None else None

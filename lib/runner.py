@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 import time
 
 from lib import config, registry, runs
@@ -203,8 +202,6 @@ def _warm_engine():
             reply = await self.async_wait_for_reply(kc.execute(RESET, silent=True, store_history=False))
             if (reply or {}).get("content", {}).get("status") != "ok":
                 raise RuntimeError(f"could not reset the kernel before the notebook: {reply}")
-            if self.kernels is not None:
-                self.kernels.running.set()  # the notebook's cells go next
             return kc
 
         start_new_kernel_client = run_sync(async_start_new_kernel_client)  # what setup_kernel calls
@@ -234,8 +231,6 @@ def _warm_engine():
             try:
                 return client.execute(cleanup_kc=False)
             finally:
-                if kernels is not None:
-                    kernels.running.clear()
                 nb_man.save = save
                 if client.kc is not None and (kernels is None or kernels.kc is not client.kc):
                     client.kc.stop_channels()
@@ -278,7 +273,6 @@ class Kernels:
     def __init__(self, name: str, run_id: str):
         self.name, self.run_id, self.km = name, run_id, None
         self.kc = None  # the client the stages share, connected by the first one (lib/runner.py _warm_engine)
-        self.running = threading.Event()  # set while a notebook's cells run on this kernel
 
     def start(self) -> None:
         if self.km is not None:

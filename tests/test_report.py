@@ -107,46 +107,24 @@ def test_a_stage_record_displays_as_tables_with_whole_uris_and_escaped_values(tm
     assert uri in repr(view) and "rows 251 → 250" in repr(view)
 
 
-def test_pages_rendered_while_the_run_goes_are_used_and_a_notebook_changed_since_is_rendered_again(run_dir):
+def test_pages_get_nbconvert_ready_at_once_and_render_every_notebook_when_the_stages_are_done(run_dir):
+    """nbconvert is made ready in the background as soon as the run's `Pages` exist; no page is
+    rendered before `done`, which renders every executed notebook of the run (attempts included)
+    as it is then, and `write` uses those pages."""
     pages = report.Pages(run_dir)
-    pages.add("01_ingest")
-    pages.add("02_clean")
-    pages.add("03_load")  # never ran: no notebook, nothing to render
-    # 02_clean runs again after its page was submitted: that page no longer matches the notebook.
-    done = pages.pool.submit(lambda: None)
-    done.result()
+    # The warm-up ran first in the pages' thread, which now has its exporter.
+    assert pages.pool.submit(lambda: getattr(report._LOCAL, "exporter", None)).result(timeout=60) is not None
+    assert not list(run_dir.glob("*.html"))
+    # 02_clean runs again (its first attempt kept) after the pages were set up.
+    os.replace(run_dir / "02_clean.ipynb", run_dir / "02_clean.attempt1.ipynb")
     nbformat.write(new_notebook(cells=[new_code_cell("print('again')", outputs=[
         new_output("stream", name="stdout", text="second attempt\n")])]), run_dir / "02_clean.ipynb")
-    later = (run_dir / "01_ingest.ipynb").stat().st_mtime_ns + 10**9
-    os.utime(run_dir / "02_clean.ipynb", ns=(later, later))
     rendered = pages.done()
-    assert rendered == {"01_ingest": "01_ingest.html"}
+    assert rendered == {stem: f"{stem}.html" for stem in ("01_ingest", "02_clean", "02_clean.attempt1")}
     assert "250 records &lt;b&gt;not markup&lt;/b&gt;" in (run_dir / "01_ingest.html").read_text()
-    page = report.write(run_dir, rendered).read_text()
-    assert 'href="01_ingest.html"' in page and 'href="02_clean.html"' in page
     assert "second attempt" in (run_dir / "02_clean.html").read_text()
-
-
-def test_pages_wait_for_their_gate_and_are_all_rendered_when_the_run_is_done(run_dir):
-    """With a gate (the kernel running a stage's cells), a page is rendered only while it is set;
-    `done` renders whatever is left without it."""
-    import threading
-    import time
-
-    gate = threading.Event()
-    pages = report.Pages(run_dir, gate)
-    pages.add("01_ingest")
-    time.sleep(0.3)
-    assert not (run_dir / "01_ingest.html").exists()  # nothing runs on the kernel: not rendered yet
-    gate.set()
-    pages.pages["01_ingest"][0].result(timeout=60)
-    assert (run_dir / "01_ingest.html").exists()
-    gate.clear()
-    pages.add("02_clean")
-    time.sleep(0.3)
-    assert not (run_dir / "02_clean.html").exists()
-    assert pages.done() == {"01_ingest": "01_ingest.html", "02_clean": "02_clean.html"}  # the gate never opened
-    assert (run_dir / "02_clean.html").exists()
+    page = report.write(run_dir, rendered).read_text()
+    assert 'href="01_ingest.html"' in page and 'href="02_clean.html"' in page and "02_clean.attempt1.html" in page
 
 
 def test_a_notebook_page_keeps_nbconvert_accessibility_without_its_second_parse(tmp_path):
