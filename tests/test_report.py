@@ -176,3 +176,10 @@ def test_trend_tick_labels_stay_apart_and_always_name_the_newest_run():
     assert many[-1] == "11-28 10:29\n000029" and many[0] == ""  # counted from the newest
     at = [k for k, label in enumerate(many) if label]
     assert len({b - a for a, b in zip(at, at[1:])}) == 1  # evenly spaced
+    # A chart gets ticks under the labelled runs only, and still spans every run.
+    plt = charts._pyplot()
+    fig, ax = plt.subplots()
+    charts._xticks(ax, rows)
+    assert list(ax.get_xticks()) == at and [t.get_text() for t in ax.get_xticklabels()] == shown
+    assert ax.get_xlim()[0] < 0 and ax.get_xlim()[1] > 29
+    plt.close(fig)
