@@ -90,6 +90,55 @@ def test_upsert_inserts_then_a_rerun_changes_nothing(pg, clean, table):
     assert dump(pg, table).split(b"[(")[0] == before.split(b"[(")[0]  # rows untouched, only the load log grew
 
 
+def indexes(pg, table) -> dict[str, list[tuple[str, str]]]:
+    """Each table's primary key and indexes: (name, definition) as PostgreSQL prints them."""
+    out = {}
+    for name in (table, f"{table}_history"):
+        with pg.cursor() as cur:
+            cur.execute("SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indexrelid::int FROM pg_index i "
+                        "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) ORDER BY 1",
+                        (db.ident(SCHEMA, name).as_string(cur),))
+            out[name] = cur.fetchall()
+    return out
+
+
+def test_a_first_load_builds_its_keys_after_the_rows_and_a_table_made_before_keeps_its_own(pg, clean, table,
+                                                                                          monkeypatch):
+    """A load that creates its tables builds their primary keys and indexes once the rows are in;
+    they come out as the DDL makes them, and the next load finds them. An empty table created
+    beforehand (by another transaction) keeps its indexes as they are."""
+    deferred = []
+    drop = db._drop_indexes
+    monkeypatch.setattr(db, "_drop_indexes", lambda cur, tables: deferred.append(
+        [t.as_string(cur) for t in tables]) or drop(cur, tables))
+    before = f"{table}_made_before"
+    with db.transaction(pg), pg.cursor() as cur:
+        db.ensure_tables(cur, SCHEMA, before)
+    made = indexes(pg, before)
+    assert load(pg, csv(clean.head(5)), before, "r1")["inserted"] == 5
+    assert indexes(pg, before) == made  # the same index objects: not dropped and built again
+
+    assert load(pg, csv(clean.head(5)), table, "r1")["inserted"] == 5
+    assert deferred == [[], [f'"{SCHEMA}"."{table}"', f'"{SCHEMA}"."{table}_history"']]
+    built = indexes(pg, table)
+    strip = [[(n.replace(before, "T"), d.replace(before, "T")) for n, d, _ in v] for v in made.values()]
+    assert [[(n.replace(table, "T"), d.replace(table, "T")) for n, d, _ in v] for v in built.values()] == strip
+    assert [n for n, _, _ in built[table]] == [f"{table}_pkey"]
+    # The key is there: a second batch updates through it (ON CONFLICT) and the history's current
+    # version is unique again.
+    result = load(pg, csv(changed(clean.head(5), 1, population=7)), table, "r2")
+    assert (result["inserted"], result["updated"], result["unchanged"]) == (0, 1, 4)
+    assert history(pg, table)["is_current"].sum() == 5
+    assert deferred[-1] == []
+
+
+def test_a_first_load_with_a_key_twice_is_rolled_back_and_names_the_key(pg, clean, table):
+    batch = pd.concat([clean.head(3), clean.head(1)], ignore_index=True)
+    with pytest.raises(DatabaseError, match=rf"rolled back: .*\({KEY}\)=\({batch.at[0, KEY]}\) is duplicated"):
+        load(pg, csv(batch), table, "r1")
+    assert not db.table_exists(pg, SCHEMA, table)
+
+
 def test_a_changed_row_closes_the_old_version_and_opens_a_new_one(pg, clean, table):
     batch = clean.head(5)
     key = batch.at[2, KEY]
