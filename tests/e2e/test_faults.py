@@ -101,6 +101,11 @@ def children(pid: int) -> dict[int, str]:
     return found
 
 
+def is_kernel(cmdline: str) -> bool:
+    """The runner's kernel (`python -m lib.kernel`, ipykernel less its debugger) or another ipykernel."""
+    return "lib.kernel" in cmdline or "ipykernel" in cmdline
+
+
 def alive(pid: int) -> bool:
     try:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
@@ -111,7 +116,7 @@ def alive(pid: int) -> bool:
 def kill(proc: subprocess.Popen) -> tuple[str, str]:
     """End a runner this test started, and its kernels (each in a session of its own)."""
     for pid, cmd in children(proc.pid).items():
-        if "ipykernel" in cmd:
+        if is_kernel(cmd):
             os.killpg(pid, signal.SIGKILL)
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -384,7 +389,7 @@ def _start_with_slow_stage_1(api, settings, run_id: str, *args: str) -> subproce
 def _interrupt(proc, sig) -> tuple[float, str, str]:
     """Send `sig` to the runner; returns how long it took to exit, and its output."""
     try:
-        kernels = [pid for pid, cmd in children(proc.pid).items() if "ipykernel" in cmd]
+        kernels = [pid for pid, cmd in children(proc.pid).items() if is_kernel(cmd)]
         sent = time.monotonic()
         proc.send_signal(sig)
         out, err = finish(proc, 60)
