@@ -599,9 +599,9 @@ def _created_here(cur, table: sql.Identifier) -> bool:
 def _drop_indexes(cur, tables: list[sql.Identifier]) -> list[tuple[sql.Identifier, list, list]]:
     """Drop the primary keys and indexes of `tables` (created by this transaction, so no other session
     sees them), returning their definitions as PostgreSQL gives them for `_build_indexes`. Filling a
-    table and then building each index in one sort is the bulk load's way (pg_restore's): a first
-    load of a million rows spent ~3.5 s on the keyed table and ~3.5 s on its history inserting into
-    the btrees row by row, which their builds afterwards take ~1.5 s for (measured)."""
+    table and then building each index in one sort is the bulk load's way (pg_restore's). A million
+    rows in random key order (measured with psql): the keyed table 5.0 s against 1.4 s unkeyed and
+    0.7 s to build its key; its history 6.3 s against 1.7 s and 1.2 s to build its two indexes."""
     saved = []
     for table in tables:
         cur.execute("SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "

@@ -1,5 +1,5 @@
 """The runner's kernel: ipykernel, started as `python -m ipykernel_launcher` starts it, less its
-debugger. ipykernel imports debugpy whenever it is installed (~0.1 s of CPU at every start, on the
+debugger. ipykernel imports debugpy whenever it is installed (~0.07 s of CPU at every start, on the
 run's critical path: the first stage waits for the kernel); a notebook executed headless is never
 stepped through. JupyterLab's kernels are the ordinary ones, debugger included."""
 

@@ -327,7 +327,7 @@ class Pages:
     Not while the stages run: each cell's next request comes from this process, and a page being
     rendered held the GIL when the kernel's reply arrived. In a 250-record run of 47 cells the kernel
     waited ~0.6 s in all between its cells with pages rendered as the next stage ran, ~0.35 s without
-    (measured); rendering five pages at the end takes ~0.15 s, beside the trends' ~0.35 s."""
+    (measured); rendering five pages at the end takes ~0.15 s, beside the trends' ~0.3 s."""
 
     def __init__(self, run_dir: Path):
         from concurrent.futures import ThreadPoolExecutor
@@ -490,8 +490,9 @@ def write_all(outputs: Path) -> Path:
 
 def after_run(run_dir: Path, pages: Pages | None = None, pictures=None) -> None:
     """The runner's hook after a run: its report and the index (`pages`: the run's `Pages`, which
-    renders the notebook pages with an exporter made ready during the run; `pictures`: a function giving the trend pictures drawn meanwhile elsewhere,
-    or None when they are still to draw). A rendering problem is logged, never turned into a failed run."""
+    renders the notebook pages with an exporter made ready during the run; `pictures`: a function
+    giving the trend pictures drawn meanwhile elsewhere, or None when they are still to draw). A
+    rendering problem is logged, never turned into a failed run."""
     try:
         rendered = pages.done() if pages is not None else None
         log.info("report: %s", write(run_dir, rendered))
