@@ -451,7 +451,8 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
                 cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
                 # Room for the batch's hash joins (this transaction only).
                 cur.execute("SET LOCAL work_mem = %s", (LOAD_WORK_MEM,))
-                absent = [t for t in (target, hist) if not _exists(cur, t)]
+                absent = [ident(schema, name) for name in (table, history_table(table))
+                          if not table_exists(conn, schema, name)]
                 ensure_tables(cur, schema, table)
                 fresh = [t for t in absent if _created_here(cur, t)]
                 _stage_batch(cur, csv_data, lists)
@@ -580,11 +581,6 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
                     _short(drift), "repaired" if repaired else "reported")
     log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
     return result
-
-
-def _exists(cur, table: sql.Identifier) -> bool:
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(cur),))
-    return cur.fetchone()[0]
 
 
 def _created_here(cur, table: sql.Identifier) -> bool:
