@@ -125,9 +125,11 @@ def _timed(fn, *args, **kwargs) -> float:
 
 
 def psql_path() -> str:
-    import pgserver
+    """pgserver's bundled psql (lib/stack.py finds it without importing pgserver, whose import warns
+    where XDG_RUNTIME_DIR is not set)."""
+    from lib import stack
 
-    bundled = Path(pgserver.__file__).parent / "pginstall" / "bin" / "psql"
+    bundled = Path(stack.pg_bin("psql"))
     return str(bundled) if bundled.exists() else "psql"
 
 

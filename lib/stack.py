@@ -391,9 +391,9 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
 
-def _pg_bin(name: str) -> str:
-    # The pgserver package ships the PostgreSQL binaries; find them without importing it (its import
-    # probes runtime folders and warns).
+def pg_bin(name: str) -> str:
+    """A PostgreSQL program of the pgserver package (pg_ctl, psql …). The package ships the binaries;
+    they are found without importing it (its import probes runtime folders and warns)."""
     import importlib.util
 
     spec = importlib.util.find_spec("pgserver")
@@ -453,7 +453,7 @@ def _pg_running(sdir: Path, user: str | None) -> bool:
     data = _pg_data(sdir)
     if not (data / "PG_VERSION").exists():
         return False
-    return _pg([_pg_bin("pg_ctl"), "-D", str(data), "status"], user).returncode == 0
+    return _pg([pg_bin("pg_ctl"), "-D", str(data), "status"], user).returncode == 0
 
 
 def _prepare_pg_dirs(sdir: Path, user: str | None) -> Path:
@@ -472,7 +472,7 @@ def _prepare_pg_dirs(sdir: Path, user: str | None) -> Path:
             os.chown(folder, -1, entry.pw_gid)
             folder.chmod(0o710)
         _let_traverse(sdir)  # folders above the state folder: search permission, where missing
-        _let_traverse(Path(_pg_bin("postgres")))
+        _let_traverse(Path(pg_bin("postgres")))
     return data
 
 
@@ -493,7 +493,7 @@ def _initdb(sdir: Path, user: str | None, role: str, password: str) -> None:
         fh.write(password + "\n")
     _chown_to(pwfile, user)
     try:
-        res = _pg([_pg_bin("initdb"), "-D", str(data), "-U", role, "--pwfile", str(pwfile),
+        res = _pg([pg_bin("initdb"), "-D", str(data), "-U", role, "--pwfile", str(pwfile),
                    "--auth=scram-sha-256", "--encoding=UTF8", "--locale=C"], user)
     finally:
         pwfile.unlink(missing_ok=True)
@@ -509,7 +509,7 @@ def _start_server(sdir: Path, user: str | None, port: int, timeout: float) -> No
     _chown_to(logfile, user)
     # TCP on 127.0.0.1 only and no Unix socket, so deep checkouts never hit the socket path limit.
     opts = f"-h 127.0.0.1 -p {port} -k '' -c listen_addresses=127.0.0.1"
-    res = _pg([_pg_bin("pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", str(int(timeout)),
+    res = _pg([pg_bin("pg_ctl"), "-D", str(data), "-l", str(logfile), "-w", "-t", str(int(timeout)),
                "-o", opts, "start"], user, timeout=timeout + 5)
     if res.returncode != 0:
         raise StackError(f"PostgreSQL did not start: {res.stderr.strip() or res.stdout.strip()}; see {logfile}")
@@ -642,7 +642,7 @@ def stop_database(sdir: Path) -> None:
     user = _pg_user()
     if not _pg_running(sdir, user):
         return
-    res = _pg([_pg_bin("pg_ctl"), "-D", str(_pg_data(sdir)), "-w", "-m", "fast", "stop"], user)
+    res = _pg([pg_bin("pg_ctl"), "-D", str(_pg_data(sdir)), "-w", "-m", "fast", "stop"], user)
     if res.returncode != 0:
         raise StackError(f"PostgreSQL did not stop: {res.stderr.strip()}")
     log.info("stopped PostgreSQL")

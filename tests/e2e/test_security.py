@@ -294,7 +294,7 @@ def test_the_compose_init_script_creates_an_unprivileged_pipeline_role(session_d
     app = {"APP_DB_USER": f"app_{tag}", "APP_DB_PASSWORD": f"pw-{tag}'; DROP ROLE x; --", "APP_DB_NAME": f"db_{tag}"}
     secret = sdir.parent / f"db_password_{tag}"  # as Compose mounts it under /run/secrets/
     secret.write_text(app["APP_DB_PASSWORD"] + "\n")
-    env = {"PATH": f"{Path(stack._pg_bin('psql')).parent}:{os.environ['PATH']}", "POSTGRES_USER": admin,
+    env = {"PATH": f"{Path(stack.pg_bin('psql')).parent}:{os.environ['PATH']}", "POSTGRES_USER": admin,
            "PGPASSWORD": admin_password, "PGHOST": "127.0.0.1", "PGPORT": str(embedded.pg_port),
            "APP_DB_USER": app["APP_DB_USER"], "APP_DB_NAME": app["APP_DB_NAME"], "APP_DB_PASSWORD_FILE": str(secret)}
     script = Path(__file__).resolve().parents[2] / "docker" / "postgres-init.sh"
