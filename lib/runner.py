@@ -173,12 +173,42 @@ RESET = ("__import__('gc').freeze(); get_ipython().reset(new_session=True); __im
 SAVE_EVERY_S = 1.0
 
 
+async def _until_ready(kc, timeout: float) -> None:
+    """jupyter_client's `wait_for_ready` less its last step: the kernel has answered kernel_info and
+    IOPub delivers (a status message arrives), but IOPub is not then drained until it has been quiet
+    for 0.2 s, which added 0.2 s to every kernel start. What stays on IOPub is kernel_info's and the
+    start-up's; nbclient takes each cell's outputs by the cell's own request id."""
+    from queue import Empty
+
+    from jupyter_core.utils import ensure_async
+
+    deadline = time.monotonic() + timeout
+    while True:
+        kc.kernel_info()
+        try:
+            reply = await ensure_async(kc.shell_channel.get_msg(timeout=1))
+        except Empty:
+            reply = None
+        if reply is not None and reply["msg_type"] == "kernel_info_reply":
+            try:
+                await ensure_async(kc.iopub_channel.get_msg(timeout=0.2))
+            except Empty:  # not subscribed yet: ask again
+                pass
+            else:
+                getattr(kc, "_handle_kernel_info_reply", lambda _: None)(reply)  # protocol version
+                return
+        if not await ensure_async(kc.is_alive()):
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kernel didn't respond in {timeout:.0f} seconds")
+
+
 def _warm_engine():
     """papermill's nbclient engine on a kernel started beforehand (lib/runner.py `Kernels`): before
     the notebook's first cell the kernel's namespace, history and execution count are reset, so the
     notebook runs as on a new kernel; the kernel stays up for the next stage. Parameter injection,
     saving after each cell and the partial notebook on failure stay papermill's."""
-    from jupyter_core.utils import run_sync
+    from jupyter_core.utils import ensure_async, run_sync
     from nbclient.util import run_hook
     from papermill.clientwrap import PapermillNotebookClient
     from papermill.engines import NBClientEngine
@@ -190,7 +220,16 @@ def _warm_engine():
         async def async_start_new_kernel_client(self):
             kc = self.kernels.kc if self.kernels is not None else None
             if kc is None:
-                kc = await super().async_start_new_kernel_client()
+                # nbclient's own start of a client, but for the readiness check (_until_ready).
+                self.kc = kc = self.km.client()
+                await ensure_async(kc.start_channels())
+                try:
+                    await _until_ready(kc, self.startup_timeout)
+                except Exception:
+                    await self._async_cleanup_kernel()
+                    raise
+                kc.allow_stdin = False
+                await run_hook(self.on_notebook_start, notebook=self.nb)
                 if self.kernels is not None:
                     self.kernels.kc = kc
             else:

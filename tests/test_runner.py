@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from lib import config, registry, runner
 
 ROOT = config.ROOT
@@ -125,6 +127,50 @@ def test_the_run_kernel_is_ipykernel_without_its_debugger_and_other_kernels_are_
     runner.without_debugger(other)
     assert other.argv[1:3] == ["-m", "my_kernel"]
     runner.without_debugger(None)  # no spec (papermill's own kernel): nothing to do
+
+
+def test_notebooks_run_one_after_another_on_the_run_kernel_through_one_client(tmp_path):
+    """The first notebook connects to the run's kernel and checks it is ready (runner._until_ready,
+    not jupyter_client's wait that ends by draining IOPub for 0.2 s); the next notebook keeps that
+    client. Each notebook's outputs are its own, on a reset kernel."""
+    import nbformat
+    from jupyter_core.utils import run_sync
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    papermill = runner.import_papermill()
+    notebook = tmp_path / "in.ipynb"
+    nbformat.write(new_notebook(cells=[new_code_cell("x = 6 * 7"), new_code_cell("print(x)")]), notebook)
+    kernels = runner.Kernels("python3", "kernel-test")
+    try:
+        km = kernels.take()
+        assert km is not None and kernels.kc is None
+        clients = []
+        for n in (1, 2):
+            out = tmp_path / f"out{n}.ipynb"
+            papermill.execute_notebook(str(notebook), str(out), kernel_name="python3", progress_bar=False,
+                                       engine_name=runner._engine_on_warm_kernel(), km=km, kernels=kernels)
+            cells = nbformat.read(out, as_version=4).cells
+            assert [c.execution_count for c in cells] == [1, 2]  # a reset kernel each time
+            assert [o["text"] for o in cells[1].outputs] == ["42\n"]  # and only this cell's output
+            clients.append(kernels.kc)
+        assert clients[0] is not None and clients[0] is clients[1]
+    finally:
+        kernels.close()
+    # A kernel that never answers is reported as such once the time given has passed.
+    silent = runner.Kernels("python3", "kernel-test")
+    try:
+        km = silent.take()
+        import signal
+
+        run_sync(km.signal_kernel)(signal.SIGSTOP)
+        kc = km.client()
+        kc.start_channels()
+        with pytest.raises(RuntimeError, match="didn't respond in 2 seconds"):
+            run_sync(runner._until_ready)(kc, 2)
+        kc.stop_channels()
+        run_sync(km.signal_kernel)(signal.SIGCONT)
+    finally:
+        silent.close()
 
 
 def test_the_run_kernel_draws_the_index_trends_and_the_index_shows_them(tmp_path):
