@@ -172,7 +172,7 @@ def cmd_diff(argv: list[str]) -> int:
         report_ = review.diff(config.settings(env), args.run_a, args.run_b)
     except names.InvalidName as err:
         return usage_error(str(err))
-    except RuntimeError as err:  # PipelineError and the diff's own: a run's data is missing or unreadable
+    except PipelineError as err:  # a run's data is missing or unreadable
         print(f"run_pipeline.py diff: {err}", file=sys.stderr)
         return runner.EXIT_FAILED
     print(review.runs_json(report_) if args.json else review.diff_text(report_))
@@ -201,9 +201,9 @@ def cmd_run(argv: list[str]) -> int:
             stages = chosen = None
             if not args.resume:
                 stages = params.parse_stages(args.stages)
-                chosen = params.parse(args.param, stages)
+                chosen = runner.parse_parameters(args.param, stages)
             env = config.environment()
-            config.check_for_run(env)  # hook (issue 9): API URL, outputs and logs folders, before anything starts
+            runner.check_configuration(env)  # API URL, outputs and logs folders, before anything starts
             if not (config.uses_embedded_store(env) or config.uses_embedded_db(env)):
                 config.settings(env)  # a configured stack: its settings can be checked now
         except PipelineError as err:  # bad arguments or settings: nothing ran
@@ -217,9 +217,9 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     from lib import db, progress
 
     # 2. Services: start the embedded ones if nothing else is configured.
-    progress.install()  # [review hook] progress lines on stderr while the run goes
+    progress.install()  # progress lines on stderr while the run goes
     try:
-        progress.start_stack(env)  # [review hook] was runner.ensure_stack(env), now says what it starts
+        progress.start_stack(env)  # says what it starts, and how long each service took
         settings = config.settings(env)
     except PipelineError as err:
         if err.exit_code == runner.EXIT_USAGE:  # a bad setting: nothing ran
@@ -228,7 +228,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         return err.exit_code
     try:
         logfile = logsetup.setup(settings.logs_dir, settings.secrets())
-    except logsetup.LogWriteError as err:  # hook (issue 9): a log that takes no lines fails the run
+    except logsetup.LogWriteError as err:  # a log that takes no lines fails the run
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return runner.EXIT_FAILED
 
@@ -266,7 +266,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     runner.install_signal_handlers()
     try:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
-            if args.resume:  # hook (issue 9): a killed kernel's session would block the resumed load
+            if args.resume:  # a killed kernel's session would block the resumed load
                 db.end_run_sessions(settings.db, run_id)
             return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone

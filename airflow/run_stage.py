@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from lib import config, names, params, registry, runs
+from lib import config, names, registry, runner, runs
 from lib.errors import PipelineError
 
 RUNNER = config.ROOT / "run_pipeline.py"
@@ -34,7 +34,7 @@ def stage_parameters(pairs: list[str], stage: str) -> list[str]:
     """The `--param` pairs the stage's notebook declares; a key that no stage declares is an error."""
     if not pairs:
         return []
-    declared = {s: params.declared(s) for s in registry.NAMES}
+    declared = {s: runner.declared(s) for s in registry.NAMES}
     chosen = []
     for pair in pairs:
         key, sep, _ = pair.partition("=")

@@ -94,25 +94,25 @@ def measure(argv: list[str], env: dict, interval: float = 0.05, tree_every: floa
 # --- the plain process: the stage functions, no notebooks -----------------------------------------------
 
 def plain(run_id: str, table: str) -> None:
-    """The five stages as the notebooks call them, minus the notebooks (and their previews)."""
-    from lib import stages
+    """The stages as the notebooks call them, minus the notebooks (and their previews)."""
+    from lib.stages import clean, context, export, gold, ingest, load
 
-    s = stages.begin("01_ingest", run_id, min_records=200)
-    stages.ingest(s, min_records=200)
+    s = context.begin("01_ingest", run_id, min_records=200)
+    ingest.run(s, min_records=200)
     s.finish()
-    s = stages.begin("02_clean", run_id)
-    stages.write_clean(s, stages.prepare_clean(s))
+    s = context.begin("02_clean", run_id)
+    clean.write(s, clean.prepare(s))
     s.finish()
-    s = stages.begin("03_load", run_id, table=table)
-    stages.load(s, table=table)
+    s = context.begin("03_load", run_id, table=table)
+    load.run(s, table=table)
     s.finish()
-    s = stages.begin("04_export", run_id, table=table)
-    stages.export(s, table=table)
+    s = context.begin("04_export", run_id, table=table)
+    export.run(s, table=table)
     s.finish()
-    s = stages.begin("05_gold", run_id, table=table)
-    golden = stages.build_gold(s, table=table)
-    stages.reconcile(s, golden)
-    stages.publish(s, golden)
+    s = context.begin("05_gold", run_id, table=table)
+    golden = gold.build(s, table=table)
+    gold.reconcile(s, golden)
+    gold.publish(s, golden)
     s.finish()
 
 
@@ -143,7 +143,7 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
     import requests
 
     from lib import contract, db, formats, layout, storage
-    from lib.stages import run_objects
+    from lib.stages.context import run_objects
 
     s3 = storage.client(settings.store)
     cloud = storage.cloud_client(settings.cloud)

@@ -200,16 +200,8 @@ def _usable_dir(path: Path, variable: str) -> None:
         raise ConfigError(f"{variable}: {path} is not writable")
 
 
-def check_for_run(env: dict[str, str]) -> None:
-    """What a run needs from its configuration that can be checked before anything starts: the API
-    URL (scheme, field count) and usable outputs and logs folders. Raises ConfigError."""
-    from lib import source  # late import: keeps config free of the HTTP client for notebooks
-
-    if env.get("API_BASE_URL"):
-        try:
-            source.check_url(env["API_BASE_URL"])
-        except source.SourceError as err:
-            raise ConfigError(f"API_BASE_URL: {err}") from None
+def check_folders(env: dict[str, str]) -> None:
+    """Usable outputs and logs folders, checked before a run starts. Raises ConfigError."""
     _usable_dir(outputs_dir(env), "PIPELINE_OUTPUTS_DIR")
     _usable_dir(logs_dir(env), "PIPELINE_LOGS_DIR")
 

@@ -6,20 +6,22 @@ wrote the bytes, so every hop reads the same values. PostgreSQL's own hop (COPY)
 
 from __future__ import annotations
 
+import csv
 import io
 import json
 import json.encoder
 from dataclasses import dataclass
-from typing import Callable
-
-import pandas as pd
+from typing import TYPE_CHECKING, Callable
 
 from lib.contract import COLUMNS, CONTRACT, LIST_COLUMNS, TEXT_COLUMNS
 from lib.errors import PipelineError
 
+if TYPE_CHECKING:  # pandas (~0.4 s to import) is imported where frames are made: the runner checks format names
+    import pandas as pd
+
 # The default formats of silver and gold objects (docs/benchmark.md says how they were chosen).
-SILVER = "parquet"
-GOLD = "parquet"
+DEFAULT_SILVER = "parquet"
+DEFAULT_GOLD = "parquet"
 
 
 class FormatError(PipelineError):
@@ -37,6 +39,8 @@ class Format:
 
 def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
     """Contract types for a frame read from any format (extra columns are kept as read)."""
+    import pandas as pd
+
     missing = [c for c in COLUMNS if c not in frame]
     if missing:
         raise FormatError(f"{what} lacks contract columns: {', '.join(missing)}")
@@ -76,17 +80,23 @@ def csv_encode(frame: pd.DataFrame) -> bytes:
 
 
 def csv_decode(data: bytes) -> pd.DataFrame:
+    import pandas as pd
+
     return _csv_typed(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False))
 
 
 def csv_chunks(fileobj, rows: int = 50_000):
     """A CSV object read from a file object as typed frames of at most `rows` rows, so a table of any
     size is never held whole."""
+    import pandas as pd
+
     for frame in pd.read_csv(fileobj, dtype=str, keep_default_na=False, chunksize=rows):
         yield _csv_typed(frame)
 
 
 def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
+    import pandas as pd
+
     frame.columns = [c.lower() for c in frame.columns]  # an export may carry upper-case names (column_case)
     for col in LIST_COLUMNS:
         if col in frame:
@@ -112,7 +122,6 @@ class ForwardReader:
     """A binary file object read forward only (an object's body as it downloads): `read`,
     `readline`, bytes put back in front (`unread`), its first line remembered (`first_line`), and
     every byte taken from it also written to `sink` when given (a spool that hashes it)."""
-
     closed = False
 
     def __init__(self, raw, sink=None):
@@ -156,8 +165,6 @@ class ForwardReader:
 
 def _header_names(line: bytes) -> list[str]:
     """A CSV header line's column names, lower-cased (column_case=upper writes them upper-case)."""
-    import csv
-
     header = line.decode("utf-8")
     return [n.lower() for n in next(csv.reader([header]))] if header.strip() else []
 
@@ -170,7 +177,6 @@ def csv_arrow_batches(fileobj, extra: dict | None = None, block_size: int = 8 <<
     The file is read in blocks of READ_BLOCK bytes and the batches joined up to `block_size`: the
     reader reads a few dozen blocks ahead of the parser, each a Python bytes object the allocator
     keeps afterwards, so big blocks cost some 25 times their size in memory (8 MiB: ~400 MiB)."""
-
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -422,6 +428,8 @@ def parquet_decode(data: bytes, rows: int | None = None) -> pd.DataFrame:
 
         batch = next(pq.ParquetFile(io.BytesIO(data)).iter_batches(batch_size=rows), None)
         table = pa.Table.from_batches([batch]) if batch is not None else pq.read_table(io.BytesIO(data))
+    import pandas as pd
+
     frame = pd.DataFrame({
         name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
     return _typed(frame, "Parquet")

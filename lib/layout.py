@@ -5,7 +5,7 @@
                quarantine/ingest_date=D/run_id=R/quarantine.<ext>
     cloud      <prefix>/<table>/run_id=R/<table>.csv                      (+ <prefix>/<table>/latest/)
     gold       countries/run_id=R/<table>.<ext>, aggregates/run_id=R/<aggregate>.<ext> (one per
-               lib/gold.py aggregate), changes/run_id=R/changes.json                       (+ …/latest/…)
+               lib/aggregates.py), changes/run_id=R/changes.json                       (+ …/latest/…)
 
 A `latest` key is the run-scoped key with `run_id=R` replaced by `latest`.
 """

@@ -18,6 +18,7 @@ Lineage is a side channel: an event that cannot be written or sent is logged and
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import uuid
@@ -37,7 +38,7 @@ from openlineage.client.facet_v2 import (
 from openlineage.client.naming import dataset as naming
 from openlineage.client.transport.file import FileConfig, FileTransport
 
-from lib import config, contract, layout, source
+from lib import config, contract, layout, runs, source
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +144,6 @@ def stage_event(run_id: str, stage: str, entry: dict, event_type: RunState) -> R
 
 
 def _now() -> str:
-    from lib import runs
-
     return runs.now()
 
 
@@ -224,8 +223,6 @@ def stage_ended(record, stage: str) -> None:
 
 def read_events(run_dir: Path) -> list[dict]:
     """The events written to a run folder, in order."""
-    import json
-
     path = run_dir / EVENTS_FILE
     if not path.exists():
         return []

@@ -1,12 +1,12 @@
-"""Stage parameters: parsing what the user typed (`--stages`, `-p KEY=VALUE`) and checking every value,
-with one vocabulary for booleans. The runner checks before any kernel starts; the stage functions
-check again with the same rules, so a notebook run by hand refuses the same values."""
+"""Parsing what the user typed: `--stages`, `-p KEY=VALUE` (typed as the notebook declares), and one
+vocabulary for booleans. Only parsing: the rules a value must pass beyond its type belong to the
+stages (lib/stages/context.py `RULES`) and are handed in by the caller."""
 
 from __future__ import annotations
 
 import re
 
-from lib import names, registry
+from lib import registry
 from lib.errors import PipelineError
 
 TRUE = ("true", "1", "yes", "on")
@@ -32,66 +32,9 @@ def boolean(value, name: str) -> bool:
     raise UsageError(f"{name}={value!r} is not a boolean: use true or false")
 
 
-def _bad(message: str):
+def bad(message: str):
+    """Raise UsageError (for rules written as expressions)."""
     raise UsageError(message)
-
-
-def _one_of(name: str, choices) -> callable:
-    return lambda v: v if v in choices else _bad(f"{name} {v!r} is not one of {', '.join(choices)}")
-
-
-def _positive(name: str) -> callable:
-    return lambda v: v if v > 0 else _bad(f"{name} {v} must be more than 0")
-
-
-def _checks() -> dict:
-    # db, formats and source are imported by the rules that use them (late: they import this module's
-    # neighbours; and formats imports pandas, which a run's own process needs for nothing else).
-    def db():
-        from lib import db
-
-        return db
-
-    def formats():
-        from lib import formats
-
-        return formats
-
-    def source():
-        from lib import source
-
-        return source
-
-    return {
-        "db_schema": names.schema,
-        "table": lambda v: names.sql_identifier(v, "table"),
-        "write_mode": lambda v: _one_of("write_mode", db().WRITE_MODES)(v),
-        "column_case": _one_of("column_case", ("lower", "upper")),
-        "backfill_date": lambda v: v if v == "" or DATE.match(v) else _bad(f"backfill_date {v!r} is not YYYY-MM-DD"),
-        "snapshot_fallback": lambda v: (v if str(v).strip().lower() in ("auto", *TRUE, *FALSE)
-                                        else _bad(f"snapshot_fallback {v!r} is not auto, true or false")),
-        "api_url": lambda v: v if v == "" else source().check_url(v),
-        **{k: (lambda v: v if v == "" else formats().get(v).name) for k in ("silver_format", "gold_format")},
-        "max_invalid_fraction": lambda v: v if 0 <= v <= 1 else _bad(f"max_invalid_fraction {v} is not between 0 and 1"),
-        "min_records": lambda v: v if v >= 1 else _bad(f"min_records {v} must be at least 1"),
-        "max_attempts": lambda v: v if v >= 1 else _bad(f"max_attempts {v} must be at least 1"),
-        "preview_rows": lambda v: v if v >= 0 else _bad(f"preview_rows {v} must not be negative"),
-        **{k: _positive(k) for k in ("connect_timeout", "read_timeout", "max_total_seconds")},
-    }
-
-
-def check(name: str, value):
-    """Refuse a value that is wrong beyond its type (UsageError naming it); return it unchanged."""
-    rule = _checks().get(name)
-    if rule is None:
-        return value
-    try:
-        rule(value)
-    except UsageError:
-        raise
-    except PipelineError as err:  # names.InvalidName, source.SourceError, ...
-        raise UsageError(str(err)) from None
-    return value
 
 
 def parse_stages(spec: str) -> list[str]:
@@ -113,13 +56,6 @@ def parse_stages(spec: str) -> list[str]:
     return [registry.by_number(n).name for n in sorted(chosen)]
 
 
-def declared(stage: str) -> dict:
-    """The parameters a stage notebook declares (papermill reads its `parameters` cell)."""
-    from lib.runner import import_papermill
-
-    return import_papermill().inspect_notebook(str(registry.get(stage).notebook))
-
-
 def convert(key: str, raw: str, type_name: str):
     """A command-line string → the type the notebook declares."""
     try:
@@ -134,9 +70,11 @@ def convert(key: str, raw: str, type_name: str):
     return raw
 
 
-def parse(pairs: list[str], stages: list[str]) -> dict[str, dict]:
-    """-p KEY=VALUE pairs → {stage: {key: typed, checked value}} for the chosen stages that declare KEY."""
-    known = {s: declared(s) for s in stages}
+def parse(pairs: list[str], known: dict[str, dict], check=lambda key, value: value) -> dict[str, dict]:
+    """-p KEY=VALUE pairs → {stage: {key: typed, checked value}} for the chosen stages that declare
+    KEY. `known` maps each chosen stage to the parameters its notebook declares (papermill's
+    `inspect_notebook`); `check(key, value)` refuses a value with UsageError."""
+    stages = list(known)
     out: dict[str, dict] = {s: {} for s in stages}
     for pair in pairs:
         key, sep, raw = pair.partition("=")

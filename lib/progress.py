@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from lib import config, stack
 from lib.runner import import_papermill
 
 import_papermill()  # papermill without the grammar jsonschema would build at import (lib/runner.py)
@@ -147,8 +148,6 @@ def install(stream=None) -> Progress:
 def start_stack(env: dict[str, str]) -> None:
     """Start the embedded services this configuration relies on, one by one, saying how long each took
     (a running one is reused and says so)."""
-    from lib import config, stack
-
     needed = [s for s, embedded in (("object_store", config.uses_embedded_store(env)),
                                     ("database", config.uses_embedded_db(env))) if embedded]
     if not needed:

@@ -183,13 +183,13 @@ RECORD_RULES = {c.name: _rule_for(c) for c in CONTRACT}
 
 # The typed silver table every later hop reads back.
 _DTYPES = {"text": object, "text[]": object, "bigint": "int64", "double": "float64"}
-SILVER = pa.DataFrameSchema(
+SILVER_SCHEMA = pa.DataFrameSchema(
     {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
     strict="filter",
     ordered=False,
     name=f"silver contract v{VERSION}",
 )
-SILVER_ROWS = pa.DataFrameSchema(
+SILVER_ROWS_SCHEMA = pa.DataFrameSchema(
     {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable) for c in CONTRACT},
     strict="filter", ordered=False, name=f"silver contract v{VERSION} (rows of a chunk)",
 )
@@ -359,7 +359,7 @@ def typed(frame: pd.DataFrame, unique: bool = True) -> pd.DataFrame:
     out["area"] = out["area"].astype("float64")
     for col in TEXT_COLUMNS + LIST_COLUMNS:
         out[col] = out[col].astype(object)
-    return (SILVER if unique else SILVER_ROWS).validate(out)
+    return (SILVER_SCHEMA if unique else SILVER_ROWS_SCHEMA).validate(out)
 
 
 _CANONICAL = json_text
@@ -450,8 +450,6 @@ def _json_lists(values):
     separator may differ ("," from PostgreSQL), and it is rewritten as ", " after each whole string
     the pattern matches (matching from a cell's opening quote string by string, a quote escaped
     inside a string is never taken for a string's end); any other spelling is parsed and written again."""
-    import json
-
     pa, pc = _arrow()
     if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
         if values.null_count == 0 and pc.all(pc.match_substring_regex(values, _JSON_TEXT_LIST)).as_py() is not False:

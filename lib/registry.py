@@ -2,7 +2,7 @@
 writes, and the hops it reports for reconciliation. The runner (`--stages`, preflight, resume), the run
 record, reconciliation and the reports read this table; nothing else names a stage.
 
-Adding a stage: its notebook in notebooks/, one entry below, its function in lib/stages.py.
+Adding a stage: its notebook in notebooks/, one entry below, its module in lib/stages/ (`Stage.module`).
 """
 
 from __future__ import annotations
@@ -51,6 +51,11 @@ class Stage:
     @property
     def notebook(self) -> Path:
         return NOTEBOOKS / f"{self.name}.ipynb"
+
+    @property
+    def module(self) -> str:
+        """What the notebook calls: notebooks/01_ingest.ipynb → lib.stages.ingest."""
+        return f"lib.stages.{self.name.split('_', 1)[1]}"
 
 
 STAGES: tuple[Stage, ...] = (

@@ -215,9 +215,9 @@ def _changes(manifest: dict, s: dict, store) -> str:
     data, why = _read_object(obj, store)
     if data is None:
         return text + f"<p>The change report could not be read ({e(str(why))}).</p>"
-    from lib import gold
+    from lib import changes
 
-    rows = gold.changes_table(json.loads(data)).to_dict(orient="records")
+    rows = changes.table(json.loads(data)).to_dict(orient="records")
     return text + _table(rows, ["country", "change", "field", "old", "new"], table_id="changes")
 
 
@@ -504,7 +504,7 @@ def after_run(run_dir: Path, pages: Pages | None = None, pictures=None) -> None:
 # --- what a notebook's last cell shows ---------------------------------------------------------------
 
 class RecordView(str):
-    """The path of a saved stage record (a str, as before) that displays as what was recorded: counts,
+    """The path of a saved stage record (a str) that displays as what was recorded: counts,
     objects with full URIs, details, and request attempts when there were retries."""
 
     def __new__(cls, path, data: dict):

@@ -11,7 +11,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from lib import names, registry, runs
+from lib import changes, formats, layout, names, registry, runs, storage
+from lib.errors import PipelineError
 
 # The stage writing each layer (from the registry), and the layer's column name in the index.
 LAYERS = {registry.writer_of(layer).name: label for layer, label in
@@ -108,14 +109,12 @@ def runs_json(rows: list[dict]) -> str:
 
 # --- diff between two runs ----------------------------------------------------------------------------
 
-class DiffError(RuntimeError):
+class DiffError(PipelineError):
     """A run's data cannot be found; the message names the run and where it was looked for."""
 
 
 def gold_table(settings, run_id: str):
     """The gold table a run wrote (its export when gold is missing), as a DataFrame, and its URI."""
-    from lib import formats, layout, storage
-
     names.run_id(run_id)
     manifest = runs.read_json(runs.manifest_path(settings, run_id)) or {}
     gold_stage = registry.writer_of("gold").name
@@ -136,11 +135,9 @@ def gold_table(settings, run_id: str):
 
 def diff(settings, a: str, b: str) -> dict:
     """Countries added, removed and changed (field: [old, new]) from run A's gold to run B's."""
-    from lib import gold
-
     old, old_uri = gold_table(settings, a)
     new, new_uri = gold_table(settings, b)
-    report = gold.changes(old, new, a)
+    report = changes.of_frames(old, new, a)
     return {"from": a, "to": b, "from_uri": old_uri, "to_uri": new_uri, **report}
 
 

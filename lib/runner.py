@@ -5,15 +5,22 @@ stages themselves are declared in lib/registry.py.
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import signal
+import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty
 
-from lib import config, registry, runs
+import requests
 
-# db, source, stack, storage and papermill are imported where used: the run's kernel is started
-# before them (run_pipeline.py), so that it boots while this process imports them.
+from lib import config, db, lineage, params, registry, runs, source, stack, storage
+from lib.stages import parameters
+
+# papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
+# it boots while this process imports it.
 
 log = logging.getLogger(__name__)
 
@@ -22,17 +29,23 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 # --- preflight -------------------------------------------------------------------------------------
 
+def check_configuration(env: dict[str, str]) -> None:
+    """What a run needs from its configuration that can be checked before anything starts: the API
+    URL (scheme, field count) and usable outputs and logs folders. Raises config.ConfigError."""
+    if env.get("API_BASE_URL"):
+        try:
+            source.check_url(env["API_BASE_URL"])
+        except source.SourceError as err:
+            raise config.ConfigError(f"API_BASE_URL: {err}") from None
+    config.check_folders(env)
+
+
 def preflight(settings: config.Settings, stages: list[str], params: dict[str, dict],
               hints: dict[str, dict] | None = None) -> list[str]:
     """Check that every service the chosen stages need (lib/registry.py) answers. Returns the
     problems (empty: go). `hints`, when given, receives parameters for stages that follow from what
     was found: a stage whose API could not be reached tries it once, then goes to the snapshot,
     instead of spending its retry budget on it again."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import requests
-
-    from lib import db, source, storage
 
     def api(stage: str) -> list[str]:
         url = params.get(stage, {}).get("api_url") or settings.api_url
@@ -117,7 +130,7 @@ def failed_cell(err: Exception) -> str:
 KERNEL_ARGUMENTS = ["--IPKernelApp.log_level=ERROR", "--HistoryManager.enabled=False"]
 # What the stage notebooks import, imported by a warm kernel while the runner starts the services:
 # lib, and matplotlib for the gold notebook's chart (~0.5 s that stage 5 would otherwise wait for).
-PRELOAD = "import lib.stages; import matplotlib.pyplot"
+PRELOAD = f"import {', '.join(s.module for s in registry.STAGES)}; import matplotlib.pyplot"
 ENGINE = "medallion"
 
 
@@ -126,8 +139,6 @@ def import_papermill():
     an RFC 3987 grammar at import (rfc3987_syntax) for a string format no notebook schema uses; and
     without pyarrow, which papermill imports for its HDFS paths (~80 MiB of the runner's memory for
     the whole run; the runner reads and writes local notebooks only)."""
-    import sys
-
     if "jsonschema" not in sys.modules and "rfc3987_syntax" not in sys.modules:
         sys.modules["rfc3987_syntax"] = None  # jsonschema treats it as not installed
         try:
@@ -143,6 +154,17 @@ def import_papermill():
     import papermill
 
     return papermill
+
+
+def declared(stage: str) -> dict:
+    """The parameters a stage notebook declares (papermill reads its `parameters` cell)."""
+    return import_papermill().inspect_notebook(str(registry.get(stage).notebook))
+
+
+def parse_parameters(pairs: list[str], stages: list[str]) -> dict[str, dict]:
+    """-p KEY=VALUE pairs → {stage: {key: value}}, typed as each chosen notebook declares and checked
+    with the stages' rules (lib/stages/parameters.py)."""
+    return params.parse(pairs, {s: declared(s) for s in stages}, parameters.check)
 
 
 def _engine_on_warm_kernel() -> str:
@@ -178,8 +200,6 @@ async def _until_ready(kc, timeout: float) -> None:
     IOPub delivers (a status message arrives), but IOPub is not then drained until it has been quiet
     for 0.2 s, which added 0.2 s to every kernel start. What stays on IOPub is kernel_info's and the
     start-up's; nbclient takes each cell's outputs by the cell's own request id."""
-    from queue import Empty
-
     from jupyter_core.utils import ensure_async
 
     deadline = time.monotonic() + timeout
@@ -322,7 +342,7 @@ class Kernels:
         km = AsyncKernelManager(kernel_name=self.name, kernel_spec_manager=kernel_specs())
         try:
             without_debugger(km.kernel_spec)
-            # RUNNER_ENV tells `stages.begin` in the kernel that the runner owns this run's record.
+            # RUNNER_ENV tells `context.begin` in the kernel that the runner owns this run's record.
             run_sync(km.start_kernel)(extra_arguments=[*KERNEL_ARGUMENTS, f"--IPKernelApp.exec_lines={PRELOAD}"],
                                       cwd=str(config.ROOT), env={**os.environ, runs.RUNNER_ENV: self.run_id})
         except Exception as err:  # noqa: BLE001 - papermill will start one and report why it cannot
@@ -358,7 +378,6 @@ class Kernels:
             return lambda: None
 
         def wait():
-            import ast
 
             from jupyter_core.utils import run_sync
 
@@ -418,10 +437,11 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
     papermill = import_papermill()
 
     record.stage_started(stage)  # an earlier execution's record and notebook become an attempt
+    lineage.stage_started(record, stage)  # OpenLineage START (never raises)
     started = time.monotonic()
     output = record.dir / f"{stage}.ipynb"
     log.info("stage %s: running %s", stage, output)
-    # The kernel inherits this: it tells `stages.begin` that the runner owns the run's record.
+    # The kernel inherits this: it tells `context.begin` that the runner owns the run's record.
     saved = os.environ.get(runs.RUNNER_ENV)
     os.environ[runs.RUNNER_ENV] = record.run_id
     warm = {}
@@ -438,17 +458,23 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
             extra_arguments=KERNEL_ARGUMENTS, **warm,
         )
     except Interrupted:
-        record.stage_ended(stage, "interrupted", time.monotonic() - started, "interrupted")
+        _ended(record, stage, "interrupted", time.monotonic() - started, "interrupted")
         raise
     except BaseException as err:
-        record.stage_ended(stage, "failed", time.monotonic() - started, failed_cell(err))
+        _ended(record, stage, "failed", time.monotonic() - started, failed_cell(err))
         raise
     finally:
         if saved is None:
             os.environ.pop(runs.RUNNER_ENV, None)
         else:
             os.environ[runs.RUNNER_ENV] = saved
-    record.stage_ended(stage, "succeeded", time.monotonic() - started)
+    _ended(record, stage, "succeeded", time.monotonic() - started)
+
+
+def _ended(record: runs.RunRecord, stage: str, status: str, seconds: float, error: str | None = None) -> None:
+    """The runner's verdict in the stage record, then OpenLineage COMPLETE, FAIL or ABORT (never raises)."""
+    record.stage_ended(stage, status, seconds, error)
+    lineage.stage_ended(record, stage)
 
 
 def summary_line(stage: str, entry: dict) -> str:
@@ -472,8 +498,6 @@ def summary_line(stage: str, entry: dict) -> str:
 
 def ensure_stack(env: dict[str, str]) -> None:
     """Start the embedded services this configuration relies on (a running one is reused)."""
-    from lib import stack
-
     needed = tuple(s for s, embedded in (("object_store", config.uses_embedded_store(env)),
                                          ("database", config.uses_embedded_db(env))) if embedded)
     if needed:

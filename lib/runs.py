@@ -21,7 +21,6 @@ from lib.errors import PipelineError
 
 
 RUNNER_ENV = "MEDALLION_RUNNER_RUN"  # set by the runner for the kernels it starts: the run id
-ORIGINS = ("runner", "jupyterlab", "papermill")
 # Interactive run ids say where they came from: lab-20261128T184700Z-3fa2c1, papermill-…
 INTERACTIVE_PREFIX = {"jupyterlab": "lab", "papermill": "papermill"}
 
@@ -389,15 +388,12 @@ class RunRecord:
 
     def stage_started(self, stage: str) -> None:
         """The runner starts a stage: an earlier execution's record becomes an attempt, and a new
-        record says the stage is running (the kernel takes it over in `stages.begin`)."""
+        record says the stage is running (the kernel takes it over in `context.begin`)."""
         keep_attempt(self.settings, self.run_id, stage)
         record = StageRecord(self.settings, self.run_id, stage, self.data.get("parameters", {}).get(stage, {}))
         record.data.update(origin="runner", notebook=f"{stage}.ipynb")
         record._write()
         self.refresh()
-        from lib import lineage  # the OpenLineage client (~0.2 s to import) only where events are sent
-
-        lineage.stage_started(self, stage)  # hook: OpenLineage START (never raises)
 
     def stage_ended(self, stage: str, status: str, seconds: float, error: str | None = None) -> None:
         """The runner's verdict on a stage, written into its record (the record the notebook left,
@@ -413,9 +409,6 @@ class RunRecord:
             record.pop("error", None)
         write_json(path, record)
         self.refresh()
-        from lib import lineage
-
-        lineage.stage_ended(self, stage)  # hook: OpenLineage COMPLETE / FAIL / ABORT (never raises)
 
     def keep_attempt(self, stage: str) -> None:
         """Move an earlier attempt's record and executed notebook aside (see `keep_attempt`)."""

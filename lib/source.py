@@ -20,6 +20,7 @@ import msgspec
 import requests
 import tenacity
 
+from lib import storage
 from lib.contract import MAX_SOURCE_FIELDS, SOURCE_FIELDS
 from lib.errors import PipelineError
 
@@ -80,9 +81,7 @@ def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
     The consumer works in a thread of its own, a few chunks behind at most, so checking overlaps
     receiving (sockets, hashing and file writes release the GIL); what it raises is raised here,
     and receiving stops at once."""
-    from lib.storage import HashingSpool  # late: the payload checks need no S3 client
-
-    spool = HashingSpool(max_memory=SPOOL_MEMORY)
+    spool = storage.HashingSpool(max_memory=SPOOL_MEMORY)
     queue: Queue = Queue(maxsize=4)
     failed: list[BaseException] = []
 
@@ -272,7 +271,7 @@ class PayloadReader:
     on, so a payload of any size is never held whole. Each record is decoded by the C json decoder
     (`raw_decode`); a record cut off by the end of the data received so far is decoded again once
     at least as much again has arrived. A payload that is not a UTF-8 JSON array (an error, or a
-    rare UTF-16 one) is parsed whole at the end, as before.
+    rare UTF-16 one) is parsed whole at the end (`parse_whole`).
     Whole runs of records are decoded by msgspec where it can (`_decode_run`): the same values json
     gives, several times faster. With shallow=True only each record's fields are decoded, their
     values kept as msgspec.Raw (the JSON checked, not built: the ingest's scan needs the fields
@@ -519,7 +518,7 @@ def _decode_run(text: str | bytes, shallow: bool) -> list | None:
     """A JSON array of records decoded by msgspec (shallow: each a dict of its fields' msgspec.Raw
     JSON), or None where msgspec refuses it: JSON that json reads though the standard does not (NaN,
     a number beyond a double's range, a lone surrogate), an item that is not an object (shallow), or
-    broken JSON. Then json decodes it as before, so every such outcome, message included, is json's.
+    broken JSON. Then json decodes it, so every such outcome, message included, is json's.
     Where msgspec accepts the text, its values are json's (tests/test_source.py compares them)."""
     try:
         return _DECODERS[shallow].decode(text)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import queue
 import tempfile
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -233,9 +235,6 @@ def read_ahead(body, chunk_bytes: int, digest=None, depth: int = 4):
     socket and hashing release the GIL, so they go on while the caller parses the chunk before.
     The last chunk is b""; an error reading is raised to the caller. Closing the generator (or
     leaving the loop) stops the thread."""
-    import queue
-    import threading
-
     chunks: queue.Queue = queue.Queue(depth)
     stop = threading.Event()
 

@@ -66,7 +66,7 @@ def test_parquet_is_smaller_than_csv_for_the_same_table(clean):
 
 
 def test_a_format_is_found_by_name_or_key_and_an_unknown_one_is_refused():
-    assert formats.get(formats.SILVER).name == formats.SILVER and formats.GOLD in formats.FORMATS
+    assert formats.get(formats.DEFAULT_SILVER).name == formats.DEFAULT_SILVER and formats.DEFAULT_GOLD in formats.FORMATS
     assert formats.of_key("countries/run_id=r/capitals_clean.parquet").name == "parquet"
     assert formats.of_key("a/b.csv").content_type == "text/csv"
     with pytest.raises(formats.FormatError, match="'xml' is not one of csv, parquet"):

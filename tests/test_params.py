@@ -1,10 +1,11 @@
-"""lib.params: --stages and -p parsing, the checks every stage parameter passes, one boolean vocabulary."""
+"""lib.params: --stages and -p parsing (with the notebooks' declarations and the stages' rules, as
+`runner.parse_parameters` hands them in), one boolean vocabulary."""
 
 from __future__ import annotations
 
 import pytest
 
-from lib import params, registry
+from lib import params, registry, runner
 from lib.params import UsageError
 
 ALL = list(registry.NAMES)
@@ -42,7 +43,7 @@ def test_parse_stages_refuses_bad_specs(spec, problem):
 # --- parse_params ------------------------------------------------------------------------------------
 
 def test_parse_params_types_values_as_the_notebooks_declare():
-    out = params.parse(["min_records=200", "max_total_seconds=2.5", "retire_missing=no",
+    out = runner.parse_parameters(["min_records=200", "max_total_seconds=2.5", "retire_missing=no",
                                  "write_mode=append", "table=my_table"], ALL)
     assert out["01_ingest"] == {"min_records": 200, "max_total_seconds": 2.5}
     assert out["02_clean"] == {"min_records": 200}
@@ -52,7 +53,7 @@ def test_parse_params_types_values_as_the_notebooks_declare():
 
 
 def test_parse_params_gives_each_chosen_stage_an_entry():
-    assert params.parse([], ["02_clean", "03_load"]) == {"02_clean": {}, "03_load": {}}
+    assert runner.parse_parameters([], ["02_clean", "03_load"]) == {"02_clean": {}, "03_load": {}}
 
 
 @pytest.mark.parametrize("pair, problem", [
@@ -80,24 +81,36 @@ def test_parse_params_gives_each_chosen_stage_an_entry():
 ])
 def test_parse_params_refuses_bad_values_before_anything_runs(pair, problem):
     with pytest.raises(UsageError, match=problem.replace("(", r"\(").replace(")", r"\)")):
-        params.parse([pair], ALL)
+        runner.parse_parameters([pair], ALL)
 
 
 def test_a_parameter_of_a_stage_not_chosen_is_refused():
     with pytest.raises(UsageError, match="no chosen stage has a parameter 'write_mode'"):
-        params.parse(["write_mode=append"], ["01_ingest", "02_clean"])
+        runner.parse_parameters(["write_mode=append"], ["01_ingest", "02_clean"])
 
 
 def test_unknown_parameter_error_lists_the_known_ones_without_run_id():
     with pytest.raises(UsageError) as err:
-        params.parse(["nope=1"], ["05_gold"])
+        runner.parse_parameters(["nope=1"], ["05_gold"])
     assert "known: gold_format, preview_rows, table" in str(err.value)
 
 
-def test_an_empty_value_is_allowed_where_empty_means_default():
-    out = params.parse(["api_url=", "backfill_date="], ["01_ingest", "02_clean"])
-    assert out == {"01_ingest": {"api_url": ""}, "02_clean": {"backfill_date": ""}}
+def test_parse_takes_the_declarations_and_rules_it_is_given():
+    def rule(key, value):
+        if value == 13:
+            raise UsageError("13 is unlucky")
+        return value
 
+    known = {"a": {"n": {"inferred_type_name": "int"}},
+             "b": {"n": {"inferred_type_name": "int"}, "s": {"inferred_type_name": "str"}}}
+    assert params.parse(["n=7", "s=x"], known, rule) == {"a": {"n": 7}, "b": {"n": 7, "s": "x"}}
+    with pytest.raises(UsageError, match="-p n: 13 is unlucky"):
+        params.parse(["n=13"], known, rule)
+
+
+def test_an_empty_value_is_allowed_where_empty_means_default():
+    out = runner.parse_parameters(["api_url=", "backfill_date="], ["01_ingest", "02_clean"])
+    assert out == {"01_ingest": {"api_url": ""}, "02_clean": {"backfill_date": ""}}
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -111,11 +124,3 @@ def test_one_boolean_vocabulary(text, expected):
 def test_a_word_outside_the_boolean_vocabulary_is_refused_naming_the_parameter():
     with pytest.raises(UsageError, match="retire_missing='maybe' is not a boolean"):
         params.boolean("maybe", "retire_missing")
-
-
-def test_stage_functions_use_the_same_checks():
-    with pytest.raises(UsageError, match="write_mode 'merge' is not one of"):
-        params.check("write_mode", "merge")
-    assert params.check("silver_format", "parquet") == "parquet"
-    with pytest.raises(UsageError, match="file format 'xml' is not one of csv, parquet"):
-        params.check("gold_format", "xml")

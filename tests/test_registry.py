@@ -6,14 +6,15 @@ import re
 
 import pytest
 
-from lib import params, registry, stages
+from lib import registry, runner
+from lib.stages import context
 from lib.config import ROOT
 
 
 def test_every_stage_has_a_notebook_with_a_run_id_parameter_and_known_needs():
     for stage in registry.STAGES:
         assert stage.notebook.is_file(), stage.name
-        assert "run_id" in params.declared(stage.name), stage.name
+        assert "run_id" in runner.declared(stage.name), stage.name
         assert stage.needs <= set(registry.SERVICES), stage.name
     assert [s.number for s in registry.STAGES] == list(range(1, len(registry.STAGES) + 1))
     assert registry.ALL == f"1-{len(registry.STAGES)}"
@@ -52,14 +53,14 @@ def test_an_unknown_stage_is_refused_by_name():
     with pytest.raises(registry.UnknownStage, match="unknown stage '06_extra'"):
         registry.get("06_extra")
     with pytest.raises(registry.UnknownStage):
-        stages.begin("06_extra")
+        context.begin("06_extra")
 
 
 def test_no_other_module_names_a_stage():
     """Adding a stage must not mean hunting for its neighbours' names through the code."""
     pattern = re.compile("|".join(re.escape(n) for n in registry.NAMES))
     offenders = []
-    for path in [*sorted((ROOT / "lib").glob("*.py")), ROOT / "run_pipeline.py"]:
+    for path in [*sorted((ROOT / "lib").rglob("*.py")), ROOT / "run_pipeline.py"]:
         if path.name == "registry.py":
             continue
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):

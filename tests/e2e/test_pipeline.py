@@ -53,7 +53,7 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     assert len(api.requests) >= 1 and "fields=" in api.requests[-1]["path"]
 
     # The second run writes silver and gold in the other format: readers follow each key's format.
-    other = next(f for f in formats.FORMATS if f != formats.SILVER)
+    other = next(f for f in formats.FORMATS if f != formats.DEFAULT_SILVER)
     second = f"e2e-{unique}-2"
     res = run_pipeline("--run-id", second, "-p", f"table={table}", "-p", f"silver_format={other}",
                        "-p", f"gold_format={other}")

@@ -54,7 +54,7 @@ def test_a_run_that_fails_reconciliation_publishes_nothing_and_says_what_it_left
     cloud = storage.cloud_client(settings.cloud)
     export_key = layout.export_key(settings.cloud.prefix, table, good)
     latest_export = layout.latest(export_key)
-    latest_gold = layout.latest(layout.gold_table_key(table, good, formats.GOLD))
+    latest_gold = layout.latest(layout.gold_table_key(table, good, formats.DEFAULT_GOLD))
     published = manifest(settings, good)["published"]
     assert f"s3://{settings.cloud.bucket}/{latest_export}" in published
     assert f"s3://{settings.gold_bucket}/{latest_gold}" in published and manifest(settings, good)["unpublished"] == []

@@ -54,7 +54,7 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
 
     # The quarantine object lists exactly the four bad records, each with its reason and its source.
     quarantine_keys = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if k.startswith("quarantine/")]
-    assert len(quarantine_keys) == 1 and quarantine_keys[0].endswith(f"/quarantine.{formats.SILVER}")
+    assert len(quarantine_keys) == 1 and quarantine_keys[0].endswith(f"/quarantine.{formats.DEFAULT_SILVER}")
     quarantine = read_object(s3, settings.clean_bucket, quarantine_keys[0])
     assert list(quarantine.columns) == ["record", "raw_object", "name_common", "reasons", "source"]
     assert set(quarantine["raw_object"]) == {details["raw_objects"][0]["uri"]}  # traceable to its source
@@ -170,8 +170,8 @@ def test_backfill_merges_the_raw_objects_of_a_date_newest_copy_wins(run_pipeline
         "raw objects": 2, "records in": 500, "clean": 251, "quarantined": 0, "superseded": 249}
 
     keys = keys_of_run(s3, settings.clean_bucket, backfill)
-    clean_key = f"countries/ingest_date={date}/run_id={backfill}/capitals_clean.{formats.SILVER}"
-    assert sorted(keys) == [clean_key, f"quarantine/ingest_date={date}/run_id={backfill}/quarantine.{formats.SILVER}"]
+    clean_key = f"countries/ingest_date={date}/run_id={backfill}/capitals_clean.{formats.DEFAULT_SILVER}"
+    assert sorted(keys) == [clean_key, f"quarantine/ingest_date={date}/run_id={backfill}/quarantine.{formats.DEFAULT_SILVER}"]
     clean = read_table(s3, settings.clean_bucket, clean_key).set_index("name_common")
     original = by_name(snapshot())
     assert len(clean) == 251 and clean.index.is_unique

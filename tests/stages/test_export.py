@@ -1,4 +1,4 @@
-"""The export's `column_case` option (the seed's upper-case column names in the cloud CSV): stages
+"""Stage 4's `column_case` option (the seed's upper-case column names in the cloud CSV): the stages
 called directly on the real services, the header writer alone, and the runner's argument check."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import io
 
 import pytest
 
-from lib import contract, formats, stages, storage
+from lib import contract, formats, storage
+from lib.stages import clean, context, export, gold, ingest, load
 from lib.params import UsageError
 
 
@@ -22,29 +23,29 @@ def test_upper_header_upper_cases_only_the_first_line_even_when_it_arrives_in_pi
 @pytest.mark.parametrize("case", ["upper", "lower"])
 def test_export_column_case_and_reconciliation(settings, s3, unique, case):
     run_id, table = f"case-{case}-{unique}", f"case_{unique}"
-    stage = stages.begin("01_ingest", run_id)
-    stages.ingest(stage, min_records=200)
+    stage = context.begin("01_ingest", run_id)
+    ingest.run(stage, min_records=200)
     stage.finish()
-    stage = stages.begin("02_clean", run_id)
-    stages.write_clean(stage, stages.prepare_clean(stage, min_records=200))
+    stage = context.begin("02_clean", run_id)
+    clean.write(stage, clean.prepare(stage, min_records=200))
     stage.finish()
-    stage = stages.begin("03_load", run_id)
-    stages.load(stage, table=table)
+    stage = context.begin("03_load", run_id)
+    load.run(stage, table=table)
     stage.finish()
-    stage = stages.begin("04_export", run_id)
-    export = stages.export(stage, table=table, column_case=case)[0]
+    stage = context.begin("04_export", run_id)
+    exported = export.run(stage, table=table, column_case=case)[0]
     stage.finish()
 
-    data, _ = storage.get_bytes(storage.cloud_client(settings.cloud), export.bucket, export.key)
+    data, _ = storage.get_bytes(storage.cloud_client(settings.cloud), exported.bucket, exported.key)
     header = data.split(b"\n", 1)[0].decode().split(",")
     expected = [c.upper() if case == "upper" else c for c in contract.COLUMNS]
     assert header[:len(contract.COLUMNS)] == expected
     assert len(formats.get("csv").decode(data)) == 250
 
-    stage = stages.begin("05_gold", run_id)
-    golden = stages.build_gold(stage, table=table)
-    table_ = stages.reconcile(stage, golden)
-    stages.publish(stage, golden)
+    stage = context.begin("05_gold", run_id)
+    golden = gold.build(stage, table=table)
+    table_ = gold.reconcile(stage, golden)
+    gold.publish(stage, golden)
     stage.finish()
     assert set(table_["status"]) <= {"ok", "-"}
     assert list(golden.table.columns[:len(contract.COLUMNS)]) == contract.COLUMNS
@@ -52,8 +53,8 @@ def test_export_column_case_and_reconciliation(settings, s3, unique, case):
 
 def test_an_unknown_column_case_is_refused(settings):
     with pytest.raises(UsageError, match="column_case 'title' is not one of lower, upper"):
-        stages.begin("01_ingest", "case-bad-run")  # the run exists (a notebook names only existing runs)
-        stages.export(stages.begin("04_export", "case-bad-run"), column_case="title")
+        context.begin("01_ingest", "case-bad-run")  # the run exists (a notebook names only existing runs)
+        export.run(context.begin("04_export", "case-bad-run"), column_case="title")
 
 
 def test_the_runner_refuses_an_unknown_column_case_before_anything_runs(run_pipeline):

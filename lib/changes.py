@@ -1,55 +1,17 @@
-"""Gold: business aggregates, the change report between runs, and reconciliation across every hop."""
+"""The change report between two runs' gold tables: countries added, removed and changed
+(field: [old, new]), as stage 5 writes it to changes.json and `run_pipeline.py diff` prints it."""
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Callable
+from itertools import chain, islice
 
 import numpy as np
 import pandas as pd
 
-from lib import registry
+from lib import formats, quality
 from lib.contract import COLUMNS, KEY, LIST_COLUMNS
-from lib.errors import PipelineError
-
-
-class ReconciliationError(PipelineError):
-    """Counts or fingerprints disagree between two hops; the message names the hop, `table` is the
-    whole reconciliation table (None when it could not be built)."""
-
-    def __init__(self, message: str, table: pd.DataFrame | None = None):
-        super().__init__(message)
-        self.table = table
-
-
-def _summary(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    """Countries, population, area and density per group (sorted by population). Sums are exact:
-    math.fsum over the values, not a running float sum."""
-    grouped = frame.assign(subregion=frame["subregion"].fillna("(none)")).groupby(keys, dropna=False)
-    out = grouped.agg(countries=(KEY, "count"), population=("population", "sum"),
-                      area_km2=("area", lambda a: math.fsum(a)))
-    out["density_per_km2"] = (out["population"] / out["area_km2"].where(out["area_km2"] > 0)).round(2)
-    return out.reset_index().sort_values("population", ascending=False, ignore_index=True)
-
-
-# Gold aggregates: each function decorated with @aggregate is written by stage 5 as
-# aggregates/run_id=R/<function name>.<ext> and shown by its notebook.
-AGGREGATES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {}
-
-
-def aggregate(fn: Callable[[pd.DataFrame], pd.DataFrame]) -> Callable[[pd.DataFrame], pd.DataFrame]:
-    AGGREGATES[fn.__name__] = fn
-    return fn
-
-
-@aggregate
-def by_region(frame: pd.DataFrame) -> pd.DataFrame:
-    return _summary(frame, ["region"])
-
-
-@aggregate
-def by_subregion(frame: pd.DataFrame) -> pd.DataFrame:
-    return _summary(frame, ["region", "subregion"])
 
 
 def _plain(value):
@@ -73,7 +35,7 @@ def _same(old, new) -> bool:
     return _plain(old) == _plain(new)
 
 
-def changes(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run_id: str | None) -> dict:
+def of_frames(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run_id: str | None) -> dict:
     """Countries added, removed and changed (field: [old, new]) since the previous gold table.
     Compared column by column over the shared keys (no per-cell lookups), so a table of a million
     rows compares in seconds."""
@@ -99,25 +61,16 @@ def changes(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run_i
     }
 
 
-def changes_between(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
-    """`changes` of two gold tables given as Parquet bytes (lib/formats.py `csv_to_parquet` makes
-    them from CSV): `changes_arrow` with the added and removed keys as Python lists."""
-    report = changes_arrow(previous, current, previous_run_id)
-    return {**report, "added": report["added"].to_pylist(), "removed": report["removed"].to_pylist()}
-
-
-def changes_arrow(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
+def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
     """The change report of two gold tables given as Parquet bytes, read one column at a time: the
     keys are matched once, then each column of the shared keys is compared in Arrow (lists by their
     canonical JSON text, equal exactly when the lists are; nulls equal nulls, and NaN equals NaN, as
     `_plain` sees them). Only the differing cells and their keys become Python values; the added and
     removed keys stay sorted Arrow arrays (a first table of a million rows adds a million keys), so
-    two tables of a million rows compare in bounded memory. The report is the one `changes` gives
+    two tables of a million rows compare in bounded memory. The report is the one `of_frames` gives
     for the same tables, lists aside."""
     import pyarrow as pa
     import pyarrow.compute as pc
-
-    from lib import formats, quality
 
     def in_order(keys):  # Arrow orders text by its UTF-8 bytes: the code point order of sorted()
         return keys.take(pc.array_sort_indices(keys))
@@ -160,13 +113,11 @@ def changes_arrow(previous: bytes | None, current: bytes, previous_run_id: str |
     }
 
 
-def write_changes(report: dict, sink, chunk: int = 10_000) -> None:
+def write_json(report: dict, sink, chunk: int = 10_000) -> None:
     """The change report as the JSON text `json.dumps(report, indent=2, ensure_ascii=False,
     default=str)` gives, written to a binary `sink` piece by piece: the added and removed keys may be
-    Arrow arrays (`changes_arrow`) or lists and are encoded `chunk` keys at a time, so a million keys
+    Arrow arrays (`of_parquet`) or lists and are encoded `chunk` keys at a time, so a million keys
     are never one Python list nor one string."""
-    import json
-
     def text(value) -> str:  # a value at the report's second level, indented as json.dumps indents it
         return json.dumps(value, indent=2, ensure_ascii=False, default=str).replace("\n", "\n  ")
 
@@ -184,11 +135,9 @@ def write_changes(report: dict, sink, chunk: int = 10_000) -> None:
     sink.write(f'  "changed": {text(report["changed"])}\n}}'.encode())
 
 
-def changes_table(report: dict, rows: int | None = None) -> pd.DataFrame:
+def table(report: dict, rows: int | None = None) -> pd.DataFrame:
     """The change report as a table, one row per added or removed country and per changed field;
     only its first `rows` rows when given (a preview of a million added countries stays small)."""
-    from itertools import chain, islice
-
     table = chain(
         ({"country": k, "change": "added", "field": "", "old": "", "new": ""} for k in report["added"]),
         ({"country": k, "change": "removed", "field": "", "old": "", "new": ""} for k in report["removed"]),
@@ -196,43 +145,3 @@ def changes_table(report: dict, rows: int | None = None) -> pd.DataFrame:
          for k, fields in report["changed"].items() for f, (o, n) in fields.items()))
     return pd.DataFrame(list(islice(table, rows)), columns=["country", "change", "field", "old", "new"])
 
-
-def _field(details: dict[str, dict], stage: str, ref: str):
-    """A detail of a stage record: `field` of `stage` itself, or `other_stage.field`."""
-    owner, _, name = ref.rpartition(".")
-    return details[owner or stage][name]
-
-
-def reconcile(details: dict[str, dict | None]) -> pd.DataFrame:
-    """The record count and content fingerprint at every hop the stages declare (lib/registry.py), and
-    whether each hop agrees with the one it is compared with. `details` maps each stage name to its
-    record's details. Raises ReconciliationError naming the first hop that disagrees (after building
-    the table)."""
-    reconciled = [s for s in registry.STAGES if s.hops and s.number <= registry.reconciler().number]
-    missing = [s.name for s in reconciled if details.get(s.name) is None]
-    if missing:
-        raise ReconciliationError(f"cannot reconcile: no record of stage(s) {', '.join(missing)} in this run")
-
-    rows = []
-    for stage in reconciled:
-        mine = details[stage.name]
-        for hop in stage.hops:
-            exempt = (mine.get("unreconciled") or {}).get(hop.label)
-            if hop.against is None:
-                status = "-"
-            elif exempt:
-                status = f"skipped: {exempt}"
-            else:
-                status = "ok" if all(_field(details, stage.name, a) == _field(details, stage.name, b)
-                                     for a, b in hop.equal) else "MISMATCH"
-            rows.append({"hop": hop.label, "records": str(mine[hop.shown] if hop.shown else mine[hop.rows]),
-                         "fingerprint": str(mine[hop.fingerprint])[:16], "compared with": hop.against or "",
-                         "status": status})
-    table = pd.DataFrame(rows, columns=["hop", "records", "fingerprint", "compared with", "status"])
-    bad = table[table["status"] == "MISMATCH"]
-    if len(bad):
-        first = bad.iloc[0]
-        raise ReconciliationError(
-            f"reconciliation failed at hop '{first['compared with']} → {first['hop']}': "
-            f"{first['records']} records, fingerprint {first['fingerprint']}\n{table.to_string(index=False)}", table)
-    return table

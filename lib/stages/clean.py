@@ -1,0 +1,428 @@
+"""Stage 2: raw → the clean (silver) bucket: flattened, typed, validated against the contract, bad
+records quarantined with their reasons."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+import weakref
+
+import pandas as pd
+
+from lib import contract, formats, layout, quality, registry, source, storage, transform
+from lib.stages.context import (SAMPLE_RECORDS, StageError, StageRun, expected_sha256, prove, run_objects,
+                                young_gc_only)
+from lib.stages.parameters import check
+
+
+CHUNK_ROWS = 10_000  # records flattened, validated and written at a time
+
+
+@dataclass
+class Checked:
+    """What validation found, for a table that is never held whole: the clean rows are in a
+    temporary Parquet file (`Prepared.silver`), a sample of them is here for previews."""
+    rows: int  # clean rows
+    quarantine: pd.DataFrame  # record, raw_object, name_common, reasons, source
+    duplicates: dict  # key → how its copies were settled
+    sample: pd.DataFrame  # the first clean rows (up to SAMPLE_RECORDS), typed, with _row_hash
+
+    @property
+    def counts(self) -> dict:
+        return {"clean": self.rows, "quarantined": len(self.quarantine),
+                "records": self.rows + len(self.quarantine)}
+
+
+def _silver_schema():
+    import pyarrow as pa
+
+    kinds = {"text": pa.string(), "text[]": pa.list_(pa.string()), "bigint": pa.int64(), "double": pa.float64()}
+    return pa.schema([pa.field(c.name, kinds[c.kind]) for c in contract.CONTRACT] + [pa.field("_row_hash", pa.string())])
+
+
+def _frame_of(table) -> pd.DataFrame:
+    """A Parquet row group of the silver table as the typed frame validation made."""
+    frame = pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
+    frame["population"] = frame["population"].astype("int64")
+    frame["area"] = frame["area"].astype("float64")
+    return frame
+
+
+class _Silver:
+    """The clean rows of stage 2 in a temporary Parquet file, one row group per chunk, with the
+    record id of every row, the running fingerprint and a sample for previews. The file is removed
+    by `discard` (`write` does once it has uploaded it), else when this object goes."""
+
+    def __init__(self):
+
+        self.dir = tempfile.mkdtemp(prefix="silver-")
+        self.path = os.path.join(self.dir, "clean.parquet")
+        self._cleanup = weakref.finalize(self, shutil.rmtree, self.dir, True)
+        self.schema = _silver_schema()
+        self.writer = None
+        self.rows = 0
+        self.ids: list = []  # per row group: the record ids of its rows
+        self.fingerprint = quality.Fingerprint()
+        self.samples: list[pd.DataFrame] = []
+
+    def write(self, frame: pd.DataFrame, ids) -> None:
+        """Write typed rows; their `_row_hash` is computed here from the Arrow table written (the
+        hashes `quality.row_hashes` gives, in Arrow's kernels) unless the frame has it already."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+        if "_row_hash" in frame:
+            frame = frame[contract.COLUMNS + ["_row_hash"]]
+            table = pa.Table.from_pandas(frame, schema=self.schema, preserve_index=False)
+        else:
+            frame = frame[contract.COLUMNS]
+            table = pa.Table.from_pandas(frame, schema=pa.schema(list(self.schema)[:-1]), preserve_index=False)
+            table = table.append_column(self.schema.field("_row_hash"),
+                                        pa.array(quality.arrow_row_hashes(table), pa.string()))
+        self.writer.write_table(table)
+        hashes = table.column("_row_hash")
+        self.ids.append(np.asarray(ids, dtype="int64"))
+        self.rows += len(frame)
+        self.fingerprint.add(frame, hashes=hashes.combine_chunks())
+        taken = sum(len(f) for f in self.samples)
+        if taken < SAMPLE_RECORDS:
+            head = frame.head(SAMPLE_RECORDS - taken).reset_index(drop=True)
+            self.samples.append(head.assign(_row_hash=pd.Series(hashes.slice(0, len(head)).to_pylist(), dtype=object)))
+
+    def close(self) -> None:
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        if self.writer is None:  # no clean row: an empty table with the columns
+            self.writer = pq.ParquetWriter(self.path, self.schema, compression="zstd")
+            self.writer.write_table(self.schema.empty_table())
+            self.ids.append(np.zeros(0, dtype="int64"))
+        self.writer.close()
+        self.writer = None
+        self.result = self.fingerprint.result()
+
+    @property
+    def sample(self) -> pd.DataFrame:
+        if self.samples:
+            return pd.concat(self.samples, ignore_index=True)
+        return _frame_of(self.schema.empty_table())
+
+    def drop(self, ids) -> None:
+        """Rewrite the file without the rows of these record ids (copies settled across chunks)."""
+        import numpy as np
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        ids = np.asarray(sorted(ids), dtype="int64")
+        if not any(np.isin(group, ids).any() for group in self.ids):
+            return
+        source_path, self.path = self.path, os.path.join(self.dir, "clean-settled.parquet")
+        old_ids, self.ids, self.rows, self.samples = self.ids, [], 0, []
+        self.fingerprint = quality.Fingerprint()
+        parquet = pq.ParquetFile(source_path)
+        for group, group_ids in enumerate(old_ids):
+            keep = ~np.isin(group_ids, ids)
+            if not keep.any():
+                continue
+            table = parquet.read_row_group(group)
+            if not keep.all():
+                table = table.filter(pa.array(keep))
+            self.write(_frame_of(table), group_ids[keep])
+        parquet.close()
+        os.remove(source_path)
+        self.close()
+
+    def digest(self) -> tuple[int, str]:
+        sha = hashlib.sha256()
+        with open(self.path, "rb") as f:
+            while chunk := f.read(source.CHUNK_BYTES):
+                sha.update(chunk)
+        return os.path.getsize(self.path), sha.hexdigest()
+
+    def frames(self):
+        import pyarrow.parquet as pq
+
+        parquet = pq.ParquetFile(self.path)
+        try:
+            for group in range(parquet.num_row_groups):
+                yield _frame_of(parquet.read_row_group(group))
+        finally:
+            parquet.close()
+
+    def discard(self) -> None:
+        self._cleanup()
+
+
+@dataclass
+class Prepared:
+    validated: Checked
+    raw_objects: list[dict]
+    drift: dict
+    superseded: int
+    date: str
+    backfill_date: str = ""
+    data_as_of: str | None = None  # when the newest bronze object read was written
+    silver: _Silver | None = None  # the clean rows, written by `write`
+
+    @property
+    def raw_records(self) -> int:
+        return sum(o["records"] for o in self.raw_objects)
+
+
+def _group_key(value):
+    """A record's key as bytes to group copies by (a key holding a lone surrogate, quarantined
+    later, must not break this); None for a missing key."""
+    if isinstance(value, str):
+        return b"s" + value.encode("utf-8", "surrogatepass")
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return b"o" + f"{type(value).__name__}:{value!r}".encode("utf-8", "backslashreplace")
+
+
+def _stream_raw(stage: StageRun, s3, key: str, *, against_record: bool, min_records: int):
+    """The records of one raw object in lists of `rows`, parsed as the object streams in. Its
+    sha256 is compared with its metadata (and, for this run's own bronze, stage 1's record) once
+    it has been read; a mismatch is the error reported even when the bytes also fail to parse.
+    Yields (records, first position) CHUNK_ROWS records at a time; returns (records, sha256)."""
+    bucket = stage.settings.raw_bucket
+    uri = f"s3://{bucket}/{key}"
+    body, meta = storage.open_object(s3, bucket, key)
+    expected = expected_sha256(stage, uri, "raw", meta, required=False, against_record=against_record)
+    sha, reader, pending, position, problem = hashlib.sha256(), source.PayloadReader(min_records), [], 0, None
+    chunks = storage.read_ahead(body, source.CHUNK_BYTES, sha)  # read and hashed while the last is parsed
+    try:
+        for chunk in chunks:
+            if problem is not None:
+                continue  # read on: a checksum mismatch says more than a parse error
+            try:
+                pending += reader.feed(chunk) if chunk else reader.close()
+            except source.PayloadError as err:
+                problem = err
+                continue
+            while len(pending) >= CHUNK_ROWS or (pending and not chunk):
+                batch, pending = pending[:CHUNK_ROWS], pending[CHUNK_ROWS:]
+                yield batch, position
+                position += len(batch)
+    finally:
+        chunks.close()
+        body.close()
+    digest = sha.hexdigest()
+    prove(stage, uri, digest, expected)
+    if problem is not None:
+        raise StageError(f"{uri}: {problem}; nothing was written") from None
+    return reader.items, digest
+
+
+def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -> Prepared:
+    """Read every raw object of the run (or, with backfill_date, of that date) as it streams in,
+    and flatten, validate and write the clean rows to a temporary Parquet file CHUNK_ROWS records
+    at a time; nothing is written to the object store here. When several objects hold the same
+    country, the newest object wins and the older copies count as superseded; copies of a key
+    within the winning object are settled as `quality.duplicates` does. Both are decided at the
+    end from each record's key and object alone, and the rows they remove are filtered out of the
+    file then (the record rules' reasons for a superseded record are dropped)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    settings = stage.settings
+    check("backfill_date", backfill_date)
+    s3 = storage.client(settings.store)
+    source_run = stage.input_run("raw")
+    objects = (run_objects(s3, settings.raw_bucket, date=backfill_date) if backfill_date
+               else run_objects(s3, settings.raw_bucket, source_run))
+    where = f"date {backfill_date}" if backfill_date else f"run {source_run}"
+    if not objects:
+        raise StageError(f"no raw objects for {where} in bucket {settings.raw_bucket!r}: "
+                         f"run {registry.writer_of('raw').name} first")
+    # Bronze put in place by hand has no stage 1 record: its metadata is checked. A backfill reads
+    # other runs' bronze too: checked against their metadata.
+    against = [layout.run_of(o["key"]) == source_run for o in objects]
+    silver, drift = _Silver(), quality.Drift()
+    quarantine: dict[int, list] = {}  # record id → [name_common, reasons, source]
+    keys, strings, starts, raw = [], [], [], []
+    try:
+        with young_gc_only():
+            _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw)
+    except BaseException:
+        silver.discard()  # a failed stage's traceback may keep `silver` alive as long as its kernel
+        raise
+
+    # Settle keys: across objects the newest copy wins; within one object copies are compared.
+    total = sum(o["records"] for o in raw)
+    codes = (pc.fill_null(pc.dictionary_encode(pa.concat_arrays(keys)).indices, -1).to_numpy().astype("int64")
+             if total else np.zeros(0, dtype="int64"))
+    object_of = np.repeat(np.arange(len(raw)), [o["records"] for o in raw])
+    has_key = codes >= 0
+    safe_codes = np.where(has_key, codes, 0)
+    newest = np.full(int(codes.max()) + 1 if total and has_key.any() else 1, -1)
+    np.maximum.at(newest, codes[has_key], object_of[has_key])
+    superseded = has_key & (object_of < newest[safe_codes])
+    candidates = (np.concatenate(strings) if strings else np.zeros(0, dtype=bool)) & ~superseded
+    copies = np.bincount(codes[candidates], minlength=len(newest))
+    duplicated = np.flatnonzero(candidates & (copies[safe_codes] >= 2))
+    drop = set(np.flatnonzero(superseded).tolist())
+    for record in drop:
+        quarantine.pop(record, None)
+    summary = {}
+    if len(duplicated):
+        found = _copies(stage, s3, objects, against, starts, set(duplicated.tolist()), min_records, quarantine)
+        groups: dict[int, list] = {}
+        for record in duplicated.tolist():
+            groups.setdefault(int(codes[record]), []).append(record)
+        for members in groups.values():
+            key = found[members[0]][0]
+            reasons, summary[quality.safe_text(key)] = quality.settle_copies(
+                key, [(r, found[r][1]) for r in members])
+            for record, reason in reasons.items():
+                if record in quarantine:
+                    quarantine[record][1].append(reason)
+                else:
+                    quarantine[record] = [quality.safe_text(key), [reason], found[record][2]]
+                    drop.add(record)
+    silver.close()
+    if drop:
+        silver.drop(drop)
+
+    bad = sorted(quarantine)
+    out = pd.DataFrame(
+        {
+            "record": [int(r - starts[object_of[r]]) for r in bad],
+            "raw_object": [raw[object_of[r]]["uri"] for r in bad],
+            "name_common": [quarantine[r][0] for r in bad],
+            "reasons": [quality.safe_text("; ".join(quarantine[r][1])) for r in bad],
+            "source": [quarantine[r][2] for r in bad],
+        },
+        columns=["record", "raw_object", "name_common", "reasons", "source"],
+    )
+    checked = Checked(silver.rows, out, summary, silver.sample)
+    date = backfill_date or layout.date_of(objects[0]["key"])
+    fetched = max(o["last_modified"] for o in objects).isoformat()
+    return Prepared(checked, raw, drift.result(), int(superseded.sum()), date, backfill_date, fetched, silver)
+
+
+def _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw):
+    """Every raw object, a chunk at a time: flattened, validated, its clean rows written to `silver`,
+    its bad ones kept in `quarantine`, every record's key kept for settling copies."""
+    import numpy as np
+    import pyarrow as pa
+
+    settings = stage.settings
+    for number, obj in enumerate(objects):
+        start = sum(o["records"] for o in raw)
+        starts.append(start)
+        stream = _stream_raw(stage, s3, obj["key"], against_record=against[number], min_records=min_records)
+        while True:
+            try:
+                records, position = next(stream)
+            except StopIteration as done:
+                count, digest = done.value
+                break
+            first = start + position
+            drift.add(records)
+            frame = transform.flatten(records)
+            names = frame[contract.KEY].tolist()
+            keys.append(pa.array([_group_key(k) for k in names], type=pa.binary()))
+            strings.append(np.array([isinstance(k, str) for k in names], dtype=bool))
+            reasons = quality.record_reasons(frame)
+            for i in sorted(reasons):
+                quarantine[first + i] = [quality.safe_text(names[i]), reasons[i], quality.source_json(records[i])]
+            del records
+            good = frame.drop(index=list(reasons)) if reasons else frame
+            if len(good):
+                silver.write(quality.typed(good, unique=False), first + good.index.to_numpy())  # hashed there
+            del frame, good
+        raw.append({"uri": f"s3://{settings.raw_bucket}/{obj['key']}", "records": count, "sha256": digest})
+
+
+def _copies(stage: StageRun, s3, objects, against, starts, wanted: set[int], min_records: int,
+            quarantine: dict) -> dict[int, tuple]:
+    """The records that share a key, read again from their raw objects: (key, copy shape, source
+    JSON when not already quarantined) by record id. Only payloads with duplicate keys pay this."""
+    found = {}
+    for number, obj in enumerate(objects):
+        start = starts[number]
+        end = starts[number + 1] if number + 1 < len(starts) else float("inf")
+        if not any(start <= r < end for r in wanted):
+            continue
+        stream = _stream_raw(stage, s3, obj["key"], against_record=against[number], min_records=min_records)
+        for records, position in stream:
+            for offset, record in enumerate(records):
+                rid = start + position + offset
+                if rid in wanted:
+                    row = transform.flatten_record(record)
+                    found[rid] = (row[contract.KEY], quality.copy_shape(row[c] for c in contract.COLUMNS),
+                                  None if rid in quarantine else quality.source_json(record))
+    return found
+
+
+def write(stage: StageRun, prepared: Prepared, *, max_invalid_fraction: float = 0.05,
+                silver_format: str = "") -> list[storage.Artifact]:
+    """Check the share of bad records, then write the clean table and the quarantine with reasons,
+    in `silver_format` ('' for lib/formats.py's default). The clean table is uploaded from the file
+    `prepare` wrote (Parquet as it is; CSV encoded a row group at a time)."""
+    settings = stage.settings
+    fmt = formats.get(silver_format or formats.DEFAULT_SILVER)
+    counts = prepared.validated.counts
+    total = counts["records"]
+    fraction = counts["quarantined"] / total if total else 1.0
+    silver = prepared.silver
+    if not os.path.exists(silver.path):
+        raise StageError("these prepared rows were written (or discarded) already: run clean.prepare again")
+    if fraction > max_invalid_fraction:
+        silver.discard()
+        raise StageError(
+            f"{counts['quarantined']} of {total} records ({fraction:.1%}) break the contract, more than "
+            f"max_invalid_fraction={max_invalid_fraction:.1%}; nothing was written to {settings.clean_bucket!r}")
+    s3 = storage.client(settings.store)
+    storage.ensure_bucket(s3, settings.clean_bucket)
+    inputs = [o["uri"] for o in prepared.raw_objects]
+    rows = silver.rows
+    meta = stage.meta(**{"contract-version": contract.VERSION, "format": fmt.name})
+    clean_key = layout.clean_key(prepared.date, stage.run_id, fmt.extension)
+    if fmt.name == "parquet":
+        size, digest = silver.digest()
+        with open(silver.path, "rb") as f:
+            clean = storage.put_stream(s3, settings.clean_bucket, clean_key, f, size=size, digest=digest, rows=rows,
+                                       inputs=inputs, content_type=fmt.content_type, metadata=meta)
+    else:
+        spool = storage.HashingSpool()
+        try:
+            for number, frame in enumerate(silver.frames()):
+                data = fmt.encode(frame)
+                spool.write(data if number == 0 else data[data.index(b"\n") + 1:])  # one header
+            clean = storage.put_stream(s3, settings.clean_bucket, clean_key, spool.rewound(), size=spool.size,
+                                       digest=spool.sha256, rows=rows, inputs=inputs,
+                                       content_type=fmt.content_type, metadata=meta)
+        finally:
+            spool.close()
+    silver.discard()  # uploaded: the temporary file goes now (a kernel may be killed rather than ended)
+    quarantine = prepared.validated.quarantine
+    artifacts = [clean, storage.put_bytes(
+        s3, settings.clean_bucket, layout.quarantine_key(prepared.date, stage.run_id, fmt.extension),
+        fmt.encode(quarantine), rows=len(quarantine), inputs=inputs, content_type=fmt.content_type, metadata=meta)]
+    for artifact in artifacts:
+        stage.record.output(artifact)
+    raw_sha = (prepared.raw_objects[0]["sha256"] if len(prepared.raw_objects) == 1
+               else storage.sha256("".join(o["sha256"] for o in prepared.raw_objects).encode()))
+    silver_records = rows + counts["quarantined"] + prepared.superseded
+    breakdown = f"{rows} + {counts['quarantined']}" + (
+        f" + {prepared.superseded} superseded" if prepared.superseded else "")
+    stage.record.update(
+        rows_in=prepared.raw_records, rows_out=rows, raw_objects=prepared.raw_objects,
+        raw_records=prepared.raw_records, raw_sha256=raw_sha, clean_rows=rows,
+        quarantined=counts["quarantined"], superseded=prepared.superseded, invalid_fraction=round(fraction, 6),
+        silver_records=silver_records, silver_breakdown=breakdown,
+        clean_fingerprint=silver.result["fingerprint"], drift=prepared.drift,
+        contract_version=contract.VERSION, format=fmt.name, backfill_date=prepared.backfill_date or None,
+        data_as_of=prepared.data_as_of, duplicates=prepared.validated.duplicates,
+        unreconciled=({"raw (bronze)": "a backfill reads other runs' bronze too"} if prepared.backfill_date else {}))
+    return artifacts
+
+

@@ -1,0 +1,259 @@
+"""The shared context of a stage: what every stage notebook starts with and every stage module uses.
+
+A notebook is: parameters → `begin()` → one or two calls into its stage module (lib/stages/<name>.py)
+→ previews → `finish()`. `begin` checks the parameters, loads the settings (from the environment,
+never from parameters), picks the run and opens the stage record; the stage modules write objects
+with metadata and fill that record. Inputs are proven before use (`verify_input`, `spooled_input`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import sys
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lib import config, contract, db, formats, layout, quality, registry, runs, storage
+from lib import log as logsetup
+from lib.errors import PipelineError
+from lib.stages.parameters import check
+
+log = logging.getLogger(__name__)
+
+
+SAMPLE_RECORDS = 1000  # records kept for previews (a payload or table is never held whole)
+
+
+class StageError(PipelineError):
+    """A stage cannot go on; the message says what was wrong and what was (not) written."""
+
+
+@dataclass
+class StageRun:
+    name: str
+    run_id: str
+    settings: config.Settings
+    record: runs.StageRecord
+
+    def finish(self) -> str:
+        """Save the record; returns its path, which a notebook displays as what was recorded."""
+        from lib.report import RecordView
+
+        path = self.record.save()
+        log.info("%s of run %s done; record %s", self.name, self.run_id, path)
+        self.refresh_manifest()
+        return RecordView(path, self.record.data)
+
+    def refresh_manifest(self) -> None:
+        """An interactive run's manifest, derived again from its stage records (the runner does
+        this itself for its runs)."""
+        if self.record.data["origin"] != "runner":
+            runs.RunRecord(self.settings, self.run_id).refresh()
+
+    def meta(self, **extra) -> dict:
+        """The metadata every object of this stage carries."""
+        return {"run-id": self.run_id, "stage": self.name, **extra}
+
+    def db_connection(self):
+        return db.connect(self.settings.db, application_name=f"countries-medallion {self.name} {self.run_id}")
+
+    @property
+    def based_on(self) -> str | None:
+        """The run an interactive run reads from when it did not run the earlier stages itself."""
+        return runs.based_on(self.settings, self.run_id)
+
+    def source_run(self, stage_name: str) -> str:
+        """The run whose execution of `stage_name` this stage builds on: this run when it executed
+        that stage, else the run it is based on (lib/runs.py `resolve_run_id`)."""
+        if runs.read_stage(self.settings, self.run_id, stage_name) is None:
+            base = self.based_on
+            if base and runs.read_stage(self.settings, base, stage_name) is not None:
+                return base
+        return self.run_id
+
+    def input_run(self, layer: str) -> str:
+        """The run whose `layer` objects this stage reads."""
+        return self.source_run(registry.writer_of(layer).name)
+
+    def previous_record(self, layer: str) -> dict | None:
+        """The record of the stage that wrote `layer` (in this run, or the run it is based on)."""
+        writer = registry.writer_of(layer).name
+        return runs.read_stage(self.settings, self.source_run(writer), writer)
+
+
+def begin(stage: str, run_id: str = "", **parameters) -> StageRun:
+    """Load settings (from the environment, never from parameters), set up logging, pick the run."""
+    registry.get(stage)
+    for name, value in parameters.items():
+        check(name, value)
+    settings = config.settings()
+    # In a notebook only what went wrong is shown, briefly (stderr would show every line as an alarm);
+    # the daily log file keeps every line with its time.
+    logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
+                   stream_format="%(levelname)s: %(message)s")
+    rid = runs.resolve_run_id(settings, run_id, stage)
+    runs.open_interactive(settings, rid, stage)
+    record = runs.StageRecord(settings, rid, stage, parameters).start()
+    log.info("%s of run %s starting (%s)", stage, rid, record.data["origin"])
+    current = StageRun(stage, rid, settings, record)
+    if record.data["origin"] != "runner":
+        if current.based_on:
+            log.info("run %s reads the data of run %s and writes only into its own record", rid, current.based_on)
+        _watch_cells(current)
+        current.refresh_manifest()
+    return current
+
+
+_WATCHER = None  # the post_run_cell hook of the stage begun last in this kernel
+
+
+def _watch_cells(stage: StageRun) -> None:
+    """Outside the runner nobody else sees a cell fail: in an IPython kernel, a failing cell marks
+    the stage record failed (and the manifest follows)."""
+    global _WATCHER
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    if _WATCHER is not None:
+        try:
+            shell.events.unregister("post_run_cell", _WATCHER)
+        except ValueError:
+            pass
+
+    def watcher(result):
+        error = result.error_in_exec or result.error_before_exec
+        if error is not None and stage.record.data.get("status") == "running":
+            stage.record.fail(f"{type(error).__name__}: {error}")
+            stage.refresh_manifest()
+
+    shell.events.register("post_run_cell", watcher)
+    _WATCHER = watcher
+
+
+def run_objects(s3, bucket: str, run_id: str | None = None, date: str | None = None) -> list[dict]:
+    """Objects of the dataset for one run (any date) or one date (any run), oldest first."""
+    found = storage.list_objects(s3, bucket, layout.dataset_prefix(date))
+    if run_id:
+        found = [o for o in found if layout.run_of(o["key"]) == run_id]
+    return sorted(found, key=lambda o: (o["last_modified"], o["key"]))
+
+
+def database_uri(settings: config.Settings, schema: str, table: str) -> str:
+    return f"postgresql://{settings.db.host}:{settings.db.port}/{settings.db.name}/{schema}.{table}"
+
+
+def verify_input(stage: StageRun, s3, bucket: str, key: str, layer: str, *, required: bool = True,
+                 against_record: bool = True) -> tuple[bytes, dict]:
+    """Read an input object and prove it is what the stage that wrote it recorded: its sha256 must
+    match the object's own metadata and the writer's stage record (when `required`, that record
+    must exist; `against_record=False` checks the metadata only, for another run's objects). Raises
+    StageError naming the object and the disagreeing side before anything is written."""
+    data, meta = storage.get_bytes(s3, bucket, key)
+    uri = f"s3://{bucket}/{key}"
+    expected = expected_sha256(stage, uri, layer, meta, required=required, against_record=against_record)
+    prove(stage, uri, storage.sha256(data), expected)
+    return data, meta
+
+
+def expected_sha256(stage: StageRun, uri: str, layer: str, meta: dict, *, required: bool = True,
+                    against_record: bool = True) -> dict[str, str | None]:
+    """What each witness says an input object's sha256 is: its own metadata and, unless
+    `against_record` is off, the record of the stage that wrote `layer` (which must exist when
+    `required`). One place for the proof `verify_input` and the streamed readers make."""
+    expected = {"the object's metadata": meta.get("sha256")}
+    record = stage.previous_record(layer) if against_record else None
+    if record is not None:
+        listed = [a.get("sha256") for a in record.get("artifacts", []) if a.get("uri") == uri]
+        expected[f"the {record['stage']} record of run {record['run_id']}"] = listed[-1] if listed else "nothing (not listed)"
+    elif required and against_record:
+        writer = registry.writer_of(layer).name
+        raise StageError(f"{uri}: no {writer} record to check it against in run {stage.input_run(layer)}; "
+                         f"run {writer} first; nothing was written")
+    return expected
+
+
+def prove(stage: StageRun, uri: str, digest: str, expected: dict[str, str | None]) -> None:
+    """Raise StageError naming the first witness whose sha256 is not the one read."""
+    for where, value in expected.items():
+        if value != digest:
+            raise StageError(f"checksum mismatch for {uri}: sha256 {digest} but {where} says {value}; "
+                             f"nothing was written by {stage.name}")
+
+
+@contextlib.contextmanager
+def young_gc_only():
+    """Parsing and flattening make millions of small containers that live for one chunk: the
+    cyclic collector, left to itself, goes through every one of them again and again (it tripled
+    the time of a chunk). It is paused meanwhile: parsed JSON holds no cycles, and what is freed
+    is freed by reference counting as each chunk goes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def spooled_input(stage: StageRun, s3, bucket: str, key: str, layer: str, read=None):
+    """`verify_input` for an object too large to hold: streamed to a spool on disk while hashed, then
+    its sha256 proven against its metadata and the writer's record (when there is one), before
+    anything is written. `read`, when given, reads the object as it downloads (a file object read
+    forward only, lib/formats.py ForwardReader) and its result is returned with the spool; what it
+    raises is raised after the proof, so a changed object is reported as changed. Close the spool
+    after use."""
+    body, meta = storage.open_object(s3, bucket, key)
+    spool = storage.HashingSpool()
+    result, failure = None, None
+    try:
+        stream = formats.ForwardReader(body, sink=spool)
+        if read is not None:
+            try:
+                result = read(stream)
+            except Exception as err:  # noqa: BLE001 - raised below, once the bytes are proven
+                failure = err
+        while stream.read(8 << 20):
+            pass
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        body.close()
+    uri = f"s3://{bucket}/{key}"
+    try:
+        prove(stage, uri, spool.sha256, expected_sha256(stage, uri, layer, meta, required=False))
+        if failure is not None:
+            raise failure
+    except BaseException:
+        spool.close()
+        raise
+    return spool, result
+
+
+
+# --- previews ---------------------------------------------------------------------------------------
+
+def preview(frame: pd.DataFrame, rows: int = 10, by: str | None = contract.KEY) -> pd.DataFrame:
+    """A small, sorted preview with long free text cut short, so run records stay light; URIs and
+    keys are shown whole."""
+    out = frame.sort_values(by).head(rows) if by and by in frame else frame.head(rows)
+    return out.map(lambda v: quality.safe_text((v[:60] + "…") if isinstance(v, str) and len(v) > 61
+                                                and "://" not in v else v))
+
+
+def schema(frame: pd.DataFrame) -> pd.DataFrame:
+    """Column, dtype, non-null count and an example value."""
+    return pd.DataFrame({
+        "column": frame.columns,
+        "dtype": [str(t) for t in frame.dtypes],
+        "non_null": [int(frame[c].notna().sum()) for c in frame.columns],
+        "example": [quality.safe_text(str(frame[c].dropna().iloc[0])[:40]) if frame[c].notna().any() else ""
+                    for c in frame.columns],
+    })

@@ -1,0 +1,82 @@
+"""Stage 4: the PostgreSQL table → the cloud bucket, as CSV under a run-scoped key."""
+
+from __future__ import annotations
+
+from lib import db, formats, layout, quality, registry, storage
+from lib.stages.context import StageError, StageRun, database_uri
+from lib.stages.parameters import check
+
+
+def _check_table(stage: StageRun, schema: str, table: str, rows: int, fingerprint: str) -> None:
+    """The table about to be exported must be the one stage 3 left (no load or edit since)."""
+    loaded = stage.previous_record("table")
+    if loaded is None:
+        raise StageError(f"no {registry.writer_of('table').name} record in run {stage.input_run('table')} to "
+                         f"check {schema}.{table} against; run it first; nothing was exported")
+    details = loaded["details"]
+    if (details.get("schema"), details.get("table")) != (schema, table):
+        raise StageError(f"{registry.writer_of('table').name} of run {loaded['run_id']} loaded "
+                         f"{details.get('schema')}.{details.get('table')}, not {schema}.{table}; nothing was exported")
+    if (details.get("current_rows"), details.get("current_fingerprint")) != (rows, fingerprint):
+        raise StageError(
+            f"{schema}.{table} is not the table run {loaded['run_id']} loaded: {rows} rows, fingerprint "
+            f"{fingerprint[:16]}, the load recorded {details.get('current_rows')} rows, fingerprint "
+            f"{str(details.get('current_fingerprint'))[:16]} (loaded or edited since); nothing was exported. "
+            f"Load again first: python run_pipeline.py --stages 3-5 --run-id {stage.run_id}")
+
+
+def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_clean",
+           export_all_tables: bool = False, column_case: str = "lower") -> list[storage.Artifact]:
+    """Stream each table with COPY ... TO STDOUT into the cloud bucket under a run-scoped key, once
+    the table is proven to be what stage 3 recorded. The `latest` keys move in stage 5's `publish`,
+    after the whole run has reconciled. column_case="upper" gives the CSV header the seed's
+    upper-case names."""
+    settings = stage.settings
+    check("db_schema", db_schema)
+    check("table", table)
+    check("column_case", column_case)
+    cloud = storage.cloud_client(settings.cloud)
+    storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
+    conn = stage.db_connection()
+    artifacts = []
+
+    def copy_table(name: str, *sinks) -> int:
+        tee = storage.Tee(*sinks)
+        rows = db.copy_out(conn, db_schema, name, formats.UpperHeader(tee) if column_case == "upper" else tee,
+                           pipeline_table=name == table)
+        tee.flush()
+        return rows
+
+    try:
+        if not db.table_exists(conn, db_schema, table):
+            raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of('table').name} first")
+        tables = db.tables(conn, db_schema) if export_all_tables else [table]
+        for name in [table] + [t for t in tables if t != table]:
+            key = layout.export_key(settings.cloud.prefix, name, stage.run_id)
+            spool = storage.HashingSpool()
+            try:
+                if name != table:
+                    rows = copy_table(name, spool)
+                else:  # the fingerprint of the exported bytes, parsed in Arrow batches as COPY writes them
+                    fp = quality.Fingerprint()
+                    with db.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
+                        for batch in formats.csv_arrow_batches(stream):
+                            fp.add(batch)
+                    rows, fp = done["result"], fp.result()
+                    _check_table(stage, db_schema, table, rows, fp["fingerprint"])
+                    stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
+                artifact = storage.put_stream(
+                    cloud, settings.cloud.bucket, key, spool.rewound(), size=spool.size, digest=spool.sha256,
+                    rows=rows, inputs=[database_uri(settings, db_schema, name)], role="cloud",
+                    content_type="text/csv", metadata=stage.meta(table=f"{db_schema}.{name}"))
+            finally:
+                spool.close()
+            stage.record.output(artifact)  # its `latest` key moves only once the run has reconciled
+            artifacts.append(artifact)
+    finally:
+        conn.close()
+    stage.record.update(rows_in=artifacts[0].rows, rows_out=artifacts[0].rows,
+                        tables=[a.key for a in artifacts], cloud=settings.cloud.kind, column_case=column_case)
+    return artifacts
+
+

@@ -1,0 +1,203 @@
+"""Stage 5: the cloud export → the gold bucket (the table, aggregates, the change report), then
+reconciliation of every hop and the publish of the run's `latest` keys."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lib import aggregates, changes, contract, formats, layout, quality, reconciliation, registry, runs, storage
+from lib.stages.context import StageError, StageRun, spooled_input
+from lib.stages.parameters import check
+
+
+@dataclass
+class Golden:
+    table: pd.DataFrame  # a sample: the gold table's first rows (the table itself is never held whole)
+    aggregates: dict[str, pd.DataFrame]
+    # The change report (lib/changes.py) with its added and removed keys cut to the first
+    # CHANGES_SAMPLE (changes.json has them all) and "counts": how many were added, removed, changed.
+    changes: dict
+    reconciliation: pd.DataFrame | None
+    artifacts: list[storage.Artifact]
+
+
+# The columns the aggregates read (lib/aggregates.py): only these are taken out of Arrow into pandas.
+AGGREGATE_COLUMNS = [contract.KEY, "region", "subregion", "population", "area"]
+CHANGES_SAMPLE = 1000  # added and removed keys kept in `Golden.changes` (a first table adds every key)
+
+
+def _release_arrow() -> None:
+    """Hand back to the system the memory Arrow's allocator keeps after a large step (its pool may hold
+    freed pages for reuse: with mimalloc some 100 MiB after converting a million rows)."""
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+
+
+def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
+    """The gold table of the previous successful run, as Parquet bytes whatever format it was written
+    in: the `latest` one, unless that is this run (a rerun), in which case the one it replaced."""
+    for fmt in formats.FORMATS.values():
+        latest = storage.head(s3, bucket, layout.latest(layout.gold_table_key(table, run_id, fmt.extension)))
+        if latest is None:
+            continue
+        previous = latest["metadata"].get("run-id")
+        if previous == run_id:
+            previous = latest["metadata"].get("previous-run-id") or None
+        if not previous:
+            return None, None
+        for kind in formats.FORMATS.values():
+            key = layout.gold_table_key(table, previous, kind.extension)
+            if storage.head(s3, bucket, key) is not None:
+                data, _ = storage.get_bytes(s3, bucket, key)
+                return (data if kind.name == "parquet" else formats.csv_to_parquet(data)[0]), previous
+        return None, None
+    return None, None
+
+
+def build(stage: StageRun, *, table: str = "capitals_clean", gold_format: str = "") -> Golden:
+    """Fetch this run's export, verify its checksum against what stage 4 wrote, then write gold:
+    the table, aggregates by region and subregion, the change report. `reconcile` and `publish`
+    follow. The export is converted to typed Parquet in Arrow batches as it downloads (used once its
+    sha256 is proven); the aggregates read only their columns and the change report compares column
+    by column (lib/changes.py `of_parquet`), its keys written to changes.json as they are encoded."""
+    settings = stage.settings
+    check("table", table)
+    fmt = formats.get(gold_format or formats.DEFAULT_GOLD)
+    cloud = storage.cloud_client(settings.cloud)
+    key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
+    # Converted to typed Parquet as it downloads; used only once its sha256 is proven.
+    spool, (typed, rows) = spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud", formats.csv_to_parquet)
+    digest = spool.sha256
+    try:
+        _release_arrow()
+        exported = (stage.previous_record("cloud") or {}).get("details") or {}
+        if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
+            # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
+            # fingerprinted, so their fingerprint is the one it recorded.
+            fp = {"rows": rows, "fingerprint": exported["fingerprint"]}
+        else:  # no record of stage 4 for this object: the fingerprint is recomputed from the values
+            fp = quality.Fingerprint()
+            for batch in formats.csv_arrow_batches(spool.rewound()):
+                fp.add(batch)
+            fp = fp.result()
+        # A CSV gold table is the export's bytes as they are; Parquet is the typed conversion.
+        gold_body = spool if fmt.name == "csv" else typed
+        golden = _write_gold(stage, fmt, table, key, typed, rows, fp, digest, gold_body)
+    finally:
+        spool.close()
+    return golden
+
+
+def _shared_text(column):
+    """An Arrow text column as an object array in which equal values are one Python string: a million
+    rows of a dozen regions hold a dozen strings, not a million (nulls stay None)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    encoded = column.combine_chunks().dictionary_encode()
+    values = np.array([*encoded.dictionary.to_pylist(), None], dtype=object)
+    return values[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
+
+
+def _write_gold(stage: StageRun, fmt: formats.Format, table: str, key: str, typed: bytes, rows: int, fp: dict,
+                digest: str, gold_body) -> Golden:
+    """The rest of `build`: the change report, the aggregates and every gold object."""
+    import pyarrow.parquet as pq
+
+    settings = stage.settings
+    s3 = storage.client(settings.store)
+    storage.ensure_bucket(s3, settings.gold_bucket)
+    previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
+    report = changes.of_parquet(previous, typed, previous_id)
+    del previous
+    counts = {name: len(report[name]) for name in ("added", "removed", "changed")}
+    changes_json = storage.HashingSpool()  # written as it is encoded
+    try:
+        changes.write_json(report, changes_json)
+        report = {**report, "added": report["added"][:CHANGES_SAMPLE].to_pylist(),
+                  "removed": report["removed"][:CHANGES_SAMPLE].to_pylist(), "counts": counts}
+        columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
+        # The keys (a million different ones) stay in Arrow as pandas' string dtype; the other text
+        # columns hold a few values each, as shared Python strings.
+        frame = pd.DataFrame({name: columns.column(name).to_pandas(types_mapper={
+                                  columns.schema.field(name).type: pd.StringDtype("pyarrow")}.get)
+                              if name == contract.KEY else pd.Series(_shared_text(columns.column(name)), dtype=object)
+                              if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
+                              for name in AGGREGATE_COLUMNS})
+        del columns
+        summaries = {name: fn(frame) for name, fn in aggregates.AGGREGATES.items()}
+        del frame
+        _release_arrow()
+        sample = formats.parquet_decode(typed, rows=10)
+        source_uri = f"s3://{settings.cloud.bucket}/{key}"
+        meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
+        outputs = [
+            (layout.gold_table_key(table, stage.run_id, fmt.extension), gold_body, rows, fmt.content_type),
+            *((layout.aggregate_key(name, stage.run_id, fmt.extension), fmt.encode(agg), len(agg), fmt.content_type)
+              for name, agg in summaries.items()),
+            (layout.changes_key(stage.run_id), changes_json, sum(counts.values()), "application/json"),
+        ]
+        artifacts = [storage.put_stream(s3, settings.gold_bucket, k, body.rewound(), size=body.size,
+                                        digest=body.sha256, rows=n, inputs=[source_uri], metadata=meta_out,
+                                        content_type=content_type)
+                     if isinstance(body, storage.HashingSpool) else
+                     storage.put_bytes(s3, settings.gold_bucket, k, body, rows=n, inputs=[source_uri],
+                                       metadata=meta_out, content_type=content_type)
+                     for k, body, n, content_type in outputs]
+    finally:
+        changes_json.close()
+    for artifact in artifacts:
+        stage.record.output(artifact)
+    stage.record.update(rows_in=rows, rows_out=rows, gold_rows=rows,
+                        gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
+                        format=fmt.name, changes=counts,
+                        by_region=dict(zip(summaries["by_region"]["region"].astype(str),
+                                           summaries["by_region"]["population"].astype(int).tolist())))
+    return Golden(sample, summaries, report, None, artifacts)
+
+
+def reconcile(stage: StageRun, golden: Golden) -> pd.DataFrame:
+    """Counts and fingerprints at every hop of this run (lib/registry.py); raises naming the first hop
+    that disagrees. The table is recorded either way. Nothing is published here."""
+    details = {s.name: (runs.read_stage(stage.settings, stage.source_run(s.name), s.name) or {}).get("details")
+               for s in registry.before(stage.name)}
+    details[stage.name] = stage.record.data["details"]
+    try:
+        table = reconciliation.reconcile(details)
+    except reconciliation.ReconciliationError as err:
+        rows = err.table.to_dict(orient="records") if err.table is not None else []
+        stage.record.update(reconciliation=rows, reconciliation_error=str(err).split("\n")[0])
+        raise
+    stage.record.update(reconciliation=table.to_dict(orient="records"), reconciliation_error=None)
+    golden.reconciliation = table
+    return table
+
+
+def publish(stage: StageRun, golden: Golden) -> list[str]:
+    """Once every hop has reconciled, move the run's `latest` keys: the cloud export(s) of stage 4,
+    then the gold objects. Until then consumers see the previous proven run."""
+    if golden.reconciliation is None:
+        raise StageError(f"run {stage.run_id} has not reconciled: nothing was published")
+    settings = stage.settings
+    exported = stage.previous_record("cloud") or {}
+    moves = [(storage.cloud_client(settings.cloud), a) for a in exported.get("artifacts", [])
+             if a.get("role") == "cloud" and layout.run_of(a["key"])]
+    s3 = storage.client(settings.store)
+    moves += [(s3, a.to_dict()) for a in golden.artifacts]
+    published = []
+    for client, artifact in moves:
+        latest = layout.latest(artifact["key"])
+        storage.copy(client, artifact["bucket"], artifact["key"], latest)
+        # One `latest` per object whatever format it is written in: a copy in another format, left by
+        # a run before a format change, would otherwise look current to readers.
+        for stale in formats.other_format_keys(latest):
+            storage.delete(client, artifact["bucket"], stale)
+        published.append(f"s3://{artifact['bucket']}/{latest}")
+        stage.record.update(published=published)
+    return published
+
+

@@ -1,0 +1,81 @@
+"""Stage 3: clean → the PostgreSQL table, merged with history."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from lib import db, formats, layout, params, registry, storage
+from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
+from lib.stages.parameters import check
+
+
+@dataclass
+class Loaded:
+    result: dict
+    preview: pd.DataFrame  # the first current rows by key (the table itself is never read whole)
+    current_rows: int
+    history_rows: int
+
+
+def clean_object(stage: StageRun, s3) -> dict:
+    """The silver table this load reads: the one stage 2's record lists (in this run, or the run an
+    interactive run is based on); without a record, the run's newest clean object."""
+    record = stage.previous_record("clean")
+    if record is not None:
+        listed = [a for a in record.get("artifacts", []) if layout.is_clean(a.get("key", ""))]
+        if listed:
+            return {"key": listed[-1]["key"]}
+    run = stage.input_run("clean")
+    found = [o for o in run_objects(s3, stage.settings.clean_bucket, run) if layout.is_clean(o["key"])]
+    if not found:
+        raise StageError(f"no clean object for run {run} in bucket {stage.settings.clean_bucket!r}: "
+                         f"run {registry.writer_of('clean').name} first")
+    return found[-1]
+
+
+def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_clean", write_mode: str = "upsert",
+         retire_missing: bool = True, allow_rewind: bool = False) -> Loaded:
+    """Merge the run's silver table into PostgreSQL (lib/db.py `merge`: one transaction, history).
+    The silver object is checked against stage 2's record first; inside the transaction the rows
+    as stored are compared with stage 2's fingerprint, and a mismatch rolls the load back. Loading
+    data older than the table's latest load needs allow_rewind=true."""
+    settings = stage.settings
+    for name, value in (("db_schema", db_schema), ("table", table), ("write_mode", write_mode)):
+        check(name, value)
+    allow_rewind = params.boolean(allow_rewind, "allow_rewind")
+    s3 = storage.client(settings.store)
+    obj = clean_object(stage, s3)
+    data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
+    cleaned = stage.previous_record("clean")["details"]
+    fmt = formats.of_key(obj["key"])
+    conn = stage.db_connection()
+    try:
+        # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
+        # previous ones (a conversion error fails the COPY, so nothing is loaded).
+        with db.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
+            try:
+                # The batch is proven inside the merge, and the whole table's fingerprint recomputed
+                # from its stored values in the same transaction.
+                result = db.merge(conn, csv_rows, schema=db_schema, table=table, run_id=stage.run_id,
+                                  mode=write_mode, retire_missing=retire_missing,
+                                  expected_fingerprint=cleaned.get("clean_fingerprint"),
+                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind, lists="array")
+            except db.DatabaseError as err:
+                raise StageError(str(err)) from None
+        batch_rows = converted["result"]
+        data = None  # the silver bytes (the converting thread's closure holds the same cell)
+        current_rows = result["current_rows"]
+        sample = db.preview(conn, db_schema, table)
+        history_rows = db.count(conn, db_schema, db.history_table(table))
+    finally:
+        conn.close()
+    stage.record.output({"uri": database_uri(settings, db_schema, table), "rows": current_rows,
+                         "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
+    stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
+                        history_rows=history_rows,
+                        allow_rewind=allow_rewind)
+    return Loaded(result, sample, current_rows, history_rows)
+
+

@@ -1,0 +1,35 @@
+"""Stages run in this process the way the notebooks call them (no papermill), for the stage tests."""
+
+from __future__ import annotations
+
+from lib import storage
+from lib.stages import clean, context, export, gold, ingest, load
+
+
+def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", **ingest_options) -> dict:
+    """Run stages 1..upto of one run the way the notebooks do; returns what each returned."""
+    out = {}
+    stage = context.begin("01_ingest", run_id)
+    out["ingest"] = ingest.run(stage, min_records=200, **ingest_options)
+    stage.finish()
+    stage = context.begin("02_clean", run_id)
+    clean.write(stage, clean.prepare(stage, min_records=200))
+    stage.finish()
+    stage = context.begin("03_load", run_id)
+    out["load"] = load.run(stage, table=table)
+    stage.finish()
+    stage = context.begin("04_export", run_id)
+    out["export"] = export.run(stage, table=table)
+    stage.finish()
+    if upto >= 5:
+        stage = context.begin("05_gold", run_id)
+        out["gold"] = gold.build(stage, table=table, gold_format=gold_format)
+        gold.reconcile(stage, out["gold"])
+        gold.publish(stage, out["gold"])
+        stage.finish()
+    return out
+
+
+def gold_keys(s3, settings, run_id: str) -> list[str]:
+    storage.ensure_bucket(s3, settings.gold_bucket)  # a test run alone may not have made it yet
+    return [o["key"] for o in storage.list_objects(s3, settings.gold_bucket) if f"/run_id={run_id}/" in o["key"]]

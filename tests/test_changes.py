@@ -1,0 +1,126 @@
+"""lib.changes: the change report between two runs' gold tables, as frames and as Parquet, and its JSON."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from lib import changes, formats, quality, source, transform
+
+
+@pytest.fixture(scope="module")
+def clean():
+    records = source.parse_payload(source.snapshot_bytes())
+    return quality.validate(transform.flatten(records), records).clean
+
+
+def between(previous, current, run):
+    """`of_parquet` with its added and removed keys as lists, as `of_frames` gives them."""
+    report = changes.of_parquet(previous, current, run)
+    return {**report, "added": report["added"].to_pylist(), "removed": report["removed"].to_pylist()}
+
+
+def test_first_gold_table_reports_every_country_as_added(clean):
+    report = changes.of_frames(None, clean, None)
+    assert report["previous_run_id"] is None
+    assert report["added"] == sorted(clean["name_common"]) and len(report["added"]) == 250
+    assert report["removed"] == [] and report["changed"] == {}
+
+
+def test_changes_lists_added_removed_and_changed_fields_with_old_and_new(clean):
+    previous = clean.head(5).reset_index(drop=True)
+    current = pd.concat([previous.iloc[1:], clean.iloc[[10]]], ignore_index=True).copy(deep=True)
+    current.loc[0, "population"] = int(previous.loc[1, "population"]) + 1
+    current.at[1, "capital"] = ["New Capital"]
+    report = changes.of_frames(previous, current, "run-1")
+    assert report["previous_run_id"] == "run-1"
+    assert report["added"] == [clean.iloc[10]["name_common"]]
+    assert report["removed"] == [previous.loc[0, "name_common"]]
+    assert report["changed"] == {
+        previous.loc[1, "name_common"]: {"population": [int(previous.loc[1, "population"]),
+                                                        int(previous.loc[1, "population"]) + 1]},
+        previous.loc[2, "name_common"]: {"capital": [list(previous.loc[2, "capital"]), ["New Capital"]]},
+    }
+    table = changes.table(report)
+    assert sorted(table["change"]) == ["added", "changed", "changed", "removed"]
+    first = changes.table(report, rows=2)  # a preview: the first rows only, in the same order
+    assert first.to_dict(orient="records") == table.head(2).to_dict(orient="records")
+    assert changes.table(report, rows=0).columns.tolist() == table.columns.tolist()
+
+
+def test_nulls_on_both_sides_are_not_a_change(clean):
+    previous = clean[clean["subregion"].isna()].reset_index(drop=True)
+    current = previous.copy()
+    current["subregion"] = float("nan")  # a null read back another way
+    assert changes.of_frames(previous, current, "r")["changed"] == {}
+
+
+def test_an_unchanged_table_after_a_csv_round_trip_has_no_changes(clean):
+    back = formats.csv_decode(formats.csv_encode(clean))
+    report = changes.of_frames(clean, back, "r")
+    assert report["added"] == report["removed"] == [] and report["changed"] == {}
+
+
+@pytest.mark.parametrize("encode", ["parquet", "csv"])
+def test_changes_between_parquet_tables_is_the_report_changes_gives(clean, encode):
+    """The column-wise comparison of two tables given as bytes says exactly what `changes` says of
+    the same tables as frames: added, removed, each changed field with old and new, in key order."""
+
+    previous = clean.head(60).reset_index(drop=True)
+    current = pd.concat([previous.iloc[2:], clean.iloc[[100, 101]]], ignore_index=True).copy(deep=True)
+    current.loc[0, "population"] += 1
+    current.at[1, "capital"] = ["New Capital", "Second"]
+    current.loc[2, "subregion"] = None
+    current.loc[3, "area"] = 1.5
+    current.loc[4, "flag_alt"] = "changed"
+    current.at[5, "timezones"] = list(current.at[5, "timezones"]) + ["UTC+14:00"]
+    current.loc[5, "region"] = "Oceania"
+    current = current.sample(frac=1, random_state=3).reset_index(drop=True)  # row order does not matter
+
+    def as_bytes(frame):
+        data = formats.parquet_encode(frame) if encode == "parquet" else formats.csv_encode(frame)
+        return data if encode == "parquet" else formats.csv_to_parquet(data)[0]
+
+    for before, run in ((None, None), (previous, "run-1"), (current, "run-2")):
+        want = changes.of_frames(before, current, run)
+        got = between(None if before is None else as_bytes(before), as_bytes(current), run)
+        assert json.dumps(got, default=str) == json.dumps(want, default=str)
+    assert len(between(as_bytes(previous), as_bytes(current), "r")["changed"]) == 6
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 10_000])
+def test_write_changes_writes_the_text_json_dumps_gives_piece_by_piece(clean, chunk):
+    """changes.json is streamed: the same bytes as json.dumps(report, indent=2), whether the added and
+    removed keys are lists or Arrow arrays, however many keys are encoded at a time."""
+    import json
+
+
+    odd = ['q", ', 'back\\slash', "é ü 日本", "new\nline", 'a"b']
+    reports = [
+        {"previous_run_id": None, "added": sorted(clean["name_common"].tolist() + odd), "removed": [], "changed": {}},
+        {"previous_run_id": "run-1", "added": [], "removed": ["Xland"],
+         "changed": {"A": {"capital": [["x"], ["y", "z"]], "area": [1.5, None]}, 'B"': {"population": [1, 2]}}},
+        {"previous_run_id": "run-2", "added": [], "removed": [], "changed": {}},
+    ]
+    for report in reports:
+        want = json.dumps(report, indent=2, ensure_ascii=False, default=str).encode()
+        arrow = {**report, "added": pa.array(report["added"], pa.string()),
+                 "removed": pa.array(report["removed"], pa.string())}
+        for given in (report, arrow):
+            sink = io.BytesIO()
+            changes.write_json(given, sink, chunk=chunk)
+            assert sink.getvalue() == want
+
+
+def test_changes_arrow_keeps_the_added_and_removed_keys_in_arrow_in_order(clean):
+    current = formats.parquet_encode(clean.iloc[::-1].reset_index(drop=True))
+    report = changes.of_parquet(None, current, None)
+    assert report["added"].to_pylist() == sorted(clean["name_common"]) and len(report["removed"]) == 0
+    previous = formats.parquet_encode(clean.head(100))
+    report = changes.of_parquet(previous, formats.parquet_encode(clean.iloc[50:]), "r")
+    assert report["added"].to_pylist() == sorted(clean["name_common"].iloc[100:])
+    assert report["removed"].to_pylist() == sorted(clean["name_common"].iloc[:50]) and report["changed"] == {}
