@@ -7,7 +7,7 @@ import hashlib
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import weakref
 
 import pandas as pd
@@ -219,6 +219,83 @@ def _stream_raw(stage: StageRun, s3, key: str, *, against_record: bool, min_reco
     return reader.items, digest
 
 
+@dataclass
+class _Pass:
+    """One reading of a run's raw objects, a chunk at a time: what `prepare` keeps of every record
+    (its key, whether it is text, which object holds it) for settling copies at the end, the clean
+    rows written to `silver`, the bad ones in `quarantine` (record id → [name_common, reasons,
+    source]). A record's id is its position among all the objects' records."""
+    stage: StageRun
+    s3: object
+    objects: list[dict]
+    against: list[bool]  # per object: checked against the writer's record too (else its metadata)
+    min_records: int
+    silver: _Silver = field(default_factory=lambda: _Silver())
+    drift: quality.Drift = field(default_factory=quality.Drift)
+    quarantine: dict[int, list] = field(default_factory=dict)
+    keys: list = field(default_factory=list)  # per chunk: the records' keys as Arrow binary (`_group_key`)
+    strings: list = field(default_factory=list)  # per chunk: whether each key is text
+    starts: list[int] = field(default_factory=list)  # per object: the id of its first record
+    raw: list[dict] = field(default_factory=list)  # per object: uri, records, sha256
+
+    def records(self, number: int):
+        """The records of object `number` in chunks: (records, position within the object)."""
+        return _stream_raw(self.stage, self.s3, self.objects[number]["key"], against_record=self.against[number],
+                           min_records=self.min_records)
+
+    def read(self) -> None:
+        """Every object: flattened, validated, its clean rows written to `silver`, its bad ones kept
+        in `quarantine`, every record's key kept for settling copies."""
+        import numpy as np
+        import pyarrow as pa
+
+        for number, obj in enumerate(self.objects):
+            start = sum(o["records"] for o in self.raw)
+            self.starts.append(start)
+            stream = self.records(number)
+            while True:
+                try:
+                    records, position = next(stream)
+                except StopIteration as done:
+                    count, digest = done.value
+                    break
+                first = start + position
+                self.drift.add(records)
+                frame = transform.flatten(records)
+                names = frame[contract.KEY].tolist()
+                self.keys.append(pa.array([_group_key(k) for k in names], type=pa.binary()))
+                self.strings.append(np.array([isinstance(k, str) for k in names], dtype=bool))
+                reasons = quality.record_reasons(frame)
+                for i in sorted(reasons):
+                    self.quarantine[first + i] = [quality.safe_text(names[i]), reasons[i],
+                                                  quality.source_json(records[i])]
+                del records
+                good = frame.drop(index=list(reasons)) if reasons else frame
+                if len(good):
+                    self.silver.write(quality.typed(good, unique=False), first + good.index.to_numpy())  # hashed there
+                del frame, good
+            self.raw.append({"uri": f"s3://{self.stage.settings.raw_bucket}/{obj['key']}", "records": count,
+                             "sha256": digest})
+
+    def copies(self, wanted: set[int]) -> dict[int, tuple]:
+        """The records that share a key, read again from their raw objects: (key, copy shape, source
+        JSON when not already quarantined) by record id. Only payloads with duplicate keys pay this."""
+        found = {}
+        for number in range(len(self.objects)):
+            start = self.starts[number]
+            end = self.starts[number + 1] if number + 1 < len(self.starts) else float("inf")
+            if not any(start <= r < end for r in wanted):
+                continue
+            for records, position in self.records(number):
+                for offset, record in enumerate(records):
+                    rid = start + position + offset
+                    if rid in wanted:
+                        row = transform.flatten_record(record)
+                        found[rid] = (row[contract.KEY], quality.copy_shape(row[c] for c in contract.COLUMNS),
+                                      None if rid in self.quarantine else quality.source_json(record))
+        return found
+
+
 def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -> Prepared:
     """Read every raw object of the run (or, with backfill_date, of that date) as it streams in,
     and flatten, validate and write the clean rows to a temporary Parquet file CHUNK_ROWS records
@@ -243,20 +320,18 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
                          f"run {registry.writer_of('raw').name} first")
     # Bronze put in place by hand has no stage 1 record: its metadata is checked. A backfill reads
     # other runs' bronze too: checked against their metadata.
-    against = [layout.run_of(o["key"]) == source_run for o in objects]
-    silver, drift = _Silver(), quality.Drift()
-    quarantine: dict[int, list] = {}  # record id → [name_common, reasons, source]
-    keys, strings, starts, raw = [], [], [], []
+    read = _Pass(stage, s3, objects, [layout.run_of(o["key"]) == source_run for o in objects], min_records)
+    silver, quarantine, raw, starts = read.silver, read.quarantine, read.raw, read.starts
     try:
         with young_gc_only():
-            _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw)
+            read.read()
     except BaseException:
         silver.discard()  # a failed stage's traceback may keep `silver` alive as long as its kernel
         raise
 
     # Settle keys: across objects the newest copy wins; within one object copies are compared.
     total = sum(o["records"] for o in raw)
-    codes = (pc.fill_null(pc.dictionary_encode(pa.concat_arrays(keys)).indices, -1).to_numpy().astype("int64")
+    codes = (pc.fill_null(pc.dictionary_encode(pa.concat_arrays(read.keys)).indices, -1).to_numpy().astype("int64")
              if total else np.zeros(0, dtype="int64"))
     object_of = np.repeat(np.arange(len(raw)), [o["records"] for o in raw])
     has_key = codes >= 0
@@ -264,7 +339,7 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
     newest = np.full(int(codes.max()) + 1 if total and has_key.any() else 1, -1)
     np.maximum.at(newest, codes[has_key], object_of[has_key])
     superseded = has_key & (object_of < newest[safe_codes])
-    candidates = (np.concatenate(strings) if strings else np.zeros(0, dtype=bool)) & ~superseded
+    candidates = (np.concatenate(read.strings) if read.strings else np.zeros(0, dtype=bool)) & ~superseded
     copies = np.bincount(codes[candidates], minlength=len(newest))
     duplicated = np.flatnonzero(candidates & (copies[safe_codes] >= 2))
     drop = set(np.flatnonzero(superseded).tolist())
@@ -272,7 +347,7 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
         quarantine.pop(record, None)
     summary = {}
     if len(duplicated):
-        found = _copies(stage, s3, objects, against, starts, set(duplicated.tolist()), min_records, quarantine)
+        found = read.copies(set(duplicated.tolist()))
         groups: dict[int, list] = {}
         for record in duplicated.tolist():
             groups.setdefault(int(codes[record]), []).append(record)
@@ -304,62 +379,7 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
     checked = Checked(silver.rows, out, summary, silver.sample)
     date = backfill_date or layout.date_of(objects[0]["key"])
     fetched = max(o["last_modified"] for o in objects).isoformat()
-    return Prepared(checked, raw, drift.result(), int(superseded.sum()), date, backfill_date, fetched, silver)
-
-
-def _first_pass(stage, s3, objects, against, min_records, silver, drift, quarantine, keys, strings, starts, raw):
-    """Every raw object, a chunk at a time: flattened, validated, its clean rows written to `silver`,
-    its bad ones kept in `quarantine`, every record's key kept for settling copies."""
-    import numpy as np
-    import pyarrow as pa
-
-    settings = stage.settings
-    for number, obj in enumerate(objects):
-        start = sum(o["records"] for o in raw)
-        starts.append(start)
-        stream = _stream_raw(stage, s3, obj["key"], against_record=against[number], min_records=min_records)
-        while True:
-            try:
-                records, position = next(stream)
-            except StopIteration as done:
-                count, digest = done.value
-                break
-            first = start + position
-            drift.add(records)
-            frame = transform.flatten(records)
-            names = frame[contract.KEY].tolist()
-            keys.append(pa.array([_group_key(k) for k in names], type=pa.binary()))
-            strings.append(np.array([isinstance(k, str) for k in names], dtype=bool))
-            reasons = quality.record_reasons(frame)
-            for i in sorted(reasons):
-                quarantine[first + i] = [quality.safe_text(names[i]), reasons[i], quality.source_json(records[i])]
-            del records
-            good = frame.drop(index=list(reasons)) if reasons else frame
-            if len(good):
-                silver.write(quality.typed(good, unique=False), first + good.index.to_numpy())  # hashed there
-            del frame, good
-        raw.append({"uri": f"s3://{settings.raw_bucket}/{obj['key']}", "records": count, "sha256": digest})
-
-
-def _copies(stage: StageRun, s3, objects, against, starts, wanted: set[int], min_records: int,
-            quarantine: dict) -> dict[int, tuple]:
-    """The records that share a key, read again from their raw objects: (key, copy shape, source
-    JSON when not already quarantined) by record id. Only payloads with duplicate keys pay this."""
-    found = {}
-    for number, obj in enumerate(objects):
-        start = starts[number]
-        end = starts[number + 1] if number + 1 < len(starts) else float("inf")
-        if not any(start <= r < end for r in wanted):
-            continue
-        stream = _stream_raw(stage, s3, obj["key"], against_record=against[number], min_records=min_records)
-        for records, position in stream:
-            for offset, record in enumerate(records):
-                rid = start + position + offset
-                if rid in wanted:
-                    row = transform.flatten_record(record)
-                    found[rid] = (row[contract.KEY], quality.copy_shape(row[c] for c in contract.COLUMNS),
-                                  None if rid in quarantine else quality.source_json(record))
-    return found
+    return Prepared(checked, raw, read.drift.result(), int(superseded.sum()), date, backfill_date, fetched, silver)
 
 
 def write(stage: StageRun, prepared: Prepared, *, max_invalid_fraction: float = 0.05,

@@ -84,9 +84,7 @@ def build(stage: StageRun, *, table: str = "capitals_clean", gold_format: str = 
             for batch in formats.csv_arrow_batches(spool.rewound()):
                 fp.add(batch)
             fp = fp.result()
-        # A CSV gold table is the export's bytes as they are; Parquet is the typed conversion.
-        gold_body = spool if fmt.name == "csv" else typed
-        golden = _write_gold(stage, fmt, table, key, typed, rows, fp, digest, gold_body)
+        golden = _write_gold(stage, fmt, table, _Export(key, typed, rows, fp, digest, spool))
     finally:
         spool.close()
     return golden
@@ -103,10 +101,25 @@ def _shared_text(column):
     return values[pc.fill_null(encoded.indices, len(encoded.dictionary)).to_numpy()]
 
 
-def _write_gold(stage: StageRun, fmt: formats.Format, table: str, key: str, typed: bytes, rows: int, fp: dict,
-                digest: str, gold_body) -> Golden:
+@dataclass
+class _Export:
+    """The cloud export `build` read and proved: its key, its rows as typed Parquet, its fingerprint
+    and sha256, and the spool holding its bytes as they are."""
+    key: str
+    typed: bytes
+    rows: int
+    fingerprint: dict
+    sha256: str
+    spool: storage.HashingSpool
+
+
+def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Export) -> Golden:
     """The rest of `build`: the change report, the aggregates and every gold object."""
     import pyarrow.parquet as pq
+
+    key, typed, rows, fp, digest = export.key, export.typed, export.rows, export.fingerprint, export.sha256
+    # A CSV gold table is the export's bytes as they are; Parquet is the typed conversion.
+    gold_body = export.spool if fmt.name == "csv" else typed
 
     settings = stage.settings
     s3 = storage.client(settings.store)
