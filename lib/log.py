@@ -9,6 +9,8 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lib.errors import PipelineError
+
 FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 
 
@@ -34,7 +36,7 @@ class RedactSecrets(logging.Filter):
         return True
 
 
-class LogWriteError(OSError):
+class LogWriteError(PipelineError, OSError):
     """The log file cannot be written (disk full, read-only, /dev/full): lines would be lost."""
 
 

@@ -108,7 +108,8 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
 # --- executing notebooks ----------------------------------------------------------------------------
 
 class Interrupted(Exception):
-    pass
+    """SIGTERM or SIGINT reached the runner: how a run is stopped, not an error the pipeline found
+    (so not a PipelineError; it ends the run as `interrupted`, exit 130)."""
 
 
 def _raise_interrupted(signum, frame):
