@@ -59,7 +59,21 @@ def test_a_value_is_escaped_in_text_and_in_attributes():
     assert "\u200fRTL\r\n" in page  # other characters are kept as they are
 
 
+def test_a_page_template_escapes_what_it_is_given():
+    page = pages.render("quarantine.html", run_id=SCRIPT, count=1, uri=f"s3://clean/{SCRIPT}.csv", sha256=None,
+                        rows=[{"record": 1, "name_common": SCRIPT, "source": QUOTES}],
+                        columns=["record", "name_common", "source"], why=None)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.startswith("<!doctype html>\n") and page.endswith("</body></html>\n")
+    assert f"<title>Quarantine of run &lt;script&gt;window.pwned=1&lt;/script&gt;</title>" in page
+    table = Cells(page[page.index("<table"):])
+    assert table.table_id == "quarantined"
+    assert table.rows[1] == [("num", "1"), (None, SCRIPT), ("uri", QUOTES)]  # shown exactly, as text
+
+
 def test_a_missing_variable_is_an_error_not_an_empty_string():
+    with pytest.raises(jinja2.UndefinedError, match="run_id"):
+        pages.render("quarantine.html", count=1, uri="s3://x", sha256=None, rows=[], columns=[], why=None)
     with pytest.raises(jinja2.UndefinedError, match="nowhere"):
         pages.ENV.from_string("<p>{{ nowhere }}</p>").render()
     with pytest.raises(jinja2.UndefinedError):
