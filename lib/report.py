@@ -1,18 +1,18 @@
-"""HTML for reviewers without Jupyter. Every string that came from outside (API answers, record values,
-object keys, error messages) is escaped before it reaches a page; the pages carry no script.
+"""HTML for reviewers without Jupyter. The pages are Jinja2 templates (lib/templates/, rendered by
+lib/pages.py): every string that came from outside (API answers, record values, object keys, error
+messages) is escaped by the templates' autoescape before it reaches a page; the pages carry no script.
+This module gathers what the pages show (manifests, stage records, objects read back).
 
 - `write(run_dir)`: `report.html` of one run (status, source, quarantine, changes, every object
   written, reconciliation, lineage picture), `quarantine.html` beside it, and each executed notebook
   as a page;
 - `write_index(outputs)`: `outputs/index.html`, every run newest first, with trend pictures;
-- `after_run(run_dir)`: both, after a run (never fails the run);
-- `RecordView`: what `Stage.finish()` returns, so a notebook's last cell shows what was recorded.
+- `after_run(run_dir)`: both, after a run (never fails the run).
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import io
 import json
 import logging
@@ -22,48 +22,14 @@ import threading
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lib import registry, review, runs
+from lib import changes, charts, config, pages, registry, review, runs, storage
 
 log = logging.getLogger(__name__)
-e = html.escape
-
-CSS = """body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#222;max-width:1500px}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;text-align:left;
-vertical-align:top}th{background:#f3f3f3}td.num{text-align:right}code,.uri{font-family:monospace;
-word-break:break-all}.banner{padding:.8em 1em;margin:.8em 0;border-radius:4px;font-weight:600}
-.snapshot{background:#fff3cd;border:2px solid #e0a800;color:#6b4e00}.failed{background:#fde2e1;
-border:2px solid #c0392b;color:#7b1d14}.ok{background:#e3f4e6;border:1px solid #3c8d4f;color:#1e5128}
-.running{background:#e7eef9;border:1px solid #4c72b0}.badge{padding:1px 6px;border-radius:3px;
-font-size:90%}.b-snapshot{background:#e0a800;color:#000}.b-failed,.b-interrupted{background:#c0392b;
-color:#fff}.b-succeeded{background:#3c8d4f;color:#fff}.b-running{background:#4c72b0;color:#fff}
-section.q{border-left:4px solid #4c72b0;padding:.1em 1em;margin:1em 0}img{max-width:100%}"""
-
-
-def _page(title: str, body: str) -> str:
-    return (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(title)}</title>'
-            f'<link rel="icon" href="data:,"><style>{CSS}</style></head><body>\n{body}\n</body></html>\n')
-
-
-def _cell(value, uri: bool = False) -> str:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return f'<td class="num">{e(str(value))}</td>'
-    text = "" if value is None else value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)
-    return f'<td{" class=uri" if uri else ""}>{e(text)}</td>'
-
-
-def _table(rows: list[dict], columns: list[str], uri_columns: tuple[str, ...] = (), table_id: str = "") -> str:
-    head = "".join(f"<th>{e(c)}</th>" for c in columns)
-    body = "".join("<tr>" + "".join(_cell(r.get(c, ""), c in uri_columns) for c in columns) + "</tr>" for r in rows)
-    ident = f' id="{e(table_id)}"' if table_id else ""
-    return f"<table{ident}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
 
 # --- reading the run's objects back (the quarantine and the change report) ----------------------------
 
 def _store(settings=None):
     """The local object store's client, or None with the reason when it cannot be reached quickly."""
-    from lib import config, storage
-
     try:
         settings = settings or config.settings()
         where = urlparse(settings.store.url)
@@ -75,8 +41,6 @@ def _store(settings=None):
 
 
 def _read_object(obj: dict, store) -> tuple[bytes | None, str | None]:
-    from lib import storage
-
     client, why = store
     if client is None:
         return None, why
@@ -124,8 +88,9 @@ def _short(uri: str) -> str:
     return label if len(label) <= 30 else label[:29] + "…"
 
 
-def lineage_svg(manifest: dict) -> str:
-    """API or snapshot → raw → clean/quarantine → table → export → gold, as inline SVG (no script)."""
+def _lineage(manifest: dict) -> dict | None:
+    """The lineage picture's layout: a column per step, a box per URI, an edge per hop; None when no
+    object was written."""
     column: dict[str, int] = {}
     for n, stage in enumerate(registry.NAMES, start=1):
         for obj in (manifest.get("stages", {}).get(stage) or {}).get("objects", []) or []:
@@ -135,7 +100,7 @@ def lineage_svg(manifest: dict) -> str:
     for src, _ in edges:
         column.setdefault(src, 0)
     if not column:
-        return "<p>No objects were written, so there is no lineage to draw.</p>"
+        return None
     by_col: dict[int, list[str]] = {}
     for uri, col in column.items():
         by_col.setdefault(col, []).append(uri)
@@ -144,109 +109,72 @@ def lineage_svg(manifest: dict) -> str:
            for col, uris in by_col.items() for i, uri in enumerate(sorted(uris))}
     height = top + max(len(v) for v in by_col.values()) * (h + gap_y) + 10
     width = 20 + len(COLUMNS) * (w + gap_x)
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" role="img" aria-label="lineage of run '
-             f'{e(str(manifest.get("run_id")))}" viewBox="0 0 {width} {height}" width="{width}" '
-             f'style="max-width:100%;font-family:sans-serif;font-size:12px">',
-             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" '
-             'markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="#666"/></marker></defs>']
-    for col, name in enumerate(COLUMNS):
-        parts.append(f'<text x="{20 + col * (w + gap_x)}" y="16" font-weight="bold">{e(name)}</text>')
-    for src, dst in edges:
-        if src in pos and dst in pos:
-            (x1, y1), (x2, y2) = pos[src], pos[dst]
-            parts.append(f'<line x1="{x1 + w}" y1="{y1 + h / 2}" x2="{x2}" y2="{y2 + h / 2}" stroke="#666" '
-                         'marker-end="url(#arrow)"/>')
+    boxes = []
     for uri, (x, y) in pos.items():
         fill = ("#fff3cd" if "snapshot" in uri else "#e7eef9") if column[uri] == 0 else \
             "#fde2e1" if "/quarantine" in uri else "#eef6ee"
-        parts.append(f'<g><title>{e(uri)}</title><rect x="{x}" y="{y}" width="{w}" height="{h}" rx="5" '
-                     f'fill="{fill}" stroke="#888"/><text x="{x + 6}" y="{y + 24}">{e(_short(uri))}</text></g>')
-    parts.append("</svg>")
-    return "".join(parts)
+        boxes.append({"uri": uri, "x": x, "y": y, "fill": fill, "label": _short(uri)})
+    return {"run_id": manifest.get("run_id"), "width": width, "height": height, "box_width": w, "box_height": h,
+            "columns": [{"x": 20 + col * (w + gap_x), "name": name} for col, name in enumerate(COLUMNS)],
+            "edges": [{"x1": pos[src][0] + w, "y1": pos[src][1] + h / 2, "x2": pos[dst][0], "y2": pos[dst][1] + h / 2}
+                      for src, dst in edges if src in pos and dst in pos],
+            "boxes": boxes}
+
+
+def lineage_svg(manifest: dict) -> str:
+    """API or snapshot → raw → clean/quarantine → table → export → gold, as inline SVG (no script)."""
+    return pages.render("lineage.html", lineage=_lineage(manifest))
 
 
 # --- report.html ------------------------------------------------------------------------------------
 
-def _source_banner(s: dict) -> str:
-    if s["source"] == "snapshot":
-        reason = s["fallback_reason"] or "the API could not be reached"
-        return (f'<div class="banner snapshot" id="source">⚠ BUNDLED SNAPSHOT USED: this run did not read the '
-                f'live API, its data is the offline snapshot shipped in lib/data/countries_v3.1.json. '
-                f'Reason: {e(str(reason))}</div>')
-    if s["source"] == "api":
-        return '<p id="source">Source: the live API.</p>'
-    return '<p id="source">Source: stage 1 did not run in this run.</p>'
-
-
-def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> str:
-    """The quarantine answer on report.html; writes quarantine.html with every record and reason."""
+def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> int | None:
+    """How many records were quarantined (None: not known, stage 2 did not finish); writes
+    quarantine.html beside report.html with every record and its reasons."""
     obj = _object(manifest, review.CLEAN, lambda k: k.startswith("quarantine/"))
     if s["quarantined"] is None or obj is None:
-        return '<p id="quarantine-answer">Not known: stage 2 (clean) did not finish in this run.</p>'
+        return None
     count = s["quarantined"]
     data, why = _read_object(obj, store) if count else (b"", None)
+    rows = columns = None
     if data is not None:
         rows = _records(obj["key"], data) if count else []
         columns = list(rows[0]) if rows else ["record", "raw_object", "name_common", "reasons", "source"]
-        listing = _table(rows, columns, uri_columns=("raw_object", "source"), table_id="quarantined")
-    else:
-        listing = f"<p>The quarantine object could not be read ({e(str(why))}); it is at the URI above.</p>"
-    page = (f'<p><a href="report.html">← run {e(s["run_id"])}</a></p><h1>Quarantined records of run '
-            f'{e(s["run_id"])}: {count}</h1><p>Object: <span class="uri">{e(obj["uri"])}</span> '
-            f'(sha256 {e(str(obj.get("sha256")))})</p>{listing}')
-    (run_dir / "quarantine.html").write_text(_page(f"Quarantine of run {s['run_id']}", page), encoding="utf-8")
-    if not count:
-        return ('<p id="quarantine-answer">Nothing quarantined: every record passed the silver contract '
-                '(<a href="quarantine.html">quarantine object</a> is empty).</p>')
-    return (f'<p id="quarantine-answer" class="banner snapshot">{count} record{"s" if count != 1 else ""} '
-            f'quarantined — <a href="quarantine.html">see the records and their reasons</a>.</p>')
+    (run_dir / "quarantine.html").write_text(pages.render(
+        "quarantine.html", run_id=s["run_id"], count=count, uri=obj["uri"], sha256=obj.get("sha256"),
+        rows=rows, columns=columns, why=why), encoding="utf-8")
+    return count
 
 
-def _changes(manifest: dict, s: dict, store) -> str:
+def _changes(manifest: dict, s: dict, store) -> dict | None:
+    """The change report's rows (`rows`, None when there is nothing to list), or why it could not be
+    read (`why`); None when not known (stage 5 did not finish)."""
     if s["added"] is None:
-        return '<p id="changes-answer">Not known: stage 5 (gold) did not finish in this run.</p>'
-    against = (f'since run <code>{e(s["previous_run_id"])}</code>' if s["previous_run_id"]
-               else "the first gold table (nothing to compare with)")
-    text = (f'<p id="changes-answer">{s["added"]} added, {s["removed"]} removed, {s["changed"]} changed — '
-            f'{against}.</p>')
+        return None
     obj = _object(manifest, review.GOLD, lambda k: k.endswith("/changes.json"))
     if obj is None or not (s["removed"] or s["changed"] or (s["added"] and s["previous_run_id"])):
-        return text
+        return {"rows": None, "why": None}
     data, why = _read_object(obj, store)
     if data is None:
-        return text + f"<p>The change report could not be read ({e(str(why))}).</p>"
-    from lib import changes
-
-    rows = changes.table(json.loads(data)).to_dict(orient="records")
-    return text + _table(rows, ["country", "change", "field", "old", "new"], table_id="changes")
+        return {"rows": None, "why": str(why)}
+    return {"rows": changes.table(json.loads(data)).to_dict(orient="records"), "why": None}
 
 
-def _objects(manifest: dict) -> str:
-    rows = [{"stage": stage, **obj} for stage in registry.NAMES
+def _objects(manifest: dict) -> list[dict]:
+    """Every object the run wrote, with the stage that wrote it."""
+    return [{"stage": stage, **obj} for stage in registry.NAMES
             for obj in (manifest.get("stages", {}).get(stage) or {}).get("objects", []) or []]
-    if not rows:
-        return '<p id="objects-answer">No object was written.</p>'
-    return (f'<p id="objects-answer">{len(rows)} object{"s" if len(rows) != 1 else ""} written:</p>'
-            + _table(rows, ["stage", "uri", "size", "sha256", "rows"], uri_columns=("uri", "sha256"),
-                     table_id="objects"))
 
 
-def _failure(manifest: dict, s: dict, pages: dict[str, str]) -> str:
+def _failure(manifest: dict, s: dict, notebook_pages: dict[str, str]) -> dict | None:
+    """What the failure banner says (None when the run did not fail): the failed stage and its page,
+    or the preflight's problems; what was left unpublished."""
     if s["status"] in ("succeeded", "running"):
-        return ""
-    parts = []
-    if s["failed"]:
-        stage = s["failed"]["stage"]
-        where = (f'Its executed notebook, saved up to the failing cell with the traceback in place: '
-                 f'<a href="{e(pages[stage])}">{e(stage)}</a>.' if stage in pages else "")
-        parts.append(f'Stage <b>{e(stage)}</b> {e(s["status"])} in <code>{e(s["failed"]["error"])}</code>. {where}')
-    elif manifest.get("preflight"):
-        parts.append("The preflight failed, nothing ran: " + "; ".join(e(str(p)) for p in manifest["preflight"]))
-    if s["unpublished"]:
-        parts.append("Left unpublished: " + "; ".join(f"{e(st)}: {e(review.PUBLISHES.get(st, st))}"
-                                                      for st in s["unpublished"]) + ".")
-    parts.append(f"After fixing the cause: <code>python run_pipeline.py --resume {e(s['run_id'])}</code>")
-    return '<div class="banner failed" id="failure">' + "<br>".join(parts) + "</div>"
+        return None
+    failed = s["failed"]
+    return {"failed": failed, "page": notebook_pages.get(failed["stage"]) if failed else None,
+            "preflight": [str(p) for p in manifest.get("preflight") or []],
+            "unpublished": [(st, review.PUBLISHES.get(st, st)) for st in s["unpublished"]]}
 
 
 def _exporter():
@@ -372,7 +300,7 @@ def write(run_dir: Path, rendered: dict[str, str] | None = None) -> Path:
     if manifest is None:
         raise FileNotFoundError(f"no run record at {run_dir}")
     s = review.summary(manifest, run_dir)
-    pages = _notebook_pages(run_dir, manifest, rendered)
+    notebook_pages = _notebook_pages(run_dir, manifest, rendered)
     needs_store = bool(s["quarantined"]) or bool(s["removed"] or s["changed"] or s["added"])
     store = _store() if needs_store else (None, "not needed")
     stages = []
@@ -381,72 +309,37 @@ def write(run_dir: Path, rendered: dict[str, str] | None = None) -> Path:
         stages.append({"stage": stage, "status": entry.get("status"), "seconds": entry.get("duration_s", ""),
                        "rows in": entry.get("rows_in", ""), "rows out": entry.get("rows_out", ""),
                        "error": entry.get("error", ""), "notebook": stage})
-    stage_rows = "".join(
-        "<tr>" + "".join(_cell(r[c]) for c in ("stage", "status", "seconds", "rows in", "rows out", "error"))
-        + (f'<td><a href="{e(pages[r["stage"]])}">{e(r["stage"])}</a></td>' if r["stage"] in pages else "<td></td>")
-        + "</tr>" for r in stages)
-    attempts = [p for p in pages if ".attempt" in p]
     reconciliation = manifest.get("reconciliation")
-    recon_html = (_table(reconciliation, ["hop", "records", "fingerprint", "compared with", "status"],
-                         table_id="reconciliation")
-                  if isinstance(reconciliation, list) else
-                  f"<p>Not reconciled ({e(str(reconciliation)) if reconciliation else 'stage 5 did not finish'}).</p>")
     stack = manifest.get("stack", {})
-    status = s["status"]
-    banner_class = {"succeeded": "ok", "running": "running"}.get(status, "failed")
-    body = f"""<p><a href="../../index.html">← all runs</a></p>
-<h1>Run {e(s['run_id'])}: {e(status)}</h1>
-<div class="banner {banner_class}" id="status">Status: {e(status.upper())} · started {e(str(s['started']))} ·
-ended {e(str(s['ended']))} · {e(str(s['duration_s']))} s · started by {e(s['origin'])}</div>
-{_source_banner(s)}
-{_failure(manifest, s, pages)}
-<section class="q"><h2>Anything quarantined?</h2>{_quarantine(manifest, s, run_dir, store)}</section>
-<section class="q"><h2>What changed?</h2>{_changes(manifest, s, store)}</section>
-<section class="q"><h2>Where is my data?</h2>{_objects(manifest)}</section>
-<h2>Stages</h2><table id="stages"><thead><tr><th>stage</th><th>status</th><th>seconds</th><th>rows in</th>
-<th>rows out</th><th>error</th><th>executed notebook</th></tr></thead><tbody>{stage_rows}</tbody></table>
-{'<p>Earlier attempts: ' + ', '.join(f'<a href="{e(pages[a])}">{e(a)}</a>' for a in attempts) + '</p>' if attempts else ''}
-<h2>Reconciliation</h2>{recon_html}
-<h2>Lineage</h2>{lineage_svg(manifest)}
-<h2>Services</h2><p>Object store: {e(str(stack.get('object_store', {}).get('kind')))};
-database: {e(str(stack.get('database', {}).get('kind')))}; cloud: {e(str(stack.get('cloud', {}).get('kind')))}.</p>
-<p>Everything else about this run is in <a href="manifest.json">manifest.json</a> beside this page.</p>"""
+    page = pages.render(
+        "report.html", s=s, banner_class={"succeeded": "ok", "running": "running"}.get(s["status"], "failed"),
+        failure=_failure(manifest, s, notebook_pages), quarantined=_quarantine(manifest, s, run_dir, store),
+        changes=_changes(manifest, s, store), objects=_objects(manifest), stages=stages,
+        notebook_pages=notebook_pages, attempts=[p for p in notebook_pages if ".attempt" in p],
+        reconciliation=reconciliation if isinstance(reconciliation, list) else None,
+        not_reconciled=str(reconciliation) if reconciliation else None, lineage=_lineage(manifest),
+        services={kind: stack.get(kind, {}).get("kind") for kind in ("object_store", "database", "cloud")})
     path = run_dir / "report.html"
-    path.write_text(_page(f"Run {s['run_id']}: {status}", body), encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path
 
 
 # --- index.html -------------------------------------------------------------------------------------
 
-def _index_row(s: dict, outputs: Path) -> str:
-    rid = e(s["run_id"])
-    base = f"runs/{rid}"
-    report_link = f'<a href="{base}/report.html">{rid}</a>' if s["report"] else rid
-    status = f'<span class="badge b-{e(s["status"])}">{e(s["status"])}</span>'
-    if s["failed"]:
-        status += f'<br><small>at {e(s["failed"]["stage"])}: {e(s["failed"]["error"][:300])}</small>'
-    source = {"api": "API", None: "-"}.get(s["source"], "")
-    if s["source"] == "snapshot":
-        source = '<span class="badge b-snapshot">⚠ SNAPSHOT</span>'
-    elif s["source"] not in ("api", None):
-        source = e(str(s["source"]))
+def _index_row(s: dict, outputs: Path) -> dict:
+    """One run's row of the index: its summary `s`, its folder's link, when it started, and its
+    executed notebooks (attempts left out) as (link, label): the notebook's page once rendered,
+    else the notebook itself."""
     run_dir = runs.runs_dir(outputs) / s["run_id"]
-    notebooks = " ".join(
-        f'<a href="{base}/{e(Path(nb).stem)}.html">{e(Path(nb).stem)}</a>' if (run_dir / f"{Path(nb).stem}.html").exists()
-        else f'<a href="{base}/{e(nb)}">{e(nb)}</a>' for nb in s["notebooks"] if ".attempt" not in nb)
-    num = lambda v: f'<td class="num">{"" if v is None else e(str(v))}</td>'  # noqa: E731
-    return (f"<tr><td>{report_link}</td><td>{e((s['started'] or '')[:19].replace('T', ' '))}</td>"
-            f"<td>{e(s['origin'])}</td><td>{status}</td><td>{source}</td>"
-            + "".join(num(s["rows"][layer]) for layer in review.LAYERS.values())
-            + num(s["quarantined"]) + num(s["added"]) + num(s["removed"]) + num(s["changed"])
-            + num(s["duration_s"]) + f"<td>{notebooks}</td></tr>")
+    notebooks = [(f"{Path(nb).stem}.html", Path(nb).stem) if (run_dir / f"{Path(nb).stem}.html").exists()
+                 else (nb, nb) for nb in s["notebooks"] if ".attempt" not in nb]
+    return {"s": s, "base": f"runs/{s['run_id']}", "started": (s["started"] or "")[:19].replace("T", " "),
+            "notebooks": notebooks}
 
 
 def trends(outputs: Path | str) -> dict[str, str | None]:
     """Draw the index's trend pictures beside it (lib/charts.py): picture → file name, or None when
     no run has its figures yet. The runner has its run's kernel call this after the last stage."""
-    from lib import charts
-
     outputs = Path(outputs)
     outputs.mkdir(parents=True, exist_ok=True)
     return charts.write(review.summaries(outputs), outputs)
@@ -459,25 +352,11 @@ def write_index(outputs: Path, pictures: dict[str, str | None] | None = None) ->
     rows = review.summaries(outputs)
     if pictures is None:
         pictures = trends(outputs)
-    head = "".join(f"<th>{e(h)}</th>" for h in ["run", "started (UTC)", "how", "status", "source",
-                                                *(f"rows {layer}" for layer in review.LAYERS.values()),
-                                                "quarantined", "added", "removed", "changed", "seconds",
-                                                "executed notebooks"])
-    table = (f'<table id="runs"><thead><tr>{head}</tr></thead><tbody>'
-             + "".join(_index_row(s, outputs) for s in rows) + "</tbody></table>") if rows else \
-        "<p>No runs yet: start one with <code>make run</code>.</p>"
-    snapshots = sum(1 for s in rows if s["source"] == "snapshot")
-    warn = (f'<div class="banner snapshot">⚠ {snapshots} of these runs used the bundled snapshot instead of '
-            f'the live API.</div>' if snapshots else "")
-    titles = {"rows": "Rows per layer and quarantined, per run", "durations": "Stage durations per run",
-              "regions": "Population by region over time"}
-    figures = "".join(f'<h3>{e(titles[k])}</h3><img src="{e(v)}" alt="{e(titles[k])}">' if v else
-                     f"<h3>{e(titles[k])}</h3><p>No run has these figures yet.</p>" for k, v in pictures.items())
-    body = (f"<h1>Pipeline runs</h1><p>{len(rows)} run{'s' if len(rows) != 1 else ''}, newest first. "
-            "Each run id opens its report: status, source, quarantine, changes, every object written.</p>"
-            f"{warn}{table}<h2>Trends</h2>{figures}")
+    page = pages.render("index.html", rows=[_index_row(s, outputs) for s in rows],
+                        layers=list(review.LAYERS.values()), pictures=pictures,
+                        snapshots=sum(1 for s in rows if s["source"] == "snapshot"))
     path = outputs / "index.html"
-    path.write_text(_page("Pipeline runs", body), encoding="utf-8")
+    path.write_text(page, encoding="utf-8")
     return path
 
 
@@ -488,67 +367,14 @@ def write_all(outputs: Path) -> Path:
     return write_index(outputs)
 
 
-def after_run(run_dir: Path, pages: Pages | None = None, pictures=None) -> None:
-    """The runner's hook after a run: its report and the index (`pages`: the run's `Pages`, which
+def after_run(run_dir: Path, notebook_pages: Pages | None = None, pictures=None) -> None:
+    """The runner's hook after a run: its report and the index (`notebook_pages`: the run's `Pages`, which
     renders the notebook pages with an exporter made ready during the run; `pictures`: a function
     giving the trend pictures drawn meanwhile elsewhere, or None when they are still to draw). A
     rendering problem is logged, never turned into a failed run."""
     try:
-        rendered = pages.done() if pages is not None else None
+        rendered = notebook_pages.done() if notebook_pages is not None else None
         log.info("report: %s", write(run_dir, rendered))
         log.info("index: %s", write_index(run_dir.parent.parent, pictures() if pictures is not None else None))
     except Exception:  # noqa: BLE001
         log.warning("could not render the report of %s", run_dir, exc_info=True)
-
-
-# --- what a notebook's last cell shows ---------------------------------------------------------------
-
-class RecordView(str):
-    """The path of a saved stage record (a str) that displays as what was recorded: counts,
-    objects with full URIs, details, and request attempts when there were retries."""
-
-    def __new__(cls, path, data: dict):
-        view = super().__new__(cls, str(path))
-        view.data = data
-        return view
-
-    def _details(self) -> tuple[list[dict], list[tuple[str, list[dict]]]]:
-        plain, tables = [], []
-        for key, value in self.data.get("details", {}).items():
-            if key == "attempts" and len(value or []) <= 1:
-                continue  # a single successful request says nothing
-            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-                tables.append((key, value))
-            else:
-                plain.append({"detail": key, "value": value})
-        return plain, tables
-
-    def _repr_html_(self) -> str:
-        d = self.data
-        objects = d.get("artifacts", [])
-        plain, tables = self._details()
-        out = [f"<p><b>Recorded</b> {e(d.get('stage', ''))} of run {e(d.get('run_id', ''))}: rows in "
-               f"{e(str(d.get('rows_in')))} → rows out {e(str(d.get('rows_out')))}; "
-               f"{len(objects)} object{'s' if len(objects) != 1 else ''} written. Record file: "
-               f"<code>{e(str(self))}</code></p>"]
-        if objects:
-            out.append(_table(objects, ["uri", "size", "sha256", "rows"], uri_columns=("uri",)))
-        for key, rows in tables:
-            columns = list(dict.fromkeys(k for r in rows for k in r))
-            out.append(f"<p><b>{e(key)}</b></p>" + _table(rows, columns))
-        if plain:
-            out.append(_table(plain, ["detail", "value"]))
-        return "".join(out)
-
-    def __repr__(self) -> str:
-        d = self.data
-        lines = [f"recorded {d.get('stage')} of run {d.get('run_id')}: rows {d.get('rows_in')} → {d.get('rows_out')}",
-                 f"record: {str(self)}"]
-        lines += [f"  object {o.get('uri')}  size {o.get('size')}  rows {o.get('rows')}  sha256 {o.get('sha256')}"
-                  for o in d.get("artifacts", [])]
-        plain, tables = self._details()
-        for key, rows in tables:
-            lines.append(f"  {key}:")
-            lines += [f"    {json.dumps(r, ensure_ascii=False, default=str)}" for r in rows]
-        lines += [f"  {p['detail']}: {json.dumps(p['value'], ensure_ascii=False, default=str)}" for p in plain]
-        return "\n".join(lines)

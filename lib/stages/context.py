@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import logging
 import sys
 from dataclasses import dataclass
 
 import pandas as pd
 
-from lib import config, contract, db, formats, layout, quality, registry, runs, storage
+from lib import config, contract, db, formats, layout, pages, quality, registry, runs, storage
 from lib import log as logsetup
 from lib.errors import PipelineError
 from lib.stages.parameters import check
@@ -40,8 +41,6 @@ class StageRun:
 
     def finish(self) -> str:
         """Save the record; returns its path, which a notebook displays as what was recorded."""
-        from lib.report import RecordView
-
         path = self.record.save()
         log.info("%s of run %s done; record %s", self.name, self.run_id, path)
         self.refresh_manifest()
@@ -257,3 +256,47 @@ def schema(frame: pd.DataFrame) -> pd.DataFrame:
         "example": [quality.safe_text(str(frame[c].dropna().iloc[0])[:40]) if frame[c].notna().any() else ""
                     for c in frame.columns],
     })
+
+
+# --- what a notebook's last cell shows ---------------------------------------------------------------
+
+class RecordView(str):
+    """The path of a saved stage record (a str) that displays as what was recorded: counts,
+    objects with full URIs, details, and request attempts when there were retries."""
+
+    def __new__(cls, path, data: dict):
+        view = super().__new__(cls, str(path))
+        view.data = data
+        return view
+
+    def _details(self) -> tuple[list[dict], list[tuple[str, list[dict]]]]:
+        plain, tables = [], []
+        for key, value in self.data.get("details", {}).items():
+            if key == "attempts" and len(value or []) <= 1:
+                continue  # a single successful request says nothing
+            if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                tables.append((key, value))
+            else:
+                plain.append({"detail": key, "value": value})
+        return plain, tables
+
+    def _repr_html_(self) -> str:
+        d = self.data
+        plain, tables = self._details()
+        return pages.render(
+            "record.html", stage=d.get("stage", ""), run_id=d.get("run_id", ""), rows_in=d.get("rows_in"),
+            rows_out=d.get("rows_out"), objects=d.get("artifacts", []), path=str(self), plain=plain,
+            tables=[(key, rows, list(dict.fromkeys(k for r in rows for k in r))) for key, rows in tables])
+
+    def __repr__(self) -> str:
+        d = self.data
+        lines = [f"recorded {d.get('stage')} of run {d.get('run_id')}: rows {d.get('rows_in')} → {d.get('rows_out')}",
+                 f"record: {str(self)}"]
+        lines += [f"  object {o.get('uri')}  size {o.get('size')}  rows {o.get('rows')}  sha256 {o.get('sha256')}"
+                  for o in d.get("artifacts", [])]
+        plain, tables = self._details()
+        for key, rows in tables:
+            lines.append(f"  {key}:")
+            lines += [f"    {json.dumps(r, ensure_ascii=False, default=str)}" for r in rows]
+        lines += [f"  {p['detail']}: {json.dumps(p['value'], ensure_ascii=False, default=str)}" for p in plain]
+        return "\n".join(lines)
