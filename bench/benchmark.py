@@ -37,7 +37,7 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from lib import config, contract, db, formats, quality, registry, source, stack, storage, transform
+from lib import config, contract, db, db_load, db_read, formats, quality, registry, source, stack, storage, transform
 
 from bench import pipeline
 
@@ -99,12 +99,12 @@ def database_figures(data: bytes, port_base: int, load_ms: float) -> None:
         stack.up(sdir)
         settings = config.settings({"PIPELINE_STATE_DIR": str(sdir)})
         conn = db.connect(settings.db)
-        measure("load: COPY + merge, new table", db.merge, conn, data, schema="public", table="bench",
+        measure("load: COPY + merge, new table", db_load.merge, conn, data, schema="public", table="bench",
                 run_id="bench-1", max_ms=load_ms)
-        measure("load again: nothing changed", db.merge, conn, data, schema="public", table="bench",
+        measure("load again: nothing changed", db_load.merge, conn, data, schema="public", table="bench",
                 run_id="bench-2", max_ms=load_ms / 2)
         spool = storage.HashingSpool()
-        rows = measure("export: COPY TO STDOUT into a spool", db.copy_out, conn, "public", "bench", spool,
+        rows = measure("export: COPY TO STDOUT into a spool", db_read.copy_out, conn, "public", "bench", spool,
                        max_mib=12)
         print(f"  {'':<40} {rows} rows, {spool.size / 2**20:.1f} MiB exported")
         spool.close()

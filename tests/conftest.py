@@ -110,6 +110,41 @@ def unique():
     return uuid.uuid4().hex[:8]
 
 
+@pytest.fixture(scope="module")
+def clean():
+    """The bundled snapshot's valid rows, as stage 2 leaves them."""
+    from lib import quality, source, transform
+
+    records = source.parse_payload(source.snapshot_bytes())
+    return quality.validate(transform.flatten(records), records).clean
+
+
+@pytest.fixture
+def table(unique):
+    return f"t_{unique}"
+
+
+@pytest.fixture
+def lingering(settings, clean, table, unique):
+    """A session left by a kernel killed mid-load: named like a stage's, idle in a transaction that
+    holds an exclusive lock on the table."""
+    from psycopg2 import sql
+
+    from lib import db, db_load
+    from tests.db_helpers import SCHEMA, csv
+
+    run_id = f"dead-{unique}"
+    setup = db.connect(settings.db)
+    setup.autocommit = True
+    db_load.merge(setup, csv(clean.head(3)), schema=SCHEMA, table=table, run_id="r1")
+    setup.close()
+    conn = db.connect(settings.db, application_name=f"countries-medallion 03_load {run_id}")
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(db.ident(SCHEMA, table)))
+    yield run_id, conn
+    conn.close()
+
+
 @pytest.fixture
 def run_pipeline(embedded):
     """Run `python run_pipeline.py ARGS` as a user would; returns the CompletedProcess."""
