@@ -99,10 +99,10 @@ def database_figures(data: bytes, port_base: int, load_ms: float) -> None:
         stack.up(sdir)
         settings = config.settings({"PIPELINE_STATE_DIR": str(sdir)})
         conn = db.connect(settings.db)
-        measure("load: COPY + merge, new table", db_load.merge, conn, data, schema="public", table="bench",
-                run_id="bench-1", max_ms=load_ms)
-        measure("load again: nothing changed", db_load.merge, conn, data, schema="public", table="bench",
-                run_id="bench-2", max_ms=load_ms / 2)
+        measure("load: COPY + merge, new table", db_load.merge, conn, data,
+                db_load.MergeOptions(schema="public", table="bench", run_id="bench-1"), max_ms=load_ms)
+        measure("load again: nothing changed", db_load.merge, conn, data,
+                db_load.MergeOptions(schema="public", table="bench", run_id="bench-2"), max_ms=load_ms / 2)
         spool = storage.HashingSpool()
         rows = measure("export: COPY TO STDOUT into a spool", db_read.copy_out, conn, "public", "bench", spool,
                        max_mib=12)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.errors
@@ -175,14 +176,37 @@ def _stage_batch(cur, csv_data, lists: str) -> None:
     cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(_typed_select()))
 
 
-def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "upsert",
-          retire_missing: bool = True, lock_timeout: str = LOAD_LOCK_TIMEOUT,
-          expected_fingerprint: str | None = None, data_as_of: str | None = None,
-          allow_rewind: bool = False, lists: str = "json") -> dict:
+@dataclass(frozen=True)
+class MergeOptions:
+    """What `merge` loads where, and how: the target `schema.table`, the run, the write mode and the
+    load's guards (see `merge`). A bad mode, list format, run id or schema is refused here, before
+    any SQL runs."""
+
+    schema: str
+    table: str
+    run_id: str
+    mode: str = "upsert"
+    retire_missing: bool = True
+    lock_timeout: str = LOAD_LOCK_TIMEOUT
+    expected_fingerprint: str | None = None
+    data_as_of: str | None = None
+    allow_rewind: bool = False
+    lists: str = "json"
+
+    def __post_init__(self) -> None:
+        if self.mode not in WRITE_MODES:
+            raise ValueError(f"write mode {self.mode!r} is not one of {', '.join(WRITE_MODES)}")
+        if self.lists not in LIST_FORMATS:
+            raise ValueError(f"list format {self.lists!r} is not one of {', '.join(LIST_FORMATS)}")
+        names.run_id(self.run_id)
+        names.schema(self.schema)
+
+
+def merge(conn, csv_data, options: MergeOptions) -> dict:
     """Load a CSV (bytes or a binary file object: the contract columns then _row_hash) into
-    `schema.table` in ONE transaction: COPY into a temporary table, then merge. Its list cells are
-    JSON arrays (lists="json", the silver CSV) or PostgreSQL array literals (lists="array", what
-    formats.copy_csv writes: COPY types them itself, no cast).
+    `schema.table` of `options` in ONE transaction: COPY into a temporary table, then merge. Its list
+    cells are JSON arrays (lists="json", the silver CSV) or PostgreSQL array literals (lists="array",
+    what formats.copy_csv writes: COPY types them itself, no cast).
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
              unchanged rows untouched; with retire_missing, keys absent from the batch are removed
@@ -204,12 +228,10 @@ def merge(conn, csv_data, *, schema: str, table: str, run_id: str, mode: str = "
     On any error the transaction is rolled back and the tables are as they were. A lock held by another
     session (a killed run's, say) is waited for `lock_timeout` at most, then the load fails saying so.
     """
-    if mode not in WRITE_MODES:
-        raise ValueError(f"write mode {mode!r} is not one of {', '.join(WRITE_MODES)}")
-    if lists not in LIST_FORMATS:
-        raise ValueError(f"list format {lists!r} is not one of {', '.join(LIST_FORMATS)}")
-    names.run_id(run_id)
-    names.schema(schema)
+    schema, table, run_id, mode = options.schema, options.table, options.run_id, options.mode
+    retire_missing, lock_timeout, lists = options.retire_missing, options.lock_timeout, options.lists
+    expected_fingerprint, data_as_of = options.expected_fingerprint, options.data_as_of
+    allow_rewind = options.allow_rewind
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
     retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
     data_cols = _cols(COLUMNS)

@@ -136,7 +136,7 @@ def lingering(settings, clean, table, unique):
     run_id = f"dead-{unique}"
     setup = db.connect(settings.db)
     setup.autocommit = True
-    db_load.merge(setup, csv(clean.head(3)), schema=SCHEMA, table=table, run_id="r1")
+    db_load.merge(setup, csv(clean.head(3)), db_load.MergeOptions(schema=SCHEMA, table=table, run_id="r1"))
     setup.close()
     conn = db.connect(settings.db, application_name=f"countries-medallion 03_load {run_id}")
     with conn.cursor() as cur:

@@ -9,6 +9,7 @@ from psycopg2 import sql
 
 from lib import db, db_load, db_read, formats, quality
 from lib.contract import COLUMNS, KEY
+from lib.db_load import MergeOptions
 
 SCHEMA = "public"
 
@@ -42,7 +43,7 @@ COUNTS = ("inserted", "updated", "unchanged", "retired", "current_rows", "mode")
 
 def load(pg, data, table, run_id, full=False, **kw):
     """A merge; its counts (`full`: everything it returns, with the fingerprint, drift and load id)."""
-    result = db_load.merge(pg, data, schema=SCHEMA, table=table, run_id=run_id, **kw)
+    result = db_load.merge(pg, data, MergeOptions(schema=SCHEMA, table=table, run_id=run_id, **kw))
     return result if full else {k: result[k] for k in COUNTS}
 
 

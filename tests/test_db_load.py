@@ -12,6 +12,7 @@ from psycopg2 import sql
 from lib import contract, db, db_load, db_read, db_schema, formats, quality
 from lib.contract import COLUMNS, KEY
 from lib.db import DatabaseError
+from lib.db_load import MergeOptions
 from lib.names import InvalidName
 from tests.db_helpers import SCHEMA, changed, csv, current, dump, history, load
 
@@ -344,7 +345,7 @@ def test_unsafe_identifiers_are_refused_before_any_sql_runs(pg, clean, schema, n
         cur.execute("SELECT count(*) FROM information_schema.tables")
         tables_before = cur.fetchone()[0]
     with pytest.raises(InvalidName):
-        db_load.merge(pg, csv(clean.head(1)), schema=schema, table=name, run_id="r1")
+        db_load.merge(pg, csv(clean.head(1)), MergeOptions(schema=schema, table=name, run_id="r1"))
     with pytest.raises(InvalidName):
         db_read.current(pg, schema, name)
     with pg.cursor() as cur:

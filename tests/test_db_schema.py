@@ -8,13 +8,14 @@ from psycopg2 import sql
 
 from lib import db, db_load, db_read
 from lib.contract import KEY
+from lib.db_load import MergeOptions
 from lib.names import InvalidName
 from tests.db_helpers import SCHEMA, csv, current, dump, load
 
 
 def test_a_table_whose_history_table_name_would_be_too_long_is_refused(pg, clean):
     with pytest.raises(InvalidName, match="history table name"):
-        db_load.merge(pg, csv(clean.head(1)), schema=SCHEMA, table="t" * 60, run_id="r1")
+        db_load.merge(pg, csv(clean.head(1)), MergeOptions(schema=SCHEMA, table="t" * 60, run_id="r1"))
     assert not db.table_exists(pg, SCHEMA, "t" * 60)
 
 
@@ -30,8 +31,8 @@ def test_a_load_log_from_before_load_ids_is_migrated(pg, clean, unique):
         cur.execute(sql.SQL("INSERT INTO {} VALUES ('b', 'x', '2026-01-02', 'upsert', 1, 0, 0, 0), "
                             "('a', 'x', '2026-01-01', 'upsert', 1, 0, 0, 0)").format(
             sql.Identifier(schema, "pipeline_loads")))
-    db_load.merge(pg, csv(clean.head(3)), schema=schema, table=table, run_id="r1")
-    db_load.merge(pg, csv(clean.head(3)), schema=schema, table=table, run_id="r1")
+    db_load.merge(pg, csv(clean.head(3)), MergeOptions(schema=schema, table=table, run_id="r1"))
+    db_load.merge(pg, csv(clean.head(3)), MergeOptions(schema=schema, table=table, run_id="r1"))
     loads = db_read.read_frame(pg, sql.SQL("SELECT load_id, run_id FROM {} ORDER BY load_id").format(
         sql.Identifier(schema, "pipeline_loads")))
     assert loads.values.tolist() == [[1, "a"], [2, "b"], [3, "r1"], [4, "r1"]]
