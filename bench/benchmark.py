@@ -37,7 +37,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from lib import config, contract, db, db_load, db_read, formats, quality, registry, source, stack, storage, transform
+from lib import (config, contract, db, db_load, db_read, formats, quality, registry, source, stack, stack_state,
+                 storage, transform)
 
 from bench import pipeline
 
@@ -95,7 +96,7 @@ def transform_figures(records: list[dict]) -> bytes:
 def database_figures(data: bytes, port_base: int, load_ms: float) -> None:
     sdir = Path(tempfile.mkdtemp(prefix="medallion-bench-"))
     try:
-        stack.init_state(sdir, port_base)
+        stack_state.init_state(sdir, port_base)
         stack.up(sdir)
         settings = config.settings({"PIPELINE_STATE_DIR": str(sdir)})
         conn = db.connect(settings.db)
@@ -146,7 +147,7 @@ class Bench:
 
         self.base = Path(tempfile.mkdtemp(prefix="medallion-bench-"))
         self.sdir = self.base / "state"
-        stack.init_state(self.sdir, port_base)
+        stack_state.init_state(self.sdir, port_base)
         try:
             stack.up(self.sdir)
         except BaseException:

@@ -77,6 +77,12 @@ def embedded(pipeline_env, session_dirs):
 
 
 @pytest.fixture
+def sdir(session_dirs, embedded) -> Path:
+    """The session's state folder, its stack up."""
+    return session_dirs["state"]
+
+
+@pytest.fixture
 def settings(embedded):
     return config.settings()
 

@@ -22,7 +22,7 @@ import botocore.exceptions
 import psycopg2
 import pytest
 
-from lib import config, contract, db, db_read, formats, layout, registry, runs, source, stack, storage
+from lib import config, contract, db, db_read, formats, layout, registry, runs, source, stack, stack_state, storage
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
@@ -239,7 +239,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     res = run_pipeline("--stages", "1-2", "--run-id", run_id, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    state = stack.read_state(sdir)
+    state = stack_state.read_state(sdir)
     # The embedded runner restarts a stopped embedded store by itself, so point it at the same store as a
     # configured endpoint: then nothing restarts it and the preflight has to notice.
     as_configured = {"MINIO_URL": state.s3_url, "MINIO_ACCESS_KEY": state.access_key,
