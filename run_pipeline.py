@@ -69,7 +69,7 @@ def cmd_stack(argv: list[str]) -> int:
                    help="with down: stop an orphaned stack of this project on this port base (its state "
                         "folder deleted): only our own weed and PostgreSQL servers are stopped")
     args = p.parse_args(argv)
-    from lib import stack, stack_state
+    from lib import stack, stack_ports, stack_state
 
     if args.orphans and args.action != "down":
         return usage_error("--orphans goes with `stack down` only")
@@ -84,7 +84,7 @@ def cmd_stack(argv: list[str]) -> int:
             stack.up(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
         elif args.action == "down" and args.orphans:
-            stopped = stack.stop_orphans(stack_state.port_base(sdir))
+            stopped = stack_ports.stop_orphans(stack_state.port_base(sdir))
             for holder in stopped:
                 print(f"stopped {holder.describe()}")
             if not stopped:
@@ -92,7 +92,7 @@ def cmd_stack(argv: list[str]) -> int:
         elif args.action == "down":
             stack.down(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
-            left = stack.holders(stack_state.port_base(sdir))
+            left = stack_ports.holders(stack_state.port_base(sdir))
             if left:
                 raise stack_state.StackError("still listening on this stack's ports: "
                                              + "; ".join(h.describe() for h in left)

@@ -22,6 +22,7 @@ from lib import config, stack
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PORT_BASE = int(os.environ.get("TEST_STACK_PORT_BASE", "18530"))
+ORPHAN_BASE = TEST_PORT_BASE + 40  # the next 100 ports belong to this suite: stay inside them
 # Variables that would point the pipeline at other services: cleared for the test session.
 SERVICE_VARS = ("MINIO_URL", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USER",
                 "DB_PASSWORD", "DB_NAME", "S3_BUCKET_NAME", "AWS_ENDPOINT_URL", "AWS_PROFILE",
