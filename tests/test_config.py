@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lib import config, stack
+from lib import config, stack_state
 from lib.config import ConfigError, Secret
 from lib.names import InvalidName
 
@@ -33,7 +33,7 @@ def env(tmp_path):
 def embedded_env(tmp_path):
     """No services configured; a state folder initialised (files only, nothing started)."""
     sdir = tmp_path / "state"
-    state = stack.init_state(sdir, port_base=19100)
+    state = stack_state.init_state(sdir, port_base=19100)
     return {"PIPELINE_STATE_DIR": str(sdir)}, state
 
 

@@ -98,7 +98,7 @@ def test_copy_csv_gives_postgresql_the_silver_values_even_awkward_text(pg, clean
     """The CSV that COPY reads (list cells as PostgreSQL array literals), converted in Arrow from
     either silver format, is read by PostgreSQL as exactly the silver values: lists element for
     element, text nulls as NULL, numbers exact."""
-    from lib import db
+    from lib import db, db_load
 
     fmt = formats.get(name)
     frame = awkward(clean)
@@ -106,7 +106,7 @@ def test_copy_csv_gives_postgresql_the_silver_values_even_awkward_text(pg, clean
     assert formats.copy_csv(fmt.encode(frame), name, out) == len(frame)
     assert out.getvalue().splitlines()[0].decode().replace('"', "").split(",") == COLUMNS + ["_row_hash"]
     with db.transaction(pg), pg.cursor() as cur:
-        db._stage_batch(cur, out.getvalue(), "array")
+        db_load._stage_batch(cur, out.getvalue(), "array")
         cur.execute("SELECT * FROM _batch")
         stored = cur.fetchall()
     want = [tuple(list(v) if c in LIST_COLUMNS else v for c, v in zip(frame.columns, row))

@@ -1,32 +1,19 @@
-"""lib.stack: the embedded SeaweedFS + PostgreSQL stack the session runs on, and its state folder."""
+"""lib.stack: the embedded SeaweedFS + PostgreSQL servers the session runs on: starting, stopping, status."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import re
-import shutil
 import signal
-import socket
-import stat
 import subprocess
-import tempfile
 from pathlib import Path
 
 import pytest
 
-from lib import stack
-from lib.stack import StackError
-from tests.conftest import TEST_PORT_BASE
-
-
-@pytest.fixture
-def sdir(session_dirs, embedded) -> Path:
-    return session_dirs["state"]
-
-
-def mode(path: Path) -> int:
-    return stat.S_IMODE(path.stat().st_mode)
+from lib import stack, stack_ports, stack_state
+from lib.stack_state import StackError
+from tests.conftest import ORPHAN_BASE
 
 
 def stack_pids(sdir: Path) -> dict[str, int]:
@@ -39,19 +26,6 @@ def listening(pid: int) -> list[str]:
     """Local addresses of every listening TCP socket (IPv4 and IPv6) of one process."""
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
     return [line.split()[3] for line in out.splitlines() if re.search(rf"pid={pid},", line)]
-
-
-def test_credentials_and_ports_files_are_private(sdir):
-    assert mode(sdir / "credentials.json") == 0o600
-    assert mode(sdir / "stack.json") == 0o600
-    assert mode(sdir) & 0o066 == 0  # nobody else may list or write the state folder
-
-
-def test_state_files_hold_what_read_state_returns(sdir, embedded):
-    state = stack.read_state(sdir)
-    assert state == embedded
-    assert state.s3_url == f"http://127.0.0.1:{state.port_base}"
-    assert state.pg_port == state.port_base + 5
 
 
 def test_status_reports_both_services_running(sdir, embedded):
@@ -91,86 +65,30 @@ def test_describe_shows_no_credentials(embedded):
 
 
 def test_a_port_taken_by_another_program_is_refused_with_a_hint(tmp_path, embedded):
-    other = stack.init_state(tmp_path / "other", port_base=embedded.port_base)
+    other = stack_state.init_state(tmp_path / "other", port_base=embedded.port_base)
     with pytest.raises(StackError, match="taken by another program.*PIPELINE_STACK_PORT_BASE"):
         stack.start_object_store(tmp_path / "other", other)
     assert not (tmp_path / "other" / "seaweedfs" / "weed.pid").exists()
 
 
 def test_read_state_of_an_empty_folder_is_none(tmp_path):
-    assert stack.read_state(tmp_path) is None
+    assert stack_state.read_state(tmp_path) is None
     assert stack.status(tmp_path) == {"state_dir": str(tmp_path), "initialised": False}
     with pytest.raises(StackError, match="stack up"):
         stack.env_lines(tmp_path)
 
 
-def test_init_state_creates_fresh_private_credentials_once(tmp_path):
-    first = stack.init_state(tmp_path / "a", port_base=19200)
-    assert stack.init_state(tmp_path / "a", port_base=19300) == first  # existing state is kept
-    other = stack.init_state(tmp_path / "b", port_base=19200)
-    assert first.port_base == 19200
-    assert {first.secret_key, first.db_password}.isdisjoint({other.secret_key, other.db_password})
-    assert len(first.secret_key) >= 30 and first.access_key.startswith("medallion-")
-    assert mode(tmp_path / "a" / "credentials.json") == 0o600
-    # 0700; as root 0710 with group pgserver, so the PostgreSQL system user can pass through
-    assert mode(tmp_path / "a") == (0o710 if os.geteuid() == 0 else 0o700)
-
-
 def test_weed_is_told_to_bind_loopback_only(tmp_path):
-    state = stack.init_state(tmp_path, port_base=19400)
+    state = stack_state.init_state(tmp_path, port_base=19400)
     command = stack.weed_command(tmp_path, state)
     assert "-ip.bind=127.0.0.1" in command and "-s3.port=19400" in command
 
 
-# --- orphaned stacks and stubborn servers -------------------------------------------------------------
-
-ORPHAN_BASE = TEST_PORT_BASE + 40  # the next 100 ports belong to this suite: stay inside them
-
-
-def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
-    gone = tmp_path / "deleted-clone" / ".state"
-    stack.init_state(gone, port_base=ORPHAN_BASE)
-    stack.up(gone)
-    weed = int((gone / "seaweedfs" / "weed.pid").read_text())
-    shutil.rmtree(gone.parent)  # the clone is deleted while its stack runs
-    fresh = tmp_path / "new-clone" / ".state"
-    stack.init_state(fresh, port_base=ORPHAN_BASE)
-    with pytest.raises(StackError) as refused:
-        stack.up(fresh)
-    message = str(refused.value)
-    assert "taken by another program" in message and f"pid {weed} " in message
-    assert f"state folder {gone} (deleted" in message and "stack down --orphans" in message
-    env = {"PIPELINE_STATE_DIR": str(fresh), "PIPELINE_STACK_PORT_BASE": str(ORPHAN_BASE)}
-    down = run_pipeline("stack", "down", env=env)  # the new clone's own stack: nothing to stop ...
-    assert down.returncode == 1 and "still listening" in down.stderr and f"pid {weed} " in down.stderr
-    orphans = run_pipeline("stack", "down", "--orphans", env=env)
-    assert orphans.returncode == 0, orphans.stderr
-    assert f"stopped pid {weed} " in orphans.stdout
-    assert stack.holders(ORPHAN_BASE) == []
-    try:
-        assert stack.up(fresh).port_base == ORPHAN_BASE  # the ports are free again
-    finally:
-        stack.down(fresh)
-
-
-def test_stop_orphans_leaves_live_stacks_and_other_programs_alone(sdir, embedded):
-    with pytest.raises(StackError, match="not provably an orphaned stack"):
-        stack.stop_orphans(embedded.port_base)
-    assert stack.status(sdir)["object_store"]["running"] and stack.status(sdir)["database"]["running"]
-    with socket.socket() as other:
-        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        other.bind(("127.0.0.1", ORPHAN_BASE + 3))
-        other.listen()
-        with pytest.raises(StackError, match=rf"not provably.*pid {os.getpid()} "):
-            stack.stop_orphans(ORPHAN_BASE)
-        state = stack.init_state(Path(tempfile.mkdtemp(prefix="medallion-busy-")), port_base=ORPHAN_BASE)
-        with pytest.raises(StackError, match=rf"taken by another program \(pid {os.getpid()} "):
-            stack.start_object_store(Path(tempfile.mkdtemp(prefix="medallion-busy-")), state)
-
+# --- stubborn servers ---------------------------------------------------------------------------------
 
 def test_down_kills_a_weed_that_ignores_sigterm(tmp_path):
     sdir = tmp_path / ".state"
-    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 20)
+    state = stack_state.init_state(sdir, port_base=ORPHAN_BASE + 20)
     stack.up(sdir, ("object_store",))
     pid = int((sdir / "seaweedfs" / "weed.pid").read_text())
     os.kill(pid, signal.SIGSTOP)  # a stopped process does not act on SIGTERM; SIGKILL still ends it
@@ -179,13 +97,13 @@ def test_down_kills_a_weed_that_ignores_sigterm(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
-    assert stack.holders(state.port_base) == []
+    assert stack_ports.holders(state.port_base) == []
     assert not (sdir / "seaweedfs" / "weed.pid").exists()
 
 
 def test_up_restarts_a_weed_started_without_the_security_configuration(tmp_path):
     sdir = tmp_path / ".state"
-    state = stack.init_state(sdir, port_base=ORPHAN_BASE + 30)
+    state = stack_state.init_state(sdir, port_base=ORPHAN_BASE + 30)
     (sdir / "seaweedfs").mkdir()
     # As the previous version started it: no -config_dir, so no security.toml.
     old = [arg for arg in stack.weed_command(sdir, state) if not arg.startswith(("-config_dir=", "-disableHttp"))]

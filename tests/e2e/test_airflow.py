@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import contract, db, names, registry, runs, source
+from lib import contract, db_read, names, registry, runs, source
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
@@ -116,7 +116,7 @@ def test_dag_run_is_one_pipeline_run_of_five_stages(airflow, settings, pg, uniqu
     m = assert_complete_record(settings, run_id)
     assert m["parameters"]["03_load"] == {"table": table}
     assert m["parameters"]["01_ingest"] == {}  # each stage got only the parameters its notebook declares
-    assert len(db.current(pg, "public", table)) == 250
+    assert len(db_read.current(pg, "public", table)) == 250
 
     # Each task's log holds its runner command, the executed notebook's path and the stage summary.
     run_dir = runs.run_dir(settings, run_id)

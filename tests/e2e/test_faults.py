@@ -22,7 +22,7 @@ import botocore.exceptions
 import psycopg2
 import pytest
 
-from lib import config, contract, db, formats, layout, registry, runs, source, stack, storage
+from lib import config, contract, db, db_read, formats, layout, registry, runs, source, stack, stack_state, storage
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
@@ -239,7 +239,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     res = run_pipeline("--stages", "1-2", "--run-id", run_id, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
 
-    state = stack.read_state(sdir)
+    state = stack_state.read_state(sdir)
     # The embedded runner restarts a stopped embedded store by itself, so point it at the same store as a
     # configured endpoint: then nothing restarts it and the preflight has to notice.
     as_configured = {"MINIO_URL": state.s3_url, "MINIO_ACCESS_KEY": state.access_key,
@@ -285,7 +285,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     assert "preflight" not in m
     assert len(run_keys(s3, settings.raw_bucket, run_id)) == 1
     assert len([k for k in run_keys(s3, settings.clean_bucket, run_id) if layout.is_clean(k)]) == 1
-    assert len(db.current(pg, "public", table)) == 250
+    assert len(db_read.current(pg, "public", table)) == 250
     cloud = storage.cloud_client(settings.cloud)
     exports = run_keys(cloud, settings.cloud.bucket, run_id)
     assert exports == [f"{settings.cloud.prefix}/{table}/run_id={run_id}/{table}.csv"]
@@ -430,7 +430,7 @@ def test_sigint_during_stage_1_exits_130_and_resume_completes(run_pipeline, sett
     assert [(a["notebook"], a["status"]) for a in attempts] == [("01_ingest.attempt1.ipynb", "interrupted")]
     assert (rdir / "01_ingest.attempt1.ipynb").exists()
     assert len(run_keys(s3, settings.raw_bucket, run_id)) == 1
-    assert len(db.current(pg, "public", table)) == 250
+    assert len(db_read.current(pg, "public", table)) == 250
 
 
 def test_sigterm_during_stage_1_exits_130_marked_interrupted(settings, s3, unique, api, embedded):

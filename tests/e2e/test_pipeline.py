@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from lib import db, formats, registry, runs, storage
+from lib import db_read, formats, registry, runs, storage
 
 
 def manifest(settings, run_id):
@@ -43,7 +43,7 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     assert len(json.loads(data)) == 250 and meta["run-id"] == first and meta["sha256"] == raw["sha256"]
     clean = m["stages"]["02_clean"]["objects"][0]
     assert len(formats.of_key(clean["key"]).decode(storage.get_bytes(s3, clean["bucket"], clean["key"])[0])) == 250
-    assert len(db.current(pg, "public", table)) == 250
+    assert len(db_read.current(pg, "public", table)) == 250
     export = m["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
     assert len(formats.csv_decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == 250

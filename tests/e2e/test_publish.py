@@ -10,7 +10,7 @@ import json
 import pandas as pd
 from psycopg2 import sql
 
-from lib import db, formats, layout, runs, storage
+from lib import db, db_read, formats, layout, runs, storage
 from tests.notebooks.helpers import manifest, scalar
 
 
@@ -114,21 +114,21 @@ def test_loading_an_older_run_over_newer_data_needs_allow_rewind(run_pipeline, s
     ok(run_pipeline("--run-id", old, "--stages", "1-3", "-p", f"table={table}"))
     api.records[0]["population"] += 1
     ok(run_pipeline("--run-id", new, "--stages", "1-3", "-p", f"table={table}"))
-    before = db.current(pg, "public", table)
+    before = db_read.current(pg, "public", table)
 
     res = run_pipeline("--run-id", old, "--stages", "3", "-p", f"table={table}")
     assert res.returncode == 1 and "back in time" in res.stderr and "allow_rewind=true" in res.stderr
-    pd.testing.assert_frame_equal(db.current(pg, "public", table), before)
+    pd.testing.assert_frame_equal(db_read.current(pg, "public", table), before)
 
     ok(run_pipeline("--run-id", old, "--stages", "3", "-p", f"table={table}", "-p", "allow_rewind=true"))
-    loads = db.read_frame(pg, sql.SQL("SELECT run_id FROM {} WHERE table_name = %s ORDER BY load_id").format(
+    loads = db_read.read_frame(pg, sql.SQL("SELECT run_id FROM {} WHERE table_name = %s ORDER BY load_id").format(
         sql.Identifier("public", "pipeline_loads")), (table,))
     assert loads["run_id"].tolist() == [old, new, old]  # every load has its own row
     # as_of reaches the state after each load, the rewind included.
     changed = api.records[0]["name"]["common"]
-    assert db.as_of(pg, "public", table, new).set_index("name_common").at[changed, "population"] == \
+    assert db_read.as_of(pg, "public", table, new).set_index("name_common").at[changed, "population"] == \
         api.records[0]["population"]
-    assert db.as_of(pg, "public", table, old).set_index("name_common").at[changed, "population"] == \
+    assert db_read.as_of(pg, "public", table, old).set_index("name_common").at[changed, "population"] == \
         api.records[0]["population"] - 1
     saved = manifest(settings, old)
     assert [a["status"] for a in saved["stages"]["03_load"]["attempts"]] == ["succeeded", "failed"]

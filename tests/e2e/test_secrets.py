@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import runs, stack, storage
+from lib import runs, stack, stack_state, storage
 from lib.config import Cloud, Secret
 from tests.conftest import TEST_PORT_BASE
 from tests.sinks import HttpSink
@@ -42,7 +42,7 @@ def sentinel_stack(tmp_path):
     _write_private(dirs["state"] / "credentials.json", sentinels)
     _write_private(dirs["state"] / "stack.json", {"port_base": PORT_BASE, "db_user": "medallion",
                                                   "db_name": "countries"})
-    state = stack.read_state(dirs["state"])
+    state = stack_state.read_state(dirs["state"])
     assert (state.access_key, state.secret_key, state.db_password) == tuple(sentinels.values())
     env = {
         "PIPELINE_STATE_DIR": str(dirs["state"]),

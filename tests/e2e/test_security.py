@@ -30,7 +30,7 @@ import psycopg2
 import pytest
 import requests
 
-from lib import stack
+from lib import stack, stack_state
 
 SECRET_BODY = b"probe-" + uuid.uuid4().hex.encode()
 
@@ -132,7 +132,7 @@ def test_security_config_is_private_and_holds_no_default_keys(session_dirs):
     cdir = session_dirs["state"] / "seaweedfs" / "config"
     text = (cdir / "security.toml").read_text()
     creds = json.loads((session_dirs["state"] / "credentials.json").read_text())
-    for name in stack.WEED_KEYS:
+    for name in stack_state.WEED_KEYS:
         assert len(creds[name]) >= 32 and json.dumps(creds[name]) in text
     for path in [cdir / "security.toml", *(cdir / "tls").iterdir()]:
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
@@ -229,22 +229,22 @@ def test_the_postgres_system_user_reaches_its_data_and_nothing_else(session_dirs
     if os.geteuid() != 0:
         pytest.fail("as root only: that is when PostgreSQL runs as the pgserver system user")
     sdir = session_dirs["state"]
-    assert as_user(stack.PG_SYSTEM_USER, "cat", str(sdir / "postgres" / "data" / "PG_VERSION")).returncode == 0
+    assert as_user(stack_state.PG_SYSTEM_USER, "cat", str(sdir / "postgres" / "data" / "PG_VERSION")).returncode == 0
     for path in (sdir / "credentials.json", sdir / "stack.json", sdir / "seaweedfs" / "weed.log"):
-        assert as_user(stack.PG_SYSTEM_USER, "cat", str(path)).returncode != 0, path
-    assert as_user(stack.PG_SYSTEM_USER, "ls", str(sdir)).returncode != 0
+        assert as_user(stack_state.PG_SYSTEM_USER, "cat", str(path)).returncode != 0, path
+    assert as_user(stack_state.PG_SYSTEM_USER, "ls", str(sdir)).returncode != 0
 
 
 def test_a_cluster_from_before_the_administrator_is_migrated(tmp_path):
     from tests.conftest import TEST_PORT_BASE
 
     sdir = tmp_path / ".state"
-    state = stack.init_state(sdir, port_base=TEST_PORT_BASE + 80)
+    state = stack_state.init_state(sdir, port_base=TEST_PORT_BASE + 80)
     # The layout the previous version wrote: no administrator, the pipeline role bootstraps the cluster.
     ports = json.loads((sdir / "stack.json").read_text())
     del ports["db_admin"]
-    stack._write_private(sdir / "stack.json", ports)
-    user = stack._pg_user()
+    stack_state._write_private(sdir / "stack.json", ports)
+    user = stack_state._pg_user()
     stack._prepare_pg_dirs(sdir, user)
     stack._initdb(sdir, user, state.db_user, state.db_password)
     try:
@@ -289,7 +289,7 @@ def test_the_compose_init_script_creates_an_unprivileged_pipeline_role(session_d
     """docker/postgres-init.sh, run as the postgres image runs it (as the administrator), here against
     the embedded server; then the role it made is examined."""
     sdir = session_dirs["state"]
-    admin, admin_password = stack._admin(sdir)
+    admin, admin_password = stack_state._admin(sdir)
     tag = uuid.uuid4().hex[:8]
     app = {"APP_DB_USER": f"app_{tag}", "APP_DB_PASSWORD": f"pw-{tag}'; DROP ROLE x; --", "APP_DB_NAME": f"db_{tag}"}
     secret = sdir.parent / f"db_password_{tag}"  # as Compose mounts it under /run/secrets/

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from lib import db, formats, layout, storage
+from lib import db_read, formats, layout, storage
 from tests.notebooks.helpers import by_name, manifest, read_object, renamed, snapshot
 
 LONG = "Long " + "ẞ€x" * 40_000  # 120 005 characters, multi-byte
@@ -98,7 +98,7 @@ def test_hostile_text_round_trips_every_hop_or_is_quarantined_by_name(
     silver = formats.of_key(obj["key"]).decode(storage.get_bytes(s3, obj["bucket"], obj["key"])[0])
     assert rows_of(silver) == expected
     # PostgreSQL.
-    assert rows_of(db.current(pg, "public", table)) == expected
+    assert rows_of(db_read.current(pg, "public", table)) == expected
     # The cloud export (CSV from COPY).
     export = saved["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)

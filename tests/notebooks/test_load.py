@@ -15,7 +15,7 @@ import pandas as pd
 import psycopg2
 from psycopg2 import sql
 
-from lib import db, formats, storage
+from lib import db, db_read, formats, storage
 from tests.conftest import ROOT
 from tests.notebooks.helpers import by_name, manifest, renamed, scalar, snapshot
 
@@ -25,7 +25,7 @@ def count(pg, schema: str, table: str) -> int:
 
 
 def history(pg, schema: str, table: str) -> pd.DataFrame:
-    return db.read_frame(pg, sql.SQL("SELECT * FROM {} ORDER BY version_id").format(
+    return db_read.read_frame(pg, sql.SQL("SELECT * FROM {} ORDER BY version_id").format(
         sql.Identifier(schema, f"{table}_history")))
 
 
@@ -41,7 +41,7 @@ def test_identical_rerun_changes_nothing_and_export_all_tables(run_pipeline, set
     common = ("--stages", "1-5", "-p", f"table={table}", "-p", f"db_schema={schema}")
     res = run_pipeline("--run-id", first, *common)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    before = db.current(pg, schema, table)
+    before = db_read.current(pg, schema, table)
     history_before = history(pg, schema, table)
     cloud = storage.cloud_client(settings.cloud)
     prefix = f"{settings.cloud.prefix}/" if settings.cloud.prefix else ""
@@ -61,14 +61,14 @@ def test_identical_rerun_changes_nothing_and_export_all_tables(run_pipeline, set
         {"inserted": 0, "updated": 0, "unchanged": 250, "retired": 0, "current_rows": 250}
     assert load2["history_rows"] == load1["history_rows"] == 250
     assert load2["current_fingerprint"] == load1["current_fingerprint"]
-    after = db.current(pg, schema, table)
+    after = db_read.current(pg, schema, table)
     pd.testing.assert_frame_equal(after, before)  # same rows, same _run_id and _loaded_at: untouched
     assert after["name_common"].is_unique and set(after["_run_id"]) == {first}
     pd.testing.assert_frame_equal(history(pg, schema, table), history_before)
     hist = history_before
     assert len(hist) == 250 and hist["name_common"].is_unique and hist["is_current"].all()
-    loads = db.read_frame(pg, sql.SQL("SELECT run_id, inserted, updated, unchanged, retired FROM {} "
-                                      "ORDER BY loaded_at").format(sql.Identifier(schema, "pipeline_loads")))
+    loads = db_read.read_frame(pg, sql.SQL("SELECT run_id, inserted, updated, unchanged, retired FROM {} "
+                                           "ORDER BY loaded_at").format(sql.Identifier(schema, "pipeline_loads")))
     assert loads.values.tolist() == [[first, 250, 0, 0, 0], [second, 0, 0, 250, 0]]
 
     # The change report of the second run is empty.
@@ -127,7 +127,7 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
     table, first, second = f"t_{unique}", f"chg-{unique}-1", f"chg-{unique}-2"
     res = run_pipeline("--run-id", first, "--stages", "1-5", "-p", f"table={table}")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    before = db.current(pg, "public", table)
+    before = db_read.current(pg, "public", table)
     history_rows = count(pg, "public", f"{table}_history")
 
     # The source changes: three populations, one country gone, one new.
@@ -158,7 +158,7 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
     assert proc.returncode == 1, out[-2000:] + err[-3000:]
     assert "stage 03_load FAILED" in err and "rolled back" in err
     assert "server closed the connection" in err  # the real cause, not the failed rollback's "connection already closed"
-    pd.testing.assert_frame_equal(db.current(pg, "public", table), before)
+    pd.testing.assert_frame_equal(db_read.current(pg, "public", table), before)
     assert count(pg, "public", f"{table}_history") == history_rows
     assert scalar(pg, "SELECT count(*) FROM public.pipeline_loads WHERE run_id = %s", (second,)) == 0
     m = manifest(settings, second)
@@ -177,7 +177,7 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
         {"inserted": 1, "updated": 3, "unchanged": 246, "retired": 1, "current_rows": 250}
     assert load["history_rows"] == history_rows + 4
 
-    current = db.current(pg, "public", table).set_index("name_common")
+    current = db_read.current(pg, "public", table).set_index("name_common")
     assert "Aruba" not in current.index and current.at["Atlantis", "population"] == 12345
     for name, population in changed.items():
         assert current.at[name, "population"] == population
@@ -185,8 +185,8 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
     assert set(current["_run_id"]) == {first, second}
 
     # History keeps the old values: the table as the first run left it, and as the second did.
-    as_first = db.as_of(pg, "public", table, first).set_index("name_common")
-    as_second = db.as_of(pg, "public", table, second).set_index("name_common")
+    as_first = db_read.as_of(pg, "public", table, first).set_index("name_common")
+    as_second = db_read.as_of(pg, "public", table, second).set_index("name_common")
     assert len(as_first) == 250 and "Aruba" in as_first.index and "Atlantis" not in as_first.index
     assert len(as_second) == 250 and "Aruba" not in as_second.index and "Atlantis" in as_second.index
     for name, population in changed.items():

@@ -1,0 +1,128 @@
+"""PostgreSQL DDL: the pipeline's table, its history table and the load log, created from the
+contract, and an existing table migrated to the contract (or refused, saying what to do)."""
+
+from __future__ import annotations
+
+import logging
+
+from psycopg2 import sql
+
+from lib import names
+from lib.contract import CONTRACT, COLUMNS, KEY, SQL_TYPES
+from lib.db import LOADS_TABLE, ContractMismatch, ident
+
+log = logging.getLogger(__name__)
+
+AUDIT_COLUMNS = ("_row_hash", "_run_id", "_loaded_at")
+HISTORY_COLUMNS = ("version_id", "_row_hash", "_run_id", "valid_from", "valid_to", "is_current")
+
+
+def history_table(table: str) -> str:
+    return names.sql_identifier(f"{table}_history", "history table name")
+
+
+def _contract_columns(with_key: bool) -> sql.Composed:
+    parts = []
+    for c in CONTRACT:
+        text = f"{{}} {SQL_TYPES[c.kind]}" + ("" if c.nullable else " NOT NULL")
+        if c.name == KEY and with_key:
+            text += " PRIMARY KEY"
+        if c.name in ("population", "area"):
+            text += f" CHECK ({c.name} >= 0)"
+        parts.append(sql.SQL(text).format(sql.Identifier(c.name)))
+    return sql.SQL(", ").join(parts)
+
+
+def _columns_of(cur, schema: str, table: str) -> dict[str, tuple[str, bool]]:
+    """An existing table's columns: name → (type as PostgreSQL prints it, NOT NULL)."""
+    cur.execute("SELECT a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull FROM pg_attribute a "
+                "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped",
+                (ident(schema, table).as_string(cur),))
+    return {name: (kind, notnull) for name, kind, notnull in cur.fetchall()}
+
+
+def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
+    """Bring an existing table to the contract: a new nullable contract column is added; any other
+    difference (a missing NOT NULL column, another type or nullability, a column the contract no
+    longer has) is refused with what to do. `extra` are the table's own non-contract columns.
+    Returns the columns added."""
+    found = _columns_of(cur, schema, table)
+    where = f"{schema}.{table}"
+    problems, added = [], []
+    for c in CONTRACT:
+        wanted = SQL_TYPES[c.kind]
+        if c.name not in found:
+            if not c.nullable:
+                problems.append(f"column {c.name} ({wanted} NOT NULL) is in the contract but not in {where}: "
+                                "a NOT NULL column cannot be added to existing rows; make it nullable in "
+                                "lib/contract.py, or load into a new table")
+                continue
+            cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                ident(schema, table), sql.Identifier(c.name), sql.SQL(wanted)))
+            added.append(c.name)
+        elif found[c.name][0] != wanted:
+            problems.append(f"column {c.name} of {where} is {found[c.name][0]}, the contract says {wanted}: "
+                            "change it by hand (ALTER TABLE … ALTER COLUMN … TYPE) or load into a new table")
+        elif found[c.name][1] == c.nullable:
+            problems.append(f"column {c.name} of {where} is {'NOT NULL' if found[c.name][1] else 'nullable'}, "
+                            f"the contract says {'nullable' if c.nullable else 'NOT NULL'}: change it by hand "
+                            "or load into a new table")
+    for name in sorted(set(found) - set(COLUMNS) - set(extra)):
+        problems.append(f"column {name} of {where} is not in the contract: drop it (ALTER TABLE … DROP "
+                        "COLUMN) or put it back in lib/contract.py")
+    if problems:
+        raise ContractMismatch(f"{where} does not match the silver contract; nothing was loaded: " + "; ".join(problems))
+    if added:
+        log.info("added contract column(s) %s to %s", ", ".join(added), where)
+    return added
+
+
+def ensure_tables(cur, schema: str, table: str) -> None:
+    hist = history_table(table)
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} ({}, _row_hash text NOT NULL, _run_id text NOT NULL, "
+        "_loaded_at timestamptz NOT NULL)").format(ident(schema, table), _contract_columns(True)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (version_id bigserial PRIMARY KEY, {}, _row_hash text NOT NULL, "
+        "_run_id text NOT NULL, valid_from timestamptz NOT NULL, valid_to timestamptz, "
+        "is_current boolean NOT NULL)").format(ident(schema, hist), _contract_columns(False)))
+    cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE is_current").format(
+        ident(f"{hist}_current"[:63]), ident(schema, hist), sql.Identifier(KEY)))
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (load_id bigserial PRIMARY KEY, run_id text NOT NULL, "
+        "table_name text NOT NULL, loaded_at timestamptz NOT NULL, mode text NOT NULL, "
+        "inserted integer NOT NULL, updated integer NOT NULL, unchanged integer NOT NULL, "
+        "retired integer NOT NULL, repaired integer NOT NULL DEFAULT 0, data_as_of timestamptz)").format(
+        ident(schema, LOADS_TABLE)))
+    migrate_loads(cur, schema)
+    migrate(cur, schema, table, AUDIT_COLUMNS)
+    migrate(cur, schema, hist, HISTORY_COLUMNS)
+
+
+def migrate_loads(cur, schema: str) -> None:
+    """A load log from before every load had its own row (PRIMARY KEY (run_id, table_name)) gets a
+    `load_id` key, numbered in load order, and the columns added since."""
+    loads = ident(schema, LOADS_TABLE)
+    found = _columns_of(cur, schema, LOADS_TABLE)
+    if "load_id" not in found:
+        cur.execute("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+                    (loads.as_string(cur),))
+        for (name,) in cur.fetchall():
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(loads, sql.Identifier(name)))
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN load_id bigint").format(loads))
+        cur.execute(sql.SQL("UPDATE {t} l SET load_id = o.n FROM (SELECT ctid, row_number() OVER "
+                            "(ORDER BY loaded_at, run_id) AS n FROM {t}) o WHERE l.ctid = o.ctid").format(t=loads))
+        sequence = ident(schema, f"{LOADS_TABLE}_load_id_seq")
+        cur.execute(sql.SQL("CREATE SEQUENCE IF NOT EXISTS {} OWNED BY {}.load_id").format(sequence, loads))
+        cur.execute(sql.SQL("SELECT setval(%s, coalesce((SELECT max(load_id) FROM {}), 0) + 1, false)").format(loads),
+                    (sequence.as_string(cur),))
+        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN load_id SET DEFAULT nextval(%s::regclass), "
+                            "ALTER COLUMN load_id SET NOT NULL, ADD PRIMARY KEY (load_id)").format(loads),
+                    (sequence.as_string(cur),))
+        log.info("%s.%s: every load now gets its own row (load_id)", schema, LOADS_TABLE)
+    if "repaired" not in found:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN repaired integer NOT NULL DEFAULT 0").format(loads))
+    if "data_as_of" not in found:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN data_as_of timestamptz").format(loads))
+

@@ -1,0 +1,56 @@
+"""lib.stack_ports: who holds the stack's ports, and stopping an orphaned stack safely."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from lib import stack, stack_ports, stack_state
+from lib.stack_state import StackError
+from tests.conftest import ORPHAN_BASE
+
+
+def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
+    gone = tmp_path / "deleted-clone" / ".state"
+    stack_state.init_state(gone, port_base=ORPHAN_BASE)
+    stack.up(gone)
+    weed = int((gone / "seaweedfs" / "weed.pid").read_text())
+    shutil.rmtree(gone.parent)  # the clone is deleted while its stack runs
+    fresh = tmp_path / "new-clone" / ".state"
+    stack_state.init_state(fresh, port_base=ORPHAN_BASE)
+    with pytest.raises(StackError) as refused:
+        stack.up(fresh)
+    message = str(refused.value)
+    assert "taken by another program" in message and f"pid {weed} " in message
+    assert f"state folder {gone} (deleted" in message and "stack down --orphans" in message
+    env = {"PIPELINE_STATE_DIR": str(fresh), "PIPELINE_STACK_PORT_BASE": str(ORPHAN_BASE)}
+    down = run_pipeline("stack", "down", env=env)  # the new clone's own stack: nothing to stop ...
+    assert down.returncode == 1 and "still listening" in down.stderr and f"pid {weed} " in down.stderr
+    orphans = run_pipeline("stack", "down", "--orphans", env=env)
+    assert orphans.returncode == 0, orphans.stderr
+    assert f"stopped pid {weed} " in orphans.stdout
+    assert stack_ports.holders(ORPHAN_BASE) == []
+    try:
+        assert stack.up(fresh).port_base == ORPHAN_BASE  # the ports are free again
+    finally:
+        stack.down(fresh)
+
+
+def test_stop_orphans_leaves_live_stacks_and_other_programs_alone(sdir, embedded):
+    with pytest.raises(StackError, match="not provably an orphaned stack"):
+        stack_ports.stop_orphans(embedded.port_base)
+    assert stack.status(sdir)["object_store"]["running"] and stack.status(sdir)["database"]["running"]
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        other.bind(("127.0.0.1", ORPHAN_BASE + 3))
+        other.listen()
+        with pytest.raises(StackError, match=rf"not provably.*pid {os.getpid()} "):
+            stack_ports.stop_orphans(ORPHAN_BASE)
+        state = stack_state.init_state(Path(tempfile.mkdtemp(prefix="medallion-busy-")), port_base=ORPHAN_BASE)
+        with pytest.raises(StackError, match=rf"taken by another program \(pid {os.getpid()} "):
+            stack.start_object_store(Path(tempfile.mkdtemp(prefix="medallion-busy-")), state)
