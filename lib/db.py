@@ -127,7 +127,7 @@ def transaction(conn):
                 conn.autocommit = True
 
 
-def _cols(names_: list[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:
+def column_list(names_: list[str] | tuple[str, ...], prefix: str | None = None) -> sql.Composed:
     if prefix:
         return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names_)
     return sql.SQL(", ").join(sql.Identifier(n) for n in names_)

@@ -5,8 +5,11 @@ commit; and the pipes that let a COPY run while its rows are produced or parsed.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import logging
+import os
+import threading
 from dataclasses import dataclass
 
 import psycopg2
@@ -15,7 +18,7 @@ from psycopg2 import sql
 
 from lib import formats, names, quality
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, SQL_TYPES
-from lib.db import (LOADS_TABLE, WRITE_MODES, BatchMismatch, DatabaseError, RewindRefused, _cols, ident,
+from lib.db import (LOADS_TABLE, WRITE_MODES, BatchMismatch, DatabaseError, RewindRefused, column_list, ident,
                     table_exists, transaction)
 from lib.db_schema import AUDIT_COLUMNS, ensure_tables, history_table
 
@@ -31,12 +34,9 @@ LIST_FORMATS = ("json", "array")
 def _piped(write):
     """Start `write(sink)` in a thread writing into a pipe; its reading end, the thread, and the dict
     that gets write's return value ("result") or its error ("error")."""
-    import os
-    import threading
 
     read_fd, write_fd = os.pipe()
     with contextlib.suppress(ImportError, OSError, AttributeError):  # a 1 MiB pipe (Linux), fewer wake-ups
-        import fcntl
 
         fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
     reader, writer = open(read_fd, "rb", buffering=1 << 20), open(write_fd, "wb", buffering=1 << 16)
@@ -168,11 +168,11 @@ def _stage_batch(cur, csv_data, lists: str) -> None:
         cur.execute(sql.SQL("CREATE TEMP TABLE _batch ({}, _row_hash text) ON COMMIT DROP").format(
             sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(SQL_TYPES[c.kind]))
                                for c in CONTRACT)))
-        cur.copy_expert(copy.format(sql.Identifier("_batch"), _cols(COLUMNS)).as_string(cur), source)
+        cur.copy_expert(copy.format(sql.Identifier("_batch"), column_list(COLUMNS)).as_string(cur), source)
         return
     cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
         sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
-    cur.copy_expert(copy.format(sql.Identifier("_stage"), _cols(COLUMNS)).as_string(cur), source)
+    cur.copy_expert(copy.format(sql.Identifier("_stage"), column_list(COLUMNS)).as_string(cur), source)
     cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(_typed_select()))
 
 
@@ -234,7 +234,7 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
     allow_rewind = options.allow_rewind
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
     retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
-    data_cols = _cols(COLUMNS)
+    data_cols = column_list(COLUMNS)
     try:
         with transaction(conn):
             with conn.cursor() as cur:

@@ -9,7 +9,7 @@ from psycopg2 import sql
 
 from lib import names
 from lib.contract import COLUMNS, KEY, LIST_COLUMNS, TEXT_COLUMNS
-from lib.db import LOADS_TABLE, _cols, ident
+from lib.db import LOADS_TABLE, column_list, ident
 from lib.db_schema import history_table
 
 if TYPE_CHECKING:  # pandas and SQLAlchemy are imported where they are used: exports and counts need neither
@@ -22,7 +22,7 @@ OBJECT_COLUMNS = (*LIST_COLUMNS, *TEXT_COLUMNS)
 
 def _select_contract(schema: str, table: str, where: sql.Composable = sql.SQL("")) -> sql.Composed:
     return sql.SQL("SELECT {cols}, _row_hash, _run_id, _loaded_at FROM {t} {where} ORDER BY {k}").format(
-        cols=_cols(COLUMNS), t=ident(schema, table), where=where, k=sql.Identifier(KEY))
+        cols=column_list(COLUMNS), t=ident(schema, table), where=where, k=sql.Identifier(KEY))
 
 
 def read_frame(conn, query: sql.Composed, params=(), object_columns=()) -> pd.DataFrame:
@@ -56,7 +56,7 @@ def as_of(conn, schema: str, table: str, run_id: str) -> pd.DataFrame:
         "SELECT {cols}, h._run_id, h.valid_from, h.valid_to FROM {h} h JOIN {loads} l "
         "ON l.load_id = (SELECT max(load_id) FROM {loads} WHERE run_id = %s AND table_name = %s) "
         "WHERE h.valid_from <= l.loaded_at AND (h.valid_to IS NULL OR h.valid_to > l.loaded_at) "
-        "ORDER BY h.{k}").format(cols=_cols(COLUMNS, "h"), h=ident(schema, history_table(table)),
+        "ORDER BY h.{k}").format(cols=column_list(COLUMNS, "h"), h=ident(schema, history_table(table)),
                                  loads=ident(schema, LOADS_TABLE), k=sql.Identifier(KEY))
     return read_frame(conn, query, (run_id, table), object_columns=OBJECT_COLUMNS)
 

@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -258,7 +259,6 @@ class Pages:
     (measured); rendering five pages at the end takes ~0.15 s, beside the trends' ~0.3 s."""
 
     def __init__(self, run_dir: Path):
-        from concurrent.futures import ThreadPoolExecutor
 
         self.run_dir = run_dir
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages")

@@ -12,20 +12,26 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib.util
 import json
 import logging
 import os
+import pwd
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
 
-from lib.stack_ports import _signal_and_wait, describe_holders
-from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, _admin, _pg_data, _pg_user,
-                             _record_admin, _weed_config_dir, _weed_dir, _write_private, _write_text_private,
+import requests
+
+from lib.stack_ports import signal_and_wait, describe_holders
+from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
+                             record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
                              init_state, read_state, write_weed_security)
 
 log = logging.getLogger(__name__)
@@ -69,7 +75,6 @@ def weed_binary() -> str:
     found = shutil.which("weed")
     if found:
         return found
-    import sys
 
     candidate = Path(sys.executable).parent / "weed"
     if candidate.exists():
@@ -79,7 +84,7 @@ def weed_binary() -> str:
 
 def _weed_pid(sdir: Path) -> int | None:
     try:
-        pid = int((_weed_dir(sdir) / "weed.pid").read_text())
+        pid = int((weed_dir(sdir) / "weed.pid").read_text())
     except (FileNotFoundError, ValueError):
         return None
     try:
@@ -96,21 +101,20 @@ def _weed_pid(sdir: Path) -> int | None:
 def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
     p = {name: state.port_base + off for name, off in PORT_OFFSETS.items()}
     return [
-        weed_binary(), f"-config_dir={_weed_config_dir(sdir)}", "mini",
-        f"-dir={_weed_dir(sdir)}",
+        weed_binary(), f"-config_dir={weed_config_dir(sdir)}", "mini",
+        f"-dir={weed_dir(sdir)}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # -ip alone still binds every interface
         f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
         f"-filer.port={p['filer']}", f"-admin.port={p['admin']}",
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-s3.iam=false",
         "-disableHttp",  # master and filer: gRPC only (the S3 gateway talks gRPC to both)
-        f"-filer.localSocket={_weed_dir(sdir) / 'filer.sock'}",
-        f"-s3.localSocket={_weed_dir(sdir) / 's3.sock'}",
+        f"-filer.localSocket={weed_dir(sdir) / 'filer.sock'}",
+        f"-s3.localSocket={weed_dir(sdir) / 's3.sock'}",
     ]
 
 
 def _s3_ready(state: EmbeddedState) -> bool:
-    import requests  # late: only this readiness check needs an HTTP client
 
     try:
         # Any S3 answer (403 for an unsigned request) means the gateway is serving.
@@ -127,11 +131,11 @@ def _weed_ports_busy(state: EmbeddedState) -> list[str]:
 
 
 def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
-    wdir = _weed_dir(sdir)
+    wdir = weed_dir(sdir)
     wdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     wdir.chmod(0o700)
     pid = _weed_pid(sdir)
-    if pid and f"-config_dir={_weed_config_dir(sdir)}".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
+    if pid and f"-config_dir={weed_config_dir(sdir)}".encode() not in Path(f"/proc/{pid}/cmdline").read_bytes():
         # Running without the stack's security.toml: its filer and master answer anyone.
         log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
         stop_object_store(sdir)
@@ -161,7 +165,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
             weed_command(sdir, state), cwd=wdir, env=env, stdout=logf, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True, umask=0o077,  # volume files: owner only
         )
-    _write_text_private(wdir / "weed.pid", str(proc.pid))
+    write_text_private(wdir / "weed.pid", str(proc.pid))
     log.info("started SeaweedFS (pid %s) with S3 at %s", proc.pid, state.s3_url)
     _wait_for(lambda: proc.poll() is None and _s3_ready(state), "SeaweedFS S3 gateway", timeout,
               wdir / "weed.log")
@@ -172,9 +176,9 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
     pid = _weed_pid(sdir)
     if pid is None:
         return
-    if not _signal_and_wait(pid, [(signal.SIGTERM, timeout), (signal.SIGKILL, 10)], group=True):
+    if not signal_and_wait(pid, [(signal.SIGTERM, timeout), (signal.SIGKILL, 10)], group=True):
         raise StackError(f"SeaweedFS (pid {pid}) survived SIGKILL")
-    (_weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
+    (weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
     log.info("stopped SeaweedFS (pid %s)", pid)
 
 
@@ -183,7 +187,6 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
 def pg_bin(name: str) -> str:
     """A PostgreSQL program of the pgserver package (pg_ctl, psql …). The package ships the binaries;
     they are found without importing it (its import probes runtime folders and warns)."""
-    import importlib.util
 
     spec = importlib.util.find_spec("pgserver")
     if spec is None or not spec.submodule_search_locations:
@@ -207,7 +210,7 @@ def _pg(args: list[str], user: str | None, timeout: float = 60) -> subprocess.Co
 
 
 def _pg_running(sdir: Path, user: str | None) -> bool:
-    data = _pg_data(sdir)
+    data = pg_data(sdir)
     if not (data / "PG_VERSION").exists():
         return False
     return _pg([pg_bin("pg_ctl"), "-D", str(data), "status"], user).returncode == 0
@@ -215,11 +218,10 @@ def _pg_running(sdir: Path, user: str | None) -> bool:
 
 def _prepare_pg_dirs(sdir: Path, user: str | None) -> Path:
     """postgres/ (0700, or 0710 for group pgserver as root) and postgres/data (0700, its owner's)."""
-    data = _pg_data(sdir)
+    data = pg_data(sdir)
     data.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     data.parent.chmod(0o700)
     if user:
-        import pwd
 
         entry = pwd.getpwnam(user)
         data.mkdir(mode=0o700, exist_ok=True)
@@ -235,7 +237,6 @@ def _prepare_pg_dirs(sdir: Path, user: str | None) -> Path:
 
 def _chown_to(path: Path, user: str | None) -> None:
     if user:
-        import pwd
 
         entry = pwd.getpwnam(user)
         os.chown(path, entry.pw_uid, entry.pw_gid)
@@ -243,7 +244,7 @@ def _chown_to(path: Path, user: str | None) -> None:
 
 def _initdb(sdir: Path, user: str | None, role: str, password: str) -> None:
     """A new cluster whose bootstrap superuser is `role` (password auth on TCP only)."""
-    data = _pg_data(sdir)
+    data = pg_data(sdir)
     pwfile = data.parent / "initdb.pw"
     fd = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -259,7 +260,7 @@ def _initdb(sdir: Path, user: str | None, role: str, password: str) -> None:
 
 
 def _start_server(sdir: Path, user: str | None, port: int, timeout: float) -> None:
-    data = _pg_data(sdir)
+    data = pg_data(sdir)
     logfile = data.parent / "postgres.log"
     logfile.touch(mode=0o600)
     logfile.chmod(0o600)
@@ -274,12 +275,12 @@ def _start_server(sdir: Path, user: str | None, port: int, timeout: float) -> No
 
 
 def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> None:
-    user = _pg_user()
+    user = pg_user()
     data = _prepare_pg_dirs(sdir, user)
     if not (data / "PG_VERSION").exists():
-        admin, admin_password = _admin(sdir)
+        admin, admin_password = admin_credentials(sdir)
         _initdb(sdir, user, admin, admin_password)
-        _record_admin(sdir, admin)
+        record_admin(sdir, admin)
     if not _pg_running(sdir, user):
         if _port_open(state.pg_port):
             raise StackError(
@@ -294,7 +295,7 @@ def start_database(sdir: Path, state: EmbeddedState, timeout: float = 60) -> Non
 def _admin_connect(sdir: Path, state: EmbeddedState, dbname: str = "postgres"):
     import psycopg2  # late: only the database's start and its migration need the driver
 
-    admin, password = _admin(sdir)
+    admin, password = admin_credentials(sdir)
     return psycopg2.connect(host="127.0.0.1", port=state.pg_port, user=admin, password=password,
                             dbname=dbname, connect_timeout=10, application_name="countries-medallion stack")
 
@@ -308,13 +309,13 @@ def _migrate_superuser(sdir: Path, state: EmbeddedState) -> EmbeddedState:
     from psycopg2 import sql
 
     old_user = state.db_user
-    _, admin_password = _admin(sdir)
+    _, admin_password = admin_credentials(sdir)
     try:
         conn = psycopg2.connect(host="127.0.0.1", port=state.pg_port, user=old_user, password=state.db_password,
                                 dbname="postgres", connect_timeout=10)
     except psycopg2.OperationalError as err:
         raise StackError(
-            f"the PostgreSQL cluster in {_pg_data(sdir)} predates the separate administrator and cannot be "
+            f"the PostgreSQL cluster in {pg_data(sdir)} predates the separate administrator and cannot be "
             f"migrated ({str(err).strip().splitlines()[0]}): move the state folder aside to start afresh"
         ) from None
     try:
@@ -322,7 +323,7 @@ def _migrate_superuser(sdir: Path, state: EmbeddedState) -> EmbeddedState:
         with conn.cursor() as cur:
             cur.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
             if not cur.fetchone()[0]:
-                raise StackError(f"cannot migrate {_pg_data(sdir)}: role {old_user} is not its superuser")
+                raise StackError(f"cannot migrate {pg_data(sdir)}: role {old_user} is not its superuser")
             cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (MIGRATED_DB_USER,))
             if cur.fetchone() is None:
                 cur.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(MIGRATED_DB_USER)))
@@ -330,13 +331,13 @@ def _migrate_superuser(sdir: Path, state: EmbeddedState) -> EmbeddedState:
                         (admin_password,))
     finally:
         conn.close()
-    _record_admin(sdir, old_user)
+    record_admin(sdir, old_user)
     ports = json.loads((sdir / "stack.json").read_text())
     ports["db_user"] = MIGRATED_DB_USER
-    _write_private(sdir / "stack.json", ports)
+    write_private(sdir / "stack.json", ports)
     log.warning("PostgreSQL in %s migrated: role %s is now the administrator (password in credentials.json, "
                 "for `stack` commands only); the pipeline uses the new role %s, which owns database %s",
-                _pg_data(sdir), old_user, MIGRATED_DB_USER, state.db_name)
+                pg_data(sdir), old_user, MIGRATED_DB_USER, state.db_name)
     return read_state(sdir)
 
 
@@ -389,10 +390,10 @@ def _ensure_database(sdir: Path, state: EmbeddedState) -> None:
 
 
 def stop_database(sdir: Path) -> None:
-    user = _pg_user()
+    user = pg_user()
     if not _pg_running(sdir, user):
         return
-    res = _pg([pg_bin("pg_ctl"), "-D", str(_pg_data(sdir)), "-w", "-m", "fast", "stop"], user)
+    res = _pg([pg_bin("pg_ctl"), "-D", str(pg_data(sdir)), "-w", "-m", "fast", "stop"], user)
     if res.returncode != 0:
         raise StackError(f"PostgreSQL did not stop: {res.stderr.strip()}")
     log.info("stopped PostgreSQL")
@@ -429,13 +430,12 @@ def status(sdir: Path) -> dict:
         **describe(state),
         "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_ready(state)},
         "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
-                     "running": _pg_running(sdir, _pg_user())},
+                     "running": _pg_running(sdir, pg_user())},
     }
 
 
 def env_lines(sdir: Path) -> list[str]:
     """Shell export lines pointing psql, the AWS CLI or a notebook at the embedded stack."""
-    import shlex
 
     state = read_state(sdir)
     if state is None:

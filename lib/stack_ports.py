@@ -101,7 +101,7 @@ def describe_holders(port_base: int, ports: list[int]) -> str:
     return f" ({text})"
 
 
-def _signal_and_wait(pid: int, signals: list[tuple[int, float]], group: bool = False) -> bool:
+def signal_and_wait(pid: int, signals: list[tuple[int, float]], group: bool = False) -> bool:
     """Send each signal in turn (to the process group when `group`), waiting up to its time for the
     process to end. True: it ended (a zombie counts as ended: its parent, not us, collects it)."""
     import psutil  # late, as in holders
@@ -138,9 +138,9 @@ def stop_orphans(port_base: int) -> list[Holder]:
             others.append(holder)
             continue
         if holder.kind == "weed":
-            ok = _signal_and_wait(holder.pid, [(signal.SIGTERM, 10), (signal.SIGKILL, 5)])
+            ok = signal_and_wait(holder.pid, [(signal.SIGTERM, 10), (signal.SIGKILL, 5)])
         else:  # fast shutdown, then immediate, then kill (its children follow the postmaster)
-            ok = _signal_and_wait(holder.pid, [(signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)])
+            ok = signal_and_wait(holder.pid, [(signal.SIGINT, 10), (signal.SIGQUIT, 5), (signal.SIGKILL, 5)])
         if not ok:
             raise StackError(f"could not stop {holder.describe()}")
         log.info("stopped orphaned %s: %s", holder.kind, holder.describe())

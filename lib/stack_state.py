@@ -18,8 +18,11 @@ filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port.
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
+import pwd
 import secrets
 import subprocess
 from dataclasses import dataclass
@@ -59,11 +62,11 @@ class EmbeddedState:
         return f"http://127.0.0.1:{self.s3_port}"
 
 
-def _weed_dir(sdir: Path) -> Path:
+def weed_dir(sdir: Path) -> Path:
     return sdir / "seaweedfs"
 
 
-def _pg_data(sdir: Path) -> Path:
+def pg_data(sdir: Path) -> Path:
     return sdir / "postgres" / "data"
 
 
@@ -83,7 +86,7 @@ def read_state(sdir: Path) -> EmbeddedState | None:
     )
 
 
-def _write_private(path: Path, data: dict) -> None:
+def write_private(path: Path, data: dict) -> None:
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -91,7 +94,7 @@ def _write_private(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _write_text_private(path: Path, text: str) -> None:
+def write_text_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
@@ -108,7 +111,7 @@ def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
         port_base = int(os.environ.get("PIPELINE_STACK_PORT_BASE") or DEFAULT_PORT_BASE)
     creds_path = sdir / "credentials.json"
     if not creds_path.exists():
-        _write_private(
+        write_private(
             creds_path,
             {
                 "access_key": "medallion-" + secrets.token_hex(6),
@@ -116,7 +119,7 @@ def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
                 "db_password": secrets.token_urlsafe(24),
             },
         )
-    _write_private(sdir / "stack.json", {"port_base": port_base, "db_user": "medallion", "db_name": "countries",
+    write_private(sdir / "stack.json", {"port_base": port_base, "db_user": "medallion", "db_name": "countries",
                                          "db_admin": DB_ADMIN})
     return read_state(sdir)
 
@@ -130,22 +133,22 @@ def port_base(sdir: Path) -> int:
 
 # --- the cluster administrator -------------------------------------------------------------------
 
-def _admin(sdir: Path) -> tuple[str, str]:
+def admin_credentials(sdir: Path) -> tuple[str, str]:
     """The cluster administrator (role, password): used by `stack` commands only, never by a run.
     A state folder from before the administrator existed gets its password now (stored 0600)."""
     ports = json.loads((sdir / "stack.json").read_text())
     creds = json.loads((sdir / "credentials.json").read_text())
     if not creds.get("db_admin_password"):
         creds["db_admin_password"] = secrets.token_urlsafe(24)
-        _write_private(sdir / "credentials.json", creds)
+        write_private(sdir / "credentials.json", creds)
     return ports.get("db_admin") or DB_ADMIN, creds["db_admin_password"]
 
 
-def _record_admin(sdir: Path, admin: str) -> None:
+def record_admin(sdir: Path, admin: str) -> None:
     ports = json.loads((sdir / "stack.json").read_text())
     if ports.get("db_admin") != admin:
         ports["db_admin"] = admin
-        _write_private(sdir / "stack.json", ports)
+        write_private(sdir / "stack.json", ports)
 
 
 # --- the state folder's owner: as root, the PostgreSQL system user -------------------------------
@@ -153,12 +156,11 @@ def _record_admin(sdir: Path, admin: str) -> None:
 PG_SYSTEM_USER = "pgserver"
 
 
-def _pg_user() -> str | None:
+def pg_user() -> str | None:
     """PostgreSQL refuses to run as root: as root, run it as the `pgserver` system user (the same
     user the pgserver package itself creates)."""
     if os.geteuid() != 0:
         return None
-    import pwd
 
     try:
         pwd.getpwnam(PG_SYSTEM_USER)
@@ -172,11 +174,10 @@ def _secure_state_dir(sdir: Path) -> None:
     """The state folder is its owner's alone (0700). As root, PostgreSQL runs as the `pgserver` system
     user, which must pass through the state folder to its data folder: the folder then belongs to
     group pgserver with search permission only (0710), so no other account can enter it."""
-    user = _pg_user()
+    user = pg_user()
     if user is None:
         sdir.chmod(0o700)
         return
-    import pwd
 
     os.chown(sdir, -1, pwd.getpwnam(user).pw_gid)
     sdir.chmod(0o710)
@@ -188,8 +189,8 @@ WEED_KEYS = ("weed_jwt_write", "weed_jwt_read", "weed_filer_jwt_write", "weed_fi
              "weed_admin_password")
 
 
-def _weed_config_dir(sdir: Path) -> Path:
-    return _weed_dir(sdir) / "config"
+def weed_config_dir(sdir: Path) -> Path:
+    return weed_dir(sdir) / "config"
 
 
 def _ensure_weed_keys(sdir: Path) -> dict:
@@ -199,7 +200,7 @@ def _ensure_weed_keys(sdir: Path) -> dict:
     missing = [k for k in WEED_KEYS if not creds.get(k)]
     if missing:
         creds.update({k: secrets.token_urlsafe(32) for k in missing})
-        _write_private(path, creds)
+        write_private(path, creds)
     return creds
 
 
@@ -208,8 +209,6 @@ def _ensure_weed_tls(tls: Path) -> None:
     between them is mutual TLS, so a connection without a certificate of this CA gets nothing."""
     if all((tls / n).exists() for n in ("ca.crt", "weed.crt", "weed.key")):
         return
-    import datetime
-    import ipaddress
 
     from cryptography import x509  # late: only a first start makes certificates, and config imports this module
     from cryptography.hazmat.primitives import hashes, serialization
@@ -254,7 +253,7 @@ def write_weed_security(sdir: Path) -> Path:
     JWT-signed reads and writes on the volume and filer HTTP ports, no volume UI, no directory
     listings, mutual TLS for every gRPC port, a password on the admin server."""
     creds = _ensure_weed_keys(sdir)
-    cdir = _weed_config_dir(sdir)
+    cdir = weed_config_dir(sdir)
     cdir.mkdir(mode=0o700, parents=True, exist_ok=True)
     tls = cdir / "tls"
     _ensure_weed_tls(tls)

@@ -86,7 +86,7 @@ def test_a_lazy_import_is_a_heavy_third_party_package_with_a_reason():
     found = [f"{path.relative_to(ROOT)}:{line}: {module}"
              for path in sorted(LIB.rglob("*.py")) for line, module in function_imports(path)
              if module.split(".")[0] not in LAZY and not module.startswith(("lib", "."))]
-    assert found == [], f"import these at the top of the module, or name the package in LAZY with a reason"
+    assert found == [], "import these at the top of the module, or name the package in LAZY with a reason"
 
 
 def test_no_lib_module_is_longer_than_the_limit():

@@ -65,7 +65,7 @@ def test_a_page_template_escapes_what_it_is_given():
                         columns=["record", "name_common", "source"], why=None)
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert page.startswith("<!doctype html>\n") and page.endswith("</body></html>\n")
-    assert f"<title>Quarantine of run &lt;script&gt;window.pwned=1&lt;/script&gt;</title>" in page
+    assert "<title>Quarantine of run &lt;script&gt;window.pwned=1&lt;/script&gt;</title>" in page
     table = Cells(page[page.index("<table"):])
     assert table.table_id == "quarantined"
     assert table.rows[1] == [("num", "1"), (None, SCRIPT), ("uri", QUOTES)]  # shown exactly, as text

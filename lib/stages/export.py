@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lib import db, formats, layout, quality, registry, storage
+from lib import db, db_load, db_read, formats, layout, quality, registry, storage
 from lib.stages.context import StageError, StageRun, database_uri
 from lib.stages.parameters import check
 
@@ -42,7 +42,7 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
 
     def copy_table(name: str, *sinks) -> int:
         tee = storage.Tee(*sinks)
-        rows = db.copy_out(conn, db_schema, name, formats.UpperHeader(tee) if column_case == "upper" else tee,
+        rows = db_read.copy_out(conn, db_schema, name, formats.UpperHeader(tee) if column_case == "upper" else tee,
                            pipeline_table=name == table)
         tee.flush()
         return rows
@@ -50,7 +50,7 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
     try:
         if not db.table_exists(conn, db_schema, table):
             raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of('table').name} first")
-        tables = db.tables(conn, db_schema) if export_all_tables else [table]
+        tables = db_read.tables(conn, db_schema) if export_all_tables else [table]
         for name in [table] + [t for t in tables if t != table]:
             key = layout.export_key(settings.cloud.prefix, name, stage.run_id)
             spool = storage.HashingSpool()
@@ -59,7 +59,7 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
                     rows = copy_table(name, spool)
                 else:  # the fingerprint of the exported bytes, parsed in Arrow batches as COPY writes them
                     fp = quality.Fingerprint()
-                    with db.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
+                    with db_load.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
                         for batch in formats.csv_arrow_batches(stream):
                             fp.add(batch)
                     rows, fp = done["result"], fp.result()

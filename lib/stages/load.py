@@ -6,7 +6,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lib import db, formats, layout, params, registry, storage
+from lib import db, db_load, db_read, formats, layout, params, registry, storage
+from lib.db_schema import history_table
 from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
 from lib.stages.parameters import check
 
@@ -37,7 +38,7 @@ def clean_object(stage: StageRun, s3) -> dict:
 
 def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_clean", write_mode: str = "upsert",
          retire_missing: bool = True, allow_rewind: bool = False) -> Loaded:
-    """Merge the run's silver table into PostgreSQL (lib/db.py `merge`: one transaction, history).
+    """Merge the run's silver table into PostgreSQL (lib/db_load.py `merge`: one transaction, history).
     The silver object is checked against stage 2's record first; inside the transaction the rows
     as stored are compared with stage 2's fingerprint, and a mismatch rolls the load back. Loading
     data older than the table's latest load needs allow_rewind=true."""
@@ -54,21 +55,21 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
     try:
         # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
         # previous ones (a conversion error fails the COPY, so nothing is loaded).
-        with db.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
+        with db_load.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
             try:
                 # The batch is proven inside the merge, and the whole table's fingerprint recomputed
                 # from its stored values in the same transaction.
-                result = db.merge(conn, csv_rows, schema=db_schema, table=table, run_id=stage.run_id,
-                                  mode=write_mode, retire_missing=retire_missing,
-                                  expected_fingerprint=cleaned.get("clean_fingerprint"),
-                                  data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind, lists="array")
+                result = db_load.merge(conn, csv_rows, db_load.MergeOptions(
+                    schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
+                    retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
+                    data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind, lists="array"))
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
         batch_rows = converted["result"]
         data = None  # the silver bytes (the converting thread's closure holds the same cell)
         current_rows = result["current_rows"]
-        sample = db.preview(conn, db_schema, table)
-        history_rows = db.count(conn, db_schema, db.history_table(table))
+        sample = db_read.preview(conn, db_schema, table)
+        history_rows = db_read.count(conn, db_schema, history_table(table))
     finally:
         conn.close()
     stage.record.output({"uri": database_uri(settings, db_schema, table), "rows": current_rows,

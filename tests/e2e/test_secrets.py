@@ -22,7 +22,7 @@ from tests.sinks import HttpSink
 PORT_BASE = TEST_PORT_BASE + 300
 
 
-def _write_private(path: Path, data: dict) -> None:
+def write_private(path: Path, data: dict) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         json.dump(data, fh)
@@ -39,8 +39,8 @@ def sentinel_stack(tmp_path):
     }
     dirs = {name: tmp_path / name for name in ("state", "outputs", "logs")}
     dirs["state"].mkdir(mode=0o700)
-    _write_private(dirs["state"] / "credentials.json", sentinels)
-    _write_private(dirs["state"] / "stack.json", {"port_base": PORT_BASE, "db_user": "medallion",
+    write_private(dirs["state"] / "credentials.json", sentinels)
+    write_private(dirs["state"] / "stack.json", {"port_base": PORT_BASE, "db_user": "medallion",
                                                   "db_name": "countries"})
     state = stack_state.read_state(dirs["state"])
     assert (state.access_key, state.secret_key, state.db_password) == tuple(sentinels.values())

@@ -243,8 +243,8 @@ def test_a_cluster_from_before_the_administrator_is_migrated(tmp_path):
     # The layout the previous version wrote: no administrator, the pipeline role bootstraps the cluster.
     ports = json.loads((sdir / "stack.json").read_text())
     del ports["db_admin"]
-    stack_state._write_private(sdir / "stack.json", ports)
-    user = stack_state._pg_user()
+    stack_state.write_private(sdir / "stack.json", ports)
+    user = stack_state.pg_user()
     stack._prepare_pg_dirs(sdir, user)
     stack._initdb(sdir, user, state.db_user, state.db_password)
     try:
@@ -289,7 +289,7 @@ def test_the_compose_init_script_creates_an_unprivileged_pipeline_role(session_d
     """docker/postgres-init.sh, run as the postgres image runs it (as the administrator), here against
     the embedded server; then the role it made is examined."""
     sdir = session_dirs["state"]
-    admin, admin_password = stack_state._admin(sdir)
+    admin, admin_password = stack_state.admin_credentials(sdir)
     tag = uuid.uuid4().hex[:8]
     app = {"APP_DB_USER": f"app_{tag}", "APP_DB_PASSWORD": f"pw-{tag}'; DROP ROLE x; --", "APP_DB_NAME": f"db_{tag}"}
     secret = sdir.parent / f"db_password_{tag}"  # as Compose mounts it under /run/secrets/
