@@ -17,7 +17,7 @@ import psycopg2.errors
 from psycopg2 import sql
 
 from lib import formats, names, quality
-from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, SQL_TYPES
+from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS
 from lib.db import (LOADS_TABLE, WRITE_MODES, BatchMismatch, DatabaseError, RewindRefused, column_list, ident,
                     table_exists, transaction)
 from lib.db_schema import AUDIT_COLUMNS, ensure_tables, history_table
@@ -150,10 +150,10 @@ def _typed_select() -> sql.Composed:
     parts = []
     for c in CONTRACT:
         col = sql.Identifier(c.name)
-        if c.kind == "text[]":
+        if c.type.is_list:
             parts.append(sql.SQL("ARRAY(SELECT jsonb_array_elements_text({}::jsonb)) AS {}").format(col, col))
         else:
-            parts.append(sql.SQL("{}::{} AS {}").format(col, sql.SQL(SQL_TYPES[c.kind]), col))
+            parts.append(sql.SQL("{}::{} AS {}").format(col, sql.SQL(c.type.sql), col))
     parts.append(sql.SQL("_row_hash"))
     return sql.SQL(", ").join(parts)
 
@@ -166,7 +166,7 @@ def _stage_batch(cur, csv_data, lists: str) -> None:
     copy = sql.SQL("COPY {} ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
     if lists == "array":
         cur.execute(sql.SQL("CREATE TEMP TABLE _batch ({}, _row_hash text) ON COMMIT DROP").format(
-            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(SQL_TYPES[c.kind]))
+            sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type.sql))
                                for c in CONTRACT)))
         cur.copy_expert(copy.format(sql.Identifier("_batch"), column_list(COLUMNS)).as_string(cur), source)
         return
@@ -426,9 +426,10 @@ def _drifted(cur, query: sql.Composable) -> list[str]:
 
 def _not_as_sent(cur, target) -> list[str]:
     """Keys of the batch whose row is missing from the table or differs from the staged row."""
+    # A double compared by its bytes: -0.0 and 0.0 (equal as numbers) are different values sent.
     exact = sql.SQL(" OR ").join(
-        (sql.SQL("float8send(t.{c}) IS DISTINCT FROM float8send(b.{c})") if c == "area" else
-         sql.SQL("t.{c} IS DISTINCT FROM b.{c}")).format(c=sql.Identifier(c)) for c in COLUMNS[1:])
+        (sql.SQL("float8send(t.{c}) IS DISTINCT FROM float8send(b.{c})") if c.kind == "double" else
+         sql.SQL("t.{c} IS DISTINCT FROM b.{c}")).format(c=sql.Identifier(c.name)) for c in CONTRACT[1:])
     cur.execute(sql.SQL("SELECT b.{k} FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k} "
                         "WHERE t.{k} IS NULL OR {exact}").format(k=sql.Identifier(KEY), t=target, exact=exact))
     return sorted(r[0] for r in cur.fetchall())

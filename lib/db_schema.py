@@ -8,7 +8,7 @@ import logging
 from psycopg2 import sql
 
 from lib import names
-from lib.contract import CONTRACT, COLUMNS, KEY, SQL_TYPES
+from lib.contract import CONTRACT, COLUMNS, KEY
 from lib.db import LOADS_TABLE, ContractMismatch, ident
 
 log = logging.getLogger(__name__)
@@ -24,11 +24,11 @@ def history_table(table: str) -> str:
 def _contract_columns(with_key: bool) -> sql.Composed:
     parts = []
     for c in CONTRACT:
-        text = f"{{}} {SQL_TYPES[c.kind]}" + ("" if c.nullable else " NOT NULL")
+        text = f"{{}} {c.type.sql}" + ("" if c.nullable else " NOT NULL")
         if c.name == KEY and with_key:
             text += " PRIMARY KEY"
-        if c.name in ("population", "area"):
-            text += f" CHECK ({c.name} >= 0)"
+        if c.check.sql:
+            text += f" CHECK ({c.check.sql.format(column=c.name)})"
         parts.append(sql.SQL(text).format(sql.Identifier(c.name)))
     return sql.SQL(", ").join(parts)
 
@@ -50,7 +50,7 @@ def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
     where = f"{schema}.{table}"
     problems, added = [], []
     for c in CONTRACT:
-        wanted = SQL_TYPES[c.kind]
+        wanted = c.type.sql
         if c.name not in found:
             if not c.nullable:
                 problems.append(f"column {c.name} ({wanted} NOT NULL) is in the contract but not in {where}: "

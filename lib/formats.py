@@ -13,7 +13,7 @@ import json.encoder
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from lib.contract import COLUMNS, CONTRACT, LIST_COLUMNS, TEXT_COLUMNS
+from lib.contract import COLUMNS, CONTRACT, LIST_COLUMNS, TEXT_COLUMNS, TYPED_COLUMNS
 from lib.errors import PipelineError
 
 if TYPE_CHECKING:  # pandas (~0.4 s to import) is imported where frames are made: the runner checks format names
@@ -48,8 +48,9 @@ def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
         # Built as an object Series: with pandas 3 `.map` re-infers a string dtype and None becomes NaN.
         frame[col] = pd.Series([None if v is None or v == "" or v is pd.NA else v for v in frame[col]],
                                index=frame.index, dtype=object)
-    frame["population"] = frame["population"].astype("int64")
-    frame["area"] = frame["area"].astype("float64")
+    for c in CONTRACT:
+        if c.name in TYPED_COLUMNS:
+            frame[c.name] = frame[c.name].astype(c.type.pandas)
     return frame
 
 
@@ -108,11 +109,20 @@ def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
 
 # --- Arrow: the same values without Python objects per cell -------------------------------------------
 
-def _arrow_types(extra: dict | None = None) -> dict:
+def arrow_type(kind):
+    """A contract kind's Arrow type (lib/contract.py `Kind.arrow`)."""
     import pyarrow as pa
 
-    kinds = {"bigint": pa.int64(), "double": pa.float64()}
-    return {**{c.name: kinds.get(c.kind, pa.string()) for c in CONTRACT}, **(extra or {})}
+    return pa.list_(pa.string()) if kind.arrow == "list<string>" else pa.type_for_alias(kind.arrow)
+
+
+def _arrow_types(extra: dict | None = None) -> dict:
+    """The Arrow types a CSV's cells are read as: a number as its type, anything else (lists
+    included: they arrive as JSON text) as text."""
+    import pyarrow as pa
+
+    return {**{c.name: pa.string() if c.type.pandas == "object" else arrow_type(c.type) for c in CONTRACT},
+            **(extra or {})}
 
 
 READ_BLOCK = 1 << 20  # bytes Arrow's CSV reader takes from the file at a time

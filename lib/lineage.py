@@ -91,7 +91,7 @@ def schema_facet(upper: bool = False) -> schema_dataset.SchemaDatasetFacet:
     """The contract's columns; upper-case names for an export written with column_case=upper."""
     return schema_dataset.SchemaDatasetFacet(fields=[
         schema_dataset.SchemaDatasetFacetFields(name=c.name.upper() if upper else c.name,
-                                                type=contract.SQL_TYPES.get(c.kind, c.kind),
+                                                type=c.type.sql,
                                                 description=c.description, ordinal_position=i)
         for i, c in enumerate(contract.CONTRACT, start=1)])
 

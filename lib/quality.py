@@ -161,36 +161,30 @@ def unstorable(frame: pd.DataFrame, columns: _Columns | None = None) -> dict[int
     return reasons
 
 
-def _rule_for(column: Column):
-    if column.name == "population":
-        return _is_count, "population must be a whole number >= 0"
-    if column.name == "area":
-        return _is_measure, "area must be a number >= 0"
-    if column.name == "region":
-        return (lambda v: v in REGIONS), "region must be one of " + ", ".join(REGIONS)
-    if column.name == "timezones":
-        return _is_timezone_list, "timezones must be a non-empty list shaped UTC±HH:MM"
-    if column.kind == "text[]":
-        return _is_text_list, f"{column.name} must be a list of strings"
-    return _is_text, f"{column.name} must be non-empty text"
-
-
+# Each rule of the contract (lib/contract.py RULES) as a predicate on one value as found.
+PREDICATES = {
+    "text": _is_text,
+    "text list": _is_text_list,
+    "count": _is_count,
+    "measure": _is_measure,
+    "region": lambda v: v in REGIONS,
+    "timezones": _is_timezone_list,
+}
 # The rules a flattened source record must meet (values as found, nothing coerced), by column:
 # (predicate, the reason given when a value breaks it). A null breaks a non-nullable column with
 # "<column> is missing" and is not judged further; duplicate keys: see `duplicates`, decided
 # independently of the record order.
-RECORD_RULES = {c.name: _rule_for(c) for c in CONTRACT}
+RECORD_RULES = {c.name: (PREDICATES[c.check.name], c.reason) for c in CONTRACT}
 
 # The typed silver table every later hop reads back.
-_DTYPES = {"text": object, "text[]": object, "bigint": "int64", "double": "float64"}
 SILVER_SCHEMA = pa.DataFrameSchema(
-    {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
+    {c.name: pa.Column(c.type.pandas, nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
     strict="filter",
     ordered=False,
     name=f"silver contract v{VERSION}",
 )
 SILVER_ROWS_SCHEMA = pa.DataFrameSchema(
-    {c.name: pa.Column(_DTYPES[c.kind], nullable=c.nullable) for c in CONTRACT},
+    {c.name: pa.Column(c.type.pandas, nullable=c.nullable) for c in CONTRACT},
     strict="filter", ordered=False, name=f"silver contract v{VERSION} (rows of a chunk)",
 )
 
@@ -226,26 +220,29 @@ def _column_passes(column: Column, columns: _Columns) -> bool:
     operations (types as sets, min/max, one regex over the joined texts); False means "look at
     each value", never that one fails."""
     values, types = columns.values(column.name), columns.types(column.name)
-    if column.name == "population":
+    rule = column.check.name
+    if rule == "count":
         return types <= {int} and (not values or (min(values) >= 0 and max(values) <= BIGINT_MAX))
-    if column.name == "area":
+    if rule == "measure":
         if not values:
             return True
         try:  # a NaN or an infinity makes the sum NaN or infinite
             return types <= {int, float} and min(values) >= 0 and math.isfinite(sum(values))
         except OverflowError:
             return False
-    if column.name == "region":
+    if rule == "region":
         return types <= {str} and set(values) <= set(REGIONS)
-    if column.kind == "text[]":
+    if column.type.is_list:
         if values and types != {list}:
             return False
         items, item_types = columns.items(column.name)
         if not item_types <= {str}:
             return False
-        if column.name == "timezones":
+        if rule == "timezones":
             return all(values) and _TIMEZONES.fullmatch("".join(x + "\n" for x in items)) is not None
-        return True
+        return rule == "text list"
+    if rule != "text":
+        return False
     texts = [v for v in values if v is not None] if column.nullable else values
     if not set(map(type, texts)) <= {str}:
         return False
@@ -355,10 +352,8 @@ def typed(frame: pd.DataFrame, unique: bool = True) -> pd.DataFrame:
     """Contract types for rows that met the rules, checked against the typed contract (a chunk of
     a larger table with unique=False: its keys are settled across chunks by the caller)."""
     out = frame.copy()
-    out["population"] = out["population"].astype("int64")
-    out["area"] = out["area"].astype("float64")
-    for col in TEXT_COLUMNS + LIST_COLUMNS:
-        out[col] = out[col].astype(object)
+    for c in CONTRACT:
+        out[c.name] = out[c.name].astype(c.type.pandas)
     return (SILVER_SCHEMA if unique else SILVER_ROWS_SCHEMA).validate(out)
 
 

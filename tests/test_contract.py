@@ -12,8 +12,8 @@ def test_the_key_and_every_column_are_declared_once():
     names = [c.name for c in contract.CONTRACT]
     assert len(names) == len(set(names)) and contract.KEY == names[0]
     assert not contract.column(contract.KEY).nullable
-    assert set(contract.LIST_COLUMNS) | set(contract.TEXT_COLUMNS) | {"population", "area"} == set(names)
-    assert {c.kind for c in contract.CONTRACT} == set(contract.SQL_TYPES)
+    assert set(contract.LIST_COLUMNS) | set(contract.TEXT_COLUMNS) | set(contract.TYPED_COLUMNS) == set(names)
+    assert all(c.kind in contract.KINDS and c.check.name in contract.RULES for c in contract.CONTRACT)
 
 
 def test_the_default_api_url_asks_for_exactly_the_source_fields_and_passes_the_api_rules():
@@ -34,3 +34,17 @@ def test_table_rows_list_every_column_with_its_rule():
     rows = contract.table_rows()
     assert [r["column"] for r in rows] == [c.name for c in contract.CONTRACT]
     assert all(r["rule"] for r in rows)
+
+
+def test_the_source_fields_are_the_ones_the_columns_read_and_the_example_env_asks_for_them():
+    assert set(contract.SOURCE_FIELDS) == {c.source.field for c in contract.CONTRACT}
+    example = (ROOT / ".env.example").read_text(encoding="utf-8")
+    assert f"API_BASE_URL={contract.api_url()}\n" in example
+
+
+def test_each_rule_and_kind_of_the_contract_has_its_check_and_types_everywhere():
+    from lib import formats, quality
+
+    assert set(quality.PREDICATES) == set(contract.RULES)
+    for kind in contract.KINDS.values():
+        assert formats.arrow_type(kind) is not None and kind.sql and kind.pandas

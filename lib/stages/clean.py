@@ -39,15 +39,15 @@ class Checked:
 def _silver_schema():
     import pyarrow as pa
 
-    kinds = {"text": pa.string(), "text[]": pa.list_(pa.string()), "bigint": pa.int64(), "double": pa.float64()}
-    return pa.schema([pa.field(c.name, kinds[c.kind]) for c in contract.CONTRACT] + [pa.field("_row_hash", pa.string())])
+    return pa.schema([pa.field(c.name, formats.arrow_type(c.type)) for c in contract.CONTRACT]
+                     + [pa.field("_row_hash", pa.string())])
 
 
 def _frame_of(table) -> pd.DataFrame:
     """A Parquet row group of the silver table as the typed frame validation made."""
     frame = pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
-    frame["population"] = frame["population"].astype("int64")
-    frame["area"] = frame["area"].astype("float64")
+    for name in contract.TYPED_COLUMNS:
+        frame[name] = frame[name].astype(contract.column(name).type.pandas)
     return frame
 
 
@@ -287,12 +287,14 @@ class _Pass:
             if not any(start <= r < end for r in wanted):
                 continue
             for records, position in self.records(number):
-                for offset, record in enumerate(records):
-                    rid = start + position + offset
-                    if rid in wanted:
-                        row = transform.flatten_record(record)
-                        found[rid] = (row[contract.KEY], quality.copy_shape(row[c] for c in contract.COLUMNS),
-                                      None if rid in self.quarantine else quality.source_json(record))
+                ids = [start + position + offset for offset in range(len(records))]
+                taken = [i for i, rid in enumerate(ids) if rid in wanted]
+                if not taken:
+                    continue
+                rows = transform.flatten([records[i] for i in taken])
+                for row, i in zip(rows.itertuples(index=False), taken):
+                    found[ids[i]] = (getattr(row, contract.KEY), quality.copy_shape(row),
+                                     None if ids[i] in self.quarantine else quality.source_json(records[i]))
         return found
 
 
