@@ -10,6 +10,9 @@ import pandas as pd
 
 from lib.contract import KEY
 
+# The columns the aggregates read: only these are taken out of the gold table into pandas.
+COLUMNS = [KEY, "region", "subregion", "population", "area"]
+
 
 def _summary(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     """Countries, population, area and density per group (sorted by population). Sums are exact:

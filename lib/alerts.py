@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from lib import config, registry
+from lib.registry import Layer
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +58,10 @@ def reasons(manifest: dict, quarantine_threshold: int = 0) -> list[str]:
             found.append("preflight failed: " + "; ".join(manifest["preflight"]))
         else:
             found.append(f"run {status}")
-    ingest = stages.get(registry.writer_of("raw").name, {}).get("details", {})
+    ingest = stages.get(registry.writer_of(Layer.RAW).name, {}).get("details", {})
     if ingest.get("origin") == "snapshot":
         found.append("the API could not be reached: the bundled snapshot was used")
-    quarantined = stages.get(registry.writer_of("quarantine").name, {}).get("details", {}).get("quarantined") or 0
+    quarantined = stages.get(registry.writer_of(Layer.QUARANTINE).name, {}).get("details", {}).get("quarantined") or 0
     if quarantined > quarantine_threshold:
         found.append(f"{quarantined} records quarantined (threshold {quarantine_threshold})")
     return found

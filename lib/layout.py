@@ -69,6 +69,11 @@ def gold_table_key(table: str, run_id: str, extension: str) -> str:
     return f"{DATASET}/run_id={names.run_id(run_id)}/{table}.{extension}"
 
 
+def is_gold_table(key: str) -> bool:
+    """A gold table's key (run-scoped or `latest`), not an aggregate's or the change report's."""
+    return re.fullmatch(rf"{DATASET}/(?:run_id=[^/]+|{LATEST})/[^/]+", key) is not None
+
+
 def aggregate_key(name: str, run_id: str, extension: str) -> str:
     return f"{AGGREGATES}/run_id={names.run_id(run_id)}/{name}.{extension}"
 

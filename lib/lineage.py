@@ -84,7 +84,7 @@ def _holds_contract_rows(obj: dict, details: dict) -> bool:
     table (not the raw JSON, the quarantine, aggregates or the change report)."""
     key = obj.get("key", "")
     return (obj.get("role") == "database" or layout.is_clean(key) or key == details.get("key")
-            or (key.startswith(f"{layout.DATASET}/run_id=")))
+            or layout.is_gold_table(key))
 
 
 def schema_facet(upper: bool = False) -> schema_dataset.SchemaDatasetFacet:

@@ -8,6 +8,7 @@ Adding a stage: its notebook in notebooks/, one entry below, its module in lib/s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 from lib.errors import PipelineError
@@ -15,6 +16,25 @@ from lib.errors import PipelineError
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 # What a stage can need, checked by the runner's preflight before any kernel starts.
 SERVICES = ("api", "store", "db", "cloud")
+
+
+class Layer(str, Enum):
+    """Where the data sits between stages: what a stage reads and writes. `label` names the layer on
+    the run index and in the lineage picture."""
+
+    def __new__(cls, value: str, label: str):
+        layer = str.__new__(cls, value)
+        layer._value_ = value
+        layer.label = label
+        return layer
+
+    API = ("api", "source")
+    RAW = ("raw", "raw")
+    CLEAN = ("clean", "clean")
+    QUARANTINE = ("quarantine", "quarantine")
+    TABLE = ("table", "table")
+    CLOUD = ("cloud", "export")
+    GOLD = ("gold", "gold")
 
 
 class UnknownStage(PipelineError, ValueError):
@@ -43,8 +63,8 @@ class Stage:
     name: str
     title: str
     needs: frozenset[str]
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
+    reads: tuple[Layer, ...]
+    writes: tuple[Layer, ...]  # the first is the stage's product: its rows are the layer's count
     hops: tuple[Hop, ...] = ()
     reconciles: bool = False  # checks every hop of the run, then publishes the `latest` keys
 
@@ -60,27 +80,27 @@ class Stage:
 
 STAGES: tuple[Stage, ...] = (
     Stage(1, "01_ingest", "REST Countries API → raw (bronze)", frozenset({"api", "store"}),
-          reads=("api",), writes=("raw",),
+          reads=(Layer.API,), writes=(Layer.RAW,),
           hops=(Hop("API response", "records", "response_sha256"),)),
     Stage(2, "02_clean", "raw → clean (silver) + quarantine", frozenset({"store"}),
-          reads=("raw",), writes=("clean", "quarantine"),
+          reads=(Layer.RAW,), writes=(Layer.CLEAN, Layer.QUARANTINE),
           hops=(Hop("raw (bronze)", "raw_records", "raw_sha256", against="API response",
                     equal=(("raw_records", "01_ingest.records"), ("raw_sha256", "01_ingest.response_sha256"))),
                 Hop("clean + quarantine (silver)", "silver_records", "clean_fingerprint", against="raw (bronze)",
                     equal=(("silver_records", "raw_records"),), shown="silver_breakdown"))),
     Stage(3, "03_load", "clean → PostgreSQL table (with history)", frozenset({"store", "db"}),
-          reads=("clean",), writes=("table",),
+          reads=(Layer.CLEAN,), writes=(Layer.TABLE,),
           hops=(Hop("PostgreSQL rows of this batch", "batch_rows", "batch_fingerprint",
                     against="clean + quarantine (silver)",
                     equal=(("batch_rows", "02_clean.clean_rows"),
                            ("batch_fingerprint", "02_clean.clean_fingerprint"))),
                 Hop("PostgreSQL current table", "current_rows", "current_fingerprint"))),
     Stage(4, "04_export", "PostgreSQL → cloud bucket", frozenset({"db", "cloud"}),
-          reads=("table",), writes=("cloud",),
+          reads=(Layer.TABLE,), writes=(Layer.CLOUD,),
           hops=(Hop("cloud export", "rows", "fingerprint", against="PostgreSQL current table",
                     equal=(("rows", "03_load.current_rows"), ("fingerprint", "03_load.current_fingerprint"))),)),
     Stage(5, "05_gold", "cloud → gold bucket (aggregates, changes, reconciliation)",
-          frozenset({"cloud", "store"}), reads=("cloud",), writes=("gold",),
+          frozenset({"cloud", "store"}), reads=(Layer.CLOUD,), writes=(Layer.GOLD,),
           hops=(Hop("gold", "gold_rows", "gold_fingerprint", against="cloud export",
                     equal=(("gold_rows", "04_export.rows"), ("gold_fingerprint", "04_export.fingerprint"),
                            ("gold_sha256", "04_export.sha256"))),),
@@ -105,9 +125,14 @@ def first() -> Stage:
     return STAGES[0]
 
 
-def writer_of(layer: str) -> Stage:
-    """The stage that writes a layer ("raw", "clean", "table", "cloud", "gold")."""
+def writer_of(layer: Layer) -> Stage:
+    """The stage that writes a layer."""
     return next(s for s in STAGES if layer in s.writes)
+
+
+def lineage_columns() -> list[str]:
+    """The lineage picture's columns: the sources, then what each stage writes."""
+    return [Layer.API.label] + [" / ".join(layer.label for layer in s.writes) for s in STAGES]
 
 
 def before(name: str) -> tuple[Stage, ...]:

@@ -70,7 +70,7 @@ def _object(manifest: dict, stage: str, predicate) -> dict | None:
 
 # --- the lineage picture --------------------------------------------------------------------------------
 
-COLUMNS = ["source", "raw", "clean / quarantine", "table", "export", "gold"]
+COLUMNS = registry.lineage_columns()
 
 
 def _short(uri: str) -> str:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from lib import changes, formats, layout, names, registry, runs, storage
 from lib.errors import PipelineError
+from lib.registry import Layer
 
-# The stage writing each layer (from the registry), and the layer's column name in the index.
-LAYERS = {registry.writer_of(layer).name: label for layer, label in
-          (("raw", "raw"), ("clean", "clean"), ("table", "table"), ("cloud", "export"), ("gold", "gold"))}
-INGEST, CLEAN, GOLD = (registry.writer_of(layer).name for layer in ("raw", "quarantine", "gold"))
+# Each stage and the label of what it writes: the index's row counts by layer.
+LAYERS = {s.name: s.writes[0].label for s in registry.STAGES}
+INGEST, CLEAN, GOLD = (registry.writer_of(layer).name for layer in (Layer.RAW, Layer.QUARANTINE, Layer.GOLD))
 # What each stage publishes: said for a run that ended before the stage succeeded.
 PUBLISHES = {s.name: s.title for s in registry.STAGES}
 
@@ -117,7 +117,7 @@ def gold_table(settings, run_id: str):
     """The gold table a run wrote (its export when gold is missing), as a DataFrame, and its URI."""
     names.run_id(run_id)
     manifest = runs.read_json(runs.manifest_path(settings, run_id)) or {}
-    gold_stage = registry.writer_of("gold").name
+    gold_stage = registry.writer_of(Layer.GOLD).name
     table = (manifest.get("parameters", {}).get(gold_stage) or {}).get("table") or "capitals_clean"
     names.sql_identifier(table, "table")
     s3 = storage.client(settings.store)

@@ -55,3 +55,9 @@ def test_every_registered_aggregate_is_a_frame_with_countries_adding_up(clean):
     assert {"by_region", "by_subregion"} <= set(aggregates.AGGREGATES)
     for name, fn in aggregates.AGGREGATES.items():
         assert fn(clean)["countries"].sum() == 250, name
+
+
+def test_the_aggregates_need_only_the_columns_they_declare(clean):
+    narrow = clean[aggregates.COLUMNS]
+    for name, fn in aggregates.AGGREGATES.items():
+        pd.testing.assert_frame_equal(fn(narrow), fn(clean), obj=name)

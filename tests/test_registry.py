@@ -67,3 +67,12 @@ def test_no_other_module_names_a_stage():
             if pattern.search(line):
                 offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_the_layers_a_stage_writes_name_the_report_and_index_columns():
+    from lib import report, review
+
+    assert report.COLUMNS == ["source", "raw", "clean / quarantine", "table", "export", "gold"]
+    assert list(review.LAYERS.values()) == ["raw", "clean", "table", "export", "gold"]
+    assert all(isinstance(layer, registry.Layer) for s in registry.STAGES for layer in (*s.reads, *s.writes))
+    assert registry.writer_of(registry.Layer.QUARANTINE).name == registry.writer_of(registry.Layer.CLEAN).name

@@ -13,6 +13,7 @@ import weakref
 import pandas as pd
 
 from lib import contract, formats, layout, quality, registry, source, storage, transform
+from lib.registry import Layer
 from lib.stages.context import (SAMPLE_RECORDS, StageError, StageRun, expected_sha256, prove, run_objects,
                                 young_gc_only)
 from lib.stages.parameters import check
@@ -193,7 +194,7 @@ def _stream_raw(stage: StageRun, s3, key: str, *, against_record: bool, min_reco
     bucket = stage.settings.raw_bucket
     uri = f"s3://{bucket}/{key}"
     body, meta = storage.open_object(s3, bucket, key)
-    expected = expected_sha256(stage, uri, "raw", meta, required=False, against_record=against_record)
+    expected = expected_sha256(stage, uri, Layer.RAW, meta, required=False, against_record=against_record)
     sha, reader, pending, position, problem = hashlib.sha256(), source.PayloadReader(min_records), [], 0, None
     chunks = storage.read_ahead(body, source.CHUNK_BYTES, sha)  # read and hashed while the last is parsed
     try:
@@ -313,13 +314,13 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
     settings = stage.settings
     check("backfill_date", backfill_date)
     s3 = storage.client(settings.store)
-    source_run = stage.input_run("raw")
+    source_run = stage.input_run(Layer.RAW)
     objects = (run_objects(s3, settings.raw_bucket, date=backfill_date) if backfill_date
                else run_objects(s3, settings.raw_bucket, source_run))
     where = f"date {backfill_date}" if backfill_date else f"run {source_run}"
     if not objects:
         raise StageError(f"no raw objects for {where} in bucket {settings.raw_bucket!r}: "
-                         f"run {registry.writer_of('raw').name} first")
+                         f"run {registry.writer_of(Layer.RAW).name} first")
     # Bronze put in place by hand has no stage 1 record: its metadata is checked. A backfill reads
     # other runs' bronze too: checked against their metadata.
     read = _Pass(stage, s3, objects, [layout.run_of(o["key"]) == source_run for o in objects], min_records)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from lib import db, db_load, db_read, formats, layout, quality, registry, storage
+from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri
 from lib.stages.parameters import check
 
 
 def _check_table(stage: StageRun, schema: str, table: str, rows: int, fingerprint: str) -> None:
     """The table about to be exported must be the one stage 3 left (no load or edit since)."""
-    loaded = stage.previous_record("table")
+    loaded = stage.previous_record(Layer.TABLE)
     if loaded is None:
-        raise StageError(f"no {registry.writer_of('table').name} record in run {stage.input_run('table')} to "
+        raise StageError(f"no {registry.writer_of(Layer.TABLE).name} record in run {stage.input_run(Layer.TABLE)} to "
                          f"check {schema}.{table} against; run it first; nothing was exported")
     details = loaded["details"]
     if (details.get("schema"), details.get("table")) != (schema, table):
-        raise StageError(f"{registry.writer_of('table').name} of run {loaded['run_id']} loaded "
+        raise StageError(f"{registry.writer_of(Layer.TABLE).name} of run {loaded['run_id']} loaded "
                          f"{details.get('schema')}.{details.get('table')}, not {schema}.{table}; nothing was exported")
     if (details.get("current_rows"), details.get("current_fingerprint")) != (rows, fingerprint):
         raise StageError(
@@ -49,7 +50,7 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
 
     try:
         if not db.table_exists(conn, db_schema, table):
-            raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of('table').name} first")
+            raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of(Layer.TABLE).name} first")
         tables = db_read.tables(conn, db_schema) if export_all_tables else [table]
         for name in [table] + [t for t in tables if t != table]:
             key = layout.export_key(settings.cloud.prefix, name, stage.run_id)

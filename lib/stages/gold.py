@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from lib import aggregates, changes, contract, formats, layout, quality, reconciliation, registry, runs, storage
+from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, spooled_input
 from lib.stages.parameters import check
 
@@ -24,8 +25,6 @@ class Golden:
     artifacts: list[storage.Artifact]
 
 
-# The columns the aggregates read (lib/aggregates.py): only these are taken out of Arrow into pandas.
-AGGREGATE_COLUMNS = [contract.KEY, "region", "subregion", "population", "area"]
 CHANGES_SAMPLE = 1000  # added and removed keys kept in `Golden.changes` (a first table adds every key)
 
 
@@ -68,13 +67,13 @@ def build(stage: StageRun, *, table: str = "capitals_clean", gold_format: str = 
     check("table", table)
     fmt = formats.get(gold_format or formats.DEFAULT_GOLD)
     cloud = storage.cloud_client(settings.cloud)
-    key = layout.export_key(settings.cloud.prefix, table, stage.input_run("cloud"))
+    key = layout.export_key(settings.cloud.prefix, table, stage.input_run(Layer.CLOUD))
     # Converted to typed Parquet as it downloads; used only once its sha256 is proven.
-    spool, (typed, rows) = spooled_input(stage, cloud, settings.cloud.bucket, key, "cloud", formats.csv_to_parquet)
+    spool, (typed, rows) = spooled_input(stage, cloud, settings.cloud.bucket, key, Layer.CLOUD, formats.csv_to_parquet)
     digest = spool.sha256
     try:
         _release_arrow()
-        exported = (stage.previous_record("cloud") or {}).get("details") or {}
+        exported = (stage.previous_record(Layer.CLOUD) or {}).get("details") or {}
         if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
             # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
             # fingerprinted, so their fingerprint is the one it recorded.
@@ -133,14 +132,14 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
         changes.write_json(report, changes_json)
         report = {**report, "added": report["added"][:CHANGES_SAMPLE].to_pylist(),
                   "removed": report["removed"][:CHANGES_SAMPLE].to_pylist(), "counts": counts}
-        columns = pq.read_table(io.BytesIO(typed), columns=AGGREGATE_COLUMNS)
+        columns = pq.read_table(io.BytesIO(typed), columns=aggregates.COLUMNS)
         # The keys (a million different ones) stay in Arrow as pandas' string dtype; the other text
         # columns hold a few values each, as shared Python strings.
         frame = pd.DataFrame({name: columns.column(name).to_pandas(types_mapper={
                                   columns.schema.field(name).type: pd.StringDtype("pyarrow")}.get)
                               if name == contract.KEY else pd.Series(_shared_text(columns.column(name)), dtype=object)
                               if name in contract.TEXT_COLUMNS else columns.column(name).to_numpy()
-                              for name in AGGREGATE_COLUMNS})
+                              for name in aggregates.COLUMNS})
         del columns
         summaries = {name: fn(frame) for name, fn in aggregates.AGGREGATES.items()}
         del frame
@@ -196,7 +195,7 @@ def publish(stage: StageRun, golden: Golden) -> list[str]:
     if golden.reconciliation is None:
         raise StageError(f"run {stage.run_id} has not reconciled: nothing was published")
     settings = stage.settings
-    exported = stage.previous_record("cloud") or {}
+    exported = stage.previous_record(Layer.CLOUD) or {}
     moves = [(storage.cloud_client(settings.cloud), a) for a in exported.get("artifacts", [])
              if a.get("role") == "cloud" and layout.run_of(a["key"])]
     s3 = storage.client(settings.store)

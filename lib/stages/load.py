@@ -8,6 +8,7 @@ import pandas as pd
 
 from lib import db, db_load, db_read, formats, layout, params, registry, storage
 from lib.db_schema import history_table
+from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
 from lib.stages.parameters import check
 
@@ -23,16 +24,16 @@ class Loaded:
 def clean_object(stage: StageRun, s3) -> dict:
     """The silver table this load reads: the one stage 2's record lists (in this run, or the run an
     interactive run is based on); without a record, the run's newest clean object."""
-    record = stage.previous_record("clean")
+    record = stage.previous_record(Layer.CLEAN)
     if record is not None:
         listed = [a for a in record.get("artifacts", []) if layout.is_clean(a.get("key", ""))]
         if listed:
             return {"key": listed[-1]["key"]}
-    run = stage.input_run("clean")
+    run = stage.input_run(Layer.CLEAN)
     found = [o for o in run_objects(s3, stage.settings.clean_bucket, run) if layout.is_clean(o["key"])]
     if not found:
         raise StageError(f"no clean object for run {run} in bucket {stage.settings.clean_bucket!r}: "
-                         f"run {registry.writer_of('clean').name} first")
+                         f"run {registry.writer_of(Layer.CLEAN).name} first")
     return found[-1]
 
 
@@ -48,8 +49,8 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
     allow_rewind = params.boolean(allow_rewind, "allow_rewind")
     s3 = storage.client(settings.store)
     obj = clean_object(stage, s3)
-    data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], "clean")
-    cleaned = stage.previous_record("clean")["details"]
+    data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], Layer.CLEAN)
+    cleaned = stage.previous_record(Layer.CLEAN)["details"]
     fmt = formats.of_key(obj["key"])
     conn = stage.db_connection()
     try:
