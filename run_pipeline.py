@@ -25,6 +25,7 @@ import sys
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
 from lib import config, names, params, registry, runner, runs
+from lib.stages import parameters
 from lib.errors import PipelineError
 from lib import log as logsetup
 
@@ -36,7 +37,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog="run_pipeline.py",
         description="Run the stage notebooks in order with papermill; each run is recorded in "
                     "outputs/runs/<run_id>/ (executed notebooks and manifest.json). "
-                    "Other commands: `stack up|down|status|env`, `lab`.",
+                    "Other commands: `stack up|down|status|env`, `lab`, `runs`, `diff A B`, `report`, `params`.",
         epilog="Exit codes: 0 ok, 1 failed, 2 bad arguments/configuration, 3 pipeline lock busy, 130 interrupted.")
     p.add_argument("--stages", default=registry.ALL,
                    help=f"stages to run: {registry.ALL}, 2-4, 3 or 1,3 (default {registry.ALL}: all)")
@@ -176,6 +177,19 @@ def cmd_diff(argv: list[str]) -> int:
         print(f"run_pipeline.py diff: {err}", file=sys.stderr)
         return runner.EXIT_FAILED
     print(review.runs_json(report_) if args.json else review.diff_text(report_))
+    return 0
+
+
+def cmd_params(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_pipeline.py params",
+                                description="Every stage's parameters: type, default and what it does "
+                                            "(set one with -p KEY=VALUE).")
+    p.parse_args(argv)
+    for stage in registry.STAGES:
+        print(f"{stage.name}  {stage.title}")
+        for name, spec in parameters.declared(stage.name).items():
+            default = json.dumps(spec.default) if isinstance(spec.default, str) else repr(spec.default)
+            print(f"  {name:<20} {spec.type_name:<6} {default:<18} {spec.help}")
     return 0
 
 
@@ -334,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_runs(argv[1:])
     if argv and argv[0] == "diff":
         return cmd_diff(argv[1:])
+    if argv and argv[0] == "params":
+        return cmd_params(argv[1:])
     return cmd_run(argv)
 
 

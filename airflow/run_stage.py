@@ -19,7 +19,8 @@ import argparse
 import os
 import sys
 
-from lib import config, names, registry, runner, runs
+from lib import config, names, registry, runs
+from lib.stages import parameters
 from lib.errors import PipelineError
 
 RUNNER = config.ROOT / "run_pipeline.py"
@@ -34,7 +35,7 @@ def stage_parameters(pairs: list[str], stage: str) -> list[str]:
     """The `--param` pairs the stage's notebook declares; a key that no stage declares is an error."""
     if not pairs:
         return []
-    declared = {s: runner.declared(s) for s in registry.NAMES}
+    declared = {s: parameters.declared(s) for s in registry.NAMES}
     chosen = []
     for pair in pairs:
         key, sep, _ = pair.partition("=")

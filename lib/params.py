@@ -1,6 +1,6 @@
-"""Parsing what the user typed: `--stages`, `-p KEY=VALUE` (typed as the notebook declares), and one
-vocabulary for booleans. Only parsing: the rules a value must pass beyond its type belong to the
-stages (lib/stages/context.py `RULES`) and are handed in by the caller."""
+"""Parsing what the user typed: `--stages`, `-p KEY=VALUE` (typed as the stage declares), and one
+vocabulary for booleans. Only parsing: the parameters and the rules a value must pass beyond its
+type are the stages' (lib/stages/parameters.py), handed in by the caller."""
 
 from __future__ import annotations
 
@@ -70,10 +70,11 @@ def convert(key: str, raw: str, type_name: str):
     return raw
 
 
-def parse(pairs: list[str], known: dict[str, dict], check=lambda key, value: value) -> dict[str, dict]:
+def parse(pairs: list[str], known: dict[str, dict[str, str]],
+          check=lambda stage, key, value: value) -> dict[str, dict]:
     """-p KEY=VALUE pairs → {stage: {key: typed, checked value}} for the chosen stages that declare
-    KEY. `known` maps each chosen stage to the parameters its notebook declares (papermill's
-    `inspect_notebook`); `check(key, value)` refuses a value with UsageError."""
+    KEY. `known` maps each chosen stage to its parameters' type names (`int`, `float`, `bool`, `str`);
+    `check(stage, key, value)` refuses a value with UsageError."""
     stages = list(known)
     out: dict[str, dict] = {s: {} for s in stages}
     for pair in pairs:
@@ -87,9 +88,9 @@ def parse(pairs: list[str], known: dict[str, dict], check=lambda key, value: val
             listed = sorted({k for d in known.values() for k in d} - {"run_id"})
             raise UsageError(f"-p {key}: no chosen stage has a parameter {key!r}; known: {', '.join(listed)}")
         for s in takers:
-            value = convert(key, raw, known[s][key]["inferred_type_name"])
+            value = convert(key, raw, known[s][key])
             try:
-                check(key, value)
+                check(s, key, value)
             except UsageError as err:
                 raise UsageError(f"-p {key}: {err}") from None
             out[s][key] = value

@@ -73,9 +73,14 @@ class Stage:
         return NOTEBOOKS / f"{self.name}.ipynb"
 
     @property
+    def step(self) -> str:
+        """The stage's name without its number: 01_ingest → ingest."""
+        return self.name.split("_", 1)[1]
+
+    @property
     def module(self) -> str:
         """What the notebook calls: notebooks/01_ingest.ipynb → lib.stages.ingest."""
-        return f"lib.stages.{self.name.split('_', 1)[1]}"
+        return f"lib.stages.{self.step}"
 
 
 STAGES: tuple[Stage, ...] = (

@@ -14,6 +14,7 @@ from pathlib import Path
 from lib import changes, formats, layout, names, registry, runs, storage
 from lib.errors import PipelineError
 from lib.registry import Layer
+from lib.stages import parameters
 
 # Each stage and the label of what it writes: the index's row counts by layer.
 LAYERS = {s.name: s.writes[0].label for s in registry.STAGES}
@@ -118,7 +119,7 @@ def gold_table(settings, run_id: str):
     names.run_id(run_id)
     manifest = runs.read_json(runs.manifest_path(settings, run_id)) or {}
     gold_stage = registry.writer_of(Layer.GOLD).name
-    table = (manifest.get("parameters", {}).get(gold_stage) or {}).get("table") or "capitals_clean"
+    table = (manifest.get("parameters", {}).get(gold_stage) or {}).get("table") or parameters.DEFAULT_TABLE
     names.sql_identifier(table, "table")
     s3 = storage.client(settings.store)
     places = [(s3, settings.gold_bucket, layout.gold_table_key(table, run_id, fmt.extension))

@@ -157,15 +157,11 @@ def import_papermill():
     return papermill
 
 
-def declared(stage: str) -> dict:
-    """The parameters a stage notebook declares (papermill reads its `parameters` cell)."""
-    return import_papermill().inspect_notebook(str(registry.get(stage).notebook))
-
-
 def parse_parameters(pairs: list[str], stages: list[str]) -> dict[str, dict]:
-    """-p KEY=VALUE pairs → {stage: {key: value}}, typed as each chosen notebook declares and checked
-    with the stages' rules (lib/stages/parameters.py)."""
-    return params.parse(pairs, {s: declared(s) for s in stages}, parameters.check)
+    """-p KEY=VALUE pairs → {stage: {key: value}}, typed and checked as each chosen stage declares
+    (lib/stages/parameters.py)."""
+    known = {s: {name: p.type_name for name, p in parameters.declared(s).items()} for s in stages}
+    return params.parse(pairs, known, parameters.check)
 
 
 def _engine_on_warm_kernel() -> str:

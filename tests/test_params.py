@@ -96,15 +96,14 @@ def test_unknown_parameter_error_lists_the_known_ones_without_run_id():
 
 
 def test_parse_takes_the_declarations_and_rules_it_is_given():
-    def rule(key, value):
+    def rule(stage, key, value):
         if value == 13:
-            raise UsageError("13 is unlucky")
+            raise UsageError(f"13 is unlucky for {stage}")
         return value
 
-    known = {"a": {"n": {"inferred_type_name": "int"}},
-             "b": {"n": {"inferred_type_name": "int"}, "s": {"inferred_type_name": "str"}}}
+    known = {"a": {"n": "int"}, "b": {"n": "int", "s": "str"}}
     assert params.parse(["n=7", "s=x"], known, rule) == {"a": {"n": 7}, "b": {"n": 7, "s": "x"}}
-    with pytest.raises(UsageError, match="-p n: 13 is unlucky"):
+    with pytest.raises(UsageError, match="-p n: 13 is unlucky for a"):
         params.parse(["n=13"], known, rule)
 
 

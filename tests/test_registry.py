@@ -6,15 +6,15 @@ import re
 
 import pytest
 
-from lib import registry, runner
-from lib.stages import context
+from lib import registry
+from lib.stages import context, parameters
 from lib.config import ROOT
 
 
 def test_every_stage_has_a_notebook_with_a_run_id_parameter_and_known_needs():
     for stage in registry.STAGES:
         assert stage.notebook.is_file(), stage.name
-        assert "run_id" in runner.declared(stage.name), stage.name
+        assert "run_id" in parameters.declared(stage.name), stage.name
         assert stage.needs <= set(registry.SERVICES), stage.name
     assert [s.number for s in registry.STAGES] == list(range(1, len(registry.STAGES) + 1))
     assert registry.ALL == f"1-{len(registry.STAGES)}"

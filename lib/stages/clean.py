@@ -16,7 +16,6 @@ from lib import contract, formats, layout, quality, registry, source, storage, t
 from lib.registry import Layer
 from lib.stages.context import (SAMPLE_RECORDS, StageError, StageRun, expected_sha256, prove, run_objects,
                                 young_gc_only)
-from lib.stages.parameters import check
 
 
 CHUNK_ROWS = 10_000  # records flattened, validated and written at a time
@@ -299,7 +298,7 @@ class _Pass:
         return found
 
 
-def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -> Prepared:
+def prepare(stage: StageRun) -> Prepared:
     """Read every raw object of the run (or, with backfill_date, of that date) as it streams in,
     and flatten, validate and write the clean rows to a temporary Parquet file CHUNK_ROWS records
     at a time; nothing is written to the object store here. When several objects hold the same
@@ -312,7 +311,7 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
     import pyarrow.compute as pc
 
     settings = stage.settings
-    check("backfill_date", backfill_date)
+    backfill_date, min_records = stage.params.backfill_date, stage.params.min_records
     s3 = storage.client(settings.store)
     source_run = stage.input_run(Layer.RAW)
     objects = (run_objects(s3, settings.raw_bucket, date=backfill_date) if backfill_date
@@ -385,13 +384,13 @@ def prepare(stage: StageRun, *, backfill_date: str = "", min_records: int = 1) -
     return Prepared(checked, raw, read.drift.result(), int(superseded.sum()), date, backfill_date, fetched, silver)
 
 
-def write(stage: StageRun, prepared: Prepared, *, max_invalid_fraction: float = 0.05,
-                silver_format: str = "") -> list[storage.Artifact]:
+def write(stage: StageRun, prepared: Prepared) -> list[storage.Artifact]:
     """Check the share of bad records, then write the clean table and the quarantine with reasons,
     in `silver_format` ('' for lib/formats.py's default). The clean table is uploaded from the file
     `prepare` wrote (Parquet as it is; CSV encoded a row group at a time)."""
     settings = stage.settings
-    fmt = formats.get(silver_format or formats.DEFAULT_SILVER)
+    max_invalid_fraction = stage.params.max_invalid_fraction
+    fmt = formats.get(stage.params.silver_format or formats.DEFAULT_SILVER)
     counts = prepared.validated.counts
     total = counts["records"]
     fraction = counts["quarantined"] / total if total else 1.0

@@ -9,18 +9,21 @@ with metadata and fill that record. Inputs are proven before use (`verify_input`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import json
 import logging
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pandas as pd
 
 from lib import config, contract, db, formats, layout, pages, quality, registry, runs, storage
 from lib import log as logsetup
 from lib.errors import PipelineError
-from lib.stages.parameters import check
+from lib.stages import parameters
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,7 @@ class StageRun:
     run_id: str
     settings: config.Settings
     record: runs.StageRecord
+    params: Any  # the stage's typed parameters (lib/stages/parameters.py `values`)
 
     def finish(self) -> str:
         """Save the record; returns its path, which a notebook displays as what was recorded."""
@@ -83,11 +87,20 @@ class StageRun:
         return runs.read_stage(self.settings, self.source_run(writer), writer)
 
 
-def begin(stage: str, run_id: str = "", **parameters) -> StageRun:
-    """Load settings (from the environment, never from parameters), set up logging, pick the run."""
+def begin(stage: str, given: str | Mapping | None = None, /, **overrides) -> StageRun:
+    """Start a stage: its typed parameters (lib/stages/parameters.py), the settings (from the
+    environment, never from parameters), logging, the run and its stage record. A notebook passes
+    its namespace (`begin(<stage>, globals())`: the declared names are read from it); code passes
+    a run id and the parameters it sets (`begin(<stage>, run_id, min_records=5)`), the rest being
+    their defaults."""
     registry.get(stage)
-    for name, value in parameters.items():
-        check(name, value)
+    if isinstance(given, Mapping):
+        chosen = {name: given[name] for name in parameters.declared(stage) if name in given}
+    else:
+        chosen = {"run_id": given} if given else {}
+    chosen.update(overrides)
+    params = parameters.values(stage, chosen)
+    run_id = params.run_id
     settings = config.settings()
     # In a notebook only what went wrong is shown, briefly (stderr would show every line as an alarm);
     # the daily log file keeps every line with its time.
@@ -95,9 +108,10 @@ def begin(stage: str, run_id: str = "", **parameters) -> StageRun:
                    stream_format="%(levelname)s: %(message)s")
     rid = runs.resolve_run_id(settings, run_id, stage)
     runs.open_interactive(settings, rid, stage)
-    record = runs.StageRecord(settings, rid, stage, parameters).start()
+    used = {k: v for k, v in dataclasses.asdict(params).items() if k != "run_id"}
+    record = runs.StageRecord(settings, rid, stage, used).start()
     log.info("%s of run %s starting (%s)", stage, rid, record.data["origin"])
-    current = StageRun(stage, rid, settings, record)
+    current = StageRun(stage, rid, settings, record, params)
     if record.data["origin"] != "runner":
         if current.based_on:
             log.info("run %s reads the data of run %s and writes only into its own record", rid, current.based_on)

@@ -5,7 +5,6 @@ from __future__ import annotations
 from lib import db, db_load, db_read, formats, layout, quality, registry, storage
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri
-from lib.stages.parameters import check
 
 
 def _check_table(stage: StageRun, schema: str, table: str, rows: int, fingerprint: str) -> None:
@@ -26,16 +25,14 @@ def _check_table(stage: StageRun, schema: str, table: str, rows: int, fingerprin
             f"Load again first: python run_pipeline.py --stages 3-5 --run-id {stage.run_id}")
 
 
-def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_clean",
-           export_all_tables: bool = False, column_case: str = "lower") -> list[storage.Artifact]:
+def run(stage: StageRun) -> list[storage.Artifact]:
     """Stream each table with COPY ... TO STDOUT into the cloud bucket under a run-scoped key, once
     the table is proven to be what stage 3 recorded. The `latest` keys move in stage 5's `publish`,
     after the whole run has reconciled. column_case="upper" gives the CSV header the seed's
     upper-case names."""
     settings = stage.settings
-    check("db_schema", db_schema)
-    check("table", table)
-    check("column_case", column_case)
+    db_schema, table, column_case = stage.params.db_schema, stage.params.table, stage.params.column_case
+    export_all_tables = stage.params.export_all_tables
     cloud = storage.cloud_client(settings.cloud)
     storage.ensure_bucket(cloud, settings.cloud.bucket, create=settings.cloud.emulated)
     conn = stage.db_connection()

@@ -11,7 +11,6 @@ import pandas as pd
 from lib import aggregates, changes, contract, formats, layout, quality, reconciliation, registry, runs, storage
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, spooled_input
-from lib.stages.parameters import check
 
 
 @dataclass
@@ -57,15 +56,14 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
     return None, None
 
 
-def build(stage: StageRun, *, table: str = "capitals_clean", gold_format: str = "") -> Golden:
+def build(stage: StageRun) -> Golden:
     """Fetch this run's export, verify its checksum against what stage 4 wrote, then write gold:
     the table, aggregates by region and subregion, the change report. `reconcile` and `publish`
     follow. The export is converted to typed Parquet in Arrow batches as it downloads (used once its
     sha256 is proven); the aggregates read only their columns and the change report compares column
     by column (lib/changes.py `of_parquet`), its keys written to changes.json as they are encoded."""
-    settings = stage.settings
-    check("table", table)
-    fmt = formats.get(gold_format or formats.DEFAULT_GOLD)
+    settings, table = stage.settings, stage.params.table
+    fmt = formats.get(stage.params.gold_format or formats.DEFAULT_GOLD)
     cloud = storage.cloud_client(settings.cloud)
     key = layout.export_key(settings.cloud.prefix, table, stage.input_run(Layer.CLOUD))
     # Converted to typed Parquet as it downloads; used only once its sha256 is proven.

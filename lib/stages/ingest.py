@@ -55,16 +55,16 @@ class _Scan:
         return self.close()
 
 
-def run(stage: StageRun, *, api_url: str = "", snapshot_fallback: str = "auto", min_records: int = 1,
-           **fetch_options) -> Ingested:
+def run(stage: StageRun) -> Ingested:
     """API → raw bucket, bytes unchanged (lib/layout.py `raw_key`). The answer is spooled to a
     temporary file as it arrives and checked record by record before anything is written, then
     uploaded in parts. A run's bronze is written once: running the stage again for the same run
     reuses it."""
-    settings = stage.settings
-    url = source.check_url(api_url or settings.api_url)
-    fallback = (settings.snapshot_fallback if snapshot_fallback == "auto"
-                else params.boolean(snapshot_fallback, "snapshot_fallback"))
+    settings, p = stage.settings, stage.params
+    url = source.check_url(p.api_url or settings.api_url)
+    fallback = (settings.snapshot_fallback if p.snapshot_fallback == "auto"
+                else params.boolean(p.snapshot_fallback, "snapshot_fallback"))
+    min_records = p.min_records
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.raw_bucket)
     existing = run_objects(s3, settings.raw_bucket, stage.run_id)
@@ -83,8 +83,10 @@ def run(stage: StageRun, *, api_url: str = "", snapshot_fallback: str = "auto", 
                           artifact, reused=True)
     else:
         with young_gc_only():  # checked as it arrives: raises before anything is written
-            fetched = source.fetch_or_snapshot(url, fallback=fallback, consume=lambda: _Scan(min_records, hashing=False),
-                                               **fetch_options)
+            fetched = source.fetch_or_snapshot(
+                url, fallback=fallback, consume=lambda: _Scan(min_records, hashing=False),
+                connect_timeout=p.connect_timeout, read_timeout=p.read_timeout, max_attempts=p.max_attempts,
+                max_total_seconds=p.max_total_seconds)
         scan = fetched.consumer
         try:
             origin_ref = url if fetched.origin == "api" else f"bundled snapshot lib/data/{source.SNAPSHOT}"

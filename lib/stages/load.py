@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lib import db, db_load, db_read, formats, layout, params, registry, storage
+from lib import db, db_load, db_read, formats, layout, registry, storage
 from lib.db_schema import history_table
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
-from lib.stages.parameters import check
 
 
 @dataclass
@@ -37,16 +36,13 @@ def clean_object(stage: StageRun, s3) -> dict:
     return found[-1]
 
 
-def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_clean", write_mode: str = "upsert",
-         retire_missing: bool = True, allow_rewind: bool = False) -> Loaded:
+def run(stage: StageRun) -> Loaded:
     """Merge the run's silver table into PostgreSQL (lib/db_load.py `merge`: one transaction, history).
     The silver object is checked against stage 2's record first; inside the transaction the rows
     as stored are compared with stage 2's fingerprint, and a mismatch rolls the load back. Loading
     data older than the table's latest load needs allow_rewind=true."""
-    settings = stage.settings
-    for name, value in (("db_schema", db_schema), ("table", table), ("write_mode", write_mode)):
-        check(name, value)
-    allow_rewind = params.boolean(allow_rewind, "allow_rewind")
+    settings, p = stage.settings, stage.params
+    db_schema, table = p.db_schema, p.table
     s3 = storage.client(settings.store)
     obj = clean_object(stage, s3)
     data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], Layer.CLEAN)
@@ -61,9 +57,9 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
                 # The batch is proven inside the merge, and the whole table's fingerprint recomputed
                 # from its stored values in the same transaction.
                 result = db_load.merge(conn, csv_rows, db_load.MergeOptions(
-                    schema=db_schema, table=table, run_id=stage.run_id, mode=write_mode,
-                    retire_missing=retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                    data_as_of=cleaned.get("data_as_of"), allow_rewind=allow_rewind, lists="array"))
+                    schema=db_schema, table=table, run_id=stage.run_id, mode=p.write_mode,
+                    retire_missing=p.retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
+                    data_as_of=cleaned.get("data_as_of"), allow_rewind=p.allow_rewind, lists="array"))
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
         batch_rows = converted["result"]
@@ -77,7 +73,7 @@ def run(stage: StageRun, *, db_schema: str = "public", table: str = "capitals_cl
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
     stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
                         history_rows=history_rows,
-                        allow_rewind=allow_rewind)
+                        allow_rewind=p.allow_rewind)
     return Loaded(result, sample, current_rows, history_rows)
 
 

@@ -41,7 +41,7 @@ def test_chunked_clean_settles_copies_across_chunks_as_validating_the_whole_payl
     run_id = f"20310716T010000Z-{unique}"
     _bronze(settings, s3, run_id, records)
 
-    prepared = clean.prepare(context.begin("02_clean", run_id))
+    prepared = clean.prepare(context.begin("02_clean", run_id, min_records=1))
     whole = quality.validate(transform.flatten(records), records)
     assert prepared.validated.counts == whole.counts
     assert prepared.validated.duplicates == whole.duplicates
@@ -66,7 +66,8 @@ def test_chunked_backfill_keeps_the_newest_objects_copy_and_counts_the_older_one
     _bronze(settings, s3, f"{day}T010000Z-{unique}", older)
     _bronze(settings, s3, f"{day}T020000Z-{unique}", newer)
 
-    prepared = clean.prepare(context.begin("02_clean", f"{day}T020000Z-{unique}"), backfill_date="2031-07-17")
+    prepared = clean.prepare(context.begin("02_clean", f"{day}T020000Z-{unique}", backfill_date="2031-07-17",
+                                           min_records=1))
     assert prepared.superseded == 20
     assert prepared.validated.counts == {"clean": 31, "quarantined": 0, "records": 31}
     rows = _silver_rows(prepared).set_index("name_common")
@@ -82,10 +83,10 @@ def test_a_chunked_clean_refuses_a_broken_raw_object_and_a_tampered_one_by_its_c
     key = layout.raw_key(run_id)
     data, meta = storage.get_bytes(s3, settings.raw_bucket, key)
     with pytest.raises(context.StageError, match="fewer than min_records=5; nothing was written"):
-        clean.prepare(context.begin("02_clean", run_id), min_records=5)
+        clean.prepare(context.begin("02_clean", run_id, min_records=5))
     s3.put_object(Bucket=settings.raw_bucket, Key=key, Body=data[:-5], Metadata=meta)  # cut, metadata kept
     with pytest.raises(context.StageError, match="checksum mismatch"):
-        clean.prepare(context.begin("02_clean", run_id))
+        clean.prepare(context.begin("02_clean", run_id, min_records=1))
 
 
 @pytest.mark.parametrize("silver_format", ["csv", "parquet"])
@@ -95,8 +96,8 @@ def test_silver_written_from_chunks_reads_back_whole_with_the_recorded_fingerpri
     records = source.parse_payload(source.snapshot_bytes())
     run_id = f"20310719T010000Z-{unique}"
     _bronze(settings, s3, run_id, records)
-    stage = context.begin("02_clean", run_id)
-    written, quarantine = clean.write(stage, clean.prepare(stage), silver_format=silver_format)
+    stage = context.begin("02_clean", run_id, silver_format=silver_format)
+    written, quarantine = clean.write(stage, clean.prepare(stage))
     data, meta = storage.get_bytes(s3, written.bucket, written.key)
     assert meta["sha256"] == storage.sha256(data) == written.sha256 and written.size == len(data)
     back = formats.of_key(written.key).decode(data)

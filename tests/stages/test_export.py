@@ -24,16 +24,16 @@ def test_upper_header_upper_cases_only_the_first_line_even_when_it_arrives_in_pi
 def test_export_column_case_and_reconciliation(settings, s3, unique, case):
     run_id, table = f"case-{case}-{unique}", f"case_{unique}"
     stage = context.begin("01_ingest", run_id)
-    ingest.run(stage, min_records=200)
+    ingest.run(stage)
     stage.finish()
     stage = context.begin("02_clean", run_id)
-    clean.write(stage, clean.prepare(stage, min_records=200))
+    clean.write(stage, clean.prepare(stage))
     stage.finish()
-    stage = context.begin("03_load", run_id)
-    load.run(stage, table=table)
+    stage = context.begin("03_load", run_id, table=table)
+    load.run(stage)
     stage.finish()
-    stage = context.begin("04_export", run_id)
-    exported = export.run(stage, table=table, column_case=case)[0]
+    stage = context.begin("04_export", run_id, table=table, column_case=case)
+    exported = export.run(stage)[0]
     stage.finish()
 
     data, _ = storage.get_bytes(storage.cloud_client(settings.cloud), exported.bucket, exported.key)
@@ -42,8 +42,8 @@ def test_export_column_case_and_reconciliation(settings, s3, unique, case):
     assert header[:len(contract.COLUMNS)] == expected
     assert len(formats.get("csv").decode(data)) == 250
 
-    stage = context.begin("05_gold", run_id)
-    golden = gold.build(stage, table=table)
+    stage = context.begin("05_gold", run_id, table=table)
+    golden = gold.build(stage)
     table_ = gold.reconcile(stage, golden)
     gold.publish(stage, golden)
     stage.finish()
@@ -54,7 +54,7 @@ def test_export_column_case_and_reconciliation(settings, s3, unique, case):
 def test_an_unknown_column_case_is_refused(settings):
     with pytest.raises(UsageError, match="column_case 'title' is not one of lower, upper"):
         context.begin("01_ingest", "case-bad-run")  # the run exists (a notebook names only existing runs)
-        export.run(context.begin("04_export", "case-bad-run"), column_case="title")
+        export.run(context.begin("04_export", "case-bad-run", column_case="title"))
 
 
 def test_the_runner_refuses_an_unknown_column_case_before_anything_runs(run_pipeline):

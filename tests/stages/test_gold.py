@@ -23,7 +23,7 @@ def test_gold_refuses_an_export_whose_checksum_does_not_match(settings, s3, uniq
     cloud.put_object(Bucket=export.bucket, Key=export.key, Body=tampered, Metadata=meta)  # metadata kept
 
     with pytest.raises(context.StageError, match="checksum mismatch.*nothing was written by 05_gold"):
-        gold.build(context.begin("05_gold", run_id), table=table)
+        gold.build(context.begin("05_gold", run_id, table=table))
     assert gold_keys(s3, settings, run_id) == []
 
 
@@ -37,7 +37,7 @@ def test_gold_reports_a_changed_export_as_changed_even_when_it_no_longer_reads_a
     cloud.put_object(Bucket=export.bucket, Key=export.key, Body=data[:data.index(b"\n") - 3], Metadata=meta)
 
     with pytest.raises(context.StageError, match="checksum mismatch.*nothing was written by 05_gold"):
-        gold.build(context.begin("05_gold", run_id), table=table)
+        gold.build(context.begin("05_gold", run_id, table=table))
     assert gold_keys(s3, settings, run_id) == []
 
 
@@ -52,8 +52,8 @@ def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(se
     record["details"]["batch_fingerprint"] = "0" * 64
     runs.write_json(path, record)
 
-    stage = context.begin("05_gold", bad)
-    golden = gold.build(stage, table=table)
+    stage = context.begin("05_gold", bad, table=table)
+    golden = gold.build(stage)
     with pytest.raises(reconciliation.ReconciliationError, match="'clean \\+ quarantine \\(silver\\) → PostgreSQL rows of this batch'"):
         gold.reconcile(stage, golden)
     with pytest.raises(context.StageError, match="has not reconciled: nothing was published"):
@@ -70,8 +70,8 @@ def test_running_gold_again_compares_with_the_previous_run_not_itself(settings, 
     changed = api.records[0]["name"]["common"]
     run_stages(second, table)
 
-    stage = context.begin("05_gold", second)
-    again = gold.build(stage, table=table)
+    stage = context.begin("05_gold", second, table=table)
+    again = gold.build(stage)
     gold.reconcile(stage, again)
     gold.publish(stage, again)
     assert again.changes["previous_run_id"] == first

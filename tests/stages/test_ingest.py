@@ -13,8 +13,8 @@ def test_ingest_date_comes_from_a_generated_run_id():
 
 def test_running_ingest_again_for_a_run_reuses_its_bronze(settings, s3, api, unique):
     run_id = f"st-reuse-{unique}"
-    first = ingest.run(context.begin("01_ingest", run_id), min_records=200)
-    again = ingest.run(context.begin("01_ingest", run_id), min_records=200)
+    first = ingest.run(context.begin("01_ingest", run_id, min_records=200))
+    again = ingest.run(context.begin("01_ingest", run_id, min_records=200))
     assert not first.reused and again.reused
     assert again.artifact.sha256 == first.artifact.sha256 and again.artifact.key == first.artifact.key
     assert len(api.requests) == 1  # the API was asked once

@@ -1,25 +1,67 @@
-"""lib.stages.parameters: the rules a stage parameter passes beyond its type, the same for the runner's
-`-p` and for a notebook's `begin`."""
+"""lib.stages.parameters: every stage's parameters declared once, the notebooks' `parameters` cells
+written from them, and the rules a value passes beyond its type, the same for the runner's `-p` and
+for a notebook's `begin`."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
+from lib import registry
+from lib.config import ROOT
 from lib.params import UsageError
 from lib.stages import parameters
 
 
+@pytest.mark.parametrize("stage", registry.NAMES)
+def test_each_notebooks_parameters_cell_is_its_declaration(stage):
+    nb = json.loads(registry.get(stage).notebook.read_text(encoding="utf-8"))
+    cells = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(cells) == 1
+    assert "".join(cells[0]["source"]) == parameters.cell(stage), (
+        f"write the cell again: python -c 'from lib.stages import parameters; print(parameters.cell(\"{stage}\"))'")
+
+
+def test_the_parameters_table_in_the_docs_is_the_declared_one():
+    assert parameters.table() in (ROOT / "docs" / "runner.md").read_text(encoding="utf-8"), \
+        "regenerate: python -m lib.stages.parameters"
+
+
+def test_every_stage_declares_a_run_id_and_defaults_that_pass_their_own_rules():
+    for stage in registry.NAMES:
+        declared = parameters.declared(stage)
+        assert list(declared)[0] == "run_id"
+        for name, p in declared.items():
+            assert isinstance(p.default, p.type) and parameters.check(stage, name, p.default) == p.default
+
+
+def test_values_are_typed_checked_and_frozen():
+    values = parameters.values("03_load", {"run_id": "r", "retire_missing": "no", "table": "t"})
+    assert values.retire_missing is False and values.table == "t" and values.write_mode == "upsert"
+    with pytest.raises(AttributeError):
+        values.table = "other"
+    assert parameters.values("01_ingest", {"connect_timeout": 2}).connect_timeout == 2.0
+    with pytest.raises(UsageError, match="min_records='many': expected a value of type int"):
+        parameters.values("02_clean", {"min_records": "many"})
+    with pytest.raises(UsageError, match="03_load has no parameter 'colour'"):
+        parameters.values("03_load", {"colour": "blue"})
+    with pytest.raises(UsageError, match="max_attempts=True is not a int"):
+        parameters.values("01_ingest", {"max_attempts": True})
+
+
 def test_stage_functions_use_the_same_checks():
     with pytest.raises(UsageError, match="write_mode 'merge' is not one of"):
-        parameters.check("write_mode", "merge")
-    assert parameters.check("silver_format", "parquet") == "parquet"
+        parameters.check("03_load", "write_mode", "merge")
+    assert parameters.check("02_clean", "silver_format", "parquet") == "parquet"
     with pytest.raises(UsageError, match="file format 'xml' is not one of csv, parquet"):
-        parameters.check("gold_format", "xml")
+        parameters.check("05_gold", "gold_format", "xml")
 
 
 def test_a_rule_of_another_module_is_reported_as_a_usage_error():
     with pytest.raises(UsageError, match="1 to 10 fields"):
-        parameters.check("api_url", "https://restcountries.com/v3.1/all")
+        parameters.check("01_ingest", "api_url", "https://restcountries.com/v3.1/all")
     with pytest.raises(UsageError, match="schema 'pg_x' is a system schema"):
-        parameters.check("db_schema", "pg_x")
-    assert parameters.check("no_such_parameter", object) is object  # no rule: the type alone decides
+        parameters.check("03_load", "db_schema", "pg_x")
+    with pytest.raises(UsageError, match="04_export has no parameter 'write_mode'"):
+        parameters.check("04_export", "write_mode", "upsert")
