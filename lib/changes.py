@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from itertools import chain, islice
@@ -41,7 +42,7 @@ def of_frames(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run
     rows compares in seconds."""
     if previous is None:
         return {"previous_run_id": None, "added": sorted(current[KEY]), "removed": [], "changed": {}}
-    old = previous.set_index(KEY)[COLUMNS[1:]]
+    old = previous.set_index(KEY).reindex(columns=COLUMNS[1:])  # a column it lacks: nulls
     new = current.set_index(KEY)[COLUMNS[1:]]
     shared = sorted(set(old.index) & set(new.index))
     old_values = {col: old[col].reindex(shared).tolist() for col in COLUMNS[1:]}
@@ -71,6 +72,7 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
     for the same tables, lists aside."""
     import pyarrow as pa
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     def in_order(keys):  # Arrow orders text by its UTF-8 bytes: the code point order of sorted()
         return keys.take(pc.array_sort_indices(keys))
@@ -84,9 +86,14 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
     new_rows = pa.array(np.flatnonzero(shared.to_numpy(zero_copy_only=False)))
     old_rows = at.filter(shared)
     differing: dict[str, tuple] = {}  # column: (positions among the shared rows, old values, new values)
+    written = set(pq.read_schema(io.BytesIO(previous)).names)
     for col in COLUMNS[1:]:
-        old = formats.parquet_column(previous, col).take(old_rows)
         new = formats.parquet_column(current, col).take(new_rows)
+        if col not in written:  # a column added to the contract since: every shared row gains its value
+            where = np.flatnonzero(pc.is_valid(new).to_numpy(zero_copy_only=False))
+            differing[col] = (where, [None] * len(where), new.take(pa.array(where)).to_pylist())
+            continue
+        old = formats.parquet_column(previous, col).take(old_rows)
         a, b = (quality._json_lists(old), quality._json_lists(new)) if col in LIST_COLUMNS else (old, new)
         if a.type != b.type:
             a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())

@@ -6,6 +6,7 @@ never show them. Nothing here is a papermill parameter: notebooks call ``setting
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,10 +127,15 @@ class Settings:
         }
 
     def secrets(self) -> list[str]:
-        """Every secret value in force, so logs can redact them."""
-        values = [self.store.access_key, self.store.secret_key, self.db.password,
-                  self.cloud.access_key, self.cloud.secret_key, self.cloud.session_token]
-        return [s.reveal() for s in values if s]
+        """Every secret value in force (each `Secret` among the settings), so logs can redact them."""
+        def found(value):
+            if isinstance(value, Secret):
+                yield value
+            elif dataclasses.is_dataclass(value):
+                for f in dataclasses.fields(value):
+                    yield from found(getattr(value, f.name))
+
+        return [s.reveal() for s in found(self) if s]
 
 
 def env_file() -> Path | None:

@@ -136,6 +136,11 @@ class Column:
         return KINDS[self.kind]
 
     @property
+    def dtype(self) -> str:
+        """Its pandas dtype in a typed frame (a nullable whole number: pandas' Int64, which holds nulls)."""
+        return "Int64" if self.nullable and self.kind == "bigint" else self.type.pandas
+
+    @property
     def check(self) -> Rule:
         return RULES[self.rule or DEFAULT_RULES[self.kind]]
 

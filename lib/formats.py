@@ -30,11 +30,22 @@ class FormatError(PipelineError):
 
 @dataclass(frozen=True)
 class Format:
+    """A file format: `encode` writes a frame's rows, `read` gives back the rows as stored (no
+    types), `decode` the contract's typed frame. A table too large to hold is written in parts,
+    joined as they are (less each later part's first `header_lines` lines) unless the format cannot
+    be joined (`joinable=False`: it is encoded whole)."""
+
     name: str
     extension: str
     content_type: str
     encode: Callable[[pd.DataFrame], bytes]
-    decode: Callable[[bytes], pd.DataFrame]
+    read: Callable[[bytes], pd.DataFrame]
+    header_lines: int = 0
+    joinable: bool = True
+
+    def decode(self, data: bytes) -> pd.DataFrame:
+        """The rows of an object as the contract types them, whichever format wrote them."""
+        return _typed(self.read(data), self.name)
 
 
 def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -50,7 +61,7 @@ def _typed(frame: pd.DataFrame, what: str) -> pd.DataFrame:
                                index=frame.index, dtype=object)
     for c in CONTRACT:
         if c.name in TYPED_COLUMNS:
-            frame[c.name] = frame[c.name].astype(c.type.pandas)
+            frame[c.name] = frame[c.name].astype(c.dtype)
     return frame
 
 
@@ -80,10 +91,10 @@ def csv_encode(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def csv_decode(data: bytes) -> pd.DataFrame:
+def csv_read(data: bytes) -> pd.DataFrame:
     import pandas as pd
 
-    return _csv_typed(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False))
+    return _csv_rows(pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False))
 
 
 def csv_chunks(fileobj, rows: int = 50_000):
@@ -92,10 +103,11 @@ def csv_chunks(fileobj, rows: int = 50_000):
     import pandas as pd
 
     for frame in pd.read_csv(fileobj, dtype=str, keep_default_na=False, chunksize=rows):
-        yield _csv_typed(frame)
+        yield _typed(_csv_rows(frame), "CSV")
 
 
-def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
+def _csv_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """CSV cells as the values they stand for: names lower-cased, list cells parsed from JSON."""
     import pandas as pd
 
     frame.columns = [c.lower() for c in frame.columns]  # an export may carry upper-case names (column_case)
@@ -104,7 +116,7 @@ def _csv_typed(frame: pd.DataFrame) -> pd.DataFrame:
             # Each cell is a JSON array: the whole column parses as one array of them, in one call.
             frame[col] = pd.Series(json.loads("[" + ",".join(frame[col].tolist()) + "]") if len(frame) else [],
                                    index=frame.index, dtype=object)
-    return _typed(frame, "CSV")
+    return frame
 
 
 # --- Arrow: the same values without Python objects per cell -------------------------------------------
@@ -377,8 +389,9 @@ def copy_csv(data: bytes, format_name: str, sink) -> int:
 
     writer, rows = None, 0
     wanted = [*COLUMNS, "_row_hash"]
-    batches = (arrow_lists(b) for b in csv_arrow_batches(io.BytesIO(data))) if format_name == "csv" \
-        else parquet_arrow_batches(data)
+    fmt = get(format_name)
+    batches = (arrow_lists(b) for b in csv_arrow_batches(io.BytesIO(data))) if fmt is CSV \
+        else parquet_arrow_batches(to_parquet(fmt, data))
     for batch in batches:
         names = [n for n in wanted if n in batch.schema.names]
         out = pa.record_batch([pg_arrays(batch.column(n)) if n in LIST_COLUMNS else batch.column(n)
@@ -427,8 +440,8 @@ def parquet_encode(frame: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def parquet_decode(data: bytes, rows: int | None = None) -> pd.DataFrame:
-    """The rows of a Parquet object (only its first `rows` rows when given) as a typed frame."""
+def parquet_read(data: bytes, rows: int | None = None) -> pd.DataFrame:
+    """The rows of a Parquet object (only its first `rows` rows when given), as stored."""
     import pyarrow.parquet as pq
 
     if rows is None:
@@ -440,15 +453,45 @@ def parquet_decode(data: bytes, rows: int | None = None) -> pd.DataFrame:
         table = pa.Table.from_batches([batch]) if batch is not None else pq.read_table(io.BytesIO(data))
     import pandas as pd
 
-    frame = pd.DataFrame({
+    return pd.DataFrame({
         name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
-    return _typed(frame, "Parquet")
+
+
+def parquet_decode(data: bytes, rows: int | None = None) -> pd.DataFrame:
+    """The rows of a Parquet object (only its first `rows` rows when given) as a typed frame."""
+    return _typed(parquet_read(data, rows), "Parquet")
 
 
 FORMATS = {
-    "csv": Format("csv", "csv", "text/csv", csv_encode, csv_decode),
-    "parquet": Format("parquet", "parquet", "application/vnd.apache.parquet", parquet_encode, parquet_decode),
+    "csv": Format("csv", "csv", "text/csv", csv_encode, csv_read, header_lines=1),
+    "parquet": Format("parquet", "parquet", "application/vnd.apache.parquet", parquet_encode, parquet_read,
+                      joinable=False),
 }
+CSV, PARQUET = FORMATS["csv"], FORMATS["parquet"]  # the export's format (COPY speaks CSV); the working one
+
+
+def to_parquet(fmt: Format, data: bytes) -> bytes:
+    """An object's bytes as typed Parquet (the change report and the load read Parquet)."""
+    if fmt is PARQUET:
+        return data
+    if fmt is CSV:
+        return csv_to_parquet(data)[0]
+    return parquet_encode(fmt.decode(data))
+
+
+def from_parquet(fmt: Format, data: bytes) -> bytes:
+    """Typed Parquet bytes as an object in `fmt`."""
+    return data if fmt is PARQUET else fmt.encode(parquet_decode(data))
+
+
+def join(fmt: Format, parts) -> object:
+    """The encoded parts of one table as one object's bytes, given as an iterator of chunks: each
+    later part less its first `header_lines` lines (a CSV's header is written once)."""
+    for number, part in enumerate(parts):
+        if number and fmt.header_lines:
+            for _ in range(fmt.header_lines):
+                part = part[part.index(b"\n") + 1:]
+        yield part
 
 
 def get(name: str) -> Format:

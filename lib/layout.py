@@ -24,6 +24,9 @@ QUARANTINE = "quarantine"
 AGGREGATES = "aggregates"
 CHANGES = "changes"
 LATEST = "latest"
+# Where the published run of each table is named, apart from the data's own keys: it is found the
+# same way wherever the objects are written (a run's objects are where its record says they are).
+PUBLISHED = "_published"
 
 
 def ingest_date(run_id: str) -> str:
@@ -80,6 +83,11 @@ def aggregate_key(name: str, run_id: str, extension: str) -> str:
 
 def changes_key(run_id: str) -> str:
     return f"{CHANGES}/run_id={names.run_id(run_id)}/changes.json"
+
+
+def published_key(table: str) -> str:
+    """The pointer naming a table's published run and where its gold table is."""
+    return f"{PUBLISHED}/{names.sql_identifier(table, 'table')}.json"
 
 
 def latest(key: str) -> str:

@@ -178,13 +178,13 @@ RECORD_RULES = {c.name: (PREDICATES[c.check.name], c.reason) for c in CONTRACT}
 
 # The typed silver table every later hop reads back.
 SILVER_SCHEMA = pa.DataFrameSchema(
-    {c.name: pa.Column(c.type.pandas, nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
+    {c.name: pa.Column(c.dtype, nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
     strict="filter",
     ordered=False,
     name=f"silver contract v{VERSION}",
 )
 SILVER_ROWS_SCHEMA = pa.DataFrameSchema(
-    {c.name: pa.Column(c.type.pandas, nullable=c.nullable) for c in CONTRACT},
+    {c.name: pa.Column(c.dtype, nullable=c.nullable) for c in CONTRACT},
     strict="filter", ordered=False, name=f"silver contract v{VERSION} (rows of a chunk)",
 )
 
@@ -353,7 +353,7 @@ def typed(frame: pd.DataFrame, unique: bool = True) -> pd.DataFrame:
     a larger table with unique=False: its keys are settled across chunks by the caller)."""
     out = frame.copy()
     for c in CONTRACT:
-        out[c.name] = out[c.name].astype(c.type.pandas)
+        out[c.name] = out[c.name].astype(c.dtype)
     return (SILVER_SCHEMA if unique else SILVER_ROWS_SCHEMA).validate(out)
 
 
@@ -370,13 +370,18 @@ def _canonical_column(kind: str, values: list) -> list:
             return values
         return [[str(x) for x in v] for v in values]
     if kind == "bigint":
-        return values if types <= {int} else [int(v) for v in values]
+        return values if types <= {int} else [None if _null(v) else int(v) for v in values]
     if kind == "double":
-        return values if types <= {float} else [float(v) for v in values]
+        return values if types <= {float} else [None if _null(v) else float(v) for v in values]
     if types <= {str, type(None)}:
         return values
     return [None if v is None or (isinstance(v, float) and math.isnan(v)) else (v if type(v) is str else str(v))
             for v in values]
+
+
+def _null(value) -> bool:
+    """A null however it was read: None, NaN or pandas' NA."""
+    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
 def row_hashes(frame: pd.DataFrame) -> list[str]:
@@ -394,6 +399,8 @@ def row_hash(values) -> str:
     for column, value in zip(CONTRACT, values):
         if column.kind == "text[]":
             value = [str(v) for v in value]
+        elif column.kind in ("bigint", "double") and _null(value):  # a nullable number's null
+            value = None
         elif column.kind == "bigint":
             value = int(value)
         elif column.kind == "double":
@@ -462,15 +469,16 @@ def _json_column(kind: str, values):
     pa, pc = _arrow()
     if kind == "text[]":
         return _json_lists(values)
+    # A number's JSON text; a null (only a nullable column holds one) is JSON null.
     if kind == "bigint":
         if not pa.types.is_integer(values.type):
-            return pa.array([str(v) for v in _canonical_column(kind, values.to_pylist())], pa.large_string())
-        return pc.cast(values, pa.large_string())
+            return pa.array([None if v is None else str(v) for v in _canonical_column(kind, values.to_pylist())],
+                            pa.large_string()).fill_null(_text("null"))
+        return pc.fill_null(pc.cast(values, pa.large_string()), _text("null"))
     if kind == "double":
         floats = pc.cast(values, pa.float64(), safe=False) if values.type != pa.float64() else values
-        if floats.null_count:
-            raise ValueError("a number column holds a null")
-        return pa.array([float.__repr__(v) for v in floats.to_pylist()], pa.large_string())
+        return pa.array([None if v is None else float.__repr__(v) for v in floats.to_pylist()],
+                        pa.large_string()).fill_null(_text("null"))
     return pc.fill_null(_json_strings(values), _text("null"))
 
 
@@ -491,7 +499,7 @@ def arrow_row_hashes(table) -> list[str]:
     rows = pc.binary_join_element_wise(_text("["), pc.binary_join_element_wise(*columns, _text(", ")),
                                        _text("]"), _text(""))
     if rows.null_count:
-        raise ValueError("a row's canonical form is null: a list or number cell is null")
+        raise ValueError("a row's canonical form is null: a list cell is null")
     offsets = np.frombuffer(rows.buffers()[1], dtype=np.int64)[rows.offset:rows.offset + len(rows) + 1].tolist()
     data = memoryview(rows.buffers()[2])
     sha = hashlib.sha256

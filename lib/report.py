@@ -12,8 +12,6 @@ This module gathers what the pages show (manifests, stage records, objects read 
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import re
@@ -23,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lib import changes, charts, config, pages, registry, review, runs, storage
+from lib import changes, charts, config, formats, pages, registry, review, runs, storage
 
 log = logging.getLogger(__name__)
 
@@ -53,12 +51,8 @@ def _read_object(obj: dict, store) -> tuple[bytes | None, str | None]:
 
 
 def _records(key: str, data: bytes) -> list[dict]:
-    """The rows of a quarantine object (CSV or Parquet) as dicts of plain values."""
-    if key.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    return list(csv.DictReader(io.StringIO(data.decode("utf-8"))))
+    """The rows of a quarantine object, in whichever format it was written, as dicts."""
+    return formats.of_key(key).read(data).to_dict(orient="records")
 
 
 def _object(manifest: dict, stage: str, predicate) -> dict | None:

@@ -122,8 +122,11 @@ def gold_table(settings, run_id: str):
     table = (manifest.get("parameters", {}).get(gold_stage) or {}).get("table") or parameters.DEFAULT_TABLE
     names.sql_identifier(table, "table")
     s3 = storage.client(settings.store)
-    places = [(s3, settings.gold_bucket, layout.gold_table_key(table, run_id, fmt.extension))
-              for fmt in formats.FORMATS.values()]
+    # Where the run's record says its gold table is; else where the layout puts it now.
+    recorded = ((manifest.get("stages", {}).get(gold_stage) or {}).get("details") or {}).get("gold_key")
+    places = [(s3, settings.gold_bucket, key) for key in
+              ([recorded] if recorded else []) + [layout.gold_table_key(table, run_id, fmt.extension)
+                                                  for fmt in formats.FORMATS.values()]]
     places.append((storage.cloud_client(settings.cloud), settings.cloud.bucket,
                    layout.export_key(settings.cloud.prefix, table, run_id)))
     for client, bucket, key in places:

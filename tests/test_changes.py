@@ -60,7 +60,7 @@ def test_nulls_on_both_sides_are_not_a_change(clean):
 
 
 def test_an_unchanged_table_after_a_csv_round_trip_has_no_changes(clean):
-    back = formats.csv_decode(formats.csv_encode(clean))
+    back = formats.CSV.decode(formats.csv_encode(clean))
     report = changes.of_frames(clean, back, "r")
     assert report["added"] == report["removed"] == [] and report["changed"] == {}
 
@@ -124,3 +124,15 @@ def test_changes_arrow_keeps_the_added_and_removed_keys_in_arrow_in_order(clean)
     report = changes.of_parquet(previous, formats.parquet_encode(clean.iloc[50:]), "r")
     assert report["added"].to_pylist() == sorted(clean["name_common"].iloc[100:])
     assert report["removed"].to_pylist() == sorted(clean["name_common"].iloc[:50]) and report["changed"] == {}
+
+
+def test_a_column_added_since_the_previous_table_is_a_change_from_null(clean):
+    """A contract column the previous gold table was written without reads as null there: each
+    shared country gains its value, in both comparisons."""
+    previous = clean.drop(columns=["flag_alt"]).head(5)
+    current = clean.head(5)
+    by_frames = changes.of_frames(previous, current, "r")
+    by_parquet = between(formats.parquet_encode(previous), formats.parquet_encode(current), "r")
+    assert by_frames == by_parquet
+    assert by_frames["changed"] == {k: {"flag_alt": [None, alt]} for k, alt in zip(current["name_common"],
+                                                                                    current["flag_alt"])}

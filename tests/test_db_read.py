@@ -17,7 +17,7 @@ def test_the_whole_snapshot_round_trips_through_the_database_with_the_same_finge
     assert quality.fingerprint(db_read.current(pg, SCHEMA, table)) == quality.fingerprint(clean)
     sink = io.BytesIO()
     rows = db_read.copy_out(pg, SCHEMA, table, sink)
-    exported = formats.csv_decode(sink.getvalue())
+    exported = formats.CSV.decode(sink.getvalue())
     assert rows == 250
     assert quality.fingerprint(exported) == quality.fingerprint(clean)
     assert list(exported["_row_hash"]) == list(clean.sort_values(KEY)["_row_hash"])

@@ -47,7 +47,7 @@ def _frame_of(table) -> pd.DataFrame:
     """A Parquet row group of the silver table as the typed frame validation made."""
     frame = pd.DataFrame({name: pd.Series(table.column(name).to_pylist(), dtype=object) for name in table.column_names})
     for name in contract.TYPED_COLUMNS:
-        frame[name] = frame[name].astype(contract.column(name).type.pandas)
+        frame[name] = frame[name].astype(contract.column(name).dtype)
     return frame
 
 
@@ -408,7 +408,7 @@ def write(stage: StageRun, prepared: Prepared) -> list[storage.Artifact]:
     rows = silver.rows
     meta = stage.meta(**{"contract-version": contract.VERSION, "format": fmt.name})
     clean_key = layout.clean_key(prepared.date, stage.run_id, fmt.extension)
-    if fmt.name == "parquet":
+    if fmt is formats.PARQUET:  # the temporary file's own format: uploaded as it is
         size, digest = silver.digest()
         with open(silver.path, "rb") as f:
             clean = storage.put_stream(s3, settings.clean_bucket, clean_key, f, size=size, digest=digest, rows=rows,
@@ -416,9 +416,11 @@ def write(stage: StageRun, prepared: Prepared) -> list[storage.Artifact]:
     else:
         spool = storage.HashingSpool()
         try:
-            for number, frame in enumerate(silver.frames()):
-                data = fmt.encode(frame)
-                spool.write(data if number == 0 else data[data.index(b"\n") + 1:])  # one header
+            if fmt.joinable:
+                for part in formats.join(fmt, (fmt.encode(frame) for frame in silver.frames())):
+                    spool.write(part)
+            else:
+                spool.write(fmt.encode(pd.concat(list(silver.frames()), ignore_index=True)))
             clean = storage.put_stream(s3, settings.clean_bucket, clean_key, spool.rewound(), size=spool.size,
                                        digest=spool.sha256, rows=rows, inputs=inputs,
                                        content_type=fmt.content_type, metadata=meta)

@@ -4,6 +4,7 @@ reconciliation of every hop and the publish of the run's `latest` keys."""
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
 
 import pandas as pd
@@ -35,9 +36,25 @@ def _release_arrow() -> None:
     pa.default_memory_pool().release_unused()
 
 
+def _pointer(s3, bucket: str, table: str) -> dict | None:
+    """The published pointer of a table (`publish` writes it), or None before the first publish."""
+    if storage.head(s3, bucket, layout.published_key(table)) is None:
+        return None
+    return json.loads(storage.get_bytes(s3, bucket, layout.published_key(table))[0])
+
+
 def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
     """The gold table of the previous successful run, as Parquet bytes whatever format it was written
-    in: the `latest` one, unless that is this run (a rerun), in which case the one it replaced."""
+    in: the published one, unless that is this run (a rerun), in which case the one it replaced. The
+    published pointer says where it is; a bucket published before pointers existed is read through
+    its `latest` keys."""
+    pointer = _pointer(s3, bucket, table)
+    if pointer is not None:
+        previous, key = ((pointer.get("previous_run_id"), pointer.get("previous_gold_key"))
+                         if pointer["run_id"] == run_id else (pointer["run_id"], pointer["gold_key"]))
+        if not previous or not key or storage.head(s3, bucket, key) is None:
+            return None, None
+        return formats.to_parquet(formats.of_key(key), storage.get_bytes(s3, bucket, key)[0]), previous
     for fmt in formats.FORMATS.values():
         latest = storage.head(s3, bucket, layout.latest(layout.gold_table_key(table, run_id, fmt.extension)))
         if latest is None:
@@ -51,7 +68,7 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
             key = layout.gold_table_key(table, previous, kind.extension)
             if storage.head(s3, bucket, key) is not None:
                 data, _ = storage.get_bytes(s3, bucket, key)
-                return (data if kind.name == "parquet" else formats.csv_to_parquet(data)[0]), previous
+                return formats.to_parquet(kind, data), previous
         return None, None
     return None, None
 
@@ -115,8 +132,8 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
     import pyarrow.parquet as pq
 
     key, typed, rows, fp, digest = export.key, export.typed, export.rows, export.fingerprint, export.sha256
-    # A CSV gold table is the export's bytes as they are; Parquet is the typed conversion.
-    gold_body = export.spool if fmt.name == "csv" else typed
+    # A CSV gold table is the export's bytes as they are; any other format is the typed conversion's.
+    gold_body = export.spool if fmt is formats.CSV else formats.from_parquet(fmt, typed)
 
     settings = stage.settings
     s3 = storage.client(settings.store)
@@ -162,7 +179,7 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
         changes_json.close()
     for artifact in artifacts:
         stage.record.output(artifact)
-    stage.record.update(rows_in=rows, rows_out=rows, gold_rows=rows,
+    stage.record.update(rows_in=rows, rows_out=rows, gold_rows=rows, gold_key=artifacts[0].key,
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
                         format=fmt.name, changes=counts,
                         by_region=dict(zip(summaries["by_region"]["region"].astype(str),
@@ -198,6 +215,12 @@ def publish(stage: StageRun, golden: Golden) -> list[str]:
              if a.get("role") == "cloud" and layout.run_of(a["key"])]
     s3 = storage.client(settings.store)
     moves += [(s3, a.to_dict()) for a in golden.artifacts]
+    table, gold_key = stage.params.table, golden.artifacts[0].key
+    pointer = _pointer(s3, settings.gold_bucket, table) or {}
+    if pointer.get("run_id") == stage.run_id:  # published again: the run it replaced stays the previous one
+        previous = (pointer.get("previous_run_id"), pointer.get("previous_gold_key"))
+    else:
+        previous = (pointer.get("run_id"), pointer.get("gold_key"))
     published = []
     for client, artifact in moves:
         latest = layout.latest(artifact["key"])
@@ -208,6 +231,11 @@ def publish(stage: StageRun, golden: Golden) -> list[str]:
             storage.delete(client, artifact["bucket"], stale)
         published.append(f"s3://{artifact['bucket']}/{latest}")
         stage.record.update(published=published)
+    # Written last: the pointer names this run as the published one, and where its gold table is.
+    storage.put_bytes(s3, settings.gold_bucket, layout.published_key(table), json.dumps({
+        "table": table, "run_id": stage.run_id, "gold_key": gold_key,
+        "previous_run_id": previous[0], "previous_gold_key": previous[1], "published": published},
+        indent=2).encode(), metadata=stage.meta(), content_type="application/json")
     return published
 
 

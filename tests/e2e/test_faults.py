@@ -289,7 +289,7 @@ def test_object_store_stopped_after_stage_2_fails_preflight_then_resume_complete
     cloud = storage.cloud_client(settings.cloud)
     exports = run_keys(cloud, settings.cloud.bucket, run_id)
     assert exports == [f"{settings.cloud.prefix}/{table}/run_id={run_id}/{table}.csv"]
-    assert len(formats.csv_decode(storage.get_bytes(cloud, settings.cloud.bucket, exports[0])[0])) == 250
+    assert len(formats.CSV.decode(storage.get_bytes(cloud, settings.cloud.bucket, exports[0])[0])) == 250
     for secret in (state.access_key, state.secret_key, state.db_password):
         assert secret not in json.dumps(m)
 

@@ -46,7 +46,7 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     assert len(db_read.current(pg, "public", table)) == 250
     export = m["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
-    assert len(formats.csv_decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == 250
+    assert len(formats.CSV.decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == 250
     gold_obj = m["stages"]["05_gold"]["objects"][0]
     assert len(formats.of_key(gold_obj["key"]).decode(storage.get_bytes(s3, gold_obj["bucket"], gold_obj["key"])[0])) == 250
     # The API was asked with its 10 fields, once.

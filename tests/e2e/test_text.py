@@ -102,7 +102,7 @@ def test_hostile_text_round_trips_every_hop_or_is_quarantined_by_name(
     # The cloud export (CSV from COPY).
     export = saved["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
-    assert rows_of(formats.csv_decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == expected
+    assert rows_of(formats.CSV.decode(storage.get_bytes(cloud, export["bucket"], export["key"])[0])) == expected
     # Gold.
     gold = next(o for o in saved["stages"]["05_gold"]["objects"] if o["key"].startswith("countries/"))
     assert rows_of(formats.of_key(gold["key"]).decode(storage.get_bytes(s3, gold["bucket"], gold["key"])[0])) == expected

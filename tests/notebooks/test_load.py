@@ -211,5 +211,5 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
     assert gold["changes"] == {"added": 1, "removed": 1, "changed": 3} and gold["previous_run_id"] == first
     exported = m["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
-    frame = formats.csv_decode(storage.get_bytes(cloud, exported["bucket"], exported["key"])[0])
+    frame = formats.CSV.decode(storage.get_bytes(cloud, exported["bucket"], exported["key"])[0])
     assert len(frame) == 250 and "Atlantis" in set(frame["name_common"])
