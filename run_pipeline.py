@@ -145,10 +145,17 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+def review_parser(command: str, description: str, *runs_: str) -> argparse.ArgumentParser:
+    """The parser of a command that prints what the records say, as text or `--json`."""
+    p = argparse.ArgumentParser(prog=f"run_pipeline.py {command}", description=description)
+    for name in runs_:
+        p.add_argument(name)
+    p.add_argument("--json", action="store_true", help=f"print the {command} as JSON")
+    return p
+
+
 def cmd_runs(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run_pipeline.py runs", description="Every run, newest first.")
-    p.add_argument("--json", action="store_true", help="print the runs as JSON")
-    args = p.parse_args(argv)
+    args = review_parser("runs", "Every run, newest first.").parse_args(argv)
     from lib import review
 
     rows = review.summaries(config.outputs_dir())
@@ -157,13 +164,8 @@ def cmd_runs(argv: list[str]) -> int:
 
 
 def cmd_diff(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="run_pipeline.py diff",
-                                description="Countries added, removed and changed (old → new) between the gold "
-                                            "tables of two runs.")
-    p.add_argument("run_a")
-    p.add_argument("run_b")
-    p.add_argument("--json", action="store_true", help="print the difference as JSON")
-    args = p.parse_args(argv)
+    args = review_parser("diff", "Countries added, removed and changed (old → new) between the gold tables of "
+                                 "two runs.", "run_a", "run_b").parse_args(argv)
     from lib import review
 
     try:
@@ -336,20 +338,14 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     return code
 
 
+COMMANDS = {"stack": cmd_stack, "lab": cmd_lab, "report": cmd_report, "runs": cmd_runs, "diff": cmd_diff,
+            "params": cmd_params}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "stack":
-        return cmd_stack(argv[1:])
-    if argv and argv[0] == "lab":
-        return cmd_lab(argv[1:])
-    if argv and argv[0] == "report":
-        return cmd_report(argv[1:])
-    if argv and argv[0] == "runs":
-        return cmd_runs(argv[1:])
-    if argv and argv[0] == "diff":
-        return cmd_diff(argv[1:])
-    if argv and argv[0] == "params":
-        return cmd_params(argv[1:])
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
     return cmd_run(argv)
 
 

@@ -46,63 +46,62 @@ def _save(fig, path: Path) -> None:
     _pyplot().close(fig)
 
 
+def _rows(top, bottom, runs: list[dict]) -> None:
+    x = range(len(runs))
+    for layer in LAYERS.values():
+        top.plot(x, [s["rows"][layer] if s["rows"][layer] is not None else float("nan") for s in runs],
+                 marker="o", label=layer)
+    top.set_ylabel("rows")
+    top.legend(loc="lower left", ncol=5, fontsize=8)
+    top.set_title("Rows at each layer, and records quarantined, per run")
+    bottom.bar(x, [s["quarantined"] or 0 for s in runs], color="#c44e52")
+    bottom.set_ylabel("quarantined")
+
+
+def _durations(ax, runs: list[dict]) -> None:
+    x, bottom = range(len(runs)), [0.0] * len(runs)
+    for stage in LAYERS:
+        values = [s["stage_seconds"].get(stage) or 0.0 for s in runs]
+        ax.bar(x, values, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    ax.set_ylabel("seconds")
+    ax.set_title("Stage durations per run")
+    ax.legend(fontsize=8, ncol=5, loc="upper left")
+
+
+def _regions(ax, runs: list[dict]) -> None:
+    x = range(len(runs))
+    for region in sorted({r for s in runs for r in s["by_region"]}):
+        ax.plot(x, [s["by_region"].get(region, float("nan")) / 1e9 for s in runs], marker="o", label=region)
+    ax.set_ylabel("population (billions)")
+    ax.set_title("Population by region, per run (gold)")
+    ax.legend(fontsize=8, ncol=3, loc="upper left")
+
+
+# Each picture: the runs it needs, how it is laid out, and what draws it on its axes.
+PICTURES = {
+    "rows": (lambda s: any(v is not None for v in s["rows"].values()),
+             {"nrows": 2, "figsize": (9, 5), "sharex": True, "height_ratios": [3, 1.3]}, _rows),
+    "durations": (lambda s: s["stage_seconds"], {"figsize": (9, 3.6)}, _durations),
+    "regions": (lambda s: s["by_region"], {"figsize": (9, 3.6)}, _regions),
+}
+
+
 def write(summaries: list[dict], folder: Path, last: int = 30) -> dict[str, str | None]:
     """Draw the trends of the newest `last` runs, oldest on the left. Returns picture name → file name
     (None when no run has the data yet, and any old file of that name is removed)."""
     plt = _pyplot()
     chosen = list(reversed(summaries[:last]))
     out: dict[str, str | None] = {}
-
-    with_rows = [s for s in chosen if any(v is not None for v in s["rows"].values())]
-    if with_rows:
-        fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 5), sharex=True, height_ratios=[3, 1.3])
-        x = range(len(with_rows))
-        for layer in LAYERS.values():
-            top.plot(x, [s["rows"][layer] if s["rows"][layer] is not None else float("nan") for s in with_rows],
-                     marker="o", label=layer)
-        top.set_ylabel("rows")
-        top.legend(loc="lower left", ncol=5, fontsize=8)
-        top.set_title("Rows at each layer, and records quarantined, per run")
-        bottom.bar(x, [s["quarantined"] or 0 for s in with_rows], color="#c44e52")
-        bottom.set_ylabel("quarantined")
-        _xticks(bottom, with_rows)
-        _save(fig, folder / FILES["rows"])
-        out["rows"] = FILES["rows"]
-
-    with_times = [s for s in chosen if s["stage_seconds"]]
-    if with_times:
-        fig, ax = plt.subplots(figsize=(9, 3.6))
-        x = range(len(with_times))
-        bottom = [0.0] * len(with_times)
-        for stage in LAYERS:
-            values = [s["stage_seconds"].get(stage) or 0.0 for s in with_times]
-            ax.bar(x, values, bottom=bottom, label=stage)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        ax.set_ylabel("seconds")
-        ax.set_title("Stage durations per run")
-        ax.legend(fontsize=8, ncol=5, loc="upper left")
-        _xticks(ax, with_times)
-        _save(fig, folder / FILES["durations"])
-        out["durations"] = FILES["durations"]
-
-    with_regions = [s for s in chosen if s["by_region"]]
-    if with_regions:
-        fig, ax = plt.subplots(figsize=(9, 3.6))
-        x = range(len(with_regions))
-        regions = sorted({r for s in with_regions for r in s["by_region"]})
-        for region in regions:
-            ax.plot(x, [s["by_region"].get(region, float("nan")) / 1e9 for s in with_regions], marker="o",
-                    label=region)
-        ax.set_ylabel("population (billions)")
-        ax.set_title("Population by region, per run (gold)")
-        ax.legend(fontsize=8, ncol=3, loc="upper left")
-        _xticks(ax, with_regions)
-        _save(fig, folder / FILES["regions"])
-        out["regions"] = FILES["regions"]
-
-    for name, filename in FILES.items():
-        if name not in out:
-            (folder / filename).unlink(missing_ok=True)
+    for name, (wanted, layout, draw) in PICTURES.items():
+        runs = [s for s in chosen if wanted(s)]
+        if not runs:
+            (folder / FILES[name]).unlink(missing_ok=True)
             out[name] = None
+            continue
+        fig, axes = plt.subplots(**layout)
+        draw(*(axes if layout.get("nrows", 1) > 1 else [axes]), runs)
+        _xticks(axes[-1] if layout.get("nrows", 1) > 1 else axes, runs)
+        _save(fig, folder / FILES[name])
+        out[name] = FILES[name]
     return out
-

@@ -273,6 +273,11 @@ def read_ahead(body, chunk_bytes: int, digest=None, depth: int = 4):
         reader.join()
 
 
+def _as_bytes(chunk) -> bytes:
+    """What a writer was given, as bytes (COPY ... TO STDOUT writes text)."""
+    return chunk.encode("utf-8") if isinstance(chunk, str) else chunk
+
+
 class HashingSpool:
     """A write-only file that hashes and counts what passes through it, spilling to disk past 8 MiB,
     so a COPY ... TO STDOUT can stream into an upload whose sha256 goes into its metadata."""
@@ -283,8 +288,7 @@ class HashingSpool:
         self.size = 0
 
     def write(self, chunk) -> int:
-        if isinstance(chunk, str):
-            chunk = chunk.encode("utf-8")
+        chunk = _as_bytes(chunk)
         self.hash.update(chunk)
         self.size += len(chunk)
         return self.file.write(chunk)
@@ -311,8 +315,7 @@ class Tee:
         self.pending_size = 0
 
     def write(self, chunk) -> int:
-        if isinstance(chunk, str):
-            chunk = chunk.encode("utf-8")
+        chunk = _as_bytes(chunk)
         self.pending.append(chunk)
         self.pending_size += len(chunk)
         if self.pending_size >= self.size:

@@ -6,10 +6,11 @@ from lib import storage
 from lib.stages import clean, context, export, gold, ingest, load
 
 
-def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", **ingest_options) -> dict:
-    """Run stages 1..upto of one run the way the notebooks do; returns what each returned."""
-    out = {}
-    stage = context.begin("01_ingest", run_id, min_records=200, **ingest_options)
+def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", options: dict | None = None) -> dict:
+    """Run stages 1..upto of one run the way the notebooks do; returns what each returned.
+    `options`: more parameters by stage."""
+    out, options = {}, options or {}
+    stage = context.begin("01_ingest", run_id, min_records=200, **options.get("01_ingest", {}))
     out["ingest"] = ingest.run(stage)
     stage.finish()
     stage = context.begin("02_clean", run_id, min_records=200)
@@ -18,7 +19,7 @@ def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", **
     stage = context.begin("03_load", run_id, table=table)
     out["load"] = load.run(stage)
     stage.finish()
-    stage = context.begin("04_export", run_id, table=table)
+    stage = context.begin("04_export", run_id, table=table, **options.get("04_export", {}))
     out["export"] = export.run(stage)
     stage.finish()
     if upto >= 5:

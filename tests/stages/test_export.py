@@ -8,7 +8,8 @@ import io
 import pytest
 
 from lib import contract, formats, storage
-from lib.stages import clean, context, export, gold, ingest, load
+from lib.stages import context, export
+from tests.stages.helpers import run_stages
 from lib.params import UsageError
 
 
@@ -22,32 +23,14 @@ def test_upper_header_upper_cases_only_the_first_line_even_when_it_arrives_in_pi
 
 @pytest.mark.parametrize("case", ["upper", "lower"])
 def test_export_column_case_and_reconciliation(settings, s3, unique, case):
-    run_id, table = f"case-{case}-{unique}", f"case_{unique}"
-    stage = context.begin("01_ingest", run_id)
-    ingest.run(stage)
-    stage.finish()
-    stage = context.begin("02_clean", run_id)
-    clean.write(stage, clean.prepare(stage))
-    stage.finish()
-    stage = context.begin("03_load", run_id, table=table)
-    load.run(stage)
-    stage.finish()
-    stage = context.begin("04_export", run_id, table=table, column_case=case)
-    exported = export.run(stage)[0]
-    stage.finish()
-
+    out = run_stages(f"case-{case}-{unique}", f"case_{unique}", options={"04_export": {"column_case": case}})
+    exported, golden = out["export"][0], out["gold"]
     data, _ = storage.get_bytes(storage.cloud_client(settings.cloud), exported.bucket, exported.key)
     header = data.split(b"\n", 1)[0].decode().split(",")
     expected = [c.upper() if case == "upper" else c for c in contract.COLUMNS]
     assert header[:len(contract.COLUMNS)] == expected
     assert len(formats.get("csv").decode(data)) == 250
-
-    stage = context.begin("05_gold", run_id, table=table)
-    golden = gold.build(stage)
-    table_ = gold.reconcile(stage, golden)
-    gold.publish(stage, golden)
-    stage.finish()
-    assert set(table_["status"]) <= {"ok", "-"}
+    assert set(golden.reconciliation["status"]) <= {"ok", "-"}
     assert list(golden.table.columns[:len(contract.COLUMNS)]) == contract.COLUMNS
 
 
