@@ -1,4 +1,4 @@
-"""countries_medallion: the five stages of the countries-medallion pipeline, daily, one task each.
+"""countries_medallion: the stages of the countries-medallion pipeline, daily, one task each.
 
 Every task runs its stage through the project's own runner, with the project's own Python:
 

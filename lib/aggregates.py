@@ -1,5 +1,5 @@
-"""Gold aggregates: each function decorated with `@aggregate` is written by stage 5 as
-`aggregates/run_id=R/<function name>.<ext>` and shown by its notebook."""
+"""Gold aggregates: each function decorated with `@aggregate` is written by the gold stage as its own
+object (lib/layout.py `aggregate_key`, named after the function) and shown by its notebook."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def _summary(frame: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return out.reset_index().sort_values("population", ascending=False, ignore_index=True)
 
 
-# aggregates/run_id=R/<function name>.<ext> and shown by its notebook.
+# Every aggregate by name (`@aggregate` adds a function).
 AGGREGATES: dict[str, Callable[[pd.DataFrame], pd.DataFrame]] = {}
 
 

@@ -59,6 +59,14 @@ def quarantine_key(date: str, run_id: str, extension: str) -> str:
     return f"{QUARANTINE}/{_partition(date, run_id)}/{QUARANTINE}.{extension}"
 
 
+def is_quarantine(key: str) -> bool:
+    return key.startswith(f"{QUARANTINE}/")
+
+
+def is_changes(key: str) -> bool:
+    return key.startswith(f"{CHANGES}/") and key.endswith("/changes.json")
+
+
 def is_clean(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith(CLEAN_NAME + ".")
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lib import changes, charts, config, formats, pages, registry, review, runs, storage
+from lib import changes, charts, config, formats, layout, pages, registry, review, runs, storage
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ def lineage_svg(manifest: dict) -> str:
 def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> int | None:
     """How many records were quarantined (None: not known, stage 2 did not finish); writes
     quarantine.html beside report.html with every record and its reasons."""
-    obj = _object(manifest, review.CLEAN, lambda k: k.startswith("quarantine/"))
+    obj = _object(manifest, review.CLEAN, layout.is_quarantine)
     if s["quarantined"] is None or obj is None:
         return None
     count = s["quarantined"]
@@ -146,7 +146,7 @@ def _changes(manifest: dict, s: dict, store) -> dict | None:
     read (`why`); None when not known (stage 5 did not finish)."""
     if s["added"] is None:
         return None
-    obj = _object(manifest, review.GOLD, lambda k: k.endswith("/changes.json"))
+    obj = _object(manifest, review.GOLD, layout.is_changes)
     if obj is None or not (s["removed"] or s["changed"] or (s["added"] and s["previous_run_id"])):
         return {"rows": None, "why": None}
     data, why = _read_object(obj, store)
