@@ -139,16 +139,21 @@ def write_json(report: dict, sink, chunk: int = 10_000) -> None:
             body = json.dumps(part, ensure_ascii=False, separators=(",\n    ", ": "))[1:-1]
             sink.write(((",\n    " if at else "\n    ") + body).encode())
         sink.write(("\n  ],\n" if len(keys) else "],\n").encode())
-    sink.write(f'  "changed": {text(report["changed"])}\n}}'.encode())
+    sink.write(f'  "changed": {text(report["changed"])}'.encode())
+    if "held" in report:  # keys quarantined this run, kept current: key → why
+        sink.write(f',\n  "held": {text(report["held"])}'.encode())
+    sink.write(b"\n}")
 
 
 def table(report: dict, rows: int | None = None) -> pd.DataFrame:
-    """The change report as a table, one row per added or removed country and per changed field;
-    only its first `rows` rows when given (a preview of a million added countries stays small)."""
+    """The change report as a table, one row per added, removed or held country and per changed
+    field; only its first `rows` rows when given (a preview of a million added countries stays small)."""
     table = chain(
         ({"country": k, "change": "added", "field": "", "old": "", "new": ""} for k in report["added"]),
         ({"country": k, "change": "removed", "field": "", "old": "", "new": ""} for k in report["removed"]),
         ({"country": k, "change": "changed", "field": f, "old": o, "new": n}
-         for k, fields in report["changed"].items() for f, (o, n) in fields.items()))
+         for k, fields in report["changed"].items() for f, (o, n) in fields.items()),
+        ({"country": k, "change": "held in quarantine", "field": "", "old": "", "new": why}
+         for k, why in (report.get("held") or {}).items()))
     return pd.DataFrame(list(islice(table, rows)), columns=["country", "change", "field", "old", "new"])
 

@@ -192,6 +192,7 @@ class MergeOptions:
     data_as_of: str | None = None
     allow_rewind: bool = False
     lists: str = "json"
+    held: tuple[str, ...] = ()  # keys quarantined this run: never retired
 
     def __post_init__(self) -> None:
         if self.mode not in WRITE_MODES:
@@ -210,10 +211,11 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
              unchanged rows untouched; with retire_missing, keys absent from the batch are removed
-             from the current table and their history closed.
+             from the current table and their history closed, except the keys `held` (quarantined
+             this run: the source still sends them), whose current version stays.
     append:  only keys not present yet are inserted; existing rows are never changed.
-    replace: the current table becomes exactly the batch (every row rewritten by this run); history
-             as for upsert with retire_missing.
+    replace: the current table becomes the batch (and the held keys): as upsert with retire_missing
+             whatever it says; an unchanged row keeps its audit columns.
     "Unchanged" is decided from the values, not from the stored `_row_hash`: a row edited in the
     table behind the pipeline's back (its values no longer give its `_row_hash`) is reported as
     drift and, in upsert and replace, repaired. Append never changes a row, so a key it skips must
@@ -275,13 +277,15 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                             f"{schema}.{table} with other values: {_short(kept)}"
                             + (f" (changed in the table behind the pipeline's back: {_short(drift)})" if drift else "")
                             + "; nothing was loaded. Load with write_mode=upsert to update (and repair) them")
-                if retire:
+                if retire:  # a key held in quarantine this run is still sent by the source: kept
                     cur.execute(sql.SQL(
-                        "INSERT INTO _changes SELECT t.{k}, 'retire' FROM {t} t "
-                        "WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k})").format(
-                        k=sql.Identifier(KEY), t=target))
+                        "INSERT INTO _changes SELECT t.{k}, CASE WHEN t.{k} = ANY(%s) THEN 'held' ELSE 'retire' END "
+                        "FROM {t} t WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k})").format(
+                        k=sql.Identifier(KEY), t=target), (list(options.held),))
+                cur.execute("SELECT key FROM _changes WHERE change = 'held' ORDER BY key LIMIT 1000")
+                held_keys = [r[0] for r in cur.fetchall()]
                 cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
-                counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, **dict(cur.fetchall())}
+                counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, "held": 0, **dict(cur.fetchall())}
 
                 def of_batch(changes: tuple[str, ...]) -> sql.Composable:
                     """The batch rows whose change is one of `changes` (no filter when that is all of
@@ -304,21 +308,18 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                     "INSERT INTO {h} ({cols}, _row_hash, _run_id, valid_from, valid_to, is_current) "
                     "SELECT {cols}, _row_hash, %s, now(), NULL, true {rows}").format(
                     h=hist, cols=data_cols, rows=of_batch(("insert", "update"))), (run_id,))
-                # Current rows.
-                if mode == "replace":
-                    cur.execute(sql.SQL("DELETE FROM {}").format(target))
-                    written = ("insert", "update", "unchanged")
-                else:
-                    cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
-                                        "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
-                    written = ("insert", "update")
+                # Current rows: retired keys out, new and changed rows in. An unchanged row keeps its
+                # audit columns: its `_run_id` stays the run that last changed it, as its history says.
+                cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
+                                    "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
+                written = ("insert", "update")
                 updates = sql.SQL(", ").join(
                     sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
                     for c in [*COLUMNS[1:], *AUDIT_COLUMNS])
-                # An updated key is still in the table (replace emptied it): only then can a row
-                # conflict, the table being locked against other writers.
+                # Only an updated key is still in the table: only then can a row conflict, the table
+                # being locked against other writers.
                 conflict = sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(sql.Identifier(KEY), updates) \
-                    if counts["update"] and mode != "replace" else sql.SQL("")
+                    if counts["update"] else sql.SQL("")
                 cur.execute(sql.SQL(
                     "INSERT INTO {t} ({cols}, _row_hash, _run_id, _loaded_at) "
                     "SELECT {cols}, _row_hash, %s, now() {rows}{conflict}").format(
@@ -362,7 +363,7 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
         raise DatabaseError(f"loading {schema}.{table} failed and was rolled back: {first}"
                             + (f" ({detail.strip()})" if detail else "")) from None
     result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
-              "retired": counts["retire"], "current_rows": current, "mode": mode, "load_id": load_id,
+              "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys, "current_rows": current, "mode": mode, "load_id": load_id,
               "batch_rows": batch_fp["rows"], "batch_fingerprint": fingerprint,
               "current_fingerprint": current_fp["fingerprint"],
               "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(repaired)}}

@@ -74,6 +74,14 @@ def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFr
         return pd.read_sql_query(query, conn, params={"key": key})
 
 
+def total(conn, schema: str, table: str, column: str) -> str:
+    """The exact sum of a whole-number column, as text (numeric in PostgreSQL: no overflow)."""
+    with conn.cursor() as cur:
+        cur.execute(sql.SQL("SELECT coalesce(sum({}), 0)::text FROM {}").format(
+            sql.Identifier(names.sql_identifier(column, "column")), ident(schema, table)))
+        return cur.fetchone()[0]
+
+
 def count(conn, schema: str, table: str) -> int:
     with conn.cursor() as cur:
         cur.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(schema, table)))

@@ -21,7 +21,7 @@ class ReconciliationError(PipelineError):
 def _field(details: dict[str, dict], stage: str, ref: str):
     """A detail of a stage record: `field` of `stage` itself, or `other_stage.field`."""
     owner, _, name = ref.rpartition(".")
-    return details[owner or stage][name]
+    return (details[owner or stage] or {}).get(name)  # a field a stage did not record compares as missing
 
 
 def reconcile(details: dict[str, dict | None]) -> pd.DataFrame:
@@ -44,10 +44,11 @@ def reconcile(details: dict[str, dict | None]) -> pd.DataFrame:
             elif exempt:
                 status = f"skipped: {exempt}"
             else:
-                status = "ok" if all(_field(details, stage.name, a) == _field(details, stage.name, b)
+                status = "ok" if all(_field(details, stage.name, a) is not None
+                                     and _field(details, stage.name, a) == _field(details, stage.name, b)
                                      for a, b in hop.equal) else "MISMATCH"
-            rows.append({"hop": hop.label, "records": str(mine[hop.shown] if hop.shown else mine[hop.rows]),
-                         "fingerprint": str(mine[hop.fingerprint])[:16], "compared with": hop.against or "",
+            rows.append({"hop": hop.label, "records": str(mine.get(hop.shown or hop.rows)),
+                         "fingerprint": str(mine.get(hop.fingerprint))[:16], "compared with": hop.against or "",
                          "status": status})
     table = pd.DataFrame(rows, columns=["hop", "records", "fingerprint", "compared with", "status"])
     bad = table[table["status"] == "MISMATCH"]

@@ -108,7 +108,11 @@ STAGES: tuple[Stage, ...] = (
           frozenset({"cloud", "store"}), reads=(Layer.CLOUD,), writes=(Layer.GOLD,),
           hops=(Hop("gold", "gold_rows", "gold_fingerprint", against="cloud export",
                     equal=(("gold_rows", "04_export.rows"), ("gold_fingerprint", "04_export.fingerprint"),
-                           ("gold_sha256", "04_export.sha256"))),),
+                           ("gold_sha256", "04_export.sha256"))),
+                # The aggregates' countries and population add up to the table's own count and sum.
+                Hop("gold aggregates", "aggregate_countries", "aggregate_population", against="PostgreSQL current table",
+                    equal=(("aggregate_countries", "03_load.current_rows"),
+                           ("aggregate_population", "03_load.population_total")))),
           reconciles=True),
 )
 NAMES = tuple(s.name for s in STAGES)

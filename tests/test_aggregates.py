@@ -62,3 +62,11 @@ def test_the_aggregates_need_only_the_columns_they_declare(clean):
     narrow = clean[aggregates.COLUMNS]
     for name, fn in aggregates.AGGREGATES.items():
         pd.testing.assert_frame_equal(fn(narrow), fn(clean), obj=name)
+
+
+def test_sums_past_int64_are_exact(clean):
+    frame = clean[aggregates.COLUMNS].copy()
+    frame.loc[frame["region"] == "Oceania", "population"] = 2**63 - 1
+    people = aggregates.by_region(frame).set_index("region")["population"]
+    assert int(people["Oceania"]) == (2**63 - 1) * int((clean["region"] == "Oceania").sum())
+    assert int(people["Europe"]) == int(clean.loc[clean["region"] == "Europe", "population"].sum())

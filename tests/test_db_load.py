@@ -140,14 +140,15 @@ def test_append_refuses_a_batch_whose_existing_keys_hold_other_values(pg, clean,
     assert dump(pg, table) == before  # nothing inserted either
 
 
-def test_replace_rewrites_the_table_as_exactly_the_batch(pg, clean, table):
+def test_replace_makes_the_table_the_batch_and_keeps_unchanged_rows_audit_columns(pg, clean, table):
     load(pg, csv(clean.head(5)), table, "r1")
     batch = clean.iloc[2:7].reset_index(drop=True)
     result = load(pg, csv(batch), table, "r2", mode="replace", retire_missing=False)
     assert (result["inserted"], result["unchanged"], result["retired"]) == (2, 3, 2)
     after = current(pg, table)
     assert sorted(after.index) == sorted(batch[KEY])
-    assert set(after["_run_id"]) == {"r2"}  # every row rewritten by this run
+    # Unchanged rows keep their audit columns: _run_id is the run that last changed the row.
+    assert after["_run_id"].to_dict() == {k: ("r1" if k in set(clean[KEY].head(5)) else "r2") for k in batch[KEY]}
     versions = history(pg, table)
     assert versions["is_current"].sum() == 5 and len(versions) == 7
 

@@ -141,7 +141,11 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
     report = changes.of_parquet(previous, typed, previous_id)
     del previous
+    # Countries quarantined this run and kept current by the load: listed, with why.
+    loaded = (stage.previous_record(Layer.TABLE) or {}).get("details") or {}
+    report["held"] = {h["country"]: h["reasons"] for h in loaded.get("held_keys") or []}
     counts = {name: len(report[name]) for name in ("added", "removed", "changed")}
+    counts["held"] = loaded.get("held") or 0
     changes_json = storage.HashingSpool()  # written as it is encoded
     try:
         changes.write_json(report, changes_json)
@@ -183,7 +187,10 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
                         gold_fingerprint=fp["fingerprint"], gold_sha256=digest, previous_run_id=previous_id,
                         format=fmt.name, changes=counts,
                         by_region=dict(zip(summaries["by_region"]["region"].astype(str),
-                                           summaries["by_region"]["population"].astype(int).tolist())))
+                                           map(int, summaries["by_region"]["population"]))),
+                        # The aggregates' totals, checked against the table's own (lib/registry.py hops).
+                        aggregate_countries=int(summaries["by_region"]["countries"].sum()),
+                        aggregate_population=str(sum(map(int, summaries["by_region"]["population"]))))
     return Golden(sample, summaries, report, None, artifacts)
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lib import db, db_load, db_read, formats, layout, registry, storage
+from lib import contract, db, db_load, db_read, formats, layout, registry, storage
 from lib.db_schema import history_table
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
@@ -36,6 +36,23 @@ def clean_object(stage: StageRun, s3) -> dict:
     return found[-1]
 
 
+HELD_SAMPLE = 1000  # held keys listed in the record with their reasons (the count is always whole)
+
+
+def quarantined(stage: StageRun, s3) -> dict[str, str]:
+    """The keys stage 2 quarantined in the run this load reads, with their reasons, from its
+    quarantine object (proven against stage 2's record): they are held, not retired."""
+    record = stage.previous_record(Layer.CLEAN) or {}
+    objects = [a for a in record.get("artifacts", []) if layout.is_quarantine(a.get("key", ""))]
+    if not objects:
+        return {}
+    data, _ = verify_input(stage, s3, objects[-1]["bucket"], objects[-1]["key"], Layer.CLEAN)
+    rows = formats.of_key(objects[-1]["key"]).read(data)
+    if not len(rows):
+        return {}
+    return {k: r for k, r in zip(rows[contract.KEY].tolist(), rows["reasons"].tolist()) if isinstance(k, str) and k}
+
+
 def run(stage: StageRun) -> Loaded:
     """Merge the run's silver table into PostgreSQL (lib/db_load.py `merge`: one transaction, history).
     The silver object is checked against stage 2's record first; inside the transaction the rows
@@ -47,6 +64,7 @@ def run(stage: StageRun) -> Loaded:
     obj = clean_object(stage, s3)
     data, _ = verify_input(stage, s3, settings.clean_bucket, obj["key"], Layer.CLEAN)
     cleaned = stage.previous_record(Layer.CLEAN)["details"]
+    held = quarantined(stage, s3)
     fmt = formats.of_key(obj["key"])
     conn = stage.db_connection()
     try:
@@ -59,20 +77,25 @@ def run(stage: StageRun) -> Loaded:
                 result = db_load.merge(conn, csv_rows, db_load.MergeOptions(
                     schema=db_schema, table=table, run_id=stage.run_id, mode=p.write_mode,
                     retire_missing=p.retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
-                    data_as_of=cleaned.get("data_as_of"), allow_rewind=p.allow_rewind, lists="array"))
+                    data_as_of=cleaned.get("data_as_of"), allow_rewind=p.allow_rewind, lists="array",
+                    held=tuple(held)))
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
         batch_rows = converted["result"]
         data = None  # the silver bytes (the converting thread's closure holds the same cell)
         current_rows = result["current_rows"]
         sample = db_read.preview(conn, db_schema, table)
+        # The table's own population total (PostgreSQL's sum of a bigint is an exact numeric): what
+        # the gold aggregates must add up to.
+        population_total = db_read.total(conn, db_schema, table, "population")
         history_rows = db_read.count(conn, db_schema, history_table(table))
     finally:
         conn.close()
     stage.record.output({"uri": database_uri(settings, db_schema, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
+    result["held_keys"] = [{"country": k, "reasons": held.get(k, "")} for k in result["held_keys"]]
     stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
-                        history_rows=history_rows,
+                        history_rows=history_rows, population_total=population_total,
                         allow_rewind=p.allow_rewind)
     return Loaded(result, sample, current_rows, history_rows)
 

@@ -64,4 +64,4 @@ def test_full_run_reaches_every_layer_with_250_rows_and_runs_again(run_pipeline,
     assert m2["stages"]["05_gold"]["objects"][0]["key"].endswith(f".{other}")
     assert m2["stages"]["03_load"]["details"]["unchanged"] == 250
     assert m2["stages"]["05_gold"]["details"]["previous_run_id"] == first
-    assert m2["stages"]["05_gold"]["details"]["changes"] == {"added": 0, "removed": 0, "changed": 0}
+    assert m2["stages"]["05_gold"]["details"]["changes"] == {"added": 0, "removed": 0, "changed": 0, "held": 0}

@@ -74,7 +74,7 @@ def test_identical_rerun_changes_nothing_and_export_all_tables(run_pipeline, set
     # The change report of the second run is empty.
     assert gold_changes(s3, settings, second) == {"previous_run_id": first, "added": [], "removed": [],
                                                   "changed": {}}
-    assert m2["stages"]["05_gold"]["details"]["changes"] == {"added": 0, "removed": 0, "changed": 0}
+    assert m2["stages"]["05_gold"]["details"]["changes"] == {"added": 0, "removed": 0, "changed": 0, "held": 0}
     assert m2["stages"]["05_gold"]["details"]["previous_run_id"] == first
 
     # export_all_tables: the history and load-log tables are exported too, run-scoped and as latest.

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lib import formats, layout, reconciliation, runs, storage
+from lib import formats, layout, reconciliation, runs, source, storage
 from lib.stages import context, gold
 from tests.stages.helpers import gold_keys, run_stages
 
@@ -105,9 +105,37 @@ def test_a_first_gold_table_keeps_a_sample_of_its_added_keys_and_writes_them_all
     report = json.loads(data)
     keys = sorted(formats.get(formats.DEFAULT_GOLD).decode(storage.get_bytes(
         s3, settings.gold_bucket, layout.gold_table_key(table, run_id, formats.get(formats.DEFAULT_GOLD).extension))[0])["name_common"])
-    assert report == {"previous_run_id": None, "added": keys, "removed": [], "changed": {}}
+    assert report == {"previous_run_id": None, "added": keys, "removed": [], "changed": {}, "held": {}}
     assert data == json.dumps(report, indent=2, ensure_ascii=False).encode()
     assert meta["sha256"] == storage.sha256(data) and meta["rows"] == str(len(keys))
     assert golden.changes["added"] == keys[:5] and golden.changes["removed"] == []
-    assert golden.changes["counts"] == {"added": len(keys), "removed": 0, "changed": 0}
+    assert golden.changes["counts"] == {"added": len(keys), "removed": 0, "changed": 0, "held": 0}
     assert runs.read_stage(settings, run_id, "05_gold")["details"]["changes"] == golden.changes["counts"]
+
+
+def test_a_population_at_the_bigint_limit_gives_exact_aggregates_that_reconcile(settings, s3, api, unique):
+    records = json.loads(source.snapshot_bytes())
+    giant = next(r for r in records if r["name"]["common"] == "Tuvalu")
+    giant["population"] = 2**63 - 1  # a valid bigint: the contract accepts it, a sum of int64 would wrap
+    api.records = records
+    golden = run_stages(f"st-big-{unique}", f"big_{unique}")["gold"]
+    oceania = golden.aggregates["by_region"].set_index("region").at["Oceania", "population"]
+    assert int(oceania) == sum(r["population"] for r in records if r["region"] == "Oceania") > 2**63
+    assert set(golden.reconciliation["status"]) <= {"ok", "-"}
+    assert "gold aggregates" in set(golden.reconciliation["hop"])
+
+
+def test_a_quarantined_country_is_held_current_and_listed_as_held(settings, s3, api, pg, unique):
+    table = f"held_{unique}"
+    run_stages(f"st-held-a-{unique}", table)
+    records = json.loads(source.snapshot_bytes())
+    next(r for r in records if r["name"]["common"] == "France")["capital"] = 5  # breaks the contract
+    api.records = records
+    out = run_stages(f"st-held-b-{unique}", table)
+    assert out["load"].result["held"] == 1 and out["load"].result["retired"] == 0
+    with pg.cursor() as cur:
+        cur.execute(f'SELECT _run_id FROM "{table}" WHERE name_common = %s', ("France",))
+        assert cur.fetchone() == (f"st-held-a-{unique}",)  # still current, as the earlier run left it
+    report = out["gold"].changes
+    assert report["removed"] == [] and "capital must be a list of strings" in report["held"]["France"]
+    assert report["counts"]["held"] == 1
