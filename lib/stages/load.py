@@ -50,7 +50,9 @@ def quarantined(stage: StageRun, s3) -> dict[str, str]:
     rows = formats.of_key(objects[-1]["key"]).read(data)
     if not len(rows):
         return {}
-    return {k: r for k, r in zip(rows[contract.KEY].tolist(), rows["reasons"].tolist()) if isinstance(k, str) and k}
+    # A key PostgreSQL cannot store (a NUL) is in no table: there is nothing to hold.
+    return {k: r for k, r in zip(rows[contract.KEY].tolist(), rows["reasons"].tolist())
+            if isinstance(k, str) and k and "\x00" not in k}
 
 
 def run(stage: StageRun) -> Loaded:

@@ -73,7 +73,7 @@ def test_identical_rerun_changes_nothing_and_export_all_tables(run_pipeline, set
 
     # The change report of the second run is empty.
     assert gold_changes(s3, settings, second) == {"previous_run_id": first, "added": [], "removed": [],
-                                                  "changed": {}}
+                                                  "changed": {}, "held": {}}
     assert m2["stages"]["05_gold"]["details"]["changes"] == {"added": 0, "removed": 0, "changed": 0, "held": 0}
     assert m2["stages"]["05_gold"]["details"]["previous_run_id"] == first
 
@@ -205,10 +205,11 @@ def test_changed_source_keeps_history_reports_changes_and_survives_a_killed_load
         "removed": ["Aruba"],
         "changed": {name: {"population": [old[name]["population"], population]}
                     for name, population in sorted(changed.items())},
+        "held": {},
     }
     assert gold_changes(s3, settings, second) == expected
     gold = m["stages"]["05_gold"]["details"]
-    assert gold["changes"] == {"added": 1, "removed": 1, "changed": 3} and gold["previous_run_id"] == first
+    assert gold["changes"] == {"added": 1, "removed": 1, "changed": 3, "held": 0} and gold["previous_run_id"] == first
     exported = m["stages"]["04_export"]["objects"][0]
     cloud = storage.cloud_client(settings.cloud)
     frame = formats.CSV.decode(storage.get_bytes(cloud, exported["bucket"], exported["key"])[0])
