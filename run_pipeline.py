@@ -37,7 +37,7 @@ def run_parser() -> argparse.ArgumentParser:
         prog="run_pipeline.py",
         description="Run the stage notebooks in order with papermill; each run is recorded in "
                     "outputs/runs/<run_id>/ (executed notebooks and manifest.json). "
-                    "Other commands: `stack up|down|status|env`, `lab`, `runs`, `diff A B`, `report`, `params`.",
+                    "Other commands: `stack up|down|status|env`, `lab`, `runs`, `diff A B`, `report`, `params`, `publish`.",
         epilog="Exit codes: 0 ok, 1 failed, 2 bad arguments/configuration, 3 pipeline lock busy, 130 interrupted.")
     p.add_argument("--stages", default=registry.ALL,
                    help=f"stages to run: {registry.ALL}, 2-4, 3 or 1,3 (default {registry.ALL}: all)")
@@ -179,6 +179,34 @@ def cmd_diff(argv: list[str]) -> int:
         print(f"run_pipeline.py diff: {err}", file=sys.stderr)
         return runner.EXIT_FAILED
     print(review.runs_json(report_) if args.json else review.diff_text(report_))
+    return 0
+
+
+def cmd_publish(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="run_pipeline.py publish",
+                                description="Make an earlier proven run the published one again (a rollback): its "
+                                            "table state (restored from the history, recorded as a load), then its "
+                                            "latest objects and pointer. Takes the pipeline lock.")
+    p.add_argument("run_id")
+    p.add_argument("--wait-for-lock", type=float, default=0, metavar="SECONDS",
+                   help="when another run holds the pipeline lock, wait this long before giving up (default 0)")
+    args = p.parse_args(argv)
+    from lib import db, publish
+
+    try:
+        names.run_id(args.run_id)
+        env = config.environment()
+        runner.ensure_stack(env)
+        settings = config.settings(env)
+        logsetup.setup(settings.logs_dir, settings.secrets())
+        with db.pipeline_lock(settings.db, f"publish {args.run_id}", args.wait_for_lock):
+            done = publish.republish(settings, args.run_id)
+    except PipelineError as err:
+        print(f"run_pipeline.py publish: {err}", file=sys.stderr)
+        return err.exit_code
+    load = done["load"]
+    print(f"run {done['run_id']} published: {done['table']} restored (inserted {load['inserted']}, updated "
+          f"{load['updated']}, retired {load['retired']}), {len(done['published'])} latest objects")
     return 0
 
 
@@ -339,7 +367,7 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
 
 
 COMMANDS = {"stack": cmd_stack, "lab": cmd_lab, "report": cmd_report, "runs": cmd_runs, "diff": cmd_diff,
-            "params": cmd_params}
+            "params": cmd_params, "publish": cmd_publish}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,12 +4,12 @@ reconciliation of every hop and the publish of the run's `latest` keys."""
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 
 import pandas as pd
 
 from lib import aggregates, changes, contract, formats, layout, quality, reconciliation, registry, runs, storage
+from lib import publish as publish_
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, spooled_input
 
@@ -36,19 +36,12 @@ def _release_arrow() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def _pointer(s3, bucket: str, table: str) -> dict | None:
-    """The published pointer of a table (`publish` writes it), or None before the first publish."""
-    if storage.head(s3, bucket, layout.published_key(table)) is None:
-        return None
-    return json.loads(storage.get_bytes(s3, bucket, layout.published_key(table))[0])
-
-
 def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
     """The gold table of the previous successful run, as Parquet bytes whatever format it was written
     in: the published one, unless that is this run (a rerun), in which case the one it replaced. The
     published pointer says where it is; a bucket published before pointers existed is read through
     its `latest` keys."""
-    pointer = _pointer(s3, bucket, table)
+    pointer = publish_.pointer(s3, bucket, table)
     if pointer is not None:
         previous, key = ((pointer.get("previous_run_id"), pointer.get("previous_gold_key"))
                          if pointer["run_id"] == run_id else (pointer["run_id"], pointer["gold_key"]))
@@ -212,37 +205,12 @@ def reconcile(stage: StageRun, golden: Golden) -> pd.DataFrame:
 
 
 def publish(stage: StageRun, golden: Golden) -> list[str]:
-    """Once every hop has reconciled, move the run's `latest` keys: the cloud export(s) of stage 4,
-    then the gold objects. Until then consumers see the previous proven run."""
+    """Once every hop has reconciled, move the run's `latest` keys and then its pointer (lib/publish.py
+    `objects`): the cloud export(s) of stage 4, the gold objects. Until then consumers see the
+    previous proven run."""
     if golden.reconciliation is None:
         raise StageError(f"run {stage.run_id} has not reconciled: nothing was published")
-    settings = stage.settings
     exported = stage.previous_record(Layer.CLOUD) or {}
-    moves = [(storage.cloud_client(settings.cloud), a) for a in exported.get("artifacts", [])
-             if a.get("role") == "cloud" and layout.run_of(a["key"])]
-    s3 = storage.client(settings.store)
-    moves += [(s3, a.to_dict()) for a in golden.artifacts]
-    table, gold_key = stage.params.table, golden.artifacts[0].key
-    pointer = _pointer(s3, settings.gold_bucket, table) or {}
-    if pointer.get("run_id") == stage.run_id:  # published again: the run it replaced stays the previous one
-        previous = (pointer.get("previous_run_id"), pointer.get("previous_gold_key"))
-    else:
-        previous = (pointer.get("run_id"), pointer.get("gold_key"))
-    published = []
-    for client, artifact in moves:
-        latest = layout.latest(artifact["key"])
-        storage.copy(client, artifact["bucket"], artifact["key"], latest)
-        # One `latest` per object whatever format it is written in: a copy in another format, left by
-        # a run before a format change, would otherwise look current to readers.
-        for stale in formats.other_format_keys(latest):
-            storage.delete(client, artifact["bucket"], stale)
-        published.append(f"s3://{artifact['bucket']}/{latest}")
-        stage.record.update(published=published)
-    # Written last: the pointer names this run as the published one, and where its gold table is.
-    storage.put_bytes(s3, settings.gold_bucket, layout.published_key(table), json.dumps({
-        "table": table, "run_id": stage.run_id, "gold_key": gold_key,
-        "previous_run_id": previous[0], "previous_gold_key": previous[1], "published": published},
-        indent=2).encode(), metadata=stage.meta(), content_type="application/json")
-    return published
-
-
+    return publish_.objects(stage.settings, stage.run_id, stage.params.table, exported.get("artifacts", []),
+                            [a.to_dict() for a in golden.artifacts], stage.meta(),
+                            on_copy=lambda published: stage.record.update(published=list(published)))

@@ -1,0 +1,123 @@
+"""Publishing a proven run: what consumers read moves to it, in one fixed order.
+
+- `objects`: the run's `latest` copies (the cloud export, then the gold objects), then, written last,
+  the table's pointer `_published/<table>.json` in the gold bucket: the published run, its gold
+  table's key and the run published before it. Stage 5 calls it once every hop has reconciled.
+- `republish`: make an earlier proven run current again (a rollback, `run_pipeline.py publish
+  RUN_ID`, under the pipeline lock): the table is restored to the state that run left (from the
+  history, as a `replace` load of that run: recorded in `pipeline_loads` and the history like any
+  load, and proven against the run's own fingerprint), then its objects are published as above.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from lib import config, db, db_load, db_read, formats, layout, names, quality, registry, runs, storage
+from lib.contract import COLUMNS
+from lib.errors import PipelineError
+from lib.registry import Layer
+
+log = logging.getLogger(__name__)
+
+
+class PublishError(PipelineError):
+    """A run that cannot be published; the message says why, and that nothing changed."""
+
+
+def pointer(s3, bucket: str, table: str) -> dict | None:
+    """The published pointer of a table, or None before its first publish."""
+    if storage.head(s3, bucket, layout.published_key(table)) is None:
+        return None
+    return json.loads(storage.get_bytes(s3, bucket, layout.published_key(table))[0])
+
+
+def objects(settings: config.Settings, run_id: str, table: str, exported: list[dict], gold: list[dict],
+            metadata: dict, on_copy=lambda published: None) -> list[str]:
+    """Move the `latest` keys to a run's objects (its cloud export(s) `exported`, then its gold
+    objects `gold`, the gold table first), then write the table's pointer naming the run. Returns
+    the `latest` URIs; `on_copy(published so far)` is called after each copy (the stage record)."""
+    s3 = storage.client(settings.store)
+    moves = [(storage.cloud_client(settings.cloud), a) for a in exported
+             if a.get("role") == "cloud" and layout.run_of(a["key"])]
+    moves += [(s3, a) for a in gold]
+    current = pointer(s3, settings.gold_bucket, table) or {}
+    if current.get("run_id") == run_id:  # published again: the run it replaced stays the previous one
+        previous = (current.get("previous_run_id"), current.get("previous_gold_key"))
+    else:
+        previous = (current.get("run_id"), current.get("gold_key"))
+    published = []
+    for client, artifact in moves:
+        latest = layout.latest(artifact["key"])
+        storage.copy(client, artifact["bucket"], artifact["key"], latest)
+        # One `latest` per object whatever format it is written in: a copy in another format, left by
+        # a run before a format change, would otherwise look current to readers.
+        for stale in formats.other_format_keys(latest):
+            storage.delete(client, artifact["bucket"], stale)
+        published.append(f"s3://{artifact['bucket']}/{latest}")
+        on_copy(published)
+    # Written last: the pointer names this run as the published one, and where its gold table is.
+    storage.put_bytes(s3, settings.gold_bucket, layout.published_key(table), json.dumps({
+        "table": table, "run_id": run_id, "gold_key": gold[0]["key"],
+        "previous_run_id": previous[0], "previous_gold_key": previous[1], "published": published},
+        indent=2).encode(), metadata=metadata, content_type="application/json")
+    return published
+
+
+def _proven(settings: config.Settings, run_id: str) -> tuple[dict, dict, dict]:
+    """The records of a run whose every hop reconciled: (load, export, gold) stage records."""
+    stages = {}
+    for layer in (Layer.TABLE, Layer.CLOUD, Layer.GOLD):
+        name = registry.writer_of(layer).name
+        stages[layer] = runs.read_stage(settings, run_id, name)
+        if (stages[layer] or {}).get("status") != "succeeded":
+            raise PublishError(f"run {run_id} has no succeeded {name} record: only a proven run can be published; "
+                               "nothing was changed")
+    gold = stages[Layer.GOLD]["details"]
+    checked = gold.get("reconciliation") or []
+    if gold.get("reconciliation_error") or not checked or any(r.get("status") == "MISMATCH" for r in checked):
+        raise PublishError(f"run {run_id} did not reconcile: only a proven run can be published; nothing was changed")
+    return stages[Layer.TABLE], stages[Layer.CLOUD], stages[Layer.GOLD]
+
+
+def _present(clients: dict, artifacts: list[dict], run_id: str) -> None:
+    """Every object to publish is still there, byte for byte what the run recorded (its sha256)."""
+    for a in artifacts:
+        found = storage.head(clients[a.get("role") == "cloud"], a["bucket"], a["key"])
+        if found is None or found["metadata"].get("sha256") != a.get("sha256"):
+            raise PublishError(f"s3://{a['bucket']}/{a['key']} of run {run_id} is "
+                               f"{'gone' if found is None else 'not what the run wrote'}; nothing was changed")
+
+
+def republish(settings: config.Settings, run_id: str) -> dict:
+    """Make an earlier proven run the published one again: its table state, then its objects and
+    pointer. The caller holds the pipeline lock. Returns what was done."""
+    names.run_id(run_id)
+    loaded, exported, gold = _proven(settings, run_id)
+    schema, table = loaded["details"]["schema"], loaded["details"]["table"]
+    s3 = storage.client(settings.store)
+    clients = {False: s3, True: storage.cloud_client(settings.cloud)}
+    export_objects = [a for a in exported["artifacts"] if a.get("role") == "cloud"]
+    gold_objects = [a for a in gold["artifacts"] if "key" in a]
+    gold_objects.sort(key=lambda a: a["key"] != gold["details"].get("gold_key"))  # the gold table first
+    _present(clients, export_objects + gold_objects, run_id)
+    conn = db.connect(settings.db, application_name=f"countries-medallion publish {run_id}")
+    try:
+        state = db_read.as_of(conn, schema, table, run_id)[COLUMNS].reset_index(drop=True)
+        conn.rollback()  # the read's transaction ends: the load opens its own
+        state["_row_hash"] = quality.row_hashes(state)
+        result = db_load.merge(conn, formats.CSV.encode(state), db_load.MergeOptions(
+            schema=schema, table=table, run_id=run_id, mode="replace", allow_rewind=True,
+            expected_fingerprint=loaded["details"].get("current_fingerprint")))
+    except db.DatabaseError as err:
+        raise PublishError(f"the table could not be restored to run {run_id}: {err}") from None
+    finally:
+        conn.close()
+    if result["current_fingerprint"] != loaded["details"].get("current_fingerprint"):
+        raise PublishError(f"{schema}.{table} restored to run {run_id} does not have the fingerprint it recorded")
+    published = objects(settings, run_id, table, export_objects, gold_objects,
+                        metadata={"run-id": run_id, "stage": "publish"})
+    log.info("run %s published again: %s.%s restored (%d changed), %d objects", run_id, schema, table,
+             result["inserted"] + result["updated"] + result["retired"], len(published))
+    return {"run_id": run_id, "table": f"{schema}.{table}", "load": result, "published": published}
