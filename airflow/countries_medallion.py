@@ -24,6 +24,7 @@ gets the ones its notebook declares.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import sys
@@ -52,6 +53,10 @@ def declared_stages() -> tuple[str, ...]:
 
 
 STAGES = declared_stages()
+# The parameters a run may set, as lib/stages/parameters.py declares them (written out beside this
+# file, since this environment cannot import the pipeline): a key no stage declares, or a value of
+# the wrong type, is refused when the DAG is triggered.
+PARAMS_SCHEMA = json.loads((Path(__file__).resolve().parent / "pipeline_params.schema.json").read_text(encoding="utf-8"))
 EXIT_USAGE = 2  # run_pipeline.py: bad arguments or configuration, nothing ran; retrying cannot help
 RETRIES = int(os.environ.get("MEDALLION_RETRIES", "2"))
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("MEDALLION_RETRY_DELAY", "300")))
@@ -133,9 +138,10 @@ with DAG(
     catchup=False,
     max_active_runs=1,  # the runner's lock refuses a second run against the same database anyway
     default_args={"retries": RETRIES, "retry_delay": RETRY_DELAY},
-    params={"pipeline_params": Param({}, type="object",
-                                     description="notebook parameters for the run, e.g. {\"table\": \"capitals_clean\"}; "
-                                                 "never secrets (they come from the worker's environment or .env)")},
+    params={"pipeline_params": Param({}, **PARAMS_SCHEMA,
+                                     description="stage parameters for the run, e.g. {\"table\": \"capitals_clean\"} "
+                                                 "(`run_pipeline.py params` lists them); never secrets (they come "
+                                                 "from the worker's environment or .env)")},
     doc_md=__doc__,
     tags=["countries-medallion"],
 ) as dag:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -191,5 +192,25 @@ def table() -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m lib.stages.parameters: the table for docs/runner.md
-    print(table())
+JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean"}
+SCHEMA_FILE = registry.NOTEBOOKS.parent / "airflow" / "pipeline_params.schema.json"
+
+
+def schema() -> dict:
+    """The JSON schema of the parameters a scheduled run may set (run ids are the scheduler's): what
+    the Airflow DAG validates its `pipeline_params` with, read from `SCHEMA_FILE` (its environment
+    cannot import the pipeline; a test keeps the file equal to this)."""
+    properties: dict[str, dict] = {}
+    for s in registry.STAGES:
+        for name, p in declared(s.name).items():
+            if name == "run_id":
+                continue
+            entry = properties.setdefault(name, {"type": JSON_TYPES[p.type], "description": p.help, "stages": []})
+            entry["stages"].append(s.name)
+    for entry in properties.values():
+        entry["description"] = f"{entry['description']} ({', '.join(entry.pop('stages'))})".lstrip()
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+if __name__ == "__main__":  # python -m lib.stages.parameters: the table for docs/runner.md (--schema: the file)
+    print(json.dumps(schema(), indent=2, ensure_ascii=False) if "--schema" in sys.argv[1:] else table())

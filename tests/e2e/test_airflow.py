@@ -155,12 +155,13 @@ def test_a_failed_task_retried_by_airflow_resumes_its_stage_and_completes_the_ru
                                                    **{stage: ("success", 1) for stage in registry.NAMES[1:]}}
 
 
-def test_a_parameter_no_stage_declares_fails_the_task_without_retries(airflow, settings, unique):
-    res, run_id, dag_run_id = dag_test(airflow, "2026-01-17", {"pipeline_params": {"no_such_parameter": 1}})
-    assert res.returncode != 0, res.stdout[-5000:]
-    assert "parameter 'no_such_parameter' is not declared by any stage" in res.stdout
-    # Exit 2 (bad arguments) is final: retrying cannot fix an argument, so there is no second try.
-    tries = task_tries(airflow[1], dag_run_id)
-    assert tries["01_ingest"] == ("failed", 1), tries
-    assert tries["02_clean"][0] == "upstream_failed", tries
-    assert runs.read_json(runs.manifest_path(settings, run_id)) is None  # nothing ran
+def test_a_parameter_no_stage_declares_is_refused_when_the_dag_is_triggered(airflow, settings):
+    """The DAG's params are the stages' declarations (airflow/pipeline_params.schema.json): a key no
+    stage declares, or a value of the wrong type, is refused before any task runs."""
+    run, _ = airflow
+    for conf, problem in (({"no_such_parameter": 1}, "'no_such_parameter' was unexpected"),
+                          ({"min_records": "many"}, "'many' is not of type 'integer'")):
+        res = run("dags", "test", DAG_ID, "2026-01-17", "-c", json.dumps({"pipeline_params": conf}))
+        assert res.returncode != 0 and "Invalid input for param pipeline_params" in res.stdout, res.stdout[-3000:]
+        assert problem in res.stdout
+        assert "stage 01_ingest of pipeline run" not in res.stdout  # no task ran

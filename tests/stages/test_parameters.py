@@ -65,3 +65,10 @@ def test_a_rule_of_another_module_is_reported_as_a_usage_error():
         parameters.check("03_load", "db_schema", "pg_x")
     with pytest.raises(UsageError, match="04_export has no parameter 'write_mode'"):
         parameters.check("04_export", "write_mode", "upsert")
+
+
+def test_the_airflow_dags_parameter_schema_is_the_declared_one():
+    written = json.loads(parameters.SCHEMA_FILE.read_text(encoding="utf-8"))
+    assert written == parameters.schema(), "write it again: python -m lib.stages.parameters --schema"
+    assert written["properties"]["table"]["type"] == "string" and "run_id" not in written["properties"]
+    assert written["properties"]["retire_missing"]["type"] == "boolean"
