@@ -72,3 +72,12 @@ def test_the_airflow_dags_parameter_schema_is_the_declared_one():
     assert written == parameters.schema(), "write it again: python -m lib.stages.parameters --schema"
     assert written["properties"]["table"]["type"] == "string" and "run_id" not in written["properties"]
     assert written["properties"]["retire_missing"]["type"] == "boolean"
+
+
+def test_run_pipeline_params_prints_every_stages_declarations(run_pipeline):
+    res = run_pipeline("params")
+    assert res.returncode == 0, res.stderr
+    for stage in registry.NAMES:
+        assert f"{stage}  {registry.get(stage).title}" in res.stdout
+        for name, p in parameters.declared(stage).items():
+            assert any(line.split()[:2] == [name, p.type_name] for line in res.stdout.splitlines()), (stage, name)
