@@ -200,6 +200,7 @@ def cmd_publish(argv: list[str]) -> int:
         settings = config.settings(env)
         logsetup.setup(settings.logs_dir, settings.secrets())
         with db.pipeline_lock(settings.db, f"publish {args.run_id}", args.wait_for_lock):
+            finish_publishes(settings)
             done = publish.republish(settings, args.run_id)
     except PipelineError as err:
         print(f"run_pipeline.py publish: {err}", file=sys.stderr)
@@ -312,16 +313,30 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
             if args.resume:  # a killed kernel's session would block the resumed load
                 db.end_run_sessions(settings.db, run_id)
-            return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints)
+            finished = finish_publishes(settings)
+            return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints, finished)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return err.exit_code
 
 
-def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hints=None) -> int:
+def finish_publishes(settings) -> list[dict]:
+    """Before anything else under the lock: a publish stopped before its pointer is finished."""
+    from lib import publish
+
+    finished = publish.finish_pending(settings)
+    for done in finished:
+        print(f"finished the publish of run {done['run_id']} (table {done['table']}), stopped before its pointer")
+    return finished
+
+
+def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hints=None, finished=()) -> int:
     from lib import alerts, report
 
     record = runs.RunRecord.open(settings, run_id, stages, chosen)
+    if finished:  # this run's record says which earlier publish it finished first
+        record.data["finished_publishes"] = list(finished)
+        record.save()
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0

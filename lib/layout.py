@@ -98,6 +98,18 @@ def published_key(table: str) -> str:
     return f"{PUBLISHED}/{names.sql_identifier(table, 'table')}.json"
 
 
+def pending_key(table: str) -> str:
+    """A publish under way for a table: what it moves, written before its first copy, removed after
+    its pointer."""
+    return f"{PUBLISHED}/{names.sql_identifier(table, 'table')}.pending.json"
+
+
+def pending_table(key: str) -> str | None:
+    """The table of a pending publish's key, or None for any other key."""
+    found = re.fullmatch(rf"{PUBLISHED}/([a-z_][a-z0-9_]*)\.pending\.json", key)
+    return found.group(1) if found else None
+
+
 def latest(key: str) -> str:
     """The stable `latest` key of a run-scoped key."""
     found = re.search(r"/run_id=[^/]+/", key)

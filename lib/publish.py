@@ -37,8 +37,13 @@ def objects(settings: config.Settings, run_id: str, table: str, exported: list[d
             metadata: dict, on_copy=lambda published: None) -> list[str]:
     """Move the `latest` keys to a run's objects (its cloud export(s) `exported`, then its gold
     objects `gold`, the gold table first), then write the table's pointer naming the run. Returns
-    the `latest` URIs; `on_copy(published so far)` is called after each copy (the stage record)."""
+    the `latest` URIs; `on_copy(published so far)` is called after each copy (the stage record).
+    What it moves is written first (`layout.pending_key`) and removed once the pointer is written:
+    a publish stopped half-way is finished by `finish_pending`, before anything else publishes."""
     s3 = storage.client(settings.store)
+    storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({
+        "table": table, "run_id": run_id, "exported": exported, "gold": gold, "metadata": metadata},
+        indent=2).encode(), metadata=metadata, content_type="application/json")
     moves = [(storage.cloud_client(settings.cloud), a) for a in exported
              if a.get("role") == "cloud" and layout.run_of(a["key"])]
     moves += [(s3, a) for a in gold]
@@ -62,7 +67,27 @@ def objects(settings: config.Settings, run_id: str, table: str, exported: list[d
         "table": table, "run_id": run_id, "gold_key": gold[0]["key"],
         "previous_run_id": previous[0], "previous_gold_key": previous[1], "published": published},
         indent=2).encode(), metadata=metadata, content_type="application/json")
+    storage.delete(s3, settings.gold_bucket, layout.pending_key(table))
     return published
+
+
+def finish_pending(settings: config.Settings) -> list[dict]:
+    """Finish every publish that was stopped before its pointer (a killed run, a full disk): its
+    copies are made again and its pointer written, so readers of the pointers move to it whole. Call
+    it holding the pipeline lock, before anything else publishes. Returns what was finished."""
+    s3 = storage.client(settings.store)
+    storage.ensure_bucket(s3, settings.gold_bucket)
+    finished = []
+    for found in storage.list_objects(s3, settings.gold_bucket, f"{layout.PUBLISHED}/"):
+        if layout.pending_table(found["key"]) is None:
+            continue
+        pending = json.loads(storage.get_bytes(s3, settings.gold_bucket, found["key"])[0])
+        published = objects(settings, pending["run_id"], pending["table"], pending["exported"], pending["gold"],
+                            pending["metadata"])
+        log.warning("the publish of run %s (table %s) had stopped before its pointer: finished now (%d objects)",
+                    pending["run_id"], pending["table"], len(published))
+        finished.append({"run_id": pending["run_id"], "table": pending["table"], "published": published})
+    return finished
 
 
 def _proven(settings: config.Settings, run_id: str) -> tuple[dict, dict, dict]:

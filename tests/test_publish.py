@@ -80,3 +80,44 @@ def test_the_command_takes_the_lock_and_says_what_it_did(run_pipeline, settings,
         busy = run_pipeline("publish", run_id)
     assert busy.returncode == 3 and "holds the lock" in busy.stderr
     assert run_pipeline("publish", "../x").returncode == 2
+
+
+class Killed(BaseException):
+    """Stands for a kill between two copies of a publish."""
+
+
+def interrupted_publish(settings, run_id: str, table: str) -> None:
+    """Publish a run's objects again, stopped after its first copy (before its pointer)."""
+    exported = runs.read_stage(settings, run_id, "04_export")["artifacts"]
+    gold = [a for a in runs.read_stage(settings, run_id, "05_gold")["artifacts"] if "key" in a]
+
+    def kill(published):
+        raise Killed
+
+    with pytest.raises(Killed):
+        publish.objects(settings, run_id, table, exported, gold, {"run-id": run_id}, on_copy=kill)
+
+
+def test_a_publish_stopped_before_its_pointer_is_finished_by_the_next_command(settings, s3, run_pipeline, unique):
+    table, first, second = f"pend_{unique}", f"pend-a-{unique}", f"pend-b-{unique}"
+    run_stages(first, table)
+    _, first_gold = latest_gold(settings, s3, table)
+    run_stages(second, table)
+    interrupted_publish(settings, first, table)
+    pointer = publish.pointer(s3, settings.gold_bucket, table)
+    assert pointer["run_id"] == second  # readers of the pointer still see one run: the last whole publish
+    assert storage.head(s3, settings.gold_bucket, layout.pending_key(table)) is not None
+
+    finished = publish.finish_pending(settings)
+    assert [(f["run_id"], f["table"]) for f in finished] == [(first, table)]
+    pointer, gold = latest_gold(settings, s3, table)
+    assert (pointer["run_id"], pointer["previous_run_id"]) == (first, second) and gold == first_gold
+    assert storage.head(s3, settings.gold_bucket, layout.pending_key(table)) is None
+
+    interrupted_publish(settings, second, table)  # and the next run does it before anything else
+    res = run_pipeline("--stages", "1", "--run-id", f"pend-c-{unique}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"finished the publish of run {second} (table {table}), stopped before its pointer" in res.stdout
+    assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == second
+    manifest = json.loads((runs.run_dir(settings, f"pend-c-{unique}") / "manifest.json").read_text())
+    assert [f["run_id"] for f in manifest["finished_publishes"]] == [second]
