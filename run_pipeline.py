@@ -360,6 +360,16 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
+    if status == "succeeded" and registry.reconciler().name in stages:
+        # The run is proven: what consumers read moves to it now, in a fixed order (lib/publish.py),
+        # while this run holds the pipeline lock.
+        from lib import publish
+
+        try:
+            publish.run(settings, run_id)
+        except PipelineError as err:
+            status, code = "failed", runner.EXIT_FAILED
+            print(f"\nrun {run_id} was not published: {err}", file=sys.stderr)
     if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)

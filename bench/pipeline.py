@@ -95,6 +95,7 @@ def measure(argv: list[str], env: dict, interval: float = 0.05, tree_every: floa
 
 def plain(run_id: str, table: str) -> None:
     """The stages as the notebooks call them, minus the notebooks (and their previews)."""
+    from lib import publish
     from lib.stages import clean, context, export, gold, ingest, load
 
     s = context.begin("01_ingest", run_id, min_records=200)
@@ -112,8 +113,8 @@ def plain(run_id: str, table: str) -> None:
     s = context.begin("05_gold", run_id, table=table)
     golden = gold.build(s)
     gold.reconcile(s, golden)
-    gold.publish(s, golden)
     s.finish()
+    publish.run(s.settings, run_id)
 
 
 # --- floors: the raw tools on the same data ------------------------------------------------------------

@@ -193,6 +193,7 @@ class MergeOptions:
     allow_rewind: bool = False
     lists: str = "json"
     held: tuple[str, ...] = ()  # keys quarantined this run: never retired
+    log_mode: str = ""  # the mode the load log records ('': `mode`; a publish records the run's own)
 
     def __post_init__(self) -> None:
         if self.mode not in WRITE_MODES:
@@ -346,7 +347,7 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                     "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired, "
                     "repaired, data_as_of) VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s, %s) RETURNING load_id").format(
                     loads),
-                    (run_id, table, mode, counts["insert"], counts["update"], counts["unchanged"],
+                    (run_id, table, options.log_mode or mode, counts["insert"], counts["update"], counts["unchanged"],
                      counts["retire"], len(repaired), data_as_of))
                 load_id = cur.fetchone()[0]
                 current = current_fp["rows"]

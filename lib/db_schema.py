@@ -3,13 +3,14 @@ contract, and an existing table migrated to the contract (or refused, saying wha
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 from psycopg2 import sql
 
 from lib import names
 from lib.contract import CONTRACT, COLUMNS, KEY
-from lib.db import LOADS_TABLE, ContractMismatch, ident
+from lib.db import LOADS_TABLE, ContractMismatch, ident, table_exists, transaction
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,53 @@ def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
     if added:
         log.info("added contract column(s) %s to %s", ", ".join(added), where)
     return added
+
+
+def staging_schema(run_id: str) -> str:
+    """The schema where a run stages its table until it is published: a name no user schema has."""
+    return "stage_" + hashlib.sha256(names.run_id(run_id).encode()).hexdigest()[:16]
+
+
+def stage(conn, schema: str, table: str, staged: str) -> int | None:
+    """A run's staging copy of `schema.table` in schema `staged` (made again from scratch): the
+    current rows, an empty history and the load log (its rewind guard reads it). Consumers read the
+    table in `schema`, untouched. Returns the table's latest load id then (None: no load yet), which
+    the publish checks again: a table published meanwhile is not overwritten."""
+    with transaction(conn), conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(staged)))
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(ident(staged)))
+        if not table_exists(conn, schema, table):
+            return None
+        for name, rows in ((table, True), (history_table(table), False), (LOADS_TABLE, True)):
+            if table_exists(conn, schema, name):
+                cur.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
+                    ident(staged, name), ident(schema, name)))
+                if rows:
+                    cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(
+                        ident(staged, name), ident(schema, name)))
+        return latest_load(cur, schema, table)
+
+
+def latest_load(cur, schema: str, table: str) -> int | None:
+    if not table_exists(cur.connection, schema, LOADS_TABLE):
+        return None
+    cur.execute(sql.SQL("SELECT max(load_id) FROM {} WHERE table_name = %s").format(ident(schema, LOADS_TABLE)),
+                (table,))
+    return cur.fetchone()[0]
+
+
+def loaded_since(cur, schema: str, table: str, run_id: str, since: int | None) -> bool:
+    """Whether run `run_id` loaded the table after load `since` (None: ever)."""
+    if not table_exists(cur.connection, schema, LOADS_TABLE):
+        return False
+    cur.execute(sql.SQL("SELECT 1 FROM {} WHERE table_name = %s AND run_id = %s AND load_id > %s").format(
+        ident(schema, LOADS_TABLE)), (table, run_id, since or 0))
+    return cur.fetchone() is not None
+
+
+def drop_staging(conn, staged: str) -> None:
+    with transaction(conn), conn.cursor() as cur:
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(staged)))
 
 
 def ensure_tables(cur, schema: str, table: str) -> None:

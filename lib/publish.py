@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 
-from lib import config, db, db_load, db_read, formats, layout, names, quality, registry, runs, storage
+from lib import config, db, db_load, db_read, db_schema, formats, layout, names, quality, registry, runs, storage
 from lib.contract import COLUMNS
 from lib.errors import PipelineError
 from lib.registry import Layer
@@ -31,6 +31,76 @@ def pointer(s3, bucket: str, table: str) -> dict | None:
     if storage.head(s3, bucket, layout.published_key(table)) is None:
         return None
     return json.loads(storage.get_bytes(s3, bucket, layout.published_key(table))[0])
+
+
+def _table(settings: config.Settings, run_id: str, loaded: dict) -> dict | None:
+    """Step 1: the table becomes the run's staged state, in one transaction (the merge writes the
+    history and the load log with it), proven against stage 3's fingerprint. A table published
+    since the run staged it is not overwritten. Done already (a publish finished again): None."""
+    details = loaded["details"]
+    schema, table, staged = details["schema"], details["table"], details["staged_schema"]
+    conn = db.connect(settings.db, application_name=f"countries-medallion publish {run_id}")
+    try:
+        with conn.cursor() as cur:
+            latest = db_schema.latest_load(cur, schema, table)
+            done = db_schema.loaded_since(cur, schema, table, run_id, details.get("staged_from_load"))
+        conn.rollback()  # the reads' transaction ends: the load opens its own
+        if done:  # this publish had committed the table before it stopped
+            return None
+        if latest != details.get("staged_from_load"):
+            raise PublishError(f"{schema}.{table} was published again after run {run_id} staged it (load "
+                               f"{latest}, staged from {details.get('staged_from_load')}): nothing of run {run_id} "
+                               "was published; run it again")
+        if not db.table_exists(conn, staged, table):
+            raise PublishError(f"run {run_id}'s staged table {staged}.{table} is gone: nothing was published")
+        batch = db_read.batch_csv(conn, staged, table)
+        conn.rollback()
+        return db_load.merge(conn, batch, db_load.MergeOptions(
+            schema=schema, table=table, run_id=run_id, mode="replace", allow_rewind=True, log_mode=details.get("mode", ""),
+            expected_fingerprint=details.get("current_fingerprint"), data_as_of=None))
+    except db.DatabaseError as err:
+        raise PublishError(f"{schema}.{table} could not be published: {err}") from None
+    finally:
+        conn.close()
+
+
+def run(settings: config.Settings, run_id: str) -> dict:
+    """Publish a proven run, in a fixed order: what it moves is written down first
+    (`layout.pending_key`); 1. the table (one transaction); 2. the `latest` copies; 3. the table's
+    pointer, written last; then the note is removed and the staging copy dropped. Stopped at any
+    step, it is finished by `finish_pending`. The caller holds the pipeline lock. Returns the table's
+    load and the published URIs (also in the gold stage's record, which the manifest derives from)."""
+    loaded, exported, gold = _proven(settings, run_id)
+    table = loaded["details"]["table"]
+    gold_objects = [a for a in gold["artifacts"] if "key" in a]
+    gold_objects.sort(key=lambda a: a["key"] != gold["details"].get("gold_key"))  # the gold table first
+    export_objects = [a for a in exported["artifacts"] if a.get("role") == "cloud"]
+    s3 = storage.client(settings.store)
+    metadata = {"run-id": run_id, "stage": "publish"}
+    storage.ensure_bucket(s3, settings.gold_bucket)
+    storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({
+        "table": table, "run_id": run_id, "exported": export_objects, "gold": gold_objects, "metadata": metadata,
+        "with_table": True}, indent=2).encode(), metadata=metadata, content_type="application/json")
+    result = _table(settings, run_id, loaded) if loaded["details"].get("staged_schema") else None
+    published = objects(settings, run_id, table, export_objects, gold_objects, metadata)
+    if loaded["details"].get("staged_schema"):
+        conn = db.connect(settings.db, application_name=f"countries-medallion publish {run_id}")
+        try:
+            db_schema.drop_staging(conn, loaded["details"]["staged_schema"])
+        finally:
+            conn.close()
+    _record_published(settings, run_id, published)
+    return {"run_id": run_id, "table": f"{loaded['details']['schema']}.{table}", "published": published,
+            "load": result or {"inserted": 0, "updated": 0, "retired": 0}}
+
+
+def _record_published(settings: config.Settings, run_id: str, published: list[str]) -> None:
+    """What was published, in the record of the stage that reconciled (the manifest derives from it)."""
+    path = runs.stage_path(settings, run_id, registry.reconciler().name)
+    record = runs.read_json(path)
+    if record is not None:
+        record.setdefault("details", {})["published"] = published
+        runs.write_json(path, record)
 
 
 def objects(settings: config.Settings, run_id: str, table: str, exported: list[dict], gold: list[dict],
@@ -82,8 +152,11 @@ def finish_pending(settings: config.Settings) -> list[dict]:
         if layout.pending_table(found["key"]) is None:
             continue
         pending = json.loads(storage.get_bytes(s3, settings.gold_bucket, found["key"])[0])
-        published = objects(settings, pending["run_id"], pending["table"], pending["exported"], pending["gold"],
-                            pending["metadata"])
+        if pending.get("with_table"):  # a whole publish: the table too, unless it was done already
+            published = run(settings, pending["run_id"])["published"]
+        else:
+            published = objects(settings, pending["run_id"], pending["table"], pending["exported"],
+                                pending["gold"], pending["metadata"])
         log.warning("the publish of run %s (table %s) had stopped before its pointer: finished now (%d objects)",
                     pending["run_id"], pending["table"], len(published))
         finished.append({"run_id": pending["run_id"], "table": pending["table"], "published": published})
@@ -121,6 +194,14 @@ def republish(settings: config.Settings, run_id: str) -> dict:
     names.run_id(run_id)
     loaded, exported, gold = _proven(settings, run_id)
     schema, table = loaded["details"]["schema"], loaded["details"]["table"]
+    staged = loaded["details"].get("staged_schema")
+    conn = db.connect(settings.db, application_name=f"countries-medallion publish {run_id}")
+    try:
+        never_published = bool(staged) and db.table_exists(conn, staged, table)
+    finally:
+        conn.close()
+    if never_published:  # a run that staged and proved, and was never published (a notebook run's)
+        return run(settings, run_id)
     s3 = storage.client(settings.store)
     clients = {False: s3, True: storage.cloud_client(settings.cloud)}
     export_objects = [a for a in exported["artifacts"] if a.get("role") == "cloud"]

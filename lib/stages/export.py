@@ -27,7 +27,8 @@ def _check_table(stage: StageRun, schema: str, table: str, rows: int, fingerprin
 
 def run(stage: StageRun) -> list[storage.Artifact]:
     """Stream each table with COPY ... TO STDOUT into the cloud bucket under a run-scoped key, once
-    the table is proven to be what stage 3 recorded. The `latest` keys move in stage 5's `publish`,
+    the table is proven to be what stage 3 recorded (its staging copy: the table as the publish
+    will make it). The `latest` keys move at the publish (lib/publish.py),
     after the whole run has reconciled. column_case="upper" gives the CSV header the seed's
     upper-case names."""
     settings = stage.settings
@@ -38,15 +39,21 @@ def run(stage: StageRun) -> list[storage.Artifact]:
     conn = stage.db_connection()
     artifacts = []
 
+    # The table as it will be once the run is published: stage 3's staging copy while it is there
+    # (after the publish, the table itself; either way it is proven to be what stage 3 recorded).
+    staged = ((stage.previous_record(Layer.TABLE) or {}).get("details") or {}).get("staged_schema")
+    source = staged if staged and db.table_exists(conn, staged, table) else db_schema
+
     def copy_table(name: str, *sinks) -> int:
         tee = storage.Tee(*sinks)
-        rows = db_read.copy_out(conn, db_schema, name, formats.UpperHeader(tee) if column_case == "upper" else tee,
-                           pipeline_table=name == table)
+        rows = db_read.copy_out(conn, source if name == table else db_schema, name,
+                                formats.UpperHeader(tee) if column_case == "upper" else tee,
+                                pipeline_table=name == table)
         tee.flush()
         return rows
 
     try:
-        if not db.table_exists(conn, db_schema, table):
+        if not db.table_exists(conn, source, table):
             raise StageError(f"table {db_schema}.{table} does not exist: run {registry.writer_of(Layer.TABLE).name} first")
         tables = db_read.tables(conn, db_schema) if export_all_tables else [table]
         for name in [table] + [t for t in tables if t != table]:
@@ -65,7 +72,7 @@ def run(stage: StageRun) -> list[storage.Artifact]:
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(
                     cloud, settings.cloud.bucket, key, spool.rewound(), size=spool.size, digest=spool.sha256,
-                    rows=rows, inputs=[database_uri(settings, db_schema, name)], role="cloud",
+                    rows=rows, inputs=[database_uri(settings, source if name == table else db_schema, name)], role="cloud",
                     content_type="text/csv", metadata=stage.meta(table=f"{db_schema}.{name}"))
             finally:
                 spool.close()

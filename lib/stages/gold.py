@@ -1,5 +1,6 @@
 """Stage 5: the cloud export → the gold bucket (the table, aggregates, the change report), then
-reconciliation of every hop and the publish of the run's `latest` keys."""
+reconciliation of every hop. What consumers read moves at the publish, after the stage
+(lib/publish.py), and only in a run that holds the pipeline lock."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pandas as pd
 from lib import aggregates, changes, contract, formats, layout, quality, reconciliation, registry, runs, storage
 from lib import publish as publish_
 from lib.registry import Layer
-from lib.stages.context import StageError, StageRun, spooled_input
+from lib.stages.context import StageRun, spooled_input
 
 
 @dataclass
@@ -202,15 +203,3 @@ def reconcile(stage: StageRun, golden: Golden) -> pd.DataFrame:
     stage.record.update(reconciliation=table.to_dict(orient="records"), reconciliation_error=None)
     golden.reconciliation = table
     return table
-
-
-def publish(stage: StageRun, golden: Golden) -> list[str]:
-    """Once every hop has reconciled, move the run's `latest` keys and then its pointer (lib/publish.py
-    `objects`): the cloud export(s) of stage 4, the gold objects. Until then consumers see the
-    previous proven run."""
-    if golden.reconciliation is None:
-        raise StageError(f"run {stage.run_id} has not reconciled: nothing was published")
-    exported = stage.previous_record(Layer.CLOUD) or {}
-    return publish_.objects(stage.settings, stage.run_id, stage.params.table, exported.get("artifacts", []),
-                            [a.to_dict() for a in golden.artifacts], stage.meta(),
-                            on_copy=lambda published: stage.record.update(published=list(published)))

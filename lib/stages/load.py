@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import pandas as pd
 
 from lib import contract, db, db_load, db_read, formats, layout, registry, storage
-from lib.db_schema import history_table
+from lib.db_schema import history_table, staging_schema
+from lib.db_schema import stage as stage_table
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
 
@@ -36,9 +37,6 @@ def clean_object(stage: StageRun, s3) -> dict:
     return found[-1]
 
 
-HELD_SAMPLE = 1000  # held keys listed in the record with their reasons (the count is always whole)
-
-
 def quarantined(stage: StageRun, s3) -> dict[str, str]:
     """The keys stage 2 quarantined in the run this load reads, with their reasons, from its
     quarantine object (proven against stage 2's record): they are held, not retired."""
@@ -56,10 +54,12 @@ def quarantined(stage: StageRun, s3) -> dict[str, str]:
 
 
 def run(stage: StageRun) -> Loaded:
-    """Merge the run's silver table into PostgreSQL (lib/db_load.py `merge`: one transaction, history).
-    The silver object is checked against stage 2's record first; inside the transaction the rows
-    as stored are compared with stage 2's fingerprint, and a mismatch rolls the load back. Loading
-    data older than the table's latest load needs allow_rewind=true."""
+    """Merge the run's silver table into the run's staging copy of the table (lib/db_schema.py
+    `stage`, then lib/db_load.py `merge`: one transaction, history): the table consumers read changes
+    only when the whole run is proven and published (lib/publish.py). The silver object is checked
+    against stage 2's record first; inside the transaction the rows as stored are compared with
+    stage 2's fingerprint, and a mismatch rolls the load back. Loading data older than the table's
+    latest load needs allow_rewind=true."""
     settings, p = stage.settings, stage.params
     db_schema, table = p.db_schema, p.table
     s3 = storage.client(settings.store)
@@ -69,7 +69,9 @@ def run(stage: StageRun) -> Loaded:
     held = quarantined(stage, s3)
     fmt = formats.of_key(obj["key"])
     conn = stage.db_connection()
+    staged = staging_schema(stage.run_id)
     try:
+        base = stage_table(conn, db_schema, table, staged)
         # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
         # previous ones (a conversion error fails the COPY, so nothing is loaded).
         with db_load.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
@@ -77,7 +79,7 @@ def run(stage: StageRun) -> Loaded:
                 # The batch is proven inside the merge, and the whole table's fingerprint recomputed
                 # from its stored values in the same transaction.
                 result = db_load.merge(conn, csv_rows, db_load.MergeOptions(
-                    schema=db_schema, table=table, run_id=stage.run_id, mode=p.write_mode,
+                    schema=staged, table=table, run_id=stage.run_id, mode=p.write_mode,
                     retire_missing=p.retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
                     data_as_of=cleaned.get("data_as_of"), allow_rewind=p.allow_rewind, lists="array",
                     held=tuple(held)))
@@ -86,17 +88,20 @@ def run(stage: StageRun) -> Loaded:
         batch_rows = converted["result"]
         data = None  # the silver bytes (the converting thread's closure holds the same cell)
         current_rows = result["current_rows"]
-        sample = db_read.preview(conn, db_schema, table)
+        sample = db_read.preview(conn, staged, table)
         # The table's own population total (PostgreSQL's sum of a bigint is an exact numeric): what
         # the gold aggregates must add up to.
-        population_total = db_read.total(conn, db_schema, table, "population")
-        history_rows = db_read.count(conn, db_schema, history_table(table))
+        population_total = db_read.total(conn, staged, table, "population")
+        # The history once published: what it holds now, and this run's new versions.
+        history_rows = db_read.count(conn, staged, history_table(table)) + (
+            db_read.count(conn, db_schema, history_table(table)) if base is not None else 0)
     finally:
         conn.close()
-    stage.record.output({"uri": database_uri(settings, db_schema, table), "rows": current_rows,
+    stage.record.output({"uri": database_uri(settings, staged, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
     result["held_keys"] = [{"country": k, "reasons": held.get(k, "")} for k in result["held_keys"]]
     stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
+                        staged_schema=staged, staged_from_load=base,
                         history_rows=history_rows, population_total=population_total,
                         allow_rewind=p.allow_rewind)
     return Loaded(result, sample, current_rows, history_rows)

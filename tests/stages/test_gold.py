@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from lib import formats, layout, reconciliation, runs, source, storage
+from lib import formats, layout, publish, reconciliation, runs, source, storage
 from lib.stages import context, gold
 from tests.stages.helpers import gold_keys, run_stages
 
@@ -56,8 +56,9 @@ def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(se
     golden = gold.build(stage)
     with pytest.raises(reconciliation.ReconciliationError, match="'clean \\+ quarantine \\(silver\\) → PostgreSQL rows of this batch'"):
         gold.reconcile(stage, golden)
-    with pytest.raises(context.StageError, match="has not reconciled: nothing was published"):
-        gold.publish(stage, golden)
+    stage.finish()
+    with pytest.raises(publish.PublishError, match="did not reconcile: only a proven run can be published"):
+        publish.run(settings, bad)
     latest = storage.head(s3, settings.gold_bucket, layout.latest(layout.gold_table_key(table, good, formats.DEFAULT_GOLD)))
     assert latest["metadata"]["run-id"] == good  # latest still points at the last good run
 
@@ -73,7 +74,8 @@ def test_running_gold_again_compares_with_the_previous_run_not_itself(settings, 
     stage = context.begin("05_gold", second, table=table)
     again = gold.build(stage)
     gold.reconcile(stage, again)
-    gold.publish(stage, again)
+    stage.finish()
+    publish.run(settings, second)
     assert again.changes["previous_run_id"] == first
     assert list(again.changes["changed"]) == [changed]
     assert set(again.changes["changed"][changed]) == {"population"}
