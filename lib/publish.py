@@ -57,7 +57,7 @@ def _table(settings: config.Settings, run_id: str, loaded: dict) -> dict | None:
         conn.rollback()
         return db_load.merge(conn, batch, db_load.MergeOptions(
             schema=schema, table=table, run_id=run_id, mode="replace", allow_rewind=True, log_mode=details.get("mode", ""),
-            expected_fingerprint=details.get("current_fingerprint"), data_as_of=None))
+            expected_fingerprint=details.get("current_fingerprint"), data_as_of=details.get("data_as_of")))
     except db.DatabaseError as err:
         raise PublishError(f"{schema}.{table} could not be published: {err}") from None
     finally:
@@ -82,7 +82,7 @@ def run(settings: config.Settings, run_id: str) -> dict:
         "table": table, "run_id": run_id, "exported": export_objects, "gold": gold_objects, "metadata": metadata,
         "with_table": True}, indent=2).encode(), metadata=metadata, content_type="application/json")
     result = _table(settings, run_id, loaded) if loaded["details"].get("staged_schema") else None
-    published = objects(settings, run_id, table, export_objects, gold_objects, metadata)
+    published = objects(settings, run_id, table, export_objects, gold_objects, metadata, note=False)
     if loaded["details"].get("staged_schema"):
         conn = db.connect(settings.db, application_name=f"countries-medallion publish {run_id}")
         try:
@@ -90,6 +90,7 @@ def run(settings: config.Settings, run_id: str) -> dict:
         finally:
             conn.close()
     _record_published(settings, run_id, published)
+    storage.delete(s3, settings.gold_bucket, layout.pending_key(table))
     return {"run_id": run_id, "table": f"{loaded['details']['schema']}.{table}", "published": published,
             "load": result or {"inserted": 0, "updated": 0, "retired": 0}}
 
@@ -104,16 +105,18 @@ def _record_published(settings: config.Settings, run_id: str, published: list[st
 
 
 def objects(settings: config.Settings, run_id: str, table: str, exported: list[dict], gold: list[dict],
-            metadata: dict, on_copy=lambda published: None) -> list[str]:
+            metadata: dict, on_copy=lambda published: None, note: bool = True) -> list[str]:
     """Move the `latest` keys to a run's objects (its cloud export(s) `exported`, then its gold
     objects `gold`, the gold table first), then write the table's pointer naming the run. Returns
     the `latest` URIs; `on_copy(published so far)` is called after each copy (the stage record).
     What it moves is written first (`layout.pending_key`) and removed once the pointer is written:
-    a publish stopped half-way is finished by `finish_pending`, before anything else publishes."""
+    a publish stopped half-way is finished by `finish_pending`, before anything else publishes
+    (`note=False`: the caller writes and removes that note, around more steps of its own)."""
     s3 = storage.client(settings.store)
-    storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({
-        "table": table, "run_id": run_id, "exported": exported, "gold": gold, "metadata": metadata},
-        indent=2).encode(), metadata=metadata, content_type="application/json")
+    if note:
+        storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({
+            "table": table, "run_id": run_id, "exported": exported, "gold": gold, "metadata": metadata},
+            indent=2).encode(), metadata=metadata, content_type="application/json")
     moves = [(storage.cloud_client(settings.cloud), a) for a in exported
              if a.get("role") == "cloud" and layout.run_of(a["key"])]
     moves += [(s3, a) for a in gold]
@@ -137,7 +140,8 @@ def objects(settings: config.Settings, run_id: str, table: str, exported: list[d
         "table": table, "run_id": run_id, "gold_key": gold[0]["key"],
         "previous_run_id": previous[0], "previous_gold_key": previous[1], "published": published},
         indent=2).encode(), metadata=metadata, content_type="application/json")
-    storage.delete(s3, settings.gold_bucket, layout.pending_key(table))
+    if note:
+        storage.delete(s3, settings.gold_bucket, layout.pending_key(table))
     return published
 
 

@@ -9,6 +9,7 @@ import pytest
 from psycopg2 import sql
 
 from lib import db, layout, publish, quality, runs, source, storage
+from lib.stages import context, gold, parameters
 from tests.db_helpers import current, dump
 from tests.stages.helpers import run_stages
 
@@ -121,3 +122,114 @@ def test_a_publish_stopped_before_its_pointer_is_finished_by_the_next_command(se
     assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == second
     manifest = json.loads((runs.run_dir(settings, f"pend-c-{unique}") / "manifest.json").read_text())
     assert [f["run_id"] for f in manifest["finished_publishes"]] == [second]
+
+
+# --- write, audit, publish: nothing consumers read changes before the publish --------------------------
+
+def consumers_view(settings, s3, pg, table) -> tuple:
+    """Everything a consumer reads of a table: its rows, history and load log byte for byte, and
+    every `latest` object and pointer (keys and bytes)."""
+    cloud = storage.cloud_client(settings.cloud)
+    objects = []
+    for client, bucket in ((s3, settings.gold_bucket), (cloud, settings.cloud.bucket)):
+        for o in storage.list_objects(client, bucket):
+            if "/latest/" in o["key"] or o["key"].startswith(layout.PUBLISHED):
+                objects.append((bucket, o["key"], storage.get_bytes(client, bucket, o["key"])[0]))
+    return dump(pg, table), sorted(objects)
+
+
+def test_a_day_2_run_stopped_after_stage_4_or_failing_at_stage_5_changes_nothing_consumers_read(
+        settings, s3, pg, api, unique):
+    table = f"wap_{unique}"
+    run_stages(f"wap-a-{unique}", table)
+    before = consumers_view(settings, s3, pg, table)
+    records = json.loads(source.snapshot_bytes())
+    records[3]["population"] += 5
+    api.records = records[1:]  # one country gone, one changed: a real day 2
+    out = run_stages(f"wap-b-{unique}", table, upto=4)
+    assert out["load"].result["updated"] == 1 and out["load"].result["retired"] == 1  # staged, proven
+    assert consumers_view(settings, s3, pg, table) == before
+
+    export = out["export"][0]  # the same run, its export tampered with: stage 5 refuses it
+    cloud = storage.cloud_client(settings.cloud)
+    data, meta = storage.get_bytes(cloud, export.bucket, export.key)
+    cloud.put_object(Bucket=export.bucket, Key=export.key, Body=data.replace(b",", b";", 1), Metadata=meta)
+    with pytest.raises(context.StageError, match="checksum mismatch"):
+        gold.build(context.begin("05_gold", f"wap-b-{unique}", table=table))
+    with pytest.raises(publish.PublishError):
+        publish.run(settings, f"wap-b-{unique}")
+    assert consumers_view(settings, s3, pg, table) == before
+
+
+class Stop(BaseException):
+    """Stands for a kill at one step of the publish."""
+
+
+@pytest.mark.parametrize("step", ["before the table", "after the table", "during the copies", "before the pointer"])
+def test_a_publish_killed_at_any_step_leaves_pointer_readers_on_one_run_and_the_next_command_finishes_it(
+        settings, s3, pg, api, unique, monkeypatch, step):
+    table, first, second = f"kill_{unique}", f"kill-a-{unique}", f"kill-b-{unique}"
+    run_stages(first, table)
+    records = json.loads(source.snapshot_bytes())
+    records[7]["population"] += 9
+    api.records = records
+    run_stages(second, table, upto=5, publish_run=False)
+    staged = runs.read_stage(settings, second, "03_load")["details"]
+
+    real_table, real_copy, real_put = publish._table, storage.copy, storage.put_bytes
+    copies = []
+
+    def stop_table(*a, **kw):
+        if step == "after the table":
+            real_table(*a, **kw)
+        raise Stop
+
+    def stop_copy(*a, **kw):
+        copies.append(a)
+        if len(copies) == 2:
+            raise Stop
+        return real_copy(*a, **kw)
+
+    def stop_pointer(s3_, bucket, key, *a, **kw):
+        if key == layout.published_key(table):
+            raise Stop
+        return real_put(s3_, bucket, key, *a, **kw)
+
+    with monkeypatch.context() as m:
+        if step in ("before the table", "after the table"):
+            m.setattr(publish, "_table", stop_table)
+        elif step == "during the copies":
+            m.setattr(storage, "copy", stop_copy)
+        else:
+            m.setattr(storage, "put_bytes", stop_pointer)
+        with pytest.raises(Stop):
+            publish.run(settings, second)
+    assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == first  # one whole run
+
+    finished = publish.finish_pending(settings)  # what the next run or publish command does first
+    assert [f["run_id"] for f in finished] == [second]
+    assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == second
+    assert table_state(pg, table)[0] == staged["current_fingerprint"]
+    with pg.cursor() as cur:  # the table was published once, not twice
+        cur.execute('SELECT count(*) FROM pipeline_loads WHERE table_name = %s AND run_id = %s', (table, second))
+        assert cur.fetchone()[0] == 1
+    assert not db.table_exists(pg, staged["staged_schema"], table)  # the staging copy is gone
+
+
+def test_a_notebook_run_from_papermill_changes_nothing_consumers_read(settings, s3, pg, unique):
+    import papermill
+
+    from lib import registry
+
+    table = f"nb_{unique}"
+    run_stages(f"nb-a-{unique}", table)
+    before = consumers_view(settings, s3, pg, table)
+    run_id = f"papermill-nb-{unique}"
+    for stage in registry.STAGES:
+        given = {"run_id": run_id} | ({"table": table} if "table" in parameters.declared(stage.name) else {})
+        papermill.execute_notebook(str(stage.notebook), str(settings.outputs_dir / f"{run_id}-{stage.name}.ipynb"),
+                                   parameters=given, kernel_name="python3", progress_bar=False)
+    assert runs.read_stage(settings, run_id, "05_gold")["status"] == "succeeded"
+    assert consumers_view(settings, s3, pg, table) == before
+    done = publish.republish(settings, run_id)  # publishing it is an explicit, locked step
+    assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == run_id and done["published"]

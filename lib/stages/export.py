@@ -72,7 +72,7 @@ def run(stage: StageRun) -> list[storage.Artifact]:
                     stage.record.update(rows=rows, fingerprint=fp["fingerprint"], sha256=spool.sha256, key=key)
                 artifact = storage.put_stream(
                     cloud, settings.cloud.bucket, key, spool.rewound(), size=spool.size, digest=spool.sha256,
-                    rows=rows, inputs=[database_uri(settings, source if name == table else db_schema, name)], role="cloud",
+                    rows=rows, inputs=[database_uri(settings, db_schema, name)], role="cloud",
                     content_type="text/csv", metadata=stage.meta(table=f"{db_schema}.{name}"))
             finally:
                 spool.close()

@@ -53,6 +53,20 @@ def quarantined(stage: StageRun, s3) -> dict[str, str]:
             if isinstance(k, str) and k and "\x00" not in k}
 
 
+def versions(stage: StageRun, country: str) -> pd.DataFrame:
+    """Every recorded version of one country, oldest first: those published (the table's history),
+    then the ones this run staged (its publish adds them)."""
+    p, staged = stage.params, staging_schema(stage.run_id)
+    conn = stage.db_connection()
+    try:
+        present = [s for s in (p.db_schema, staged) if db.table_exists(conn, s, history_table(p.table))]
+    finally:
+        conn.close()
+    engine = db.engine(stage.settings.db)
+    found = [db_read.versions(engine, schema, p.table, country) for schema in present]
+    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+
+
 def run(stage: StageRun) -> Loaded:
     """Merge the run's silver table into the run's staging copy of the table (lib/db_schema.py
     `stage`, then lib/db_load.py `merge`: one transaction, history): the table consumers read changes
@@ -97,11 +111,12 @@ def run(stage: StageRun) -> Loaded:
             db_read.count(conn, db_schema, history_table(table)) if base is not None else 0)
     finally:
         conn.close()
-    stage.record.output({"uri": database_uri(settings, staged, table), "rows": current_rows,
+    # The table this run's rows are for (staged in `staged_schema` until the publish).
+    stage.record.output({"uri": database_uri(settings, db_schema, table), "rows": current_rows,
                          "inputs": [f"s3://{settings.clean_bucket}/{obj['key']}"], "role": "database"})
     result["held_keys"] = [{"country": k, "reasons": held.get(k, "")} for k in result["held_keys"]]
     stage.record.update(rows_in=batch_rows, rows_out=current_rows, **result, schema=db_schema, table=table,
-                        staged_schema=staged, staged_from_load=base,
+                        staged_schema=staged, staged_from_load=base, data_as_of=cleaned.get("data_as_of"),
                         history_rows=history_rows, population_total=population_total,
                         allow_rewind=p.allow_rewind)
     return Loaded(result, sample, current_rows, history_rows)

@@ -6,9 +6,10 @@ from lib import publish, storage
 from lib.stages import clean, context, export, gold, ingest, load
 
 
-def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", options: dict | None = None) -> dict:
+def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", options: dict | None = None,
+               publish_run: bool = True) -> dict:
     """Run stages 1..upto of one run the way the notebooks do; returns what each returned.
-    `options`: more parameters by stage."""
+    `options`: more parameters by stage; `publish_run`: publish it after stage 5, as the runner does."""
     out, options = {}, options or {}
     stage = context.begin("01_ingest", run_id, min_records=200, **options.get("01_ingest", {}))
     out["ingest"] = ingest.run(stage)
@@ -27,7 +28,8 @@ def run_stages(run_id: str, table: str, upto: int = 5, gold_format: str = "", op
         out["gold"] = gold.build(stage)
         gold.reconcile(stage, out["gold"])
         stage.finish()
-        publish.run(stage.settings, run_id)  # as the runner does once the run is proven
+        if publish_run:
+            publish.run(stage.settings, run_id)  # as the runner does once the run is proven
     return out
 
 
