@@ -321,10 +321,12 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
 
 
 def finish_publishes(settings) -> list[dict]:
-    """Before anything else under the lock: a publish stopped before its pointer is finished."""
+    """Before anything else under the lock: a publish stopped half-way is finished, and staging copies
+    older than `publish.STAGING_KEEP_DAYS` that were never published are dropped."""
     from lib import publish
 
     finished = publish.finish_pending(settings)
+    publish.drop_stale_staging(settings)
     for done in finished:
         print(f"finished the publish of run {done['run_id']} (table {done['table']}), stopped before its pointer")
     return finished

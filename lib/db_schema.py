@@ -4,7 +4,9 @@ contract, and an existing table migrated to the contract (or refused, saying wha
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+from datetime import datetime, timezone
 
 from psycopg2 import sql
 
@@ -91,6 +93,9 @@ def stage(conn, schema: str, table: str, staged: str) -> int | None:
     with transaction(conn), conn.cursor() as cur:
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(staged)))
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(ident(staged)))
+        # When it was made: a staging copy a run never published is dropped after some days (`staged_before`).
+        cur.execute(sql.SQL("COMMENT ON SCHEMA {} IS {}").format(ident(staged), sql.Literal(json.dumps(
+            {"staged": datetime.now(timezone.utc).isoformat()}))))
         if not table_exists(conn, schema, table):
             return None
         for name, rows in ((table, True), (history_table(table), False), (LOADS_TABLE, True)):
@@ -118,6 +123,23 @@ def loaded_since(cur, schema: str, table: str, run_id: str, since: int | None) -
     cur.execute(sql.SQL("SELECT 1 FROM {} WHERE table_name = %s AND run_id = %s AND load_id > %s").format(
         ident(schema, LOADS_TABLE)), (table, run_id, since or 0))
     return cur.fetchone() is not None
+
+
+def staged_before(conn, when: datetime) -> list[str]:
+    """The staging schemas made before `when` (by their comment), oldest first."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT nspname, obj_description(oid, 'pg_namespace') FROM pg_namespace "
+                    "WHERE nspname LIKE 'stage\\_%' ORDER BY nspname")
+        found = []
+        for name, comment in cur.fetchall():
+            try:
+                staged = datetime.fromisoformat(json.loads(comment or "{}")["staged"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if staged < when:
+                found.append((staged, name))
+    conn.rollback()
+    return [name for _, name in sorted(found)]
 
 
 def drop_staging(conn, staged: str) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timedelta, timezone
 
 from lib import config, db, db_load, db_read, db_schema, formats, layout, names, quality, registry, runs, storage
 from lib.contract import COLUMNS
@@ -143,6 +144,23 @@ def objects(settings: config.Settings, run_id: str, table: str, exported: list[d
     if note:
         storage.delete(s3, settings.gold_bucket, layout.pending_key(table))
     return published
+
+
+STAGING_KEEP_DAYS = 7  # a run's staging copy that was never published is dropped after this many days
+
+
+def drop_stale_staging(settings: config.Settings, days: float = STAGING_KEEP_DAYS) -> list[str]:
+    """Drop the staging copies made more than `days` ago and never published (a failed or abandoned
+    run's; a published run's is dropped by its publish). Call it holding the pipeline lock."""
+    conn = db.connect(settings.db, application_name="countries-medallion staging cleanup")
+    try:
+        stale = db_schema.staged_before(conn, datetime.now(timezone.utc) - timedelta(days=days))
+        for name in stale:
+            db_schema.drop_staging(conn, name)
+            log.info("dropped the staging copy %s (made more than %s days ago, never published)", name, days)
+    finally:
+        conn.close()
+    return stale
 
 
 def finish_pending(settings: config.Settings) -> list[dict]:

@@ -165,7 +165,8 @@ class Stop(BaseException):
     """Stands for a kill at one step of the publish."""
 
 
-@pytest.mark.parametrize("step", ["before the table", "after the table", "during the copies", "before the pointer"])
+@pytest.mark.parametrize("step", ["before the table", "after the table", "during the copies", "before the pointer",
+                                  "after the pointer"])
 def test_a_publish_killed_at_any_step_leaves_pointer_readers_on_one_run_and_the_next_command_finishes_it(
         settings, s3, pg, api, unique, monkeypatch, step):
     table, first, second = f"kill_{unique}", f"kill-a-{unique}", f"kill-b-{unique}"
@@ -190,6 +191,9 @@ def test_a_publish_killed_at_any_step_leaves_pointer_readers_on_one_run_and_the_
             raise Stop
         return real_copy(*a, **kw)
 
+    def stop_drop(*a, **kw):
+        raise Stop
+
     def stop_pointer(s3_, bucket, key, *a, **kw):
         if key == layout.published_key(table):
             raise Stop
@@ -200,11 +204,14 @@ def test_a_publish_killed_at_any_step_leaves_pointer_readers_on_one_run_and_the_
             m.setattr(publish, "_table", stop_table)
         elif step == "during the copies":
             m.setattr(storage, "copy", stop_copy)
+        elif step == "after the pointer":
+            m.setattr(publish.db_schema, "drop_staging", stop_drop)
         else:
             m.setattr(storage, "put_bytes", stop_pointer)
         with pytest.raises(Stop):
             publish.run(settings, second)
-    assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == first  # one whole run
+    # Readers of the pointer see one whole run: the previous one, or this one once its pointer is written.
+    assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == (second if step == "after the pointer" else first)
 
     finished = publish.finish_pending(settings)  # what the next run or publish command does first
     assert [f["run_id"] for f in finished] == [second]
@@ -233,3 +240,14 @@ def test_a_notebook_run_from_papermill_changes_nothing_consumers_read(settings, 
     assert consumers_view(settings, s3, pg, table) == before
     done = publish.republish(settings, run_id)  # publishing it is an explicit, locked step
     assert publish.pointer(s3, settings.gold_bucket, table)["run_id"] == run_id and done["published"]
+
+
+def test_a_staging_copy_never_published_is_dropped_after_some_days(settings, pg, unique):
+    run_id = f"stale-{unique}"
+    run_stages(run_id, f"stale_{unique}", upto=4)  # staged, never published
+    staged = runs.read_stage(settings, run_id, "03_load")["details"]["staged_schema"]
+    assert staged not in publish.drop_stale_staging(settings)  # a fresh one stays
+    with pg.cursor() as cur:
+        cur.execute(f'COMMENT ON SCHEMA "{staged}" IS \'{{"staged": "2026-01-01T00:00:00+00:00"}}\'')
+    assert staged in publish.drop_stale_staging(settings)
+    assert not db.table_exists(pg, staged, f"stale_{unique}")
