@@ -8,11 +8,12 @@ import json
 import logging
 from datetime import datetime, timezone
 
+import psycopg2
 from psycopg2 import sql
 
 from lib import names
 from lib.contract import CONTRACT, COLUMNS, KEY
-from lib.db import LOADS_TABLE, ContractMismatch, ident, table_exists, transaction
+from lib.db import LOADS_TABLE, ContractMismatch, DatabaseError, ident, table_exists, transaction
 
 log = logging.getLogger(__name__)
 
@@ -87,9 +88,17 @@ def staging_schema(run_id: str) -> str:
 
 def stage(conn, schema: str, table: str, staged: str) -> int | None:
     """A run's staging copy of `schema.table` in schema `staged` (made again from scratch): the
-    current rows, an empty history and the load log (its rewind guard reads it). Consumers read the
-    table in `schema`, untouched. Returns the table's latest load id then (None: no load yet), which
-    the publish checks again: a table published meanwhile is not overwritten."""
+    current rows, the history and the load log, so that the copy is the tables as the publish will
+    leave them once the run's load is in. Consumers read the tables in `schema`, untouched. Returns
+    the table's latest load id then (None: no load yet), which the publish checks again: a table
+    published meanwhile is not overwritten. Raises DatabaseError (nothing staged) on any error."""
+    try:
+        return _stage(conn, schema, table, staged)
+    except psycopg2.Error as err:
+        raise DatabaseError(f"staging {schema}.{table} failed and was rolled back: {err}".strip()) from None
+
+
+def _stage(conn, schema: str, table: str, staged: str) -> int | None:
     with transaction(conn), conn.cursor() as cur:
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(staged)))
         cur.execute(sql.SQL("CREATE SCHEMA {}").format(ident(staged)))
@@ -98,13 +107,11 @@ def stage(conn, schema: str, table: str, staged: str) -> int | None:
             {"staged": datetime.now(timezone.utc).isoformat()}))))
         if not table_exists(conn, schema, table):
             return None
-        for name, rows in ((table, True), (history_table(table), False), (LOADS_TABLE, True)):
+        for name in (table, history_table(table), LOADS_TABLE):
             if table_exists(conn, schema, name):
                 cur.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
                     ident(staged, name), ident(schema, name)))
-                if rows:
-                    cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(
-                        ident(staged, name), ident(schema, name)))
+                cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(ident(staged, name), ident(schema, name)))
         return latest_load(cur, schema, table)
 
 

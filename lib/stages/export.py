@@ -46,7 +46,7 @@ def run(stage: StageRun) -> list[storage.Artifact]:
 
     def copy_table(name: str, *sinks) -> int:
         tee = storage.Tee(*sinks)
-        rows = db_read.copy_out(conn, source if name == table else db_schema, name,
+        rows = db_read.copy_out(conn, source if source != db_schema and db.table_exists(conn, source, name) else db_schema, name,
                                 formats.UpperHeader(tee) if column_case == "upper" else tee,
                                 pipeline_table=name == table)
         tee.flush()

@@ -54,17 +54,15 @@ def quarantined(stage: StageRun, s3) -> dict[str, str]:
 
 
 def versions(stage: StageRun, country: str) -> pd.DataFrame:
-    """Every recorded version of one country, oldest first: those published (the table's history),
-    then the ones this run staged (its publish adds them)."""
+    """Every recorded version of one country, oldest first, as the history will hold them once this
+    run is published (its staging copy; the table's own history when that copy is gone)."""
     p, staged = stage.params, staging_schema(stage.run_id)
     conn = stage.db_connection()
     try:
-        present = [s for s in (p.db_schema, staged) if db.table_exists(conn, s, history_table(p.table))]
+        schema = staged if db.table_exists(conn, staged, history_table(p.table)) else p.db_schema
     finally:
         conn.close()
-    engine = db.engine(stage.settings.db)
-    found = [db_read.versions(engine, schema, p.table, country) for schema in present]
-    return pd.concat(found, ignore_index=True) if found else pd.DataFrame()
+    return db_read.versions(db.engine(stage.settings.db), schema, p.table, country)
 
 
 def run(stage: StageRun) -> Loaded:
@@ -85,7 +83,10 @@ def run(stage: StageRun) -> Loaded:
     conn = stage.db_connection()
     staged = staging_schema(stage.run_id)
     try:
-        base = stage_table(conn, db_schema, table, staged)
+        try:
+            base = stage_table(conn, db_schema, table, staged)
+        except db.DatabaseError as err:
+            raise StageError(str(err)) from None
         # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
         # previous ones (a conversion error fails the COPY, so nothing is loaded).
         with db_load.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
@@ -106,9 +107,7 @@ def run(stage: StageRun) -> Loaded:
         # The table's own population total (PostgreSQL's sum of a bigint is an exact numeric): what
         # the gold aggregates must add up to.
         population_total = db_read.total(conn, staged, table, "population")
-        # The history once published: what it holds now, and this run's new versions.
-        history_rows = db_read.count(conn, staged, history_table(table)) + (
-            db_read.count(conn, db_schema, history_table(table)) if base is not None else 0)
+        history_rows = db_read.count(conn, staged, history_table(table))  # once published
     finally:
         conn.close()
     # The table this run's rows are for (staged in `staged_schema` until the publish).

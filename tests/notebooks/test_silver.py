@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 
-from lib import db_read, formats, layout, storage
+from lib import db, db_read, formats, layout, storage
 from tests.notebooks.helpers import (by_name, counts_shown, executed, keys_of_run, manifest, payload,
                                      read_object, read_table, renamed, snapshot, table_exists, cell_output)
 
@@ -76,7 +76,10 @@ def test_bad_records_are_quarantined_with_reasons_and_drift_is_reported(run_pipe
     # Silver and PostgreSQL hold exactly the 249 good countries, with their own values.
     clean_key = [k for k in keys_of_run(s3, settings.clean_bucket, run_id) if layout.is_clean(k)]
     clean = read_table(s3, settings.clean_bucket, clean_key[0])
-    current = db_read.current(pg, "public", table)
+    # Stages 1-3 only: the run's rows are in its staging copy; consumers' table is not there yet.
+    staged = manifest(settings, run_id)["stages"]["03_load"]["details"]["staged_schema"]
+    current = db_read.current(pg, staged, table)
+    assert not db.table_exists(pg, "public", table)
     for frame in (clean, current):
         assert len(frame) == 249 and frame["name_common"].is_unique
         assert dict(zip(frame["name_common"], frame["population"])) == {
