@@ -1,8 +1,10 @@
 """Publishing a proven run: what consumers read moves to it, in one fixed order.
 
-- `objects`: the run's `latest` copies (the cloud export, then the gold objects), then, written last,
-  the table's pointer `_published/<table>.json` in the gold bucket: the published run, its gold
-  table's key and the run published before it. Stage 5 calls it once every hop has reconciled.
+- `run`: the runner publishes a run once every hop has reconciled, holding the lock: the table from
+  the run's staging copy, then `objects`: its `latest` copies (the cloud export, then the gold
+  objects) and, written last, the table's pointer `_published/<table>.json` in the gold bucket (the
+  published run, its gold table's key and the run published before it). `finish_pending` finishes
+  a publish that was stopped half-way.
 - `republish`: make an earlier proven run current again (a rollback, `run_pipeline.py publish
   RUN_ID`, under the pipeline lock): the table is restored to the state that run left (from the
   history, as a `replace` load of that run: recorded in `pipeline_loads` and the history like any
@@ -32,6 +34,20 @@ def pointer(s3, bucket: str, table: str) -> dict | None:
     if storage.head(s3, bucket, layout.published_key(table)) is None:
         return None
     return json.loads(storage.get_bytes(s3, bucket, layout.published_key(table))[0])
+
+
+def _note(s3, settings: config.Settings, table: str, **what) -> None:
+    """Write down what a publish moves, before its first step (`finish_pending` reads it)."""
+    storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({"table": table, **what},
+                      indent=2).encode(), metadata=what["metadata"], content_type="application/json")
+
+
+def _objects_of(exported: dict, gold: dict) -> tuple[list[dict], list[dict]]:
+    """A run's objects to publish, from its export and gold stage records: the cloud export(s), and
+    the gold objects with the gold table first."""
+    gold_objects = sorted((a for a in gold["artifacts"] if "key" in a),
+                          key=lambda a: a["key"] != gold["details"].get("gold_key"))
+    return [a for a in exported["artifacts"] if a.get("role") == "cloud"], gold_objects
 
 
 def _table(settings: config.Settings, run_id: str, loaded: dict) -> dict | None:
@@ -73,15 +89,12 @@ def run(settings: config.Settings, run_id: str) -> dict:
     load and the published URIs (also in the gold stage's record, which the manifest derives from)."""
     loaded, exported, gold = _proven(settings, run_id)
     table = loaded["details"]["table"]
-    gold_objects = [a for a in gold["artifacts"] if "key" in a]
-    gold_objects.sort(key=lambda a: a["key"] != gold["details"].get("gold_key"))  # the gold table first
-    export_objects = [a for a in exported["artifacts"] if a.get("role") == "cloud"]
+    export_objects, gold_objects = _objects_of(exported, gold)
     s3 = storage.client(settings.store)
     metadata = {"run-id": run_id, "stage": "publish"}
     storage.ensure_bucket(s3, settings.gold_bucket)
-    storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({
-        "table": table, "run_id": run_id, "exported": export_objects, "gold": gold_objects, "metadata": metadata,
-        "with_table": True}, indent=2).encode(), metadata=metadata, content_type="application/json")
+    _note(s3, settings, table, run_id=run_id, exported=export_objects, gold=gold_objects, metadata=metadata,
+          with_table=True)
     result = _table(settings, run_id, loaded) if loaded["details"].get("staged_schema") else None
     published = objects(settings, run_id, table, export_objects, gold_objects, metadata, note=False)
     if loaded["details"].get("staged_schema"):
@@ -106,18 +119,15 @@ def _record_published(settings: config.Settings, run_id: str, published: list[st
 
 
 def objects(settings: config.Settings, run_id: str, table: str, exported: list[dict], gold: list[dict],
-            metadata: dict, on_copy=lambda published: None, note: bool = True) -> list[str]:
+            metadata: dict, note: bool = True) -> list[str]:
     """Move the `latest` keys to a run's objects (its cloud export(s) `exported`, then its gold
     objects `gold`, the gold table first), then write the table's pointer naming the run. Returns
-    the `latest` URIs; `on_copy(published so far)` is called after each copy (the stage record).
-    What it moves is written first (`layout.pending_key`) and removed once the pointer is written:
+    the `latest` URIs. What it moves is written first (`layout.pending_key`) and removed once the pointer is written:
     a publish stopped half-way is finished by `finish_pending`, before anything else publishes
     (`note=False`: the caller writes and removes that note, around more steps of its own)."""
     s3 = storage.client(settings.store)
     if note:
-        storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({
-            "table": table, "run_id": run_id, "exported": exported, "gold": gold, "metadata": metadata},
-            indent=2).encode(), metadata=metadata, content_type="application/json")
+        _note(s3, settings, table, run_id=run_id, exported=exported, gold=gold, metadata=metadata)
     moves = [(storage.cloud_client(settings.cloud), a) for a in exported
              if a.get("role") == "cloud" and layout.run_of(a["key"])]
     moves += [(s3, a) for a in gold]
@@ -135,7 +145,6 @@ def objects(settings: config.Settings, run_id: str, table: str, exported: list[d
         for stale in formats.other_format_keys(latest):
             storage.delete(client, artifact["bucket"], stale)
         published.append(f"s3://{artifact['bucket']}/{latest}")
-        on_copy(published)
     # Written last: the pointer names this run as the published one, and where its gold table is.
     storage.put_bytes(s3, settings.gold_bucket, layout.published_key(table), json.dumps({
         "table": table, "run_id": run_id, "gold_key": gold[0]["key"],
@@ -226,9 +235,7 @@ def republish(settings: config.Settings, run_id: str) -> dict:
         return run(settings, run_id)
     s3 = storage.client(settings.store)
     clients = {False: s3, True: storage.cloud_client(settings.cloud)}
-    export_objects = [a for a in exported["artifacts"] if a.get("role") == "cloud"]
-    gold_objects = [a for a in gold["artifacts"] if "key" in a]
-    gold_objects.sort(key=lambda a: a["key"] != gold["details"].get("gold_key"))  # the gold table first
+    export_objects, gold_objects = _objects_of(exported, gold)
     _present(clients, export_objects + gold_objects, run_id)
     conn = db.connect(settings.db, application_name=f"countries-medallion publish {run_id}")
     try:

@@ -87,24 +87,30 @@ class Killed(BaseException):
     """Stands for a kill between two copies of a publish."""
 
 
-def interrupted_publish(settings, run_id: str, table: str) -> None:
+def interrupted_publish(settings, run_id: str, table: str, monkeypatch) -> None:
     """Publish a run's objects again, stopped after its first copy (before its pointer)."""
     exported = runs.read_stage(settings, run_id, "04_export")["artifacts"]
     gold = [a for a in runs.read_stage(settings, run_id, "05_gold")["artifacts"] if "key" in a]
+    copy, copies = storage.copy, []
 
-    def kill(published):
+    def copy_then_kill(*args, **kwargs):
+        copies.append(args)
+        copy(*args, **kwargs)
         raise Killed
 
-    with pytest.raises(Killed):
-        publish.objects(settings, run_id, table, exported, gold, {"run-id": run_id}, on_copy=kill)
+    with monkeypatch.context() as m, pytest.raises(Killed):
+        m.setattr(storage, "copy", copy_then_kill)
+        publish.objects(settings, run_id, table, exported, gold, {"run-id": run_id})
+    assert len(copies) == 1
 
 
-def test_a_publish_stopped_before_its_pointer_is_finished_by_the_next_command(settings, s3, run_pipeline, unique):
+def test_a_publish_stopped_before_its_pointer_is_finished_by_the_next_command(settings, s3, run_pipeline, unique,
+                                                                             monkeypatch):
     table, first, second = f"pend_{unique}", f"pend-a-{unique}", f"pend-b-{unique}"
     run_stages(first, table)
     _, first_gold = latest_gold(settings, s3, table)
     run_stages(second, table)
-    interrupted_publish(settings, first, table)
+    interrupted_publish(settings, first, table, monkeypatch)
     pointer = publish.pointer(s3, settings.gold_bucket, table)
     assert pointer["run_id"] == second  # readers of the pointer still see one run: the last whole publish
     assert storage.head(s3, settings.gold_bucket, layout.pending_key(table)) is not None
@@ -115,7 +121,7 @@ def test_a_publish_stopped_before_its_pointer_is_finished_by_the_next_command(se
     assert (pointer["run_id"], pointer["previous_run_id"]) == (first, second) and gold == first_gold
     assert storage.head(s3, settings.gold_bucket, layout.pending_key(table)) is None
 
-    interrupted_publish(settings, second, table)  # and the next run does it before anything else
+    interrupted_publish(settings, second, table, monkeypatch)  # and the next run does it before anything else
     res = run_pipeline("--stages", "1", "--run-id", f"pend-c-{unique}")
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"finished the publish of run {second} (table {table}), stopped before its pointer" in res.stdout
