@@ -17,6 +17,7 @@ Exit codes: 0 success, 1 a stage or preflight failed, 2 bad arguments or configu
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import sys
 
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
-from lib import config, names, params, registry, runner, runs
+from lib import config, files, names, params, registry, runner, runs
 from lib.stages import parameters
 from lib.errors import PipelineError
 from lib import log as logsetup
@@ -135,7 +136,10 @@ def cmd_report(argv: list[str]) -> int:
             print(report.write_all(config.outputs_dir()))
             return 0
         run_dir = runs.run_dir(config.outputs_dir(), args.run_id)
-        print(report.write(run_dir))
+        if args.run_id not in report.sweep(config.outputs_dir()):  # a swept run has its pages already
+            print(report.write(run_dir))
+        else:
+            print(run_dir / "report.html")
         print(report.write_index(config.outputs_dir()))
     except names.InvalidName as err:
         return usage_error(str(err))
@@ -156,9 +160,15 @@ def review_parser(command: str, description: str, *runs_: str) -> argparse.Argum
 
 def cmd_runs(argv: list[str]) -> int:
     args = review_parser("runs", "Every run, newest first.").parse_args(argv)
-    from lib import review
+    from lib import endings, review
 
-    rows = review.summaries(config.outputs_dir())
+    outputs = config.outputs_dir()
+    marked = endings.sweep(outputs)  # runs whose process is gone are shown `abandoned`, with their pages
+    if marked:
+        from lib import report
+
+        report.pages_of(outputs, marked)
+    rows = review.summaries(outputs)
     print(review.runs_json(rows) if args.json else review.runs_table(rows))
     return 0
 
@@ -277,47 +287,94 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         print(f"run_pipeline.py: {err}", file=sys.stderr)
         return runner.EXIT_FAILED
 
-    if args.resume:
-        previous = runs.read_json(runs.manifest_path(settings, run_id))
-        if previous is None:
-            return usage_error(f"--resume {run_id}: no run record at {runs.run_dir(settings, run_id)}")
-        all_stages = previous["requested_stages"]
-        chosen = previous["parameters"]
-        stages = all_stages[runs.RunRecord(settings, run_id, previous).first_unfinished():]
-        if not stages:
-            print(f"run {run_id} already succeeded: nothing to resume")
-            return 0
-        log.info("resuming run %s at %s", run_id, stages[0])
+    # 3. The lock first: a second run learns at once that another one goes, before any preflight.
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(db.pipeline_lock(settings.db, run_id, args.wait_for_lock))
+        except db.LockBusy as err:
+            print(f"run_pipeline.py: {err}", file=sys.stderr)
+            return err.exit_code
+        except db.DatabaseError as err:  # the database does not answer: say it with the rest the preflight finds
+            plan = resume_plan(settings, run_id) if args.resume else (stages, chosen)
+            if plan is None:
+                return usage_error(f"--resume {run_id}: no run record at {runs.run_dir(settings, run_id)}")
+            found = runner.preflight(settings, plan[0] or [], plan[1] or {})
+            return preflight_failed(settings, run_id, plan[0] or [], plan[1] or {}, found or [f"database: {err}"],
+                                    logfile, kernels)
+        try:
+            return locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels)
+        except PipelineError as err:  # the database or the object store went away
+            print(f"run_pipeline.py: {err}", file=sys.stderr)
+            return err.exit_code
 
-    # 3. Preflight, then the lock, then the stages. The kernel boots (and imports lib) meanwhile.
-    hints: dict[str, dict] = {}
-    problems = runner.preflight(settings, stages, chosen, hints)
-    if problems:
-        kernels.close()
-        print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-        failed = {"run_id": run_id, "status": "failed", "preflight": problems}
-        if runs.manifest_path(settings, run_id).exists():
-            # An existing run: record the stages asked for, so that --resume goes on with them.
+
+def resume_plan(settings, run_id) -> tuple[list[str], dict] | None:
+    """The stages a resumed run still has to run (from its first that did not succeed) and their
+    parameters, or None when the run has no record."""
+    previous = runs.read_json(runs.manifest_path(settings, run_id))
+    if previous is None:
+        return None
+    first = runs.RunRecord(settings, run_id, previous).first_unfinished()
+    return previous["requested_stages"][first:], previous["parameters"]
+
+
+def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels, record_new=False) -> int:
+    """Say what the preflight found; an existing run (or, with `record_new`, a new one) records it so
+    that `--resume` goes on with the stages asked for. Nothing ran."""
+    kernels.close()
+    print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    failed = {"run_id": run_id, "status": "failed", "preflight": problems}
+    if record_new or runs.manifest_path(settings, run_id).exists():
+        try:
             record = runs.RunRecord.open(settings, run_id, stages, chosen)
             record.data["preflight"] = problems
             record.finish("failed")
             failed = record.data
-            print(f"  after fixing the cause: python run_pipeline.py --resume {run_id}", file=sys.stderr)
-        from lib import alerts
+            print(f"  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
+        except OSError as err:  # not even the record fits
+            print(f"  no run record was written: {err}", file=sys.stderr)
+    from lib import alerts
 
-        # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
-        alerts.after_run(failed, runs.run_dir(settings, run_id), settings.secrets(), logfile)
-        return runner.EXIT_FAILED
+    # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
+    alerts.after_run(failed, runs.run_dir(settings, run_id), settings.secrets(), logfile)
+    return runner.EXIT_FAILED
+
+
+def resume_hint(run_id: str) -> str:
+    return f"python run_pipeline.py --resume {run_id}"
+
+
+def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) -> int:
+    """Everything a run does holding the pipeline lock: preflight, finishing earlier publishes, marking
+    runs that ended unsaid, then the stages."""
+    from lib import db, endings
+
+    if args.resume:
+        plan = resume_plan(settings, run_id)
+        if plan is None:
+            return usage_error(f"--resume {run_id}: no run record at {runs.run_dir(settings, run_id)}")
+        stages, chosen = plan
+        if not stages:
+            print(f"run {run_id} already succeeded: nothing to resume")
+            return 0
+        log.info("resuming run %s at %s", run_id, stages[0])
+    hints: dict[str, dict] = {}
+    problems = runner.preflight(settings, stages, chosen, hints)
+    if problems:
+        return preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels)
     runner.install_signal_handlers()
-    try:
-        with db.pipeline_lock(settings.db, run_id, args.wait_for_lock):
-            if args.resume:  # a killed kernel's session would block the resumed load
-                db.end_run_sessions(settings.db, run_id)
-            finished = finish_publishes(settings)
-            return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints, finished)
-    except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
-        return err.exit_code
+    if args.resume:  # a killed kernel's session would block the resumed load
+        db.end_run_sessions(settings.db, run_id)
+    finished = finish_publishes(settings)
+    marked = endings.sweep(settings.outputs_dir, holding_lock=run_id)
+    if marked:
+        from lib import report
+
+        report.pages_of(settings.outputs_dir, marked)
+    space = config.space_problems(env, runner.expected_payload(settings))
+    if space:  # recorded, so that `--resume` goes on once there is room
+        return preflight_failed(settings, run_id, stages, chosen, space, logfile, kernels, record_new=True)
+    return run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels, hints, finished)
 
 
 def finish_publishes(settings) -> list[dict]:
@@ -332,13 +389,20 @@ def finish_publishes(settings) -> list[dict]:
     return finished
 
 
-def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hints=None, finished=()) -> int:
+def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=None, hints=None, finished=()) -> int:
     from lib import alerts, report
 
     record = runs.RunRecord.open(settings, run_id, stages, chosen)
     if finished:  # this run's record says which earlier publish it finished first
         record.data["finished_publishes"] = list(finished)
         record.save()
+    try:
+        runs.hold_reserve(record.dir)  # room for the final record, whatever fills the disk meanwhile
+    except OSError as err:
+        record.data["preflight"] = [str(err)]
+        record.finish("failed")
+        print(f"run_pipeline.py: {err}\n  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
+        return runner.EXIT_FAILED
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
     status, code = "succeeded", 0
@@ -354,24 +418,32 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
         except runner.Interrupted as why:
             status, code = "interrupted", runner.EXIT_INTERRUPTED
             print(f"\nrun {run_id} interrupted ({why}) during {stage}; "
-                  f"resume with: python run_pipeline.py --resume {run_id}", file=sys.stderr)
+                  f"resume with: {resume_hint(run_id)}", file=sys.stderr)
             break
         except Exception as err:  # noqa: BLE001 - any stage failure ends the run the same way
             status, code = "failed", runner.EXIT_FAILED
             print(f"\nstage {stage} FAILED in {runner.failed_cell(err)}\n"
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
-                  f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
+                  f"  after fixing the cause:     {resume_hint(run_id)}", file=sys.stderr)
             break
     if status == "succeeded" and registry.reconciler().name in stages:
         # The run is proven: what consumers read moves to it now, in a fixed order (lib/publish.py),
-        # while this run holds the pipeline lock.
+        # while this run holds the pipeline lock. Not when its log lost lines or the disks are too
+        # full to take what the publish writes.
         from lib import publish
 
         try:
+            refused = config.space_problems(env, runner.expected_payload(settings, run_id))
+            if logsetup.failure():
+                refused.append(logsetup.failure())
+            if refused:
+                raise publish.PublishError("; ".join(refused))
             publish.run(settings, run_id)
         except PipelineError as err:
             status, code = "failed", runner.EXIT_FAILED
-            print(f"\nrun {run_id} was not published: {err}", file=sys.stderr)
+            record.data["error"] = f"not published: {err}"
+            print(f"\nrun {run_id} was not published: {err}\n  after fixing the cause: {resume_hint(run_id)}",
+                  file=sys.stderr)
     if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
@@ -399,9 +471,13 @@ COMMANDS = {"stack": cmd_stack, "lab": cmd_lab, "report": cmd_report, "runs": cm
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in COMMANDS:
-        return COMMANDS[argv[0]](argv[1:])
-    return cmd_run(argv)
+    try:
+        if argv and argv[0] in COMMANDS:
+            return COMMANDS[argv[0]](argv[1:])
+        return cmd_run(argv)
+    except (files.NoSpace, logsetup.LogWriteError) as err:  # a full disk: said in one line, never a traceback
+        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        return runner.EXIT_FAILED
 
 
 def leave(code: int) -> None:

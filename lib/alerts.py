@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from lib import config, registry
+from lib import config, registry, runs
 from lib.registry import Layer
 
 log = logging.getLogger(__name__)
@@ -45,8 +45,8 @@ def reasons(manifest: dict, quarantine_threshold: int = 0) -> list[str]:
     found = []
     stages = manifest.get("stages", {})
     status = manifest.get("status")
-    if status in ("failed", "interrupted"):
-        bad = [(s, e) for s, e in stages.items() if e.get("status") in ("failed", "interrupted")]
+    if status in runs.ENDED_BADLY:
+        bad = [(s, e) for s, e in stages.items() if e.get("status") in runs.ENDED_BADLY]
         if bad:
             stage, entry = bad[-1]
             error = entry.get("error") or status

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
+from lib import files
 from lib.review import LAYERS
 
 FILES = {"rows": "trend-rows.png", "durations": "trend-durations.png", "regions": "trend-regions.png"}
@@ -42,8 +44,10 @@ def _save(fig, path: Path) -> None:
     # with a whole draw of its own before the one that writes the file (~0.1 s a chart).
     fig.subplots_adjust(left=0.08, right=0.985, top=0.9, bottom=0.2 if fig.get_figheight() < 4.5 else 0.13,
                         hspace=0.12)
-    fig.savefig(path, dpi=90)
+    picture = io.BytesIO()
+    fig.savefig(picture, dpi=90, format=path.suffix.lstrip(".") or "png")
     _pyplot().close(fig)
+    files.write(path, picture.getvalue())
 
 
 def _rows(top, bottom, runs: list[dict]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from lib import contract, names, params, stack_state
+from lib import contract, files, names, params, stack_state
 from lib.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -210,6 +210,30 @@ def check_folders(env: dict[str, str]) -> None:
     """Usable outputs and logs folders, checked before a run starts. Raises ConfigError."""
     _usable_dir(outputs_dir(env), "PIPELINE_OUTPUTS_DIR")
     _usable_dir(logs_dir(env), "PIPELINE_LOGS_DIR")
+
+
+# Free space a run needs, checked before it starts and again before it publishes (docs/faults.md):
+# folder variable → (bytes, times the expected payload). outputs/ holds the record and its pages
+# (~2 MiB a run), logs/ a day's lines; the embedded stack's state folder holds the data, several times
+# over: the raw payload, silver, the table with its history and staging copy, the export and gold.
+SPACE_NEEDED = {"PIPELINE_OUTPUTS_DIR": (16 << 20, 0), "PIPELINE_LOGS_DIR": (1 << 20, 0),
+                "PIPELINE_STATE_DIR": (64 << 20, 8)}
+
+
+def space_problems(env: dict[str, str], payload_bytes: int) -> list[str]:
+    """What lacks free space for a run whose raw payload is about `payload_bytes` (empty: enough).
+    The state folder is checked only when the embedded stack keeps its data there."""
+    folders = {"PIPELINE_OUTPUTS_DIR": outputs_dir(env), "PIPELINE_LOGS_DIR": logs_dir(env)}
+    if uses_embedded_store(env) or uses_embedded_db(env):
+        folders["PIPELINE_STATE_DIR"] = state_dir(env)
+    problems = []
+    for variable, folder in folders.items():
+        fixed, times = SPACE_NEEDED[variable]
+        needed, free = fixed + times * payload_bytes, files.free_bytes(folder)
+        if free < needed:
+            problems.append(f"not enough free space in {folder} ({variable}): {files.size(free)} free, a run "
+                            f"needs at least {files.size(needed)} there")
+    return problems
 
 
 def uses_embedded_store(env: dict[str, str]) -> bool:

@@ -47,7 +47,8 @@ DEFAULT_NAMESPACE = "countries-medallion"
 PIPELINE_JOB = "countries_medallion"
 # Run ids are UUIDs in OpenLineage: derived from ours, so START and its end event share one.
 _UUID_NS = uuid.UUID("5b3c8f0e-8a57-4a55-9e4e-4c6f3c9d7a11")
-_END_STATES = {"succeeded": RunState.COMPLETE, "failed": RunState.FAIL, "interrupted": RunState.ABORT}
+_END_STATES = {"succeeded": RunState.COMPLETE, "failed": RunState.FAIL, "interrupted": RunState.ABORT,
+               "abandoned": RunState.ABORT}
 
 
 def namespace() -> str:

@@ -40,13 +40,30 @@ class LogWriteError(PipelineError, OSError):
     """The log file cannot be written (disk full, read-only, /dev/full): lines would be lost."""
 
 
+_FAILURE: list[str] = []  # why this process's log file stopped taking lines (at most one reason)
+
+
+def failure() -> str | None:
+    """Why this process's log file stopped taking lines, or None: a run whose log lost lines is not
+    published (run_pipeline.py)."""
+    return _FAILURE[0] if _FAILURE else None
+
+
 class _FileHandler(logging.FileHandler):
-    """A file handler that fails loudly: a line that cannot be written raises instead of being
-    dropped with a note on stderr, so a run cannot succeed with its log lost."""
+    """A file handler that fails loudly, once: the first line that cannot be written raises
+    LogWriteError where it was logged (instead of being dropped with a note on stderr), so a run
+    cannot succeed with its log lost; later lines go to the console only (`failure` says why)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not _FAILURE:
+            super().emit(record)
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         err = sys.exc_info()[1]
-        raise LogWriteError(f"the log file {self.baseFilename} cannot be written: {err}") from None
+        message = f"the log file {self.baseFilename} cannot be written: {err}"
+        if not _FAILURE:
+            _FAILURE.append(message)
+        raise LogWriteError(message) from None
 
 
 def log_file(logs_dir: Path) -> Path:
@@ -58,6 +75,7 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
     """Send `lib` and runner logs to the console and the daily file. Safe to call again.
     `stream_level`/`stream_format` quieten the console alone (a notebook shows warnings, the file
     keeps everything). Raises LogWriteError when the file cannot be opened or written."""
+    _FAILURE.clear()
     try:
         logs_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

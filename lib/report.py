@@ -21,7 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from urllib.parse import urlparse
 
-from lib import changes, charts, config, formats, layout, pages, registry, review, runs, storage
+from lib import log as logsetup
+from lib import changes, charts, config, endings, files, formats, layout, pages, registry, review, runs, storage
 
 log = logging.getLogger(__name__)
 
@@ -135,9 +136,9 @@ def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> int | None:
     if data is not None:
         rows = _records(obj["key"], data) if count else []
         columns = list(rows[0]) if rows else ["record", "raw_object", "name_common", "reasons", "source"]
-    (run_dir / "quarantine.html").write_text(pages.render(
+    files.write(run_dir / "quarantine.html", pages.render(
         "quarantine.html", run_id=s["run_id"], count=count, uri=obj["uri"], sha256=obj.get("sha256"),
-        rows=rows, columns=columns, why=why), encoding="utf-8")
+        rows=rows, columns=columns, why=why))
     return count
 
 
@@ -229,7 +230,7 @@ def notebook_page(notebook: Path) -> str:
     body, _ = _exporter().from_filename(str(notebook))
     # The page needs no script: drop the CDN loaders, which fail offline and only serve widgets/math.
     body = _strip_remote_scripts(body)
-    (notebook.parent / f"{notebook.stem}.html").write_text(body, encoding="utf-8")
+    files.write(notebook.parent / f"{notebook.stem}.html", body)
     return f"{notebook.stem}.html"
 
 
@@ -313,9 +314,7 @@ def write(run_dir: Path, rendered: dict[str, str] | None = None) -> Path:
         reconciliation=reconciliation if isinstance(reconciliation, list) else None,
         not_reconciled=str(reconciliation) if reconciliation else None, lineage=_lineage(manifest),
         services={kind: stack.get(kind, {}).get("kind") for kind in ("object_store", "database", "cloud")})
-    path = run_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return files.write(run_dir / "report.html", page)
 
 
 # --- index.html -------------------------------------------------------------------------------------
@@ -339,23 +338,40 @@ def trends(outputs: Path | str) -> dict[str, str | None]:
     return charts.write(review.summaries(outputs), outputs)
 
 
+def pages_of(outputs: Path, run_ids: list[str]) -> None:
+    """The pages of runs that `endings.sweep` marked (a rendering problem is logged, not raised)."""
+    for run_id in run_ids:
+        try:
+            write(runs.runs_dir(outputs) / run_id)
+        except Exception as err:  # noqa: BLE001 - `report RUN_ID` renders them again
+            log.warning("the pages of run %s were not written: %s", run_id, err)
+
+
+def sweep(outputs: Path) -> list[str]:
+    """Mark the runs that ended without a verdict (lib/endings.py) and write their pages."""
+    marked = endings.sweep(outputs)
+    pages_of(outputs, marked)
+    return marked
+
+
 def write_index(outputs: Path, pictures: dict[str, str | None] | None = None) -> Path:
     """`outputs/index.html`: every run newest first, and trend pictures beside it (`pictures`: the
-    ones `trends` drew already; drawn here when None)."""
+    ones `trends` drew already; drawn here when None). Runs that ended without a verdict are marked
+    first (lib/endings.py), with their pages."""
     outputs.mkdir(parents=True, exist_ok=True)
+    sweep(outputs)
     rows = review.summaries(outputs)
     if pictures is None:
         pictures = trends(outputs)
     page = pages.render("index.html", rows=[_index_row(s, outputs) for s in rows],
                         layers=list(review.LAYERS.values()), pictures=pictures,
                         snapshots=sum(1 for s in rows if s["source"] == "snapshot"))
-    path = outputs / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    return files.write(outputs / "index.html", page)
 
 
 def write_all(outputs: Path) -> Path:
     """`run_pipeline.py report --all`: every run's report, then the index."""
+    sweep(outputs)
     for s in review.summaries(outputs):
         write(runs.runs_dir(outputs) / s["run_id"])
     return write_index(outputs)
@@ -370,5 +386,7 @@ def after_run(run_dir: Path, notebook_pages: Pages | None = None, pictures=None)
         rendered = notebook_pages.done() if notebook_pages is not None else None
         log.info("report: %s", write(run_dir, rendered))
         log.info("index: %s", write_index(run_dir.parent.parent, pictures() if pictures is not None else None))
+    except (files.NoSpace, logsetup.LogWriteError) as err:  # a full disk, said in one line: `report RUN_ID` writes them later
+        log.warning("the pages of run %s were not written: %s", run_dir.name, err)
     except Exception:  # noqa: BLE001
         log.warning("could not render the report of %s", run_dir, exc_info=True)

@@ -36,7 +36,7 @@ def summary(manifest: dict, run_dir: Path | None = None) -> dict:
     details = {s: (stages.get(s) or {}).get("details") or {} for s in registry.NAMES}
     changes = details[GOLD].get("changes") or {}
     failed = next(({"stage": s, "error": e.get("error", "")} for s, e in stages.items()
-                   if e.get("status") in ("failed", "interrupted")), None)
+                   if e.get("status") in runs.ENDED_BADLY), None)
     requested = manifest.get("requested_stages", [])
     unpublished = [s for s in requested if (stages.get(s) or {}).get("status") != "succeeded"]
     durations = {s: e.get("duration_s") for s, e in stages.items() if e.get("duration_s") is not None}

@@ -12,11 +12,12 @@ import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from queue import Empty
 
 import requests
 
-from lib import config, db, lineage, params, registry, runs, source, stack, storage
+from lib import config, db, files, lineage, params, registry, runs, source, stack, storage
 from lib.stages import parameters
 
 # papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
@@ -103,6 +104,18 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
             found["cloud"] = [pool.submit(cloud_bucket, storage.cloud_client(settings.cloud))]
         return [problem for service in registry.SERVICES for future in found.get(service, [])
                 for problem in future.result()]
+
+
+def expected_payload(settings: config.Settings, run_id: str | None = None) -> int:
+    """About how many bytes a run's raw payload takes, for the free-space checks: what stage 1 of
+    `run_id` wrote, else what the latest run's stage 1 wrote, else the bundled snapshot's size."""
+    ingest = registry.writer_of(registry.Layer.RAW).name
+    for candidate in (run_id, runs.latest_run_id(settings)):
+        record = runs.read_stage(settings, candidate, ingest) if candidate else None
+        sizes = [a.get("size") or 0 for a in (record or {}).get("artifacts", [])]
+        if sizes:
+            return max(sizes)
+    return len(source.snapshot_bytes())
 
 
 # --- executing notebooks ----------------------------------------------------------------------------
@@ -396,6 +409,15 @@ class Kernels:
 
         return wait
 
+    def process(self) -> dict | None:
+        """The kernel process as a record names it (lib/runs.py `this_process`), or None."""
+        import psutil
+
+        try:
+            return runs.this_process(self.km.provisioner.pid)
+        except (AttributeError, TypeError, psutil.Error):
+            return None
+
     def rss(self) -> int:
         """The kernel process's resident size in bytes (0 when it cannot be read)."""
         import psutil
@@ -429,11 +451,53 @@ class Kernels:
                 log.debug("kernel shutdown: %s", err)
 
 
+class WholeNotebooks:
+    """papermill's handler of local paths, but every save of an executed notebook is written whole
+    (lib/files.py): a save that fails (a full disk) leaves the last complete notebook, never half of
+    one, and no temporary file. Registered for the run folders the runner writes into."""
+
+    def __init__(self, local):
+        self.local = local
+
+    def read(self, path):
+        return self.local.read(path)
+
+    def listdir(self, path):
+        return self.local.listdir(path)
+
+    def write(self, buf, path):
+        files.write(Path(path), buf)
+
+    def pretty_path(self, path):
+        return path
+
+    def cwd(self, new_path):
+        return self.local.cwd(new_path)
+
+
+_WHOLE = set()
+
+
+def _write_whole(papermill, folder: Path) -> None:
+    prefix = f"{folder}{os.sep}"
+    if prefix not in _WHOLE:
+        io = papermill.iorw.papermill_io
+        io.register(prefix, WholeNotebooks(io.get_handler("local.ipynb")))
+        _WHOLE.add(prefix)
+
+
 def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, start_timeout: int,
             cell_timeout: int, kernels: Kernels | None = None) -> None:
     papermill = import_papermill()
+    _write_whole(papermill, record.dir)
 
-    record.stage_started(stage)  # an earlier execution's record and notebook become an attempt
+    warm = {}
+    if kernels is not None:
+        km = kernels.take()
+        if km is not None:
+            warm = {"engine_name": _engine_on_warm_kernel(), "km": km, "kernels": kernels}
+    # An earlier execution's record and notebook become an attempt; the new record names the kernel.
+    record.stage_started(stage, kernels.process() if warm else None)
     lineage.stage_started(record, stage)  # OpenLineage START (never raises)
     started = time.monotonic()
     output = record.dir / f"{stage}.ipynb"
@@ -441,11 +505,6 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
     # The kernel inherits this: it tells `context.begin` that the runner owns the run's record.
     saved = os.environ.get(runs.RUNNER_ENV)
     os.environ[runs.RUNNER_ENV] = record.run_id
-    warm = {}
-    if kernels is not None:
-        km = kernels.take()
-        if km is not None:
-            warm = {"engine_name": _engine_on_warm_kernel(), "km": km, "kernels": kernels}
     try:
         papermill.execute_notebook(
             str(registry.get(stage).notebook), str(output),

@@ -11,16 +11,21 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import socket
 from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lib import names, registry
+import psutil
+
+from lib import files, names, registry
 from lib.config import Settings
 from lib.errors import PipelineError
 
 
 RUNNER_ENV = "MEDALLION_RUNNER_RUN"  # set by the runner for the kernels it starts: the run id
+# How a run or a stage can end without succeeding (the runner's verdicts, and `lib/endings.py`'s).
+ENDED_BADLY = ("failed", "interrupted", "abandoned")
 # Interactive run ids say where they came from: lab-20261128T184700Z-3fa2c1, papermill-…
 INTERACTIVE_PREFIX = {"jupyterlab": "lab", "papermill": "papermill"}
 
@@ -52,6 +57,61 @@ def new_run_id(when: datetime | None = None, origin: str = "runner") -> str:
     return f"{lead}{when:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
+# While a run goes, its folder holds this much space in `.reserve`, given up when the disk fills so
+# that the run's final record (the manifest and the failed stage's record) can still be written.
+RESERVE_FILE = ".reserve"
+RESERVE_BYTES = 1 << 20
+
+
+def this_process(pid: int | None = None) -> dict:
+    """Who writes a record (this process, or process `pid` of this host): host, pid and the
+    process's start time (a pid can be used again)."""
+    pid = os.getpid() if pid is None else pid
+    return {"host": socket.gethostname(), "pid": pid, "since": round(psutil.Process(pid).create_time(), 2)}
+
+
+def process_alive(process: dict | None) -> bool | None:
+    """Whether a recorded process still runs: None when that cannot be told from here (another
+    host, or no process recorded)."""
+    if not process or process.get("host") != socket.gethostname() or not process.get("pid"):
+        return None
+    try:
+        found = psutil.Process(int(process["pid"]))
+        if found.status() == psutil.STATUS_ZOMBIE:
+            return False
+        since = process.get("since")
+        return since is None or abs(found.create_time() - float(since)) < 1
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return None
+
+
+def hold_reserve(run_dir: Path) -> None:
+    """Set aside RESERVE_BYTES in the run folder for its final record (see RESERVE_FILE)."""
+    files.write(run_dir / RESERVE_FILE, bytes(RESERVE_BYTES))
+
+
+def release_reserve(run_dir: Path) -> bool:
+    """Give the reserved space back; False when there was none."""
+    try:
+        (run_dir / RESERVE_FILE).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def write_verdict(run_dir: Path, path: Path, data) -> None:
+    """Write a record the runner must be able to write whatever happened: on a full disk, the run's
+    reserve is given up and the write tried once more."""
+    try:
+        write_json(path, data)
+    except OSError as err:
+        if not (files.is_no_space(err) and release_reserve(run_dir)):
+            raise
+        write_json(path, data)
+
+
 def runs_dir(where: Settings | Path) -> Path:
     """`outputs/runs`, given the settings or just the outputs folder (no services needed)."""
     return getattr(where, "outputs_dir", where) / "runs"
@@ -66,16 +126,14 @@ def manifest_path(where: Settings | Path, run_id: str) -> Path:
 
 
 def write_json(path: Path, data) -> None:
-    """Write JSON atomically: readers see the old file or the new one, never half of one."""
+    """Write JSON whole or not at all (lib/files.py): readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     text = json.dumps(data, indent=2, default=str, ensure_ascii=False)
     try:
         body = text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate somewhere: JSON escapes keep it exactly
         body = json.dumps(data, indent=2, default=str, ensure_ascii=True).encode("ascii")
-    tmp.write_bytes(body + b"\n")
-    os.replace(tmp, path)
+    files.write(path, body + b"\n")
 
 
 def read_json(path: Path):
@@ -225,6 +283,7 @@ class StageRecord:
             "status": "running",
             "origin": origin(),
             "started": now(),
+            "process": this_process(),
             "parameters": parameters or {},
             "rows_in": None,
             "rows_out": None,
@@ -329,7 +388,9 @@ class RunRecord:
         if existing:
             record.data = existing
             record.data["status"] = "running"
-            record.data.pop("preflight", None)
+            record.data["process"] = this_process()
+            for gone in ("preflight", "ended", "abandoned", "error"):
+                record.data.pop(gone, None)
             record.data.setdefault("resumed", []).append(now())
             record.data["requested_stages"] = [s for s in registry.NAMES
                                                if s in set(record.data["requested_stages"]) | set(stages)]
@@ -341,6 +402,7 @@ class RunRecord:
                 "origin": "runner",
                 "status": "running",
                 "started": now(),
+                "process": this_process(),
                 "requested_stages": stages,
                 "parameters": params,
                 "stack": settings.describe(),
@@ -350,7 +412,7 @@ class RunRecord:
         return record
 
     def save(self) -> None:
-        write_json(self.path, self.data)
+        write_verdict(self.dir, self.path, self.data)
 
     def refresh(self, status: str | None = None) -> None:
         """Rebuild everything derived from the stage records: stages with their attempts, lineage,
@@ -362,8 +424,8 @@ class RunRecord:
         if status is None and self.data.get("origin", "runner") != "runner":
             # An interactive run has no end: its status is its stages' status.
             states = [e["status"] for e in stages.values()]
-            status = ("running" if "running" in states else "failed" if set(states) - {"succeeded"}
-                      else "succeeded")
+            status = ("running" if "running" in states else "abandoned" if "abandoned" in states
+                      else "failed" if set(states) - {"succeeded"} else "succeeded")
         if status is not None:
             self.data["status"] = status
         self.data["lineage"] = [
@@ -386,12 +448,15 @@ class RunRecord:
         self.data["unpublished"] = [] if published else objects
         self.save()
 
-    def stage_started(self, stage: str) -> None:
+    def stage_started(self, stage: str, kernel: dict | None = None) -> None:
         """The runner starts a stage: an earlier execution's record becomes an attempt, and a new
-        record says the stage is running (the kernel takes it over in `context.begin`)."""
+        record says the stage is running (the kernel takes it over in `context.begin`). `kernel`: the
+        process that will run it, when the runner started it (`this_process(pid)`)."""
         keep_attempt(self.settings, self.run_id, stage)
         record = StageRecord(self.settings, self.run_id, stage, self.data.get("parameters", {}).get(stage, {}))
         record.data.update(origin="runner", notebook=f"{stage}.ipynb")
+        if kernel:
+            record.data["process"] = kernel
         record._write()
         self.refresh()
 
@@ -407,7 +472,7 @@ class RunRecord:
             record["error"] = error
         else:
             record.pop("error", None)
-        write_json(path, record)
+        write_verdict(self.dir, path, record)
         self.refresh()
 
     def keep_attempt(self, stage: str) -> None:
@@ -418,6 +483,7 @@ class RunRecord:
     def finish(self, status: str) -> None:
         self.data.update(ended=now())
         self.refresh(status)
+        release_reserve(self.dir)
 
     def first_unfinished(self) -> int:
         stages = self.data["requested_stages"]

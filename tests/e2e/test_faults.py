@@ -77,10 +77,11 @@ def wait_until(check, timeout: float, what: str, interval: float = 0.2):
     raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
 
 
-def start_runner(*args: str) -> subprocess.Popen:
+def start_runner(*args: str, env: dict | None = None) -> subprocess.Popen:
     """`run_pipeline.py ARGS` in the background, in its own session (as a terminal's Ctrl-C reaches only
-    the runner: kernels run in sessions of their own)."""
-    return subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=ROOT, env=dict(os.environ),
+    the runner: kernels run in sessions of their own); `env`: variables to set for it."""
+    return subprocess.Popen([sys.executable, str(ROOT / "run_pipeline.py"), *args], cwd=ROOT,
+                            env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
