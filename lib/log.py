@@ -9,6 +9,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lib import redact
 from lib.errors import PipelineError
 
 FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
@@ -21,14 +22,10 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        text = message
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
+        text = redact.text(message, self.secrets)
         if text != message or record.exc_info:
             if record.exc_info:
-                exc_text = logging.Formatter().formatException(record.exc_info)
-                for secret in self.secrets:
-                    exc_text = exc_text.replace(secret, "***")
+                exc_text = redact.text(logging.Formatter().formatException(record.exc_info), self.secrets)
                 text = f"{text}\n{exc_text}"
                 record.exc_info = None
                 record.exc_text = None
@@ -63,7 +60,7 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
     except OSError as err:
         raise LogWriteError(f"the logs folder {logs_dir} cannot be used: {err}") from None
     path = log_file(logs_dir)
-    redact = RedactSecrets(list(secrets))
+    redacting = RedactSecrets(list(secrets))
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_medallion", False):
@@ -80,7 +77,7 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
     file_handler.setFormatter(logging.Formatter(FORMAT))
     for handler in (console, file_handler):
         handler._medallion = True
-        handler.addFilter(redact)
+        handler.addFilter(redacting)
         root.addHandler(handler)
     # One line now, so a file that takes no writes (a full disk) is found before anything runs.
     file_handler.handle(logging.LogRecord(__name__, logging.INFO, __file__, 0, "log opened by pid %s",

@@ -16,7 +16,7 @@ from queue import Empty
 
 import requests
 
-from lib import config, db, lineage, params, registry, runs, source, stack, storage
+from lib import config, db, lineage, params, redact, registry, runs, source, stack, storage
 from lib.stages import parameters
 
 # papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
@@ -49,21 +49,24 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
 
     def api(stage: str) -> list[str]:
         url = params.get(stage, {}).get("api_url") or settings.api_url
+        # What is said about it shows the URL masked, and neither its credentials nor an answer echoing them.
+        shown, hide = redact.url(url), lambda text: redact.text(text, redact.url_secrets(url))
         try:
             source.check_url(url)
             with requests.get(url, timeout=(5, 30), stream=True) as response:
                 if 400 <= response.status_code < 500 and response.status_code != 429:
                     # A request the API rejects will not get better by retrying: say so now, verbatim.
-                    return [f"API {url} answered HTTP {response.status_code}: {response.text[:500]}"]
+                    return [f"API {shown} answered HTTP {response.status_code}: {hide(response.text[:500])}"]
         except source.SourceError as err:
             return [f"API: {err}"]
         except requests.Timeout as err:
-            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source.short_error(err))
+            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", shown,
+                        hide(source.short_error(err)))
         except requests.RequestException as err:
             if not settings.snapshot_fallback:
-                return [f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off"]
+                return [f"API {shown} unreachable ({hide(source.short_error(err))}) and snapshot fallback is off"]
             log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
-                        url, source.short_error(err))
+                        shown, hide(source.short_error(err)))
             if hints is not None:
                 hints.setdefault(stage, {})["max_attempts"] = 1
         return []
