@@ -24,7 +24,7 @@ import sys
 
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
-from lib import config, names, params, registry, runner, runs
+from lib import config, names, params, registry, runner, runs, terminal
 from lib.stages import parameters
 from lib.errors import PipelineError
 from lib import log as logsetup
@@ -57,8 +57,14 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shown(text) -> str:
+    """An error, or anything else from data or records, as printed: control characters escaped
+    (lib/terminal.py), line breaks kept."""
+    return terminal.safe(text, newlines=True)
+
+
 def usage_error(message: str) -> int:
-    print(f"run_pipeline.py: error: {message}", file=sys.stderr)
+    print(f"run_pipeline.py: error: {shown(message)}", file=sys.stderr)
     return runner.EXIT_USAGE
 
 
@@ -87,7 +93,7 @@ def cmd_stack(argv: list[str]) -> int:
         elif args.action == "down" and args.orphans:
             stopped = stack_ports.stop_orphans(stack_state.port_base(sdir))
             for holder in stopped:
-                print(f"stopped {holder.describe()}")
+                print(f"stopped {shown(holder.describe())}")
             if not stopped:
                 print(f"no orphaned stack on the ports of base {stack_state.port_base(sdir)}")
         elif args.action == "down":
@@ -104,7 +110,7 @@ def cmd_stack(argv: list[str]) -> int:
         else:
             print("\n".join(stack.env_lines(sdir)))
     except stack_state.StackError as err:
-        print(f"run_pipeline.py stack {args.action}: {err}", file=sys.stderr)
+        print(f"run_pipeline.py stack {args.action}: {shown(err)}", file=sys.stderr)
         return err.exit_code
     return 0
 
@@ -140,7 +146,7 @@ def cmd_report(argv: list[str]) -> int:
     except names.InvalidName as err:
         return usage_error(str(err))
     except FileNotFoundError as err:
-        print(f"run_pipeline.py report: {err}", file=sys.stderr)
+        print(f"run_pipeline.py report: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
     return 0
 
@@ -176,7 +182,7 @@ def cmd_diff(argv: list[str]) -> int:
     except names.InvalidName as err:
         return usage_error(str(err))
     except PipelineError as err:  # a run's data is missing or unreadable
-        print(f"run_pipeline.py diff: {err}", file=sys.stderr)
+        print(f"run_pipeline.py diff: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
     print(review.runs_json(report_) if args.json else review.diff_text(report_))
     return 0
@@ -203,10 +209,10 @@ def cmd_publish(argv: list[str]) -> int:
             finish_publishes(settings)
             done = publish.republish(settings, args.run_id)
     except PipelineError as err:
-        print(f"run_pipeline.py publish: {err}", file=sys.stderr)
+        print(f"run_pipeline.py publish: {shown(err)}", file=sys.stderr)
         return err.exit_code
     load = done["load"]
-    print(f"run {done['run_id']} published: {done['table']} restored (inserted {load['inserted']}, updated "
+    print(f"run {done['run_id']} published: {shown(done['table'])} restored (inserted {load['inserted']}, updated "
           f"{load['updated']}, retired {load['retired']}), {len(done['published'])} latest objects")
     return 0
 
@@ -269,12 +275,12 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     except PipelineError as err:
         if err.exit_code == runner.EXIT_USAGE:  # a bad setting: nothing ran
             return usage_error(str(err))
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return err.exit_code
     try:
         logfile = logsetup.setup(settings.logs_dir, settings.secrets())
     except logsetup.LogWriteError as err:  # a log that takes no lines fails the run
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
 
     if args.resume:
@@ -294,7 +300,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     problems = runner.preflight(settings, stages, chosen, hints)
     if problems:
         kernels.close()
-        print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+        print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {shown(p)}" for p in problems), file=sys.stderr)
         failed = {"run_id": run_id, "status": "failed", "preflight": problems}
         if runs.manifest_path(settings, run_id).exists():
             # An existing run: record the stages asked for, so that --resume goes on with them.
@@ -316,7 +322,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
             finished = finish_publishes(settings)
             return run_stages(settings, run_id, stages, chosen, args, logfile, kernels, hints, finished)
     except PipelineError as err:  # the lock is busy (exit 3) or the database is gone
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return err.exit_code
 
 
@@ -328,7 +334,7 @@ def finish_publishes(settings) -> list[dict]:
     finished = publish.finish_pending(settings)
     publish.drop_stale_staging(settings)
     for done in finished:
-        print(f"finished the publish of run {done['run_id']} (table {done['table']}), stopped before its pointer")
+        print(f"finished the publish of run {done['run_id']} (table {shown(done['table'])}), stopped before its pointer")
     return finished
 
 
@@ -358,7 +364,7 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
             break
         except Exception as err:  # noqa: BLE001 - any stage failure ends the run the same way
             status, code = "failed", runner.EXIT_FAILED
-            print(f"\nstage {stage} FAILED in {runner.failed_cell(err)}\n"
+            print(f"\nstage {stage} FAILED in {shown(runner.failed_cell(err))}\n"
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     python run_pipeline.py --resume {run_id}", file=sys.stderr)
             break
@@ -371,7 +377,7 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
             publish.run(settings, run_id)
         except PipelineError as err:
             status, code = "failed", runner.EXIT_FAILED
-            print(f"\nrun {run_id} was not published: {err}", file=sys.stderr)
+            print(f"\nrun {run_id} was not published: {shown(err)}", file=sys.stderr)
     if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)

@@ -1,5 +1,6 @@
 """Logging configured once, for the runner and for each notebook kernel: console plus the daily file
-`logs/pipeline_YYYYMMDD.log`, with every secret in force replaced by *** before anything is written."""
+`logs/pipeline_YYYYMMDD.log`, with every secret in force replaced by *** before anything is written,
+and control characters (a country's name may hold any) escaped, line breaks kept (lib/terminal.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from lib import redact
+from lib import redact, terminal
 from lib.errors import PipelineError
 
 FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
@@ -31,6 +32,13 @@ class RedactSecrets(logging.Filter):
                 record.exc_text = None
             record.msg, record.args = text, None
         return True
+
+
+class SafeFormatter(logging.Formatter):
+    """Lines that cannot act on the terminal showing them (the console, `tail -f` of the file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal.safe(super().format(record), newlines=True)
 
 
 class LogWriteError(PipelineError, OSError):
@@ -67,14 +75,14 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
             root.removeHandler(handler)
             handler.close()
     console = logging.StreamHandler(stream or sys.stderr)
-    console.setFormatter(logging.Formatter(stream_format))
+    console.setFormatter(SafeFormatter(stream_format))
     if stream_level is not None:
         console.setLevel(stream_level)
     try:
         file_handler = _FileHandler(path, encoding="utf-8")
     except OSError as err:
         raise LogWriteError(f"the log file {path} cannot be opened: {err}") from None
-    file_handler.setFormatter(logging.Formatter(FORMAT))
+    file_handler.setFormatter(SafeFormatter(FORMAT))
     for handler in (console, file_handler):
         handler._medallion = True
         handler.addFilter(redacting)

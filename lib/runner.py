@@ -16,7 +16,7 @@ from queue import Empty
 
 import requests
 
-from lib import config, db, lineage, params, redact, registry, runs, source, stack, storage
+from lib import config, db, lineage, params, redact, registry, runs, source, stack, storage, terminal
 from lib.stages import parameters
 
 # papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
@@ -478,6 +478,8 @@ def _ended(record: runs.RunRecord, stage: str, status: str, seconds: float, erro
 
 
 def summary_line(stage: str, entry: dict) -> str:
+    """One line of a run's end: status, time, rows, the first object or the error, escaped for the
+    terminal (lib/terminal.py)."""
     status = entry.get("status", "?")
     text = f"  {stage:<10} {status:<11} {entry.get('duration_s', 0):>6.1f}s"
     if status == "succeeded":
@@ -493,7 +495,7 @@ def summary_line(stage: str, entry: dict) -> str:
             text += f"  [{details['quarantined']} quarantined]"
     elif entry.get("error"):
         text += f"  {entry['error'][:200]}"
-    return text
+    return terminal.safe(text)
 
 
 def ensure_stack(env: dict[str, str]) -> None:
