@@ -25,7 +25,7 @@ import sys
 
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
-from lib import config, files, names, params, registry, runner, runs
+from lib import config, files, names, params, registry, runner, runs, terminal
 from lib.stages import parameters
 from lib.errors import PipelineError
 from lib import log as logsetup
@@ -58,8 +58,14 @@ def run_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shown(text) -> str:
+    """An error, or anything else from data or records, as printed: control characters escaped
+    (lib/terminal.py), line breaks kept."""
+    return terminal.safe(text, newlines=True)
+
+
 def usage_error(message: str) -> int:
-    print(f"run_pipeline.py: error: {message}", file=sys.stderr)
+    print(f"run_pipeline.py: error: {shown(message)}", file=sys.stderr)
     return runner.EXIT_USAGE
 
 
@@ -88,7 +94,7 @@ def cmd_stack(argv: list[str]) -> int:
         elif args.action == "down" and args.orphans:
             stopped = stack_ports.stop_orphans(stack_state.port_base(sdir))
             for holder in stopped:
-                print(f"stopped {holder.describe()}")
+                print(f"stopped {shown(holder.describe())}")
             if not stopped:
                 print(f"no orphaned stack on the ports of base {stack_state.port_base(sdir)}")
         elif args.action == "down":
@@ -105,7 +111,7 @@ def cmd_stack(argv: list[str]) -> int:
         else:
             print("\n".join(stack.env_lines(sdir)))
     except stack_state.StackError as err:
-        print(f"run_pipeline.py stack {args.action}: {err}", file=sys.stderr)
+        print(f"run_pipeline.py stack {args.action}: {shown(err)}", file=sys.stderr)
         return err.exit_code
     return 0
 
@@ -144,7 +150,7 @@ def cmd_report(argv: list[str]) -> int:
     except names.InvalidName as err:
         return usage_error(str(err))
     except FileNotFoundError as err:
-        print(f"run_pipeline.py report: {err}", file=sys.stderr)
+        print(f"run_pipeline.py report: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
     return 0
 
@@ -186,7 +192,7 @@ def cmd_diff(argv: list[str]) -> int:
     except names.InvalidName as err:
         return usage_error(str(err))
     except PipelineError as err:  # a run's data is missing or unreadable
-        print(f"run_pipeline.py diff: {err}", file=sys.stderr)
+        print(f"run_pipeline.py diff: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
     print(review.runs_json(report_) if args.json else review.diff_text(report_))
     return 0
@@ -213,10 +219,10 @@ def cmd_publish(argv: list[str]) -> int:
             finish_publishes(settings)
             done = publish.republish(settings, args.run_id)
     except PipelineError as err:
-        print(f"run_pipeline.py publish: {err}", file=sys.stderr)
+        print(f"run_pipeline.py publish: {shown(err)}", file=sys.stderr)
         return err.exit_code
     load = done["load"]
-    print(f"run {done['run_id']} published: {done['table']} restored (inserted {load['inserted']}, updated "
+    print(f"run {done['run_id']} published: {shown(done['table'])} restored (inserted {load['inserted']}, updated "
           f"{load['updated']}, retired {load['retired']}), {len(done['published'])} latest objects")
     return 0
 
@@ -279,12 +285,12 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     except PipelineError as err:
         if err.exit_code == runner.EXIT_USAGE:  # a bad setting: nothing ran
             return usage_error(str(err))
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return err.exit_code
     try:
         logfile = logsetup.setup(settings.logs_dir, settings.secrets())
     except logsetup.LogWriteError as err:  # a log that takes no lines fails the run
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
 
     # 3. The lock first: a second run learns at once that another one goes, before any preflight.
@@ -292,7 +298,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         try:
             held.enter_context(db.pipeline_lock(settings.db, run_id, args.wait_for_lock))
         except db.LockBusy as err:
-            print(f"run_pipeline.py: {err}", file=sys.stderr)
+            print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
             return err.exit_code
         except db.DatabaseError as err:  # the database does not answer: say it with the rest the preflight finds
             plan = resume_plan(settings, run_id) if args.resume else (stages, chosen)
@@ -304,7 +310,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         try:
             return locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels)
         except PipelineError as err:  # the database or the object store went away
-            print(f"run_pipeline.py: {err}", file=sys.stderr)
+            print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
             return err.exit_code
 
 
@@ -322,7 +328,7 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
     """Say what the preflight found; an existing run (or, with `record_new`, a new one) records it so
     that `--resume` goes on with the stages asked for. Nothing ran."""
     kernels.close()
-    print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
+    print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {shown(p)}" for p in problems), file=sys.stderr)
     failed = {"run_id": run_id, "status": "failed", "preflight": problems}
     if record_new or runs.manifest_path(settings, run_id).exists():
         try:
@@ -332,7 +338,7 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
             failed = record.data
             print(f"  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
         except OSError as err:  # not even the record fits
-            print(f"  no run record was written: {err}", file=sys.stderr)
+            print(f"  no run record was written: {shown(err)}", file=sys.stderr)
     from lib import alerts
 
     # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
@@ -385,7 +391,7 @@ def finish_publishes(settings) -> list[dict]:
     finished = publish.finish_pending(settings)
     publish.drop_stale_staging(settings)
     for done in finished:
-        print(f"finished the publish of run {done['run_id']} (table {done['table']}), stopped before its pointer")
+        print(f"finished the publish of run {done['run_id']} (table {shown(done['table'])}), stopped before its pointer")
     return finished
 
 
@@ -401,7 +407,7 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
     except OSError as err:
         record.data["preflight"] = [str(err)]
         record.finish("failed")
-        print(f"run_pipeline.py: {err}\n  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}\n  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
         return runner.EXIT_FAILED
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
           f"cloud {settings.cloud.kind}")
@@ -422,7 +428,7 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
             break
         except Exception as err:  # noqa: BLE001 - any stage failure ends the run the same way
             status, code = "failed", runner.EXIT_FAILED
-            print(f"\nstage {stage} FAILED in {runner.failed_cell(err)}\n"
+            print(f"\nstage {stage} FAILED in {shown(runner.failed_cell(err))}\n"
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     {resume_hint(run_id)}", file=sys.stderr)
             break
@@ -442,7 +448,7 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
         except PipelineError as err:
             status, code = "failed", runner.EXIT_FAILED
             record.data["error"] = f"not published: {err}"
-            print(f"\nrun {run_id} was not published: {err}\n  after fixing the cause: {resume_hint(run_id)}",
+            print(f"\nrun {run_id} was not published: {shown(err)}\n  after fixing the cause: {resume_hint(run_id)}",
                   file=sys.stderr)
     if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
@@ -476,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)
     except (files.NoSpace, logsetup.LogWriteError) as err:  # a full disk: said in one line, never a traceback
-        print(f"run_pipeline.py: {err}", file=sys.stderr)
+        print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return runner.EXIT_FAILED
 
 

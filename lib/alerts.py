@@ -17,7 +17,7 @@ import logging
 import re
 from pathlib import Path
 
-from lib import config, registry, runs
+from lib import config, redact, registry, runs
 from lib.registry import Layer
 
 log = logging.getLogger(__name__)
@@ -83,14 +83,12 @@ def message(manifest: dict, record_dir: Path, found: list[str], log_file: Path |
     return f"{TITLE}: run {run_id} {status}", "\n".join(lines)
 
 
-def send(urls: list[str], title: str, body: str, redact: list[str] = ()) -> int:
+def send(urls: list[str], title: str, body: str, secrets: list[str] = ()) -> int:
     """Send to each destination; returns how many took it. Failures are logged, never raised.
     Destinations are logged in Apprise's privacy form (tokens and passwords masked)."""
     import apprise
 
-    for secret in redact:
-        if secret:
-            title, body = title.replace(secret, "***"), body.replace(secret, "***")
+    title, body = redact.text(title, secrets), redact.text(body, secrets)
     delivered = 0
     for n, url in enumerate(urls, start=1):
         server = apprise.Apprise.instantiate(url)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from lib import contract, files, names, params, stack_state
+from lib import contract, files, names, params, redact, stack_state
 from lib.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ class Cloud:
 
 @dataclass(frozen=True)
 class Settings:
-    api_url: str
+    api_url: str = field(repr=False)  # may carry credentials: shown as `describe()` masks it
     snapshot_fallback: bool
     store: ObjectStore
     raw_bucket: str
@@ -109,7 +109,7 @@ class Settings:
     def describe(self) -> dict:
         """What served a run, for the run record: endpoints and kinds, never credentials."""
         return {
-            "api_url": self.api_url,
+            "api_url": redact.url(self.api_url),
             "snapshot_fallback": self.snapshot_fallback,
             "object_store": {
                 "kind": self.store.kind,
@@ -127,7 +127,8 @@ class Settings:
         }
 
     def secrets(self) -> list[str]:
-        """Every secret value in force (each `Secret` among the settings), so logs can redact them."""
+        """Every secret value in force (each `Secret` among the settings, and the credentials the API URL
+        carries), so logs and alerts can redact them."""
         def found(value):
             if isinstance(value, Secret):
                 yield value
@@ -135,7 +136,7 @@ class Settings:
                 for f in dataclasses.fields(value):
                     yield from found(getattr(value, f.name))
 
-        return [s.reveal() for s in found(self) if s]
+        return [s.reveal() for s in found(self) if s] + redact.url_secrets(self.api_url)
 
 
 def env_file() -> Path | None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"
 KEY = "name_common"
 REGIONS = ("Africa", "Americas", "Antarctic", "Asia", "Europe", "Oceania")
 MAX_SOURCE_FIELDS = 10  # the live API answers more fields in `fields` with HTTP 400
@@ -61,6 +61,7 @@ RULES = {r.name: r for r in (
     Rule("measure", "{column} must be a number >= 0", sql="{column} >= 0"),
     Rule("region", "{column} must be one of " + ", ".join(REGIONS)),
     Rule("timezones", "{column} must be a non-empty list shaped UTC±HH:MM"),
+    Rule("web url", "{column} must be an http(s) URL with a host"),
 )}
 DEFAULT_RULES = {"text": "text", "text[]": "text list", "bigint": "count", "double": "measure"}
 
@@ -162,8 +163,8 @@ CONTRACT = (
     Column("language_names", "text[]", False, "language names, in code order", values("languages")),
     Column("currency_codes", "text[]", False, "ISO 4217 codes, sorted", codes("currencies")),
     Column("currency_names", "text[]", False, "currency names, in code order", values("currencies", "name")),
-    Column("flag_png", "text", True, "URL of the PNG flag", text("flags", "png")),
-    Column("flag_svg", "text", True, "URL of the SVG flag", text("flags", "svg")),
+    Column("flag_png", "text", True, "http(s) URL of the PNG flag", text("flags", "png"), rule="web url"),
+    Column("flag_svg", "text", True, "http(s) URL of the SVG flag", text("flags", "svg"), rule="web url"),
     Column("flag_alt", "text", True, "text description of the flag", text("flags", "alt")),
     Column("timezones", "text[]", False, "UTC offsets shaped UTC±HH:MM (or UTC), at least one",
            value("timezones", []), rule="timezones"),

@@ -71,8 +71,8 @@ def dataset_name(uri: str) -> tuple[str, str]:
         schema, _, table = qualified.partition(".")
         n = naming.Postgres(host=parts.hostname, port=str(parts.port or 5432), database=database,
                             schema=schema, table=table)
-    elif parts.scheme in ("http", "https"):  # the API: its endpoint, without the query
-        return f"{parts.scheme}://{parts.netloc}", parts.path or "/"
+    elif parts.scheme in ("http", "https"):  # the API: its endpoint, without userinfo nor the query
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}", parts.path or "/"
     elif uri.startswith("bundled snapshot "):
         n = naming.LocalFileSystem(path=str(config.ROOT / uri.removeprefix("bundled snapshot ")))
     else:

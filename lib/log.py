@@ -1,5 +1,6 @@
 """Logging configured once, for the runner and for each notebook kernel: console plus the daily file
-`logs/pipeline_YYYYMMDD.log`, with every secret in force replaced by *** before anything is written."""
+`logs/pipeline_YYYYMMDD.log`, with every secret in force replaced by *** before anything is written,
+and control characters (a country's name may hold any) escaped, line breaks kept (lib/terminal.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+from lib import redact, terminal
 from lib.errors import PipelineError
 
 FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
@@ -21,19 +23,22 @@ class RedactSecrets(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        text = message
-        for secret in self.secrets:
-            text = text.replace(secret, "***")
+        text = redact.text(message, self.secrets)
         if text != message or record.exc_info:
             if record.exc_info:
-                exc_text = logging.Formatter().formatException(record.exc_info)
-                for secret in self.secrets:
-                    exc_text = exc_text.replace(secret, "***")
+                exc_text = redact.text(logging.Formatter().formatException(record.exc_info), self.secrets)
                 text = f"{text}\n{exc_text}"
                 record.exc_info = None
                 record.exc_text = None
             record.msg, record.args = text, None
         return True
+
+
+class SafeFormatter(logging.Formatter):
+    """Lines that cannot act on the terminal showing them (the console, `tail -f` of the file)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return terminal.safe(super().format(record), newlines=True)
 
 
 class LogWriteError(PipelineError, OSError):
@@ -81,24 +86,24 @@ def setup(logs_dir: Path, secrets: list[str] = (), level: int = logging.INFO, st
     except OSError as err:
         raise LogWriteError(f"the logs folder {logs_dir} cannot be used: {err}") from None
     path = log_file(logs_dir)
-    redact = RedactSecrets(list(secrets))
+    redacting = RedactSecrets(list(secrets))
     root = logging.getLogger()
     for handler in list(root.handlers):
         if getattr(handler, "_medallion", False):
             root.removeHandler(handler)
             handler.close()
     console = logging.StreamHandler(stream or sys.stderr)
-    console.setFormatter(logging.Formatter(stream_format))
+    console.setFormatter(SafeFormatter(stream_format))
     if stream_level is not None:
         console.setLevel(stream_level)
     try:
         file_handler = _FileHandler(path, encoding="utf-8")
     except OSError as err:
         raise LogWriteError(f"the log file {path} cannot be opened: {err}") from None
-    file_handler.setFormatter(logging.Formatter(FORMAT))
+    file_handler.setFormatter(SafeFormatter(FORMAT))
     for handler in (console, file_handler):
         handler._medallion = True
-        handler.addFilter(redact)
+        handler.addFilter(redacting)
         root.addHandler(handler)
     # One line now, so a file that takes no writes (a full disk) is found before anything runs.
     file_handler.handle(logging.LogRecord(__name__, logging.INFO, __file__, 0, "log opened by pid %s",

@@ -18,6 +18,10 @@ from lib.formats import escape_present, json_text
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
+# http(s), a host (a name or [IPv6], no userinfo), a port maybe; no space nor (bidi) control character.
+_NOT_IN_URL = r"\s\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069"
+WEB_URL = re.compile(rf"https?://(?:[^{_NOT_IN_URL}/?#@:\[\]\\]+|\[[0-9a-f:.]+\])(?::[0-9]{{1,5}})?"
+                     rf"(?:[/?#][^{_NOT_IN_URL}]*)?", re.IGNORECASE)
 # A B-tree index entry holds at most ~2700 bytes: the key (primary key, history index) must fit.
 KEY_MAX_BYTES = 2000
 
@@ -85,9 +89,7 @@ class _Columns:
 
     def __init__(self, frame: pd.DataFrame):
         self.frame = frame
-        self._values: dict = {}
-        self._types: dict = {}
-        self._items: dict = {}
+        self._values, self._types, self._items = {}, {}, {}  # by column name
 
     def values(self, name: str) -> list:
         if name not in self._values:
@@ -169,6 +171,7 @@ PREDICATES = {
     "measure": _is_measure,
     "region": lambda v: v in REGIONS,
     "timezones": _is_timezone_list,
+    "web url": lambda v: isinstance(v, str) and WEB_URL.fullmatch(v) is not None,
 }
 # The rules a flattened source record must meet (values as found, nothing coerced), by column:
 # (predicate, the reason given when a value breaks it). A null breaks a non-nullable column with
@@ -213,6 +216,7 @@ def _check_shape(frame: pd.DataFrame) -> None:
 
 
 _TIMEZONES = re.compile(r"(?:UTC(?:[+-]\d{2}:\d{2})?\n)*")
+_WEB_URLS = re.compile(rf"(?:{WEB_URL.pattern}\n)*", re.IGNORECASE)  # no URL holds a line break
 
 
 def _column_passes(column: Column, columns: _Columns) -> bool:
@@ -241,11 +245,13 @@ def _column_passes(column: Column, columns: _Columns) -> bool:
         if rule == "timezones":
             return all(values) and _TIMEZONES.fullmatch("".join(x + "\n" for x in items)) is not None
         return rule == "text list"
-    if rule != "text":
+    if rule not in ("text", "web url"):
         return False
     texts = [v for v in values if v is not None] if column.nullable else values
     if not set(map(type, texts)) <= {str}:
         return False
+    if rule == "web url":
+        return _WEB_URLS.fullmatch("".join(x + "\n" for x in texts)) is not None
     return all(map(str.strip, texts))  # none blank
 
 

@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from lib import changes, formats, layout, names, registry, runs, storage
+from lib import changes, formats, layout, names, registry, runs, storage, terminal
 from lib.errors import PipelineError
 from lib.registry import Layer
 from lib.stages import parameters
@@ -89,14 +89,16 @@ def _n(value) -> str:
 
 
 def runs_table(rows: list[dict]) -> str:
-    """`run_pipeline.py runs`: one line per run, newest first."""
+    """`run_pipeline.py runs`: one line per run, newest first, what the records say escaped for the
+    terminal (lib/terminal.py)."""
     head = ["run", "started (UTC)", "how", "status", "source", *LAYERS.values(), "quar", "+", "-", "~", "secs"]
     lines = []
     for s in rows:
         source = {"api": "API", "snapshot": "SNAPSHOT!"}.get(s["source"], "-")
-        lines.append([s["run_id"], (s["started"] or "")[:19].replace("T", " "), s["origin"], s["status"], source,
-                      *(_n(s["rows"][layer]) for layer in LAYERS.values()), _n(s["quarantined"]),
-                      _n(s["added"]), _n(s["removed"]), _n(s["changed"]), _n(s["duration_s"])])
+        lines.append([terminal.safe(v) for v in (
+            s["run_id"], (s["started"] or "")[:19].replace("T", " "), s["origin"], s["status"], source,
+            *(_n(s["rows"][layer]) for layer in LAYERS.values()), _n(s["quarantined"]),
+            _n(s["added"]), _n(s["removed"]), _n(s["changed"]), _n(s["duration_s"]))])
     if not lines:
         return "no runs yet (outputs/runs is empty): start one with `make run`"
     widths = [max(len(str(r[i])) for r in [head, *lines]) for i in range(len(head))]
@@ -146,6 +148,7 @@ def diff(settings, a: str, b: str) -> dict:
 
 
 def diff_text(report: dict) -> str:
+    """The diff for the terminal: one line per key and per changed field, each escaped (lib/terminal.py)."""
     lines = [f"{report['from']} → {report['to']}: {len(report['added'])} added, "
              f"{len(report['removed'])} removed, {len(report['changed'])} changed",
              f"  from {report['from_uri']}", f"  to   {report['to_uri']}"]
@@ -155,4 +158,4 @@ def diff_text(report: dict) -> str:
         lines.append(f"~ {key}")
         lines += [f"    {f}: {json.dumps(o, ensure_ascii=False)} → {json.dumps(n, ensure_ascii=False)}"
                   for f, (o, n) in fields.items()]
-    return "\n".join(lines)
+    return "\n".join(map(terminal.safe, lines))

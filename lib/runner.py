@@ -17,7 +17,7 @@ from queue import Empty
 
 import requests
 
-from lib import config, db, files, lineage, params, registry, runs, source, stack, storage
+from lib import config, db, files, lineage, params, redact, registry, runs, source, stack, storage, terminal
 from lib.stages import parameters
 
 # papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
@@ -50,21 +50,24 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
 
     def api(stage: str) -> list[str]:
         url = params.get(stage, {}).get("api_url") or settings.api_url
+        # What is said about it shows the URL masked, and neither its credentials nor an answer echoing them.
+        shown, hide = redact.url(url), lambda text: redact.text(text, redact.url_secrets(url))
         try:
             source.check_url(url)
             with requests.get(url, timeout=(5, 30), stream=True) as response:
                 if 400 <= response.status_code < 500 and response.status_code != 429:
                     # A request the API rejects will not get better by retrying: say so now, verbatim.
-                    return [f"API {url} answered HTTP {response.status_code}: {response.text[:500]}"]
+                    return [f"API {shown} answered HTTP {response.status_code}: {hide(response.text[:500])}"]
         except source.SourceError as err:
             return [f"API: {err}"]
         except requests.Timeout as err:
-            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", url, source.short_error(err))
+            log.warning("preflight: API %s is slow to answer (%s); stage 1 will wait and retry", shown,
+                        hide(source.short_error(err)))
         except requests.RequestException as err:
             if not settings.snapshot_fallback:
-                return [f"API {url} unreachable ({source.short_error(err)}) and snapshot fallback is off"]
+                return [f"API {shown} unreachable ({hide(source.short_error(err))}) and snapshot fallback is off"]
             log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
-                        url, source.short_error(err))
+                        shown, hide(source.short_error(err)))
             if hints is not None:
                 hints.setdefault(stage, {})["max_attempts"] = 1
         return []
@@ -534,6 +537,8 @@ def _ended(record: runs.RunRecord, stage: str, status: str, seconds: float, erro
 
 
 def summary_line(stage: str, entry: dict) -> str:
+    """One line of a run's end: status, time, rows, the first object or the error, escaped for the
+    terminal (lib/terminal.py)."""
     status = entry.get("status", "?")
     text = f"  {stage:<10} {status:<11} {entry.get('duration_s', 0):>6.1f}s"
     if status == "succeeded":
@@ -549,7 +554,7 @@ def summary_line(stage: str, entry: dict) -> str:
             text += f"  [{details['quarantined']} quarantined]"
     elif entry.get("error"):
         text += f"  {entry['error'][:200]}"
-    return text
+    return terminal.safe(text)
 
 
 def ensure_stack(env: dict[str, str]) -> None:

@@ -20,7 +20,7 @@ import msgspec
 import requests
 import tenacity
 
-from lib import storage
+from lib import redact, storage
 from lib.contract import MAX_SOURCE_FIELDS, SOURCE_FIELDS
 from lib.errors import PipelineError
 
@@ -53,7 +53,7 @@ class Fetched:
     size: int
     sha256: str
     origin: str  # "api" or "snapshot"
-    url: str
+    url: str  # as shown: its credentials masked (lib/redact.py)
     attempts: list[dict] = field(default_factory=list)
     fallback_reason: str | None = None
     consumer: object = None  # what `consume` made and was fed the answer, if given
@@ -120,15 +120,19 @@ def _spooled(chunks, consumer=None) -> tuple[BinaryIO, int, str]:
 
 
 def check_url(url: str) -> str:
-    """Refuse a URL that the live API would answer with 400, before sending it."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise SourceError(f"API URL {url!r} is not an http(s) URL")
+    """Refuse a URL that the live API would answer with 400, before sending it. Its messages show the
+    URL with its credentials masked."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a broken IPv6 host
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
+        raise SourceError(f"API URL {redact.url(url)!r} is not an http(s) URL")
     if parts.path.rstrip("/").endswith("/all"):
         fields = [f for f in ",".join(parse_qs(parts.query).get("fields", [])).split(",") if f.strip()]
         if not fields or len(fields) > MAX_SOURCE_FIELDS:
             raise SourceError(
-                f"API URL {url!r} must name 1 to {MAX_SOURCE_FIELDS} fields (?fields=a,b,...): "
+                f"API URL {redact.url(url)!r} must name 1 to {MAX_SOURCE_FIELDS} fields (?fields=a,b,...): "
                 "the REST Countries API answers /v3.1/all without them with HTTP 400"
             )
     return url
@@ -172,8 +176,10 @@ def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempt
          consume=None) -> Fetched:
     """One request. Returns a good answer (its body spooled as it arrives and fed to a new
     `consume()`), raises HttpError for a final one, _Retryable otherwise (an answer cut off while
-    arriving is retried too); what the consumer raises ends the fetch."""
+    arriving is retried too); what the consumer raises ends the fetch. What it says shows the URL
+    masked, and neither its credentials nor an answer echoing them (lib/redact.py)."""
     attempt = len(attempts) + 1
+    shown, secrets = redact.url(url), redact.url_secrets(url)
     sent = time.monotonic()
     try:
         response = http.get(url, timeout=timeout, headers={"Accept": "application/json"}, stream=True)
@@ -183,14 +189,14 @@ def _get(http: requests.Session, url: str, timeout: tuple[float, float], attempt
                 spool, size, digest = _spooled(response.iter_content(CHUNK_BYTES), consumer)
     except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as err:
         attempts.append({"attempt": attempt, "error": type(err).__name__, "seconds": round(time.monotonic() - sent, 3)})
-        raise _Retryable(short_error(err)) from None
+        raise _Retryable(redact.text(short_error(err), secrets)) from None
     attempts.append({"attempt": attempt, "status": response.status_code, "seconds": round(time.monotonic() - sent, 3)})
     if response.status_code < 400:
-        log.info("GET %s -> %s (%d bytes, attempt %d)", url, response.status_code, size, attempt)
-        return Fetched(spool, size, digest, "api", url, consumer=consumer)
-    body = response.text[:2000]
+        log.info("GET %s -> %s (%d bytes, attempt %d)", shown, response.status_code, size, attempt)
+        return Fetched(spool, size, digest, "api", shown, consumer=consumer)
+    body = redact.text(response.text[:2000], secrets)
     if response.status_code != 429 and response.status_code < 500:
-        raise HttpError(f"GET {url} answered HTTP {response.status_code}: {body}")
+        raise HttpError(f"GET {shown} answered HTTP {response.status_code}: {body}")
     raise _Retryable(f"HTTP {response.status_code}: {body[:300]}",
                      _retry_after(response) if response.status_code == 429 else None)
 
@@ -204,6 +210,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
     spooled as it arrives; `consume`, when given, makes an object fed each piece as it arrives
     (`feed`, then `close`; one per attempt), such as a PayloadReader checking it meanwhile."""
     check_url(url)
+    shown = redact.url(url)
     http = session or requests.Session()
     attempts: list[dict] = []
     exponential = tenacity.wait_exponential(multiplier=backoff, max=max_backoff)
@@ -217,7 +224,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
 
     def before_sleep(state: tenacity.RetryCallState) -> None:
         attempts[-1]["wait_before_next_s"] = round(state.upcoming_sleep, 2)
-        log.warning("GET %s failed (%s); retry %d in %.1fs", url, state.outcome.exception(),
+        log.warning("GET %s failed (%s); retry %d in %.1fs", shown, state.outcome.exception(),
                     state.attempt_number + 1, state.upcoming_sleep)
 
     retrying = tenacity.Retrying(
@@ -232,7 +239,7 @@ def fetch(url: str, *, connect_timeout: float = 5.0, read_timeout: float = 30.0,
         problem = str(err.last_attempt.exception())
         if len(attempts) < max_attempts:
             problem += f" (next retry in {upcoming[-1]:.1f}s would pass the {max_total_seconds:.0f}s budget)"
-        unreachable = Unreachable(f"GET {url} failed after {len(attempts)} attempt(s): {problem}")
+        unreachable = Unreachable(f"GET {shown} failed after {len(attempts)} attempt(s): {problem}")
         unreachable.attempts = attempts  # shown by stage 1 when the snapshot is used instead
         raise unreachable from None
     fetched.attempts = attempts
@@ -254,7 +261,7 @@ def fetch_or_snapshot(url: str, *, fallback: bool, consume=None, **fetch_options
         log.warning("API unreachable, USING THE BUNDLED SNAPSHOT instead: %s", err)
         consumer = consume() if consume else None
         spool, size, digest = _spooled([snapshot_bytes()], consumer)
-        return Fetched(spool, size, digest, "snapshot", url, getattr(err, "attempts", []), fallback_reason=str(err),
+        return Fetched(spool, size, digest, "snapshot", redact.url(url), getattr(err, "attempts", []), fallback_reason=str(err),
                        consumer=consumer)
 
 

@@ -151,6 +151,16 @@ def test_settings_repr_and_describe_show_no_secret_values(env):
     assert s.describe()["database"]["url"] == "postgresql://etl:***@db.example:6543/countries"
 
 
+def test_the_api_urls_credentials_are_secrets_masked_in_describe_and_repr(env):
+    url = "https://reader:pw%2Fsecret@api.example/v3.1/all?fields=name&apikey=key-value"
+    s = config.settings({**env, "API_BASE_URL": url})
+    assert s.api_url == url  # the request uses them
+    assert {"pw%2Fsecret", "pw/secret", "key-value"} <= set(s.secrets())
+    assert s.describe()["api_url"] == "https://***@api.example/v3.1/all?fields=name&apikey=***"
+    shown = repr(s) + json.dumps(s.describe())
+    assert [v for v in s.secrets() if v in shown] == []
+
+
 def test_embedded_describe_has_no_generated_secrets(embedded_env):
     env, state = embedded_env
     s = config.settings(env)

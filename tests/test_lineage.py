@@ -62,6 +62,8 @@ def as_dataset(uri: str) -> tuple[str, str]:
     ("postgresql://127.0.0.1:18335/countries/public.capitals_clean",
      ("postgres://127.0.0.1:18335", "countries.public.capitals_clean")),
     ("https://restcountries.com/v3.1/all?fields=name,area", ("https://restcountries.com", "/v3.1/all")),
+    ("https://***@restcountries.com:8443/v3.1/all?fields=name&apikey=***", ("https://restcountries.com:8443", "/v3.1/all")),
+    ("http://reader:pw@[::1]:8080/v3.1/all", ("http://[::1]:8080", "/v3.1/all")),
 ])
 def test_dataset_names_follow_the_openlineage_conventions(uri, expected):
     assert lineage.dataset_name(uri) == expected

@@ -69,6 +69,21 @@ def test_secrets_in_exception_tracebacks_are_replaced(logged):
         assert SECRET not in output and OTHER not in output
 
 
+def test_control_characters_are_escaped_line_breaks_kept(logged):
+    path, console = logged
+    log = logging.getLogger("lib.test")
+    log.warning("run needs attention (%s)", "<html>\r\x1b[2J\x1b[31mEvil\u202eLand")
+    try:
+        raise ValueError("bad\x1b[0m\nvalue")
+    except ValueError:
+        log.exception("failed on %s", "Carriage\rReturn")
+    for output in (flushed(path), console.getvalue()):
+        assert "run needs attention (<html>\\r\\x1b[2J\\x1b[31mEvil\\u202eLand)" in output
+        assert "failed on Carriage\\rReturn\nTraceback (most recent call last):" in output
+        assert "ValueError: bad\\x1b[0m\nvalue" in output
+        assert not any(c in output for c in "\r\x1b\u202e")
+
+
 def test_setup_again_replaces_its_handlers_instead_of_adding_more(tmp_path, logged):
     path, _ = logged
     logsetup.setup(tmp_path / "logs", [SECRET], stream=io.StringIO())

@@ -62,6 +62,22 @@ BREAKAGES = {
     "no timezone": (lambda r: r.update(timezones=[]), "timezones must be a non-empty list"),
     "capital not a list": (lambda r: r.update(capital="Paris"), "capital must be a list of strings"),
     "blank official name": (lambda r: r["name"].update(official="  "), "name_official must be non-empty text"),
+    # A flag is shown as a link or an image: http(s) with a host, nothing a browser would run.
+    "javascript flag": (lambda r: r["flags"].update(png="javascript:alert(document.domain)"),
+                        "flag_png must be an http(s) URL with a host (got 'javascript:alert(document.domain)')"),
+    "data flag": (lambda r: r["flags"].update(svg="data:image/svg+xml,<svg onload=alert(1)>"),
+                  "flag_svg must be an http(s) URL with a host"),
+    "flag without a host": (lambda r: r["flags"].update(png="https:///w320/fr.png"), "flag_png must be an http(s) URL"),
+    "flag without a scheme": (lambda r: r["flags"].update(png="//flagcdn.com/w320/fr.png"), "flag_png must be an http"),
+    "flag of another scheme": (lambda r: r["flags"].update(svg="ftp://flagcdn.com/fr.svg"), "flag_svg must be an http"),
+    "flag with a userinfo": (lambda r: r["flags"].update(png="https://flagcdn.com@evil.example/fr.png"),
+                             "flag_png must be an http(s) URL"),
+    "flag with a space": (lambda r: r["flags"].update(png=" javascript:alert(1)"), "flag_png must be an http(s) URL"),
+    "flag with a line break": (lambda r: r["flags"].update(png="https://flagcdn.com/fr.png\njavascript:x"),
+                               "flag_png must be an http(s) URL"),
+    "flag with a control": (lambda r: r["flags"].update(png="https://flagcdn.com/fr\x1b[31m.png"),
+                            "flag_png must be an http(s) URL"),
+    "flag not text": (lambda r: r["flags"].update(svg=42), "flag_svg must be an http(s) URL with a host (got 42)"),
 }
 
 
@@ -75,6 +91,17 @@ def test_a_broken_record_is_quarantined_with_a_reason_naming_the_column(records,
     assert bad["record"] == 7
     assert reason in bad["reasons"]
     assert len(result.clean) + len(result.quarantine) == len(records)
+
+
+@pytest.mark.parametrize("url", ["https://flagcdn.com/w320/fr.png", "http://flagcdn.com", "HTTPS://FlagCDN.com:8443/fr.svg",
+                                 "https://upload.wikimedia.org/wikipedia/commons/c/c3/Flag_of_France.svg?x=1#top",
+                                 "http://[2001:db8::1]:8080/fr.png", "https://xn--drapeaux-9za.example/é.png"])
+def test_a_flag_url_of_http_or_https_with_a_host_is_clean(records, url):
+    for record in records:  # every record's flag: the whole column passes at once
+        record["flags"]["png"] = url
+    assert validate(records).counts["quarantined"] == 0
+    records[3]["flags"]["png"] = "javascript:void(0)"  # one breaks it: that one alone
+    assert validate(records).quarantine["record"].tolist() == [3]
 
 
 def test_an_identical_duplicate_keeps_one_copy_and_says_so(records):

@@ -60,3 +60,24 @@ def test_diff_text_shows_old_and_new_values():
     assert text.splitlines()[0] == "a → b: 1 added, 1 removed, 1 changed"
     assert "+ Xland" in text and "- Yland" in text and "~ France" in text
     assert "    population: 1 → 2" in text and '    capital: ["Paris"] → ["Lyon"]' in text
+
+
+HOSTILE = "Evil\rLand\x1b[31m\u202eRed"  # a carriage return, a colour, a right-to-left override
+SHOWN = "Evil\\rLand\\x1b[31m\\u202eRed"
+
+
+def test_diff_text_escapes_control_characters_of_keys_fields_and_values():
+    text = review.diff_text({"from": "a", "to": "b", "from_uri": "s3://gold/a.csv", "to_uri": "s3://gold/b.csv",
+                             "added": [HOSTILE], "removed": [HOSTILE + "2"],
+                             "changed": {HOSTILE: {"capital": [["Old\u202e"], [HOSTILE]]}}})
+    assert [line for line in text.splitlines() if "Evil" in line] == [
+        f"+ {SHOWN}", f"- {SHOWN}2", f"~ {SHOWN}", f'    capital: ["Old\\u202e"] → ["Evil\\rLand\\u001b[31m\\u202eRed"]']
+    assert not any(c in text for c in "\r\x1b\u202e")
+
+
+def test_runs_table_escapes_what_the_records_say(tmp_path):
+    write(tmp_path, {**manifest("a-1", "2026-11-28T10:00:00.000+00:00"), "origin": HOSTILE, "status": "failed\x1b[2J"})
+    text = review.runs_table(review.summaries(tmp_path))
+    assert SHOWN in text and "failed\\x1b[2J" in text and not any(c in text for c in "\r\x1b\u202e")
+    header, rule, row = text.splitlines()
+    assert len(rule) >= len(row.split("  ")[0])  # the columns line up with the escaped text

@@ -27,6 +27,14 @@ def test_summary_line_shows_rows_objects_snapshot_and_errors():
     assert "failed" in failed and "x" * 200 in failed and "x" * 201 not in failed
 
 
+def test_summary_line_escapes_control_characters_of_errors_and_keys():
+    failed = runner.summary_line("02_clean", {"status": "failed", "duration_s": 0.2,
+                                              "error": "cell [3]: ValueError: Evil\rLand\x1b[31m\u202eRed\nnext"})
+    assert failed.endswith("ValueError: Evil\\rLand\\x1b[31m\\u202eRed\\nnext")
+    ok = runner.summary_line("05_gold", {"status": "succeeded", "objects": [{"uri": "s3://gold/a\x1b]0;title\x07"}]})
+    assert "s3://gold/a\\x1b]0;title\\x07" in ok
+
+
 # --- preflight (real services) ----------------------------------------------------------------------
 
 def test_preflight_with_every_service_up_finds_no_problem(settings):

@@ -128,6 +128,49 @@ def test_a_slow_answer_times_out_and_is_retried(api):
     assert got.attempts[-1]["status"] == 200
 
 
+def with_credentials(url: str) -> str:
+    """The URL with a password and an API key that no message may show."""
+    return url.replace("://", "://reader:PASSWORD-1234@") + "&apikey=KEY-5678"
+
+
+def hides_credentials(text: str) -> bool:
+    return "PASSWORD-1234" not in text and "KEY-5678" not in text and "***@" in text and "apikey=***" in text
+
+
+def test_a_url_with_credentials_is_asked_with_them_and_never_shown(api, caplog):
+    api.queue(Scripted(503, b"busy"))
+    with caplog.at_level("INFO", logger="lib.source"):
+        got = source.fetch(with_credentials(api.url), **FAST)
+    assert [r["path"].endswith("&apikey=KEY-5678") for r in api.requests] == [True, True]
+    assert got.url == api.url.replace("://", "://***@") + "&apikey=***"
+    assert len(caplog.records) == 2 and all(hides_credentials(r.getMessage()) for r in caplog.records)
+
+
+def test_errors_never_show_the_credentials_of_the_url(api):
+    # The API's answer echoes the key; the error quotes the URL and the answer.
+    api.queue(Scripted(403, b'{"message": "key KEY-5678 of reader:PASSWORD-1234 is not allowed"}'))
+    with pytest.raises(HttpError) as err:
+        source.fetch(with_credentials(api.url), **FAST)
+    assert "HTTP 403" in str(err.value) and hides_credentials(str(err.value))
+    api.queue(*[Scripted(502, b"bad gateway for KEY-5678")] * 2)
+    with pytest.raises(Unreachable) as err:
+        source.fetch(with_credentials(api.url), max_attempts=2, **FAST)
+    assert "HTTP 502" in str(err.value) and hides_credentials(str(err.value))
+    # requests' own error quotes the request's path and query.
+    with pytest.raises(Unreachable, match="Connection refused") as err:
+        source.fetch(with_credentials(CLOSED), max_attempts=1)
+    assert hides_credentials(str(err.value))
+    with pytest.raises(SourceError, match="not an http") as err:
+        source.check_url(with_credentials("ftp://h/v3.1/all?fields=name"))
+    assert hides_credentials(str(err.value))
+    with pytest.raises(SourceError, match="1 to 10 fields") as err:
+        source.check_url(with_credentials("https://h/v3.1/all?fields="))
+    assert hides_credentials(str(err.value))
+    with pytest.raises(SourceError, match=r"not an http\(s\) URL") as err:  # not parseable: not shown at all
+        source.check_url("http://reader:PASSWORD-1234@[::1/v3.1/all?fields=name")
+    assert "PASSWORD-1234" not in str(err.value)
+
+
 # --- check_url ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("url", [

@@ -6,7 +6,7 @@ import hashlib
 import logging
 from dataclasses import dataclass, field
 
-from lib import layout, params, quality, source, storage
+from lib import layout, params, quality, redact, source, storage
 from lib.stages.context import SAMPLE_RECORDS, StageRun, run_objects, young_gc_only
 
 log = logging.getLogger(__name__)
@@ -59,9 +59,11 @@ def run(stage: StageRun) -> Ingested:
     """API → raw bucket, bytes unchanged (lib/layout.py `raw_key`). The answer is spooled to a
     temporary file as it arrives and checked record by record before anything is written, then
     uploaded in parts. A run's bronze is written once: running the stage again for the same run
-    reuses it."""
+    reuses it. The request uses the URL as configured; the record, the object's metadata and the
+    lineage name it with its credentials masked (lib/redact.py)."""
     settings, p = stage.settings, stage.params
     url = source.check_url(p.api_url or settings.api_url)
+    shown = redact.url(url)
     fallback = (settings.snapshot_fallback if p.snapshot_fallback == "auto"
                 else params.boolean(p.snapshot_fallback, "snapshot_fallback"))
     min_records = p.min_records
@@ -77,7 +79,7 @@ def run(stage: StageRun) -> Ingested:
         finally:
             body.close()
         artifact = storage.Artifact(settings.raw_bucket, key, scan.reader.size, scan.hash.hexdigest(),
-                                    scan.reader.items, [meta.get("source-url", url)])
+                                    scan.reader.items, [redact.url(meta.get("source-url", shown))])
         log.info("run %s already has bronze at %s: reusing it", stage.run_id, artifact.uri)
         result = Ingested(meta.get("source", "api"), scan.reader.items, scan.sample, scan.drift.result(),
                           artifact, reused=True)
@@ -89,11 +91,11 @@ def run(stage: StageRun) -> Ingested:
                 max_total_seconds=p.max_total_seconds)
         scan = fetched.consumer
         try:
-            origin_ref = url if fetched.origin == "api" else f"bundled snapshot lib/data/{source.SNAPSHOT}"
+            origin_ref = shown if fetched.origin == "api" else f"bundled snapshot lib/data/{source.SNAPSHOT}"
             artifact = storage.put_stream(
                 s3, settings.raw_bucket, layout.raw_key(stage.run_id), fetched.rewound(), size=fetched.size,
                 digest=fetched.sha256, rows=scan.reader.items, inputs=[origin_ref],
-                metadata=stage.meta(source=fetched.origin, **{"source-url": url}), content_type="application/json")
+                metadata=stage.meta(source=fetched.origin, **{"source-url": shown}), content_type="application/json")
         finally:
             fetched.close()
         result = Ingested(fetched.origin, scan.reader.items, scan.sample, scan.drift.result(), artifact,
@@ -103,7 +105,7 @@ def run(stage: StageRun) -> Ingested:
     stage.record.output(result.artifact)
     stage.record.update(rows_in=records, rows_out=records, origin=result.origin,
                         records=records, response_sha256=result.artifact.sha256,
-                        attempts=result.attempts, reused=result.reused, url=url)
+                        attempts=result.attempts, reused=result.reused, url=shown)
     return result
 
 

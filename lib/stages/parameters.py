@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from lib import db, formats, layout, names, params, registry, source
+from lib import db, formats, layout, names, params, redact, registry, source
 from lib.errors import PipelineError
 
 DEFAULT_TABLE = layout.CLEAN_NAME  # the seed's table name, as the silver object is named
@@ -49,6 +49,14 @@ def _format(v: str) -> str:
     return v if v == "" else formats.get(v).name
 
 
+def _api_url(v: str) -> str:
+    """An API URL without credentials: a parameter is written into the executed notebook."""
+    if redact.url(v) != v:
+        params.bad("api_url carries credentials, and a parameter is written into every executed notebook: "
+                   "set the URL with them in API_BASE_URL (.env or the environment) instead")
+    return v if v == "" else source.check_url(v)
+
+
 RUN_ID = Parameter(str, "", "empty: the latest run in outputs/runs")
 TABLE = Parameter(str, DEFAULT_TABLE, "", lambda v: names.sql_identifier(v, "table"))
 DB_SCHEMA = Parameter(str, "public", "", names.schema)
@@ -61,7 +69,7 @@ DECLARED: dict[str, dict[str, Parameter]] = {
     "ingest": {
         "run_id": replace(RUN_ID, help="empty: a new run id"),
         "api_url": Parameter(str, "", "empty: API_BASE_URL from .env (the REST Countries URL with its 10 fields)",
-                             lambda v: v if v == "" else source.check_url(v)),
+                             _api_url),
         "snapshot_fallback": Parameter(str, "auto", "auto: on for the embedded stack, off otherwise; or true / false",
                                        lambda v: v if str(v).strip().lower() in ("auto", *params.TRUE, *params.FALSE)
                                        else params.bad(f"snapshot_fallback {v!r} is not auto, true or false")),

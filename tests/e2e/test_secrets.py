@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from lib import runs, stack, stack_state, storage
+from lib import lineage, runs, stack, stack_state, storage
 from lib.config import Cloud, Secret
 from tests.conftest import TEST_PORT_BASE
-from tests.sinks import HttpSink
+from tests.api_server import Scripted
+from tests.sinks import HttpSink, closed_port
 
 PORT_BASE = TEST_PORT_BASE + 300
 
@@ -148,3 +149,85 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
                if value.encode() in p["body"]]
     assert alerted == []
     assert runs.read_json(dirs["outputs"] / "runs" / resumed / "manifest.json")["status"] == "succeeded"
+
+
+# --- credentials in the API URL ------------------------------------------------------------------------
+
+def every_object_metadata(settings) -> dict[str, dict]:
+    """s3://bucket/key → metadata of every object in every bucket of the store (the cloud role's
+    bucket lives there too on the embedded stack)."""
+    s3 = storage.client(settings.store)
+    found = {}
+    for bucket in [b["Name"] for b in s3.list_buckets()["Buckets"]]:
+        for obj in storage.list_objects(s3, bucket):
+            found[f"s3://{bucket}/{obj['key']}"] = storage.head(s3, bucket, obj["key"])["metadata"]
+    return found
+
+
+def test_credentials_in_the_api_url_are_masked_everywhere(run_pipeline, settings, api, unique, webhook):
+    """API_BASE_URL carries a password (userinfo) and an API key (a query parameter): the requests use
+    them, yet no file under outputs and logs, no object's metadata, no lineage event sent, no alert and
+    nothing printed holds either, whether the run succeeds, its preflight fails, its stage 1 fails or it
+    falls back to the snapshot."""
+    password, key = f"SENTINELAPW{uuid.uuid4().hex}", f"SENTINELKEY{uuid.uuid4().hex}"
+    scanned = {"password": password, "apikey": key}
+    url = api.url.replace("://", f"://reader:{password}@") + f"&apikey={key}"
+    masked = api.url.replace("://", "://***@") + "&apikey=***"
+    marquez = HttpSink(status=201)
+    env = {"API_BASE_URL": url, "OPENLINEAGE_URL": f"http://127.0.0.1:{marquez.port}",
+           "ALERT_URLS": f"json://127.0.0.1:{webhook.port}/"}
+    table, ok, bad, cut = f"apikey_{unique}", f"key-{unique}-ok", f"key-{unique}-bad", f"key-{unique}-cut"
+    outputs = []
+
+    def run(*args, extra=None, expect):
+        res = run_pipeline(*args, env={**env, **(extra or {})}, timeout=300)
+        outputs.append(res)
+        assert res.returncode == expect, f"{args}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        return res
+
+    try:
+        # A whole run: the API is asked with the credentials, the record shows the URL masked.
+        run("--run-id", ok, "-p", f"table={table}", "--html", expect=0)
+        assert any(key in r["path"] for r in api.requests)
+        m = runs.read_json(runs.manifest_path(settings, ok))
+        assert m["stack"]["api_url"] == masked
+        ingest = m["stages"]["01_ingest"]
+        assert ingest["details"]["url"] == masked and ingest["objects"][0]["inputs"] == [masked]
+        raw = ingest["objects"][0]
+        assert every_object_metadata(settings)[f"s3://{raw['bucket']}/{raw['key']}"]["source-url"] == masked
+        events = lineage.read_events(runs.run_dir(settings, ok))
+        api_inputs = [i for e in events for i in e["inputs"] if i["namespace"].startswith("http")]
+        assert {(i["namespace"], i["name"]) for i in api_inputs} == {(api.base, "/v3.1/all")}
+
+        # The API refuses the preflight's request, echoing the key in its answer: nothing is run.
+        run("--stages", "1", "--run-id", bad, expect=0)  # an existing run, so the preflight is recorded
+        api.queue(Scripted(403, json.dumps({"message": f"key {key} is not allowed"}).encode()))
+        res = run("--stages", "1", "--run-id", bad, expect=1)
+        assert "Preflight failed" in res.stderr and "HTTP 403" in res.stderr and masked in res.stderr
+        # The preflight passes, then stage 1 meets the same answer.
+        api.queue(Scripted(200, b"[]"), Scripted(403, json.dumps({"message": f"key {key} is not allowed"}).encode()))
+        res = run("--stages", "1", "--run-id", cut, expect=1)
+        assert "stage 01_ingest FAILED" in res.stderr and "HTTP 403" in res.stderr
+        assert masked in runs.read_json(runs.manifest_path(settings, cut))["stages"]["01_ingest"]["error"]
+        # The API unreachable (a closed port), the snapshot used instead: the reason says why, masked.
+        closed = url.replace(f":{api.port}/", f":{closed_port()}/")
+        run("--stages", "1", "--run-id", f"{cut}-snap", extra={"API_BASE_URL": closed, "SNAPSHOT_FALLBACK": "true"},
+            expect=0)
+        reason = runs.read_json(runs.manifest_path(settings, f"{cut}-snap"))["stages"]["01_ingest"]["details"]
+        assert reason["origin"] == "snapshot" and "***" in reason["fallback_reason"]
+    finally:
+        marquez.close()
+
+    files = [p for d in (settings.outputs_dir, settings.logs_dir) for p in d.rglob("*") if p.is_file()]
+    assert {"01_ingest.ipynb", "01_ingest.html", "openlineage.jsonl", "report.html"} <= {p.name for p in files}
+    assert [(str(p), label) for p in files for label, value in scanned.items()
+            if value.encode() in p.read_bytes()] == []
+    assert [(uri, label) for uri, meta in every_object_metadata(settings).items() for label, value in scanned.items()
+            if value in json.dumps(meta)] == []
+    assert marquez.posts and [(p["path"], label) for p in marquez.posts for label, value in scanned.items()
+                              if value.encode() in p["body"]] == []
+    assert [p["json"]["title"] for p in webhook.posts] == [
+        f"countries-medallion: run {r} FAILED" for r in (bad, cut)] + [f"countries-medallion: run {cut}-snap SUCCEEDED"]
+    assert [label for p in webhook.posts for label, value in scanned.items() if value.encode() in p["body"]] == []
+    assert [(" ".join(r.args[2:]), label) for r in outputs for label, value in scanned.items()
+            if value in r.stdout or value in r.stderr] == []

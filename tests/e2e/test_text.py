@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import copy
 import json
+import unicodedata
 
 import pytest
 
-from lib import db_read, formats, layout, storage
+from lib import db_read, formats, layout, storage, terminal
 from tests.notebooks.helpers import by_name, manifest, read_object, renamed, snapshot
 
 LONG = "Long " + "ẞ€x" * 40_000  # 120 005 characters, multi-byte
@@ -23,6 +24,7 @@ HOSTILE = {  # name → (official name, flag alt text, capital): every hostile c
     "\ufeffBom Land": ("\ufeffRepublic of BOM", "\ufeff", ["\ufeffCapital"]),
     "Long Land": (LONG, LONG, [LONG, LONG]),
     "Ünïcödé 🏳️‍🌈 Land": ("Republic of 🏳️‍🌈", "中文", ["Ünï"]),
+    "Esc\x1b[31mRed\u202eLand": ("Republic of \x1b[0m", "\u202eflag", ["Cap\x1b]0;title\x07ital"]),
 }
 # Field → value that cannot survive a hop: NUL (PostgreSQL text), a lone surrogate (UTF-8).
 UNSTORABLE = {
@@ -108,3 +110,37 @@ def test_hostile_text_round_trips_every_hop_or_is_quarantined_by_name(
     assert rows_of(formats.of_key(gold["key"]).decode(storage.get_bytes(s3, gold["bucket"], gold["key"])[0])) == expected
     assert saved["status"] == "succeeded"
     assert all(row["status"] in ("ok", "-") for row in saved["reconciliation"])
+
+
+def raw_controls(text: str) -> set[str]:
+    """The control and format characters a terminal would act on (line breaks and joiners aside)."""
+    return {c for c in text if unicodedata.category(c) in ("Cc", "Cf") and c not in "\n\u200c\u200d"}
+
+
+def test_the_command_line_prints_hostile_text_escaped(run_pipeline, api, unique):
+    """`diff` and `runs` print keys and records with their control characters escaped (a carriage return,
+    a colour, a right-to-left override), as does a run whose stage fails on what the API sent."""
+    table, before, after = f"t_{unique}", f"plain-{unique}", f"hostile-{unique}"
+    res = run_pipeline("--run-id", before, "-p", f"table={table}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    api.payload, _ = hostile_payload()
+    res = run_pipeline("--run-id", after, "-p", f"table={table}", "-p", "max_invalid_fraction=0.1")
+    assert res.returncode == 0, res.stderr[-3000:]
+
+    diff = run_pipeline("diff", before, after)
+    assert diff.returncode == 0, diff.stderr
+    added = [line for line in diff.stdout.splitlines() if line.startswith("+ ")]
+    assert sorted(added) == sorted(f"+ {terminal.safe(name)}" for name in HOSTILE)
+    assert "+ Carriage\\rReturn" in added and "+ Esc\\x1b[31mRed\\u202eLand" in added
+    assert "+ Ünïcödé 🏳️‍🌈 Land" in added  # printable text as it is
+    listed = run_pipeline("runs")
+    assert listed.returncode == 0 and before in listed.stdout and after in listed.stdout
+
+    # The API answers an HTML page holding control characters: stage 1 fails and says what came.
+    api.payload = "<html>\r\x1b[2J\x1b[31mEvil\u202eLand</html>".encode() + b" " * 300
+    failed = run_pipeline("--stages", "1", "--run-id", f"html-{unique}")
+    assert failed.returncode == 1
+    assert "HTML page, not JSON: <html>\\r\\x1b[2J\\x1b[31mEvil\\u202eLand</html>" in failed.stderr
+    assert "HTML page, not JSON: <html>\\r\\x1b[2J" in failed.stdout  # the summary line
+    for out in (res, diff, listed, failed):
+        assert [line for line in (out.stdout + out.stderr).split("\n") if raw_controls(line)] == [], out.args

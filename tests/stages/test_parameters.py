@@ -67,6 +67,18 @@ def test_a_rule_of_another_module_is_reported_as_a_usage_error():
         parameters.check("04_export", "write_mode", "upsert")
 
 
+@pytest.mark.parametrize("url", ["https://reader:s3cret@restcountries.com/v3.1/all?fields=name",
+                                 "https://restcountries.com/v3.1/all?fields=name&apikey=s3cret"])
+def test_an_api_url_parameter_with_credentials_is_refused_without_showing_them(url):
+    """A parameter is written into the executed notebook (papermill's injected cell): credentials go in
+    API_BASE_URL, which no notebook holds."""
+    with pytest.raises(UsageError, match="api_url carries credentials.*API_BASE_URL") as err:
+        parameters.check("01_ingest", "api_url", url)
+    assert "s3cret" not in str(err.value)
+    masked = "https://***@restcountries.com/v3.1/all?fields=name"  # already masked: nothing to hide
+    assert parameters.check("01_ingest", "api_url", masked) == masked
+
+
 def test_the_airflow_dags_parameter_schema_is_the_declared_one():
     written = json.loads(parameters.SCHEMA_FILE.read_text(encoding="utf-8"))
     assert written == parameters.schema(), "write it again: python -m lib.stages.parameters --schema"
