@@ -295,7 +295,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
     if problems:
         kernels.close()
         print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {p}" for p in problems), file=sys.stderr)
-        failed = {"run_id": run_id, "status": "failed", "preflight": problems}
+        failed, record = {"run_id": run_id, "status": "failed", "preflight": problems}, None
         if runs.manifest_path(settings, run_id).exists():
             # An existing run: record the stages asked for, so that --resume goes on with them.
             record = runs.RunRecord.open(settings, run_id, stages, chosen)
@@ -307,6 +307,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
 
         # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
         alerts.after_run(failed, runs.run_dir(settings, run_id), settings.secrets(), logfile)
+        runner.settle_side_channels(record)
         return runner.EXIT_FAILED
     runner.install_signal_handlers()
     try:
@@ -383,6 +384,8 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     finally:
         if kernels is not None:
             kernels.close()
+        # Lineage events still on their way: at most outbox.BUDGET_S, then in the record.
+        runner.settle_side_channels(record)
     alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
