@@ -376,6 +376,8 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
+    # The alert is queued now and goes out while the pages are rendered (never raises, exit code unchanged).
+    alerts.after_run(record.data, record.dir, settings.secrets())
     # The index's trend pictures are drawn by the run's kernel (matplotlib is imported there for the
     # gold chart) while this process writes the run's report; then the kernel ends.
     pictures = kernels.draw_trends(record.dir.parent.parent) if kernels is not None else None
@@ -384,9 +386,8 @@ def run_stages(settings, run_id, stages, chosen, args, logfile, kernels=None, hi
     finally:
         if kernels is not None:
             kernels.close()
-        # Lineage events still on their way: at most outbox.BUDGET_S, then in the record.
+        # Lineage events and the alert still on their way: at most outbox.BUDGET_S, then in the record.
         runner.settle_side_channels(record)
-    alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
     print(f"  report:     {record.dir / 'report.html'}  (all runs: {record.dir.parent.parent / 'index.html'})")
