@@ -329,7 +329,7 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
     that `--resume` goes on with the stages asked for. Nothing ran."""
     kernels.close()
     print("Preflight failed, nothing was run:\n" + "\n".join(f"  - {shown(p)}" for p in problems), file=sys.stderr)
-    failed = {"run_id": run_id, "status": "failed", "preflight": problems}
+    failed, record = {"run_id": run_id, "status": "failed", "preflight": problems}, None
     if record_new or runs.manifest_path(settings, run_id).exists():
         try:
             record = runs.RunRecord.open(settings, run_id, stages, chosen)
@@ -343,6 +343,7 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
 
     # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
     alerts.after_run(failed, runs.run_dir(settings, run_id), settings.secrets(), logfile)
+    runner.settle_side_channels(record)
     return runner.EXIT_FAILED
 
 
@@ -453,6 +454,8 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
     if kernels is not None and status != "succeeded":
         kernels.close()  # before the summary: a failed or interrupted stage's kernel ends with the run
     record.finish(status)
+    # The alert is queued now and goes out while the pages are rendered (never raises, exit code unchanged).
+    alerts.after_run(record.data, record.dir, settings.secrets())
     # The index's trend pictures are drawn by the run's kernel (matplotlib is imported there for the
     # gold chart) while this process writes the run's report; then the kernel ends.
     pictures = kernels.draw_trends(record.dir.parent.parent) if kernels is not None else None
@@ -461,7 +464,8 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
     finally:
         if kernels is not None:
             kernels.close()
-    alerts.after_run(record.data, record.dir, settings.secrets())  # never raises, exit code unchanged
+        # Lineage events and the alert still on their way: at most outbox.BUDGET_S, then in the record.
+        runner.settle_side_channels(record)
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
     print(f"  report:     {record.dir / 'report.html'}  (all runs: {record.dir.parent.parent / 'index.html'})")

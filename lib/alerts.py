@@ -7,22 +7,26 @@ no credentials).
 
 Destinations are Apprise URLs in ALERT_URLS (or a file named by ALERT_URLS_FILE), separated by commas
 or spaces: `slack://...`, `msteams://...`, `mailto://user:pass@host?smtp=...`, `json://host:port/path`
-and the many others Apprise knows. A destination that cannot be reached is logged and never changes
-the run's outcome.
+and the many others Apprise knows. The message goes out in the background, through each destination's
+outbox (lib/outbox.py): the run waits for it only at its end, within the side channels' budget, so a
+destination that refuses, hangs or fails costs a run at most that. A destination that cannot be
+reached is logged once and never changes the run's outcome.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from functools import partial
 from pathlib import Path
 
-from lib import config, redact, registry, runs
+from lib import config, outbox, redact, registry, runs
 from lib.registry import Layer
 
 log = logging.getLogger(__name__)
 
 TITLE = "countries-medallion"
+WHAT = "alert"  # what the outbox says it sends
 MAX_ERROR = 300
 
 
@@ -84,34 +88,36 @@ def message(manifest: dict, record_dir: Path, found: list[str], log_file: Path |
 
 
 def send(urls: list[str], title: str, body: str, secrets: list[str] = ()) -> int:
-    """Send to each destination; returns how many took it. Failures are logged, never raised.
-    Destinations are logged in Apprise's privacy form (tokens and passwords masked)."""
-    import apprise
+    """Put the message in each destination's outbox (sent in the background; `outbox.flush_all` waits
+    for it). Returns how many destinations it was queued for; never raises. Destinations are named
+    in Apprise's privacy form (tokens and passwords masked)."""
+    with outbox.charged():
+        import apprise
 
-    title, body = redact.text(title, secrets), redact.text(body, secrets)
-    delivered = 0
-    for n, url in enumerate(urls, start=1):
-        server = apprise.Apprise.instantiate(url)
-        if not server:
-            log.warning("alert destination %d of ALERT_URLS is not a URL Apprise understands; skipped", n)
-            continue
-        where = server.url(privacy=True)
-        try:
-            ok = server.notify(body=body, title=title)
-        except Exception as err:  # noqa: BLE001 - a broken destination must not change the run
-            ok = False
-            log.warning("alert to %s failed: %s", where, type(err).__name__)
-        if ok:
-            delivered += 1
-            log.info("alert sent to %s", where)
-        else:
-            log.warning("alert to %s was not delivered (the run's outcome is unchanged)", where)
-    return delivered
+        title, body = redact.text(title, secrets), redact.text(body, secrets)
+        queued = 0
+        for n, url in enumerate(urls, start=1):
+            server = apprise.Apprise.instantiate(url)
+            if not server:
+                log.warning("alert destination %d of ALERT_URLS is not a URL Apprise understands; skipped", n)
+                continue
+            outbox.get(WHAT, server.url(privacy=True)).put(title, partial(_notify, server, title, body))
+            queued += 1
+    return queued
+
+
+def _notify(server, title: str, body: str) -> None:
+    try:
+        ok = server.notify(body=body, title=title)
+    except Exception as err:  # noqa: BLE001 - its type only: the text may hold the URL's token
+        raise outbox.NotDelivered(type(err).__name__) from None
+    if not ok:
+        raise outbox.NotDelivered("refused or unreachable (Apprise's own line says which)")
 
 
 def after_run(manifest: dict, record_dir: Path, secrets: list[str] = (), log_file: Path | None = None) -> int:
     """The runner's hook after a run ends, or fails its preflight: alert if anything deserves it.
-    Never raises."""
+    Returns how many destinations the alert was queued for. Never raises."""
     try:
         urls, threshold = settings()
         found = reasons(manifest, threshold)

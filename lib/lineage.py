@@ -8,10 +8,12 @@ contract's rows, their columns (schema). A parent facet ties the stage runs of o
 
 Where events go:
 - always (unless OPENLINEAGE_DISABLED=true): `outputs/runs/<id>/openlineage.jsonl`, one event a line,
-  through the client's FileTransport;
+  through the client's FileTransport, written before the hook returns: the run's copy is complete;
 - also wherever the client's own settings point: OPENLINEAGE_URL (+ OPENLINEAGE_API_KEY,
   OPENLINEAGE_ENDPOINT), OPENLINEAGE__TRANSPORT__* variables, or an openlineage.yml (OPENLINEAGE_CONFIG,
-  the working folder, ~/.openlineage/). Those may also be set in `.env`.
+  the working folder, ~/.openlineage/). Those may also be set in `.env`. These are sent in the
+  background, in order, by the destination's outbox (lib/outbox.py): the run waits for them only at
+  its end, within the side channels' budget, and its record says which were not delivered.
 
 Lineage is a side channel: an event that cannot be written or sent is logged and the run goes on.
 """
@@ -23,8 +25,9 @@ import logging
 import os
 import uuid
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
-from urllib.parse import urlsplit
+from urllib.parse import urljoin, urlsplit
 
 from openlineage.client import OpenLineageClient
 from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
@@ -37,12 +40,22 @@ from openlineage.client.facet_v2 import (
 )
 from openlineage.client.naming import dataset as naming
 from openlineage.client.transport.file import FileConfig, FileTransport
+from openlineage.client.transport.http import HttpTransport
 
-from lib import config, contract, layout, runs, source
+from lib import config, contract, layout, outbox, runs, source
 
 log = logging.getLogger(__name__)
 
 EVENTS_FILE = "openlineage.jsonl"
+WHAT = "OpenLineage event"  # what the outbox says it sends
+# One HTTP attempt to a lineage service: connected within a second, answered within two; a 5xx answer
+# is tried once more at once, a refused or silent service is not (the client's own default retries
+# each event 5 times with backoff, and logs each retry). The run waits for none of it (lib/outbox.py),
+# but a dead service must not keep the sender busy while the next events queue behind it. Where the
+# client's settings are stricter, they stand.
+HTTP_TIMEOUT_S = (1.0, 2.0)
+HTTP_RETRY = {"total": 1, "connect": 0, "read": 0, "other": 0, "status": 1, "backoff_factor": 0.0,
+              "respect_retry_after_header": False}
 DEFAULT_NAMESPACE = "countries-medallion"
 PIPELINE_JOB = "countries_medallion"
 # Run ids are UUIDs in OpenLineage: derived from ours, so START and its end event share one.
@@ -185,8 +198,45 @@ def clients(run_dir: Path) -> list[OpenLineageClient]:
     return out
 
 
+def _bounded(transport) -> None:
+    """HTTP_TIMEOUT_S and HTTP_RETRY on an HTTP transport (before its first request builds its session)."""
+    if not isinstance(transport, HttpTransport):
+        return
+    timeout = transport.timeout
+    if isinstance(timeout, (int, float)):
+        transport.timeout = tuple(min(timeout, cap) for cap in HTTP_TIMEOUT_S)
+    retry = dict(transport.config.retry)
+    for key, cap in HTTP_RETRY.items():
+        mine = retry.get(key)
+        stricter = isinstance(mine, (int, float)) and not isinstance(mine, bool) and mine < cap
+        retry[key] = mine if stricter else cap
+    transport.config.retry = retry
+
+
+def destination(client: OpenLineageClient) -> str:
+    """Where a client sends, without credentials: an HTTP service's URL, or the transport's kind."""
+    transport = client.transport
+    if isinstance(transport, HttpTransport):
+        parts = urlsplit(urljoin(transport.url, transport.endpoint))
+        return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
+    return f"the {transport.kind} transport"
+
+
+def _deliver(client: OpenLineageClient, event: RunEvent) -> None:
+    try:
+        client.emit(event)
+    except Exception as err:  # noqa: BLE001 - said in one phrase, once, by the outbox
+        raise outbox.NotDelivered(source.short_error(err)) from None
+    finally:
+        try:
+            client.close(timeout=0)
+        except Exception:  # noqa: BLE001
+            pass
+
+
 def emit(run_dir: Path, event: RunEvent) -> int:
-    """Send one event everywhere; returns how many destinations took it. Never raises."""
+    """Write one event to the run folder, and put it in the outbox of the configured destination
+    (sent in the background). Returns how many destinations took it (written or queued). Never raises."""
     sent = 0
     try:
         targets = clients(run_dir)
@@ -194,12 +244,19 @@ def emit(run_dir: Path, event: RunEvent) -> int:
         log.warning("OpenLineage: settings not usable (%s); no lineage event sent", err)
         return 0
     for client in targets:
+        if client.transport.kind != FileTransport.kind:
+            with outbox.charged():
+                _bounded(client.transport)
+                outbox.get(WHAT, destination(client)).put(f"{event.eventType.value} {event.job.name}",
+                                                          partial(_deliver, client, event))
+            sent += 1
+            continue
         try:
             client.emit(event)
             sent += 1
         except Exception as err:  # noqa: BLE001
-            log.warning("OpenLineage: %s event of %s not delivered by the %s transport: %s",
-                        event.eventType.value, event.job.name, client.transport.kind, source.short_error(err))
+            log.warning("OpenLineage: %s event of %s not written to %s: %s", event.eventType.value,
+                        event.job.name, run_dir / EVENTS_FILE, err)
         finally:
             try:
                 client.close(timeout=5)

@@ -1,6 +1,6 @@
 """Running the stage notebooks with papermill: preflight, executing each stage into the run folder,
-signals, and the one-line summaries. `run_pipeline.py` is the command line over this module; the
-stages themselves are declared in lib/registry.py.
+signals, the side channels settled at the end, and the one-line summaries. `run_pipeline.py` is the
+command line over this module; the stages themselves are declared in lib/registry.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from queue import Empty
 
 import requests
 
-from lib import config, db, files, lineage, params, redact, registry, runs, source, stack, storage, terminal
+from lib import config, db, files, lineage, outbox, params, redact, registry, runs, source, stack, storage, terminal
 from lib.stages import parameters
 
 # papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
@@ -534,6 +534,17 @@ def _ended(record: runs.RunRecord, stage: str, status: str, seconds: float, erro
     """The runner's verdict in the stage record, then OpenLineage COMPLETE, FAIL or ABORT (never raises)."""
     record.stage_ended(stage, status, seconds, error)
     lineage.stage_ended(record, stage)
+
+
+def settle_side_channels(record: runs.RunRecord | None) -> list[dict]:
+    """The end of a run: its lineage events and alerts still on their way are waited for, all
+    together at most `outbox.BUDGET_S`, then given up on. What became of each destination goes into
+    the record, under `side_channels` (one entry per destination and invocation), and the log."""
+    outcomes = [{**o.record(), "at": runs.now()} for o in outbox.flush_all()]
+    if record is not None and outcomes:
+        record.data.setdefault("side_channels", []).extend(outcomes)
+        record.save()
+    return outcomes
 
 
 def summary_line(stage: str, entry: dict) -> str:

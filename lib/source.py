@@ -142,7 +142,8 @@ def short_error(err: Exception) -> str:
     """A connection error in one readable phrase (requests' own text nests several layers)."""
     text = str(err)
     for pattern in (r"Failed to resolve '[^']+'", r"Connection refused", r"Read timed out",
-                    r"timed out", r"Connection reset by peer", r"Remote end closed connection"):
+                    r"timed out", r"Connection reset by peer", r"Remote end closed connection",
+                    r"too many \d+ error responses"):
         found = re.search(pattern, text)
         if found:
             return f"{type(err).__name__}: {found.group(0)}"

@@ -1,18 +1,20 @@
 """lib.alerts: which runs deserve an alert, and real runs alerting a real local webhook server and a
-real local SMTP server through Apprise; a destination that is down never changes a run's outcome, and
-no credential is ever part of a message."""
+real local SMTP server through Apprise; a destination that is down never changes a run's outcome, one
+that refuses, hangs, answers slowly or fails costs a run at most the side channels' budget, and no
+credential is ever part of a message."""
 
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from email import message_from_bytes
 
 import pytest
 
-from lib import alerts, contract, runs
+from lib import alerts, contract, outbox, runs
 from lib.config import ConfigError
-from tests.sinks import HttpSink, SmtpSink, closed_port
+from tests.sinks import MISBEHAVING, SLOW_S, HttpSink, Misbehaving, SmtpSink, closed_port, timed
 
 
 def _manifest(status="succeeded", **stages):
@@ -68,6 +70,43 @@ def test_the_message_is_short_and_says_where_the_record_is(tmp_path):
     lines = body.splitlines()
     assert lines[0] == "run r1 FAILED" and lines[-1] == f"record: {tmp_path / 'r1' / 'manifest.json'}"
     assert len(lines) == 3 and len(lines[1]) < 320
+
+
+# --- a destination that refuses, hangs, answers slowly or fails ------------------------------------------
+
+SLACK_S = 0.5  # beyond the budget: a busy machine
+
+
+@pytest.fixture(params=MISBEHAVING)
+def misbehaving(request):
+    service = Misbehaving(request.param)
+    yield service
+    service.close()
+
+
+def test_a_misbehaving_destination_costs_at_most_the_budget_and_is_logged_once(misbehaving, tmp_path,
+                                                                              monkeypatch, caplog):
+    monkeypatch.setenv("ALERT_URLS", f"json://127.0.0.1:{misbehaving.port}/hook")
+    caplog.set_level(logging.INFO)
+    failed = _manifest("failed", **{"03_load": {"status": "failed", "error": "cell [5]: DatabaseError: boom"}})
+
+    def the_run_ends():
+        queued = alerts.after_run(failed, tmp_path / "r1")
+        return queued, outbox.flush_all()
+
+    (queued, outcomes), seconds = timed(the_run_ends, limit=outbox.BUDGET_S + 10)
+    assert seconds <= outbox.BUDGET_S + SLACK_S, f"{misbehaving.kind}: {seconds:.2f} s"
+    assert queued == 1
+    [outcome] = outcomes
+    assert outcome.what == alerts.WHAT and outcome.destination.startswith(f"json://127.0.0.1:{misbehaving.port}/hook")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("lib")]
+    if misbehaving.kind == "slow":  # SLOW_S is well within the budget
+        assert SLOW_S < outbox.BUDGET_S and outcome.delivered == ["countries-medallion: run r1 FAILED"]
+        assert warnings == [] and f"alert sent to {outcome.destination}" in caplog.messages
+    else:
+        assert outcome.delivered == [] and outcome.not_delivered == ["countries-medallion: run r1 FAILED"]
+        assert warnings == [f"alert to {outcome.destination} was not delivered (the run's outcome is unchanged): "
+                            f"{outcome.error}"]
 
 
 # --- real runs, real destinations ------------------------------------------------------------------------

@@ -1,18 +1,21 @@
 """lib.lineage: OpenLineage events of real runs, checked against the OpenLineage spec's JSON schema
 (tests/openlineage_spec/, see its README) and against the manifest's lineage; the HTTP transport
-against a real local server that receives the events, as a Marquez server would."""
+against a real local server that receives the events, as a Marquez server would, and against servers
+that refuse, hang, answer slowly or fail, which must never hold a run."""
 
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
-from lib import contract, lineage, registry, runs
-from tests.sinks import HttpSink, closed_port
+from lib import contract, lineage, outbox, registry, runs
+from tests.sinks import MISBEHAVING, HttpSink, Misbehaving, closed_port, timed
 
 SPEC = Path(__file__).parent / "openlineage_spec"
 CORE = "https://openlineage.io/spec/2-0-2/OpenLineage.json"
@@ -131,22 +134,32 @@ def test_a_full_run_emits_spec_valid_events_matching_the_manifest(run_pipeline, 
             if "schema" in o["facets"]:
                 assert [f["name"] for f in o["facets"]["schema"]["fields"]] == contract.COLUMNS
 
-    # The same events reached the HTTP transport, in order.
+    # The same events reached the HTTP transport, in order, and the record says so.
     received = [p for p in marquez.posts[before:]]
     assert all(p["path"] == "/api/v1/lineage" for p in received)
     assert [p["json"] for p in received] == events
+    [sent] = manifest["side_channels"]
+    assert sent["what"] == lineage.WHAT and sent["destination"] == f"http://127.0.0.1:{marquez.port}/api/v1/lineage"
+    assert sent["delivered"] == len(events) and sent["not_delivered"] == [] and sent["error"] is None
 
 
 def test_a_failed_stage_emits_fail_with_its_error_and_a_dead_lineage_server_changes_nothing(
         run_pipeline, settings, unique, schemas):
     run_id = f"olfail-{unique}"
+    dead = f"http://127.0.0.1:{closed_port()}"
     res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}",
-                       env={"OPENLINEAGE__TRANSPORT__TYPE": "http",
-                            "OPENLINEAGE__TRANSPORT__URL": f"http://127.0.0.1:{closed_port()}",
+                       env={"OPENLINEAGE__TRANSPORT__TYPE": "http", "OPENLINEAGE__TRANSPORT__URL": dead,
                             "OPENLINEAGE__TRANSPORT__RETRY": '{"total": 0}'})
     assert res.returncode == 1, res.stderr[-3000:]  # the stage's failure, nothing else
     assert "stage 04_export FAILED" in res.stderr
-    assert "OpenLineage: START event of countries_medallion.04_export not delivered" in res.stderr
+    # Said once for the run, naming the events the service missed; the record says it too.
+    assert res.stderr.count("OpenLineage event") == 1
+    assert (f"2 of 2 OpenLineage events to {dead}/api/v1/lineage were not delivered (the run's outcome is "
+            "unchanged): ConnectionError: Connection refused; not delivered: START countries_medallion.04_export, "
+            "FAIL countries_medallion.04_export") in res.stderr
+    [missed] = runs.read_json(runs.manifest_path(settings, run_id))["side_channels"]
+    assert missed["delivered"] == 0 and missed["not_delivered"] == ["START countries_medallion.04_export",
+                                                                    "FAIL countries_medallion.04_export"]
     events = lineage.read_events(runs.run_dir(settings, run_id))
     assert [e["eventType"] for e in events] == ["START", "FAIL"]
     for event in events:
@@ -174,7 +187,9 @@ def test_the_http_transport_alone_reaches_a_real_server(marquez, tmp_path, monke
     before = len(marquez.posts)
     entry = {"attempts": [], "started": runs.now()}
     sent = lineage.emit(tmp_path / "run", lineage.stage_event("r1", "01_ingest", entry, lineage.RunState.START))
-    assert sent == 2
+    assert sent == 2  # written to the file, queued for the server
+    [outcome] = outbox.flush_all()
+    assert outcome.delivered == ["START countries_medallion.01_ingest"]
     post = marquez.posts[before]
     assert post["headers"]["Authorization"] == "Bearer test-key"
     assert post["json"] == lineage.read_events(tmp_path / "run")[0]
@@ -206,3 +221,84 @@ def test_an_upper_case_export_has_upper_case_names_in_its_schema_facet():
     assert names == [c.upper() for c in contract.COLUMNS]
     entry["details"]["column_case"] = "lower"
     assert [f.name for f in lineage.datasets(entry)[1][0].facets["schema"].fields] == contract.COLUMNS
+
+
+# --- a lineage service that refuses, hangs, answers slowly or fails never holds a run -------------------
+
+SLACK_S = 0.5  # beyond the budget: the synchronous file copy of ten events, on a busy machine
+
+
+def _only_the_url(monkeypatch, url: str) -> None:
+    for name in ("OPENLINEAGE_CONFIG", "OPENLINEAGE_DISABLED", "OPENLINEAGE__TRANSPORT__TYPE",
+                 "OPENLINEAGE__TRANSPORT__URL", "OPENLINEAGE__TRANSPORT__RETRY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENLINEAGE_URL", url)
+
+
+def _a_run_ends(run_dir: Path) -> list[outbox.Outcome]:
+    """The runner's lineage hooks for every stage (START, then COMPLETE), then its end of run."""
+    record = SimpleNamespace(dir=run_dir, run_id="r1", data={"stages": {}})
+    for stage in registry.NAMES:
+        record.data["stages"][stage] = {"attempts": [], "started": runs.now()}
+        lineage.stage_started(record, stage)
+        record.data["stages"][stage].update(status="succeeded", ended=runs.now())
+        lineage.stage_ended(record, stage)
+    return outbox.flush_all()
+
+
+def _labels(events: list[dict]) -> list[str]:
+    return [f"{e['eventType']} {e['job']['name']}" for e in events]
+
+
+@pytest.fixture(params=MISBEHAVING)
+def misbehaving(request):
+    service = Misbehaving(request.param)
+    yield service
+    service.close()
+
+
+def test_a_misbehaving_lineage_service_costs_at_most_the_budget_and_is_logged_once(
+        misbehaving, tmp_path, monkeypatch, caplog):
+    url = f"http://127.0.0.1:{misbehaving.port}"
+    _only_the_url(monkeypatch, url)
+    caplog.set_level(logging.INFO)
+    outcomes, seconds = timed(lambda: _a_run_ends(tmp_path / "run"), limit=outbox.BUDGET_S + 5)
+    assert seconds <= outbox.BUDGET_S + SLACK_S, f"{misbehaving.kind}: {seconds:.2f} s"
+
+    # The run folder's copy is complete, in order, whatever the service did.
+    events = lineage.read_events(tmp_path / "run")
+    assert [(e["job"]["name"].rsplit(".", 1)[1], e["eventType"]) for e in events] == [
+        (s, t) for s in registry.NAMES for t in ("START", "COMPLETE")]
+
+    # What did not reach the service is said once, and named in the outcome for the record.
+    [outcome] = outcomes
+    assert outcome.what == lineage.WHAT and outcome.destination == f"{url}/api/v1/lineage"
+    labels = _labels(events)
+    assert outcome.delivered + outcome.not_delivered == labels
+    assert outcome.not_delivered  # a slow one answers 4 of 10 in the budget at best
+    if misbehaving.kind != "slow":
+        assert outcome.delivered == []
+    reasons = {"refusing": "ConnectionError: Connection refused", "failing": "RetryError: too many 500 error responses",
+               "slow": f"no answer within the run's {outbox.BUDGET_S:g} s for side channels"}  # hanging: either
+    assert outcome.error == reasons.get(misbehaving.kind, outcome.error)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings  # nothing else either: no line per event, no retry
+    assert warnings[0].startswith(f"{len(outcome.not_delivered)} of 10 OpenLineage events to {url}/api/v1/lineage "
+                                  "were not delivered (the run's outcome is unchanged)")
+    assert warnings[0].endswith("not delivered: " + ", ".join(outcome.not_delivered))
+    assert outbox.flush_all() == []  # given up: nothing is left waiting for the next flush
+
+
+def test_a_healthy_lineage_service_receives_every_event_in_order(marquez, tmp_path, monkeypatch, caplog):
+    url = f"http://127.0.0.1:{marquez.port}"
+    _only_the_url(monkeypatch, url)
+    caplog.set_level(logging.INFO)
+    before = len(marquez.posts)
+    outcomes, seconds = timed(lambda: _a_run_ends(tmp_path / "run"), limit=outbox.BUDGET_S + 5)
+    events = lineage.read_events(tmp_path / "run")
+    assert [p["json"] for p in marquez.posts[before:]] == events
+    [outcome] = outcomes
+    assert outcome.delivered == _labels(events) and outcome.not_delivered == [] and outcome.error is None
+    assert outcome.record()["delivered"] == 10
+    assert f"10 OpenLineage events sent to {url}/api/v1/lineage" in caplog.messages
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
