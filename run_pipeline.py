@@ -351,6 +351,27 @@ def resume_hint(run_id: str) -> str:
     return f"python run_pipeline.py --resume {run_id}"
 
 
+def input_run(settings: config.Settings, stages: list[str], chosen: dict[str, dict]) -> tuple[str | None, str | None]:
+    """(the run a new run reads from, or None; a problem for the preflight, or None). A run that
+    starts after the first stage reads the data of the run named by `-p input_run=RUN_ID`, else of
+    the latest published run of its table (lib/publish.py `latest_published`)."""
+    from lib import publish  # the table's pointer: only now (it imports what the stages need)
+
+    given = next((chosen.get(s, {}).get("input_run") for s in stages if chosen.get(s, {}).get("input_run")), "")
+    if given:
+        if not runs.manifest_path(settings, given).exists():
+            return None, f"input_run {given}: there is no run {given} in {runs.runs_dir(settings)}"
+        return given, None
+    if stages[0] == registry.first().name:
+        return None, None
+    table = next((chosen[s]["table"] for s in stages if chosen.get(s, {}).get("table")), parameters.DEFAULT_TABLE)
+    found = publish.latest_published(settings, table)
+    if found is None:
+        return None, (f"stages {', '.join(stages)} read the data of the latest published run, and table {table} has "
+                      f"none yet: run every stage first (make run), or name the run to read with -p input_run=RUN_ID")
+    return found, None
+
+
 def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) -> int:
     """Everything a run does holding the pipeline lock: preflight, finishing earlier publishes, marking
     runs that ended unsaid, then the stages."""
@@ -367,6 +388,10 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
         log.info("resuming run %s at %s", run_id, stages[0])
     hints: dict[str, dict] = {}
     problems = runner.preflight(settings, stages, chosen, hints)
+    based_on = None
+    if not args.resume and not problems:
+        based_on, nothing = input_run(settings, stages, chosen)
+        problems += [nothing] if nothing else []
     if problems:
         return preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels)
     runner.install_signal_handlers()
@@ -381,7 +406,7 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     space = config.space_problems(env, runner.expected_payload(settings))
     if space:  # recorded, so that `--resume` goes on once there is room
         return preflight_failed(settings, run_id, stages, chosen, space, logfile, kernels, record_new=True)
-    return run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels, hints, finished)
+    return run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels, hints, finished, based_on)
 
 
 def finish_publishes(settings) -> list[dict]:
@@ -396,10 +421,13 @@ def finish_publishes(settings) -> list[dict]:
     return finished
 
 
-def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=None, hints=None, finished=()) -> int:
+def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=None, hints=None, finished=(),
+               based_on=None) -> int:
     from lib import alerts, report
 
-    record = runs.RunRecord.open(settings, run_id, stages, chosen)
+    record = runs.RunRecord.open(settings, run_id, stages, chosen, based_on)
+    if based_on:
+        print(f"run {run_id} reads the data of run {based_on} for the stages before {stages[0]}")
     if finished:  # this run's record says which earlier publish it finished first
         record.data["finished_publishes"] = list(finished)
         record.save()

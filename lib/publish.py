@@ -36,6 +36,13 @@ def pointer(s3, bucket: str, table: str) -> dict | None:
     return json.loads(storage.get_bytes(s3, bucket, layout.published_key(table))[0])
 
 
+def latest_published(settings: config.Settings, table: str) -> str | None:
+    """The run whose data is published for `table` (its pointer names it), None before its first
+    publish: what a run that starts after stage 1 reads, unless it is told another run."""
+    found = pointer(storage.client(settings.store), settings.gold_bucket, table)
+    return found.get("run_id") if found else None
+
+
 def _note(s3, settings: config.Settings, table: str, **what) -> None:
     """Write down what a publish moves, before its first step (`finish_pending` reads it)."""
     storage.put_bytes(s3, settings.gold_bucket, layout.pending_key(table), json.dumps({"table": table, **what},

@@ -164,15 +164,18 @@ def run_origin(settings: Settings, run_id: str) -> str | None:
     return manifest.get("origin", "runner")
 
 
+_KERNEL_RUN: list[str] = []  # this process's interactive run: one per kernel session
+
+
 def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
     """The run a stage writes into.
 
     Under the runner: the run it passes (RUNNER_ENV and `run_id` must agree).
     Outside it (JupyterLab, papermill, nbclient), a finished run's record is never touched:
-    - an empty run_id at the first stage starts a new interactive run (`lab-…`, `papermill-…`);
-    - an empty run_id at a later stage continues the latest run when that is an interactive one,
-      else starts a new interactive run *based on* the latest run: it reads that run's data (its
-      bronze, silver or export, recorded as inputs) and writes only into its own run;
+    - an empty run_id gives this kernel session's own run, started by its first stage: `lab-…` in
+      JupyterLab (one run per notebook kernel), `papermill-…` otherwise (one run per execution).
+      A stage whose run did not execute the stage before reads another run's data (`based_on`:
+      the `input_run` parameter, else the latest published run);
     - a named run is used when it is interactive (or new, at the first stage); a run the runner
       recorded is refused with how to re-run a stage through the runner.
     New interactive runs get their manifest from `open_interactive`."""
@@ -190,42 +193,48 @@ def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
             raise RecordClosed(
                 f"run {run_id} was recorded by the runner and its record is never rewritten from a notebook. "
                 f"To run {stage} again in that run (the earlier attempt is kept): python run_pipeline.py "
-                f"--stages {number} --run-id {run_id}. To explore its data, leave run_id empty: the notebook "
-                f"starts its own run that reads run {run_id}'s data")
-        if found is None and stage != registry.first().name and not run_dir(settings, run_id).is_dir():
-            raise PipelineError(f"{stage}: there is no run {run_id} in {runs_dir(settings)}; run "
-                                f"{registry.first().name} first, or leave run_id empty")
+                f"--stages {number} --run-id {run_id}. To explore its data, leave run_id empty and set "
+                f"input_run = {run_id!r}: the notebook starts its own run that reads run {run_id}'s data")
         return run_id
-    if stage == registry.first().name:
-        return new_run_id(origin=origin())
-    latest = latest_run_id(settings)
-    if latest is None:
-        raise PipelineError(f"{stage} needs a run: no run exists yet in {runs_dir(settings)}; "
-                            f"run {registry.first().name} first or set run_id")
-    if run_origin(settings, latest) in INTERACTIVE_PREFIX:
-        return latest
-    return new_run_id(origin=origin())
+    if not _KERNEL_RUN:
+        _KERNEL_RUN.append(new_run_id(origin=origin()))
+    return _KERNEL_RUN[0]
 
 
 def based_on(settings: Settings, run_id: str) -> str | None:
-    """The run an interactive run reads its earlier stages' data from (None: its own)."""
+    """The run whose earlier stages' data a run reads when it did not execute them (None: its own)."""
     return (read_json(manifest_path(settings, run_id)) or {}).get("based_on")
 
 
-def open_interactive(settings: Settings, run_id: str, stage: str) -> None:
-    """Give a run started outside the runner its manifest (once): where it came from and, when its
-    first stage is not the first stage, which run it reads from (the latest run)."""
-    if os.environ.get(RUNNER_ENV) or manifest_path(settings, run_id).exists():
+def needs_base(settings: Settings, run_id: str, stage: str) -> bool:
+    """Whether an interactive run about to run `stage` must be told which run's data it reads: a new
+    run whose first stage is not the first stage."""
+    return (not os.environ.get(RUNNER_ENV) and stage != registry.first().name
+            and not manifest_path(settings, run_id).exists())
+
+
+def open_interactive(settings: Settings, run_id: str, stage: str, base: str | None = None,
+                     parameters: dict | None = None) -> None:
+    """The manifest of a run started outside the runner: written at its first stage (where it came
+    from and, when that is not the first stage, `base`: the run it reads from), then each stage it
+    begins is added to its requested stages, with its parameters."""
+    if os.environ.get(RUNNER_ENV):
         return
-    base = None
-    if stage != registry.first().name and not (run_dir(settings, run_id) / "stages").is_dir():
-        base = latest_run_id(settings)
-    record = RunRecord(settings, run_id, {
-        "run_id": run_id, "origin": origin(), "status": "running", "started": now(),
-        "based_on": base, "requested_stages": [], "parameters": {}, "stack": settings.describe(),
-        "stages": {}})
-    if os.environ.get("JPY_SESSION_NAME"):
-        record.data["notebook_session"] = os.environ["JPY_SESSION_NAME"]
+    record = RunRecord(settings, run_id, read_json(manifest_path(settings, run_id)) or {})
+    if not record.data:
+        record.data = {
+            "run_id": run_id, "origin": origin(), "status": "running", "started": now(), "based_on": base,
+            "requested_stages": [], "parameters": {}, "stack": settings.describe(), "stages": {}}
+        if os.environ.get("JPY_SESSION_NAME"):
+            record.data["notebook_session"] = os.environ["JPY_SESSION_NAME"]
+    elif base and record.data.get("based_on") not in (None, base):
+        raise PipelineError(f"run {run_id} reads the data of run {record.data['based_on']}, not {base}: leave "
+                            "input_run empty, or restart the kernel for a new run")
+    asked = set(record.data.get("requested_stages") or []) | {stage}
+    record.data["requested_stages"] = [s for s in registry.NAMES if s in asked]
+    record.data.setdefault("parameters", {})[stage] = parameters or {}
+    record.data["status"] = "running"
+    record.data.pop("ended", None)
     record.save()
 
 
@@ -382,7 +391,10 @@ class RunRecord:
         return manifest_path(self.settings, self.run_id)
 
     @classmethod
-    def open(cls, settings, run_id: str, stages: list[str], params: dict[str, dict]) -> "RunRecord":
+    def open(cls, settings, run_id: str, stages: list[str], params: dict[str, dict],
+             based_on: str | None = None) -> "RunRecord":
+        """The runner's record of a run, new or resumed. `based_on`: the run whose data a new run
+        that starts after the first stage reads (lib/stages/context.py `source_run`)."""
         record = cls(settings, run_id)
         existing = read_json(record.path)
         if existing:
@@ -406,6 +418,7 @@ class RunRecord:
                 "requested_stages": stages,
                 "parameters": params,
                 "stack": settings.describe(),
+                "based_on": based_on,
                 "stages": {},
             }
         record.save()

@@ -72,34 +72,36 @@ def test_latest_run_id_is_none_without_runs_and_then_the_most_recent(settings):
 def test_resolve_run_id_outside_the_runner(settings, monkeypatch):
     monkeypatch.delenv(runs.RUNNER_ENV, raising=False)
     monkeypatch.delenv("JPY_SESSION_NAME", raising=False)
+    monkeypatch.setattr(runs, "_KERNEL_RUN", [])
     assert runs.resolve_run_id(settings, "given-1", "01_ingest") == "given-1"  # a new named run
+    assert runs.resolve_run_id(settings, "given-2", "03_load") == "given-2"  # reads another run's data
     with pytest.raises(InvalidName):
         runs.resolve_run_id(settings, "bad/id", "03_load")
-    with pytest.raises(PipelineError, match="run 01_ingest first"):
-        runs.resolve_run_id(settings, "", "02_clean")
-    with pytest.raises(PipelineError, match="there is no run nope"):
-        runs.resolve_run_id(settings, "nope", "02_clean")
-    new = runs.resolve_run_id(settings, "", "01_ingest")
+    # Empty: this kernel session's own run, whatever the stage, and the same for every stage it runs.
+    new = runs.resolve_run_id(settings, "", "02_clean")
     assert re.fullmatch(r"papermill-\d{8}T\d{6}Z-[0-9a-f]{6}", new)
-    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/01_ingest.ipynb")
-    assert runs.resolve_run_id(settings, "", "01_ingest").startswith("lab-")
-
-    # The latest run is the runner's: a later stage starts its own run, based on it.
-    RunRecord.open(settings, "r-runner", ALL, {})
-    runs.StageRecord(settings, "r-runner", "01_ingest").save()
+    assert runs.resolve_run_id(settings, "", "03_load") == runs.resolve_run_id(settings, "", "01_ingest") == new
+    monkeypatch.setattr(runs, "_KERNEL_RUN", [])  # another kernel
+    monkeypatch.setenv("JPY_SESSION_NAME", "notebooks/02_clean.ipynb")
     own = runs.resolve_run_id(settings, "", "02_clean")
-    assert own.startswith("lab-") and own != "r-runner"
-    runs.open_interactive(settings, own, "02_clean")
+    assert own.startswith("lab-") and own != new
+
+    # A new run that starts after stage 1 is told which run it reads (context.begin: the latest published).
+    assert runs.needs_base(settings, own, "02_clean") and not runs.needs_base(settings, own, "01_ingest")
+    runs.open_interactive(settings, own, "02_clean", "r-runner", {"min_records": 5})
+    assert not runs.needs_base(settings, own, "03_load")
+    runs.open_interactive(settings, own, "03_load")
     saved = runs.read_json(runs.manifest_path(settings, own))
     assert saved["origin"] == "jupyterlab" and saved["based_on"] == "r-runner"
+    assert saved["requested_stages"] == ["02_clean", "03_load"]
+    assert saved["parameters"]["02_clean"] == {"min_records": 5}
     assert runs.based_on(settings, own) == "r-runner"
+    with pytest.raises(PipelineError, match="reads the data of run r-runner, not other"):
+        runs.open_interactive(settings, own, "04_export", "other")
     # Naming the runner's run is refused, with how to re-run a stage properly.
+    RunRecord.open(settings, "r-runner", ALL, {})
     with pytest.raises(runs.RecordClosed, match="python run_pipeline.py --stages 3 --run-id r-runner"):
         runs.resolve_run_id(settings, "r-runner", "03_load")
-
-    # The latest run is an interactive one: later stages continue it.
-    runs.StageRecord(settings, own, "02_clean").save()
-    assert runs.resolve_run_id(settings, "", "03_load") == own
     assert runs.resolve_run_id(settings, own, "03_load") == own
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pandas as pd
 
-from lib import config, contract, db, formats, layout, pages, quality, registry, runs, storage
+from lib import config, contract, db, formats, layout, lineage, pages, publish, quality, registry, report, runs, storage
 from lib import log as logsetup
 from lib.errors import PipelineError
 from lib.stages import parameters
@@ -44,17 +44,41 @@ class StageRun:
     params: Any  # the stage's typed parameters (lib/stages/parameters.py `values`)
 
     def finish(self) -> str:
-        """Save the record; returns its path, which a notebook displays as what was recorded."""
+        """Save the record; returns its path, which a notebook displays as what was recorded. A run
+        outside the runner gets the rest of its record here, at the notebook's last cell (`ended`)."""
         path = self.record.save()
         log.info("%s of run %s done; record %s", self.name, self.run_id, path)
-        self.refresh_manifest()
+        self.ended()
         return RecordView(path, self.record.data)
 
-    def refresh_manifest(self) -> None:
+    @property
+    def interactive(self) -> bool:
+        return self.record.data["origin"] != "runner"
+
+    def refresh_manifest(self, **update) -> runs.RunRecord | None:
         """An interactive run's manifest, derived again from its stage records (the runner does
         this itself for its runs)."""
-        if self.record.data["origin"] != "runner":
-            runs.RunRecord(self.settings, self.run_id).refresh()
+        if not self.interactive:
+            return None
+        record = runs.RunRecord(self.settings, self.run_id)
+        record.data = runs.read_json(record.path) or {}
+        record.data.update(update)
+        record.refresh()
+        return record
+
+    def ended(self) -> None:
+        """The end of a stage run outside the runner (its last cell, or a cell that failed): what the
+        runner does for its runs, done here: the manifest with its end, the stage's OpenLineage end
+        event, the run's report and the index. The runner's runs get all of it from the runner."""
+        record = self.refresh_manifest(ended=runs.now())
+        if record is None:
+            return
+        lineage.stage_ended(record, self.name)  # in the background, bounded (lib/outbox.py)
+        try:
+            report.write(record.dir)
+            report.write_index(self.settings.outputs_dir)
+        except Exception as err:  # noqa: BLE001 - `run_pipeline.py report RUN_ID` renders them again
+            log.warning("the pages of run %s were not written: %s", self.run_id, err)
 
     def meta(self, **extra) -> dict:
         """The metadata every object of this stage carries."""
@@ -107,17 +131,30 @@ def begin(stage: str, given: str | Mapping | None = None, /, **overrides) -> Sta
     logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
                    stream_format="%(levelname)s: %(message)s")
     rid = runs.resolve_run_id(settings, run_id, stage)
-    runs.open_interactive(settings, rid, stage)
     used = {k: v for k, v in dataclasses.asdict(params).items() if k != "run_id"}
+    if runs.origin() != "runner":
+        given = getattr(params, "input_run", "")
+        runs.open_interactive(settings, rid, stage, given or (_latest_published(settings, stage, params)
+                                                              if runs.needs_base(settings, rid, stage) else None), used)
     record = runs.StageRecord(settings, rid, stage, used).start()
     log.info("%s of run %s starting (%s)", stage, rid, record.data["origin"])
     current = StageRun(stage, rid, settings, record, params)
-    if record.data["origin"] != "runner":
+    if current.interactive:
         if current.based_on:
             log.info("run %s reads the data of run %s and writes only into its own record", rid, current.based_on)
         _watch_cells(current)
-        current.refresh_manifest()
+        lineage.stage_started(current.refresh_manifest(), stage)  # the runner sends it for its runs
     return current
+
+
+def _latest_published(settings: config.Settings, stage: str, params) -> str:
+    """The run a new run that starts at `stage` reads from: the latest published run of its table."""
+    table = getattr(params, "table", parameters.DEFAULT_TABLE)
+    found = publish.latest_published(settings, table)
+    if found is None:
+        raise StageError(f"{stage} reads the data of the latest published run, and table {table} has none yet: "
+                         "run every stage first (make run), or set input_run to the run whose data to read")
+    return found
 
 
 _WATCHER = None  # the post_run_cell hook of the stage begun last in this kernel
@@ -144,7 +181,7 @@ def _watch_cells(stage: StageRun) -> None:
         error = result.error_in_exec or result.error_before_exec
         if error is not None and stage.record.data.get("status") == "running":
             stage.record.fail(f"{type(error).__name__}: {error}")
-            stage.refresh_manifest()
+            stage.ended()
 
     shell.events.register("post_run_cell", watcher)
     _WATCHER = watcher

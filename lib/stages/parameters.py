@@ -57,7 +57,10 @@ def _api_url(v: str) -> str:
     return v if v == "" else source.check_url(v)
 
 
-RUN_ID = Parameter(str, "", "empty: the latest run in outputs/runs")
+RUN_ID = Parameter(str, "", "empty: this kernel's own run (a new lab-… or papermill-… run)",
+                   lambda v: v if v == "" else names.run_id(v))
+INPUT_RUN = Parameter(str, "", "the run whose data this stage reads when its own run did not execute the stage "
+                      "before; empty: the latest published run", lambda v: v if v == "" else names.run_id(v))
 TABLE = Parameter(str, DEFAULT_TABLE, "", lambda v: names.sql_identifier(v, "table"))
 DB_SCHEMA = Parameter(str, "public", "", names.schema)
 MIN_RECORDS = Parameter(int, 200, "", _at_least("min_records", 1))
@@ -83,6 +86,7 @@ DECLARED: dict[str, dict[str, Parameter]] = {
     },
     "clean": {
         "run_id": RUN_ID,
+        "input_run": INPUT_RUN,
         "backfill_date": Parameter(str, "", "YYYY-MM-DD: reprocess every raw object of that ingest date instead of "
                                    "this run's", lambda v: v if v == "" or params.DATE.match(v)
                                    else params.bad(f"backfill_date {v!r} is not YYYY-MM-DD")),
@@ -95,6 +99,7 @@ DECLARED: dict[str, dict[str, Parameter]] = {
     },
     "load": {
         "run_id": RUN_ID,
+        "input_run": INPUT_RUN,
         "db_schema": replace(DB_SCHEMA, help="schema of the target table"),
         "table": replace(TABLE, help="target table; history goes to <table>_history"),
         "write_mode": Parameter(str, "upsert", "upsert (by key), append (new keys only) or replace",
@@ -108,6 +113,7 @@ DECLARED: dict[str, dict[str, Parameter]] = {
     },
     "export": {
         "run_id": RUN_ID,
+        "input_run": INPUT_RUN,
         "db_schema": replace(DB_SCHEMA, help="schema to export from"),
         "table": replace(TABLE, help="the pipeline's table"),
         "export_all_tables": Parameter(bool, False, "also export every other table of the schema (as the original "
@@ -117,6 +123,7 @@ DECLARED: dict[str, dict[str, Parameter]] = {
     },
     "gold": {
         "run_id": RUN_ID,
+        "input_run": INPUT_RUN,
         "table": replace(TABLE, help="the exported table to bring home"),
         "gold_format": Parameter(str, "", "csv or parquet; empty: formats.DEFAULT_GOLD in lib/formats.py", _format),
         "preview_rows": PREVIEW_ROWS,

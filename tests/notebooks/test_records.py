@@ -12,7 +12,7 @@ import nbformat
 import papermill
 import pytest
 
-from lib import registry, runs
+from lib import lineage, registry, runs
 from tests.notebooks.helpers import manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,18 +81,36 @@ def test_notebooks_outside_the_runner_never_rewrite_a_runner_run(run_pipeline, s
     assert f"python run_pipeline.py --stages 2 --run-id {run_id}" in refused.value.evalue
     assert files_of(folder) == before
 
-    # 03_load with its defaults: its own run, reading the runner run's silver, recorded as based on it.
+    # 03_load with its defaults: its own run, reading the latest published run's silver (the runner's).
     run_papermill("03_load", tmp_path / "load.ipynb", table=table)
     assert files_of(folder) == before  # not one byte of the runner's record changed
     own = runs.latest_run_id(settings)
     assert own.startswith("papermill-") and own != run_id
-    mine = assert_derived(settings, own)
+    mine = assert_complete(settings, own, ["03_load"])
     assert mine["origin"] == "papermill" and mine["based_on"] == run_id
-    assert list(mine["stages"]) == ["03_load"] and mine["status"] == "succeeded"
+    assert mine["status"] == "succeeded"
     load = mine["stages"]["03_load"]
     clean_uri = manifest(settings, run_id)["stages"]["02_clean"]["objects"][0]["uri"]
     assert load["objects"][0]["inputs"] == [clean_uri]  # it read the runner run's silver
     assert load["details"]["unchanged"] == 250 and load["details"]["batch_rows"] == 250
+
+
+def assert_complete(settings, run_id: str, stages: list[str]) -> dict:
+    """A run outside the runner has the record a runner run has, written by its last cell: start and
+    end, its stages, lineage events (a START and an end for each stage attempt), its report and a
+    linked row in the index."""
+    saved = assert_derived(settings, run_id)
+    assert saved["started"] and saved["ended"] and saved["ended"] >= saved["started"]
+    assert saved["requested_stages"] == stages and list(saved["stages"]) == stages
+    events = lineage.read_events(runs.run_dir(settings, run_id))
+    for stage in stages:
+        kinds = [e["eventType"] for e in events if e["job"]["name"].endswith(stage)]
+        assert kinds[0] == "START" and kinds[-1] in ("COMPLETE", "FAIL"), kinds
+    page = (runs.run_dir(settings, run_id) / "report.html").read_text(encoding="utf-8")
+    assert run_id in page and "None s" not in page
+    index = (settings.outputs_dir / "index.html").read_text(encoding="utf-8")
+    assert f'href="runs/{run_id}/report.html"' in index
+    return saved
 
 
 def test_manifest_and_stage_records_agree_for_runner_papermill_and_jupyterlab_runs(
@@ -110,20 +128,23 @@ def test_manifest_and_stage_records_agree_for_runner_papermill_and_jupyterlab_ru
         assert (runs.run_dir(settings, run_id) / attempt["notebook"]).exists()
         assert saved["stages"][stage]["origin"] == "runner"
 
-    # Plain papermill: 01 starts a papermill-… run, 02 (empty run_id) continues it, twice.
+    # Plain papermill: every execution starts its own papermill-… run; 02 reads 01's run when told so.
     run_papermill("01_ingest", tmp_path / "01.ipynb")
+    first = runs.latest_run_id(settings)
+    assert first.startswith("papermill-")
+    assert_complete(settings, first, ["01_ingest"])
+    run_papermill("02_clean", tmp_path / "02a.ipynb", input_run=first)
     own = runs.latest_run_id(settings)
-    assert own.startswith("papermill-")
-    run_papermill("02_clean", tmp_path / "02a.ipynb")
-    run_papermill("02_clean", tmp_path / "02b.ipynb", min_records=200)
-    saved = assert_derived(settings, own)
-    assert saved["origin"] == "papermill" and saved["based_on"] is None and saved["status"] == "succeeded"
+    assert own.startswith("papermill-") and own != first
+    run_papermill("02_clean", tmp_path / "02b.ipynb", run_id=own, min_records=200)  # again, in that run
+    saved = assert_complete(settings, own, ["02_clean"])
+    assert saved["origin"] == "papermill" and saved["based_on"] == first and saved["status"] == "succeeded"
     assert [a["status"] for a in saved["stages"]["02_clean"]["attempts"]] == ["succeeded"]
     assert saved["stages"]["02_clean"]["details"]["clean_rows"] == 250
-    # A cell that fails outside the runner is recorded as failed: stage 4 without a load in this run.
+    # A cell that fails outside the runner is recorded as failed: stage 4 without a load to export.
     with pytest.raises(papermill.PapermillExecutionError):
-        run_papermill("04_export", tmp_path / "04.ipynb", table=table)
-    saved = assert_derived(settings, own)
+        run_papermill("04_export", tmp_path / "04.ipynb", run_id=own, table=table)
+    saved = assert_complete(settings, own, ["02_clean", "04_export"])
     assert saved["stages"]["04_export"]["status"] == "failed" and saved["status"] == "failed"
     assert "03_load" in saved["stages"]["04_export"]["error"]
 
@@ -131,7 +152,7 @@ def test_manifest_and_stage_records_agree_for_runner_papermill_and_jupyterlab_ru
     nb = run_like_jupyterlab("01_ingest")
     lab = printed_run_id(nb)
     assert lab.startswith("lab-")
-    saved = assert_derived(settings, lab)
+    saved = assert_complete(settings, lab, ["01_ingest"])
     assert saved["origin"] == "jupyterlab" and saved["notebook_session"] == "notebooks/01_ingest.ipynb"
     assert saved["stages"]["01_ingest"]["status"] == "succeeded"
     assert saved["stages"]["01_ingest"]["details"]["records"] == 250
