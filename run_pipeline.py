@@ -25,7 +25,7 @@ import sys
 
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
-from lib import config, files, names, params, registry, runner, runs, terminal
+from lib import config, files, hints, names, params, registry, runner, runs, terminal
 from lib.stages import parameters
 from lib.errors import PipelineError
 from lib import log as logsetup
@@ -104,7 +104,8 @@ def cmd_stack(argv: list[str]) -> int:
             if left:
                 raise stack_state.StackError("still listening on this stack's ports: "
                                              + "; ".join(h.describe() for h in left)
-                                             + (" -- `stack down --orphans` stops an orphaned stack of this project"
+                                             + (f" -- `{hints.command('stack', 'down', '--orphans')}` stops an "
+                                                "orphaned stack of this project"
                                                 if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
             print(json.dumps(stack.status(sdir), indent=2))
@@ -348,15 +349,20 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
 
 
 def resume_hint(run_id: str) -> str:
-    return f"python run_pipeline.py --resume {run_id}"
+    return hints.command("--resume", run_id)
 
 
-def input_run(settings: config.Settings, stages: list[str], chosen: dict[str, dict]) -> tuple[str | None, str | None]:
-    """(the run a new run reads from, or None; a problem for the preflight, or None). A run that
+def input_run(settings: config.Settings, run_id: str, stages: list[str],
+              chosen: dict[str, dict]) -> tuple[str | None, str | None]:
+    """(the run a run reads from, or None; a problem for the preflight, or None). A new run that
     starts after the first stage reads the data of the run named by `-p input_run=RUN_ID`, else of
-    the latest published run of its table (lib/publish.py `latest_published`)."""
+    the latest published run of its table (lib/publish.py `latest_published`); a recorded run whose
+    stages run again (`--stages 3 --run-id ID`) reads what it read before."""
     from lib import publish  # the table's pointer: only now (it imports what the stages need)
 
+    recorded = runs.read_json(runs.manifest_path(settings, run_id))
+    if recorded is not None:
+        return recorded.get("based_on"), None
     given = next((chosen.get(s, {}).get("input_run") for s in stages if chosen.get(s, {}).get("input_run")), "")
     if given:
         if not runs.manifest_path(settings, given).exists():
@@ -386,11 +392,11 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
             print(f"run {run_id} already succeeded: nothing to resume")
             return 0
         log.info("resuming run %s at %s", run_id, stages[0])
-    hints: dict[str, dict] = {}
-    problems = runner.preflight(settings, stages, chosen, hints)
+    preflight_hints: dict[str, dict] = {}
+    problems = runner.preflight(settings, stages, chosen, preflight_hints)
     based_on = None
     if not args.resume and not problems:
-        based_on, nothing = input_run(settings, stages, chosen)
+        based_on, nothing = input_run(settings, run_id, stages, chosen)
         problems += [nothing] if nothing else []
     if problems:
         return preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels)
@@ -406,7 +412,8 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     space = config.space_problems(env, runner.expected_payload(settings))
     if space:  # recorded, so that `--resume` goes on once there is room
         return preflight_failed(settings, run_id, stages, chosen, space, logfile, kernels, record_new=True)
-    return run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels, hints, finished, based_on)
+    return run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels, preflight_hints, finished,
+                      based_on)
 
 
 def finish_publishes(settings) -> list[dict]:
@@ -421,7 +428,7 @@ def finish_publishes(settings) -> list[dict]:
     return finished
 
 
-def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=None, hints=None, finished=(),
+def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=None, preflight_hints=None, finished=(),
                based_on=None) -> int:
     from lib import alerts, report
 
@@ -445,9 +452,9 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
     pages = report.Pages(record.dir)
     for stage in stages:
         try:
-            # Preflight's findings (hints) steer this run only; the record keeps what was asked for.
+            # Preflight's findings (preflight_hints) steer this run only; the record keeps what was asked for.
             given = chosen.get(stage, {})
-            runner.execute(record, stage, {**(hints or {}).get(stage, {}), **given}, kernel=args.kernel,
+            runner.execute(record, stage, {**(preflight_hints or {}).get(stage, {}), **given}, kernel=args.kernel,
                            start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
                            kernels=kernels)
         except runner.Interrupted as why:

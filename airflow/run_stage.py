@@ -19,7 +19,7 @@ import argparse
 import os
 import sys
 
-from lib import config, names, registry, runs
+from lib import config, hints, names, registry, runs
 from lib.stages import parameters
 from lib.errors import PipelineError
 
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     command = [sys.executable, str(RUNNER), *runner_args]
     print(why)
-    print("$ " + " ".join(["python", "run_pipeline.py", *runner_args]), flush=True)
+    print("$ " + hints.command(*runner_args), flush=True)  # what runs, as it would be typed in the checkout
     sys.stderr.flush()
     os.chdir(config.ROOT)
     os.execv(sys.executable, command)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from lib import contract, files, names, params, redact, stack_state
+from lib import contract, files, hints, names, params, redact, stack_state
 from lib.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def _embedded(sdir: Path):
     if state is None:
         raise ConfigError(
             f"no object store or database is configured and the embedded stack in {sdir} is not "
-            "set up: run `python run_pipeline.py stack up` (or `make run`), or set MINIO_URL and "
+            f"set up: run `{hints.command('stack', 'up')}` (or `make run`), or set MINIO_URL and "
             "DB_HOST in .env"
         )
     return state

@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lib import log as logsetup
-from lib import changes, charts, config, endings, files, formats, layout, pages, registry, review, runs, storage
+from lib import changes, charts, config, endings, files, formats, hints, layout, pages, registry, review, runs, storage
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,8 @@ def _failure(manifest: dict, s: dict, notebook_pages: dict[str, str]) -> dict | 
     failed = s["failed"]
     return {"failed": failed, "page": notebook_pages.get(failed["stage"]) if failed else None,
             "preflight": [str(p) for p in manifest.get("preflight") or []],
-            "unpublished": [(st, review.PUBLISHES.get(st, st)) for st in s["unpublished"]]}
+            "unpublished": [(st, review.PUBLISHES.get(st, st)) for st in s["unpublished"]],
+            "resume": hints.command("--resume", s["run_id"])}
 
 
 def _exporter():

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 
-from lib import files, names, registry
+from lib import files, hints, names, registry
 from lib.config import Settings
 from lib.errors import PipelineError
 
@@ -185,20 +185,33 @@ def resolve_run_id(settings: Settings, run_id: str, stage: str) -> str:
         if run_id and run_id != runner_run:
             raise PipelineError(f"{stage}: run_id {run_id!r} differs from the runner's run {runner_run!r}")
         return runner_run
-    number = registry.get(stage).number
     if run_id:
         names.run_id(run_id)
         found = run_origin(settings, run_id)
         if found == "runner":
             raise RecordClosed(
                 f"run {run_id} was recorded by the runner and its record is never rewritten from a notebook. "
-                f"To run {stage} again in that run (the earlier attempt is kept): python run_pipeline.py "
-                f"--stages {number} --run-id {run_id}. To explore its data, leave run_id empty and set "
+                f"To run {stage} again in that run (the earlier attempt is kept): "
+                f"`{run_again(settings, run_id, [stage])}`. To explore its data, leave run_id empty and set "
                 f"input_run = {run_id!r}: the notebook starts its own run that reads run {run_id}'s data")
         return run_id
     if not _KERNEL_RUN:
         _KERNEL_RUN.append(new_run_id(origin=origin()))
     return _KERNEL_RUN[0]
+
+
+def run_again(settings: Settings, run_id: str, stages: list[str]) -> str:
+    """The command that runs `stages` (in order, consecutive) of a recorded run again through the
+    runner, with the parameters the run gave them (a stage run again takes the command's own)."""
+    numbers = [registry.get(s).number for s in stages]
+    spec = str(numbers[0]) if len(numbers) == 1 else f"{numbers[0]}-{numbers[-1]}"
+    recorded = (read_json(manifest_path(settings, run_id)) or {}).get("parameters") or {}
+    given: dict[str, str] = {}
+    for stage in stages:
+        for key, value in (recorded.get(stage) or {}).items():
+            given.setdefault(key, str(value).lower() if isinstance(value, bool) else str(value))
+    return hints.command("--stages", spec, "--run-id", run_id,
+                         *(arg for key, value in given.items() for arg in ("-p", f"{key}={value}")))
 
 
 def based_on(settings: Settings, run_id: str) -> str | None:

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import requests
 
+from lib import hints
 from lib.stack_ports import signal_and_wait, describe_holders
 from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
                              record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
@@ -439,7 +440,7 @@ def env_lines(sdir: Path) -> list[str]:
 
     state = read_state(sdir)
     if state is None:
-        raise StackError(f"the embedded stack in {sdir} is not set up: run `python run_pipeline.py stack up`")
+        raise StackError(f"the embedded stack in {sdir} is not set up: run `{hints.command('stack', 'up')}`")
     values = {
         "MINIO_URL": state.s3_url,
         "MINIO_ACCESS_KEY": state.access_key,

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lib import hints
 from lib.stack_state import GRPC_OFFSET, PORT_OFFSETS, StackError
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def describe_holders(port_base: int, ports: list[int]) -> str:
         return ""
     text = "; ".join(h.describe() for h in found)
     if any(h.orphaned for h in found):
-        text += "; stop an orphaned stack with `python run_pipeline.py stack down --orphans`"
+        text += f"; stop an orphaned stack with `{hints.command('stack', 'down', '--orphans')}`"
     return f" ({text})"
 
 

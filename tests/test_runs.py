@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from lib import config, names, registry, runs, storage
+from lib import config, hints, names, registry, runs, storage
 from lib.errors import PipelineError
 from lib.names import InvalidName
 from lib.runs import RunRecord
@@ -100,9 +100,18 @@ def test_resolve_run_id_outside_the_runner(settings, monkeypatch):
         runs.open_interactive(settings, own, "04_export", "other")
     # Naming the runner's run is refused, with how to re-run a stage properly.
     RunRecord.open(settings, "r-runner", ALL, {})
-    with pytest.raises(runs.RecordClosed, match="python run_pipeline.py --stages 3 --run-id r-runner"):
+    with pytest.raises(runs.RecordClosed, match=re.escape(hints.command("--stages", "3", "--run-id", "r-runner"))):
         runs.resolve_run_id(settings, "r-runner", "03_load")
     assert runs.resolve_run_id(settings, own, "03_load") == own
+
+
+def test_run_again_gives_the_stages_the_parameters_the_run_gave_them(settings):
+    RunRecord.open(settings, "r-again", ALL, {"03_load": {"table": "t one", "retire_missing": False},
+                                             "04_export": {"table": "t one", "column_case": "upper"}})
+    assert runs.run_again(settings, "r-again", ["03_load", "04_export", "05_gold"]) == hints.command(
+        "--stages", "3-5", "--run-id", "r-again", "-p", "table=t one", "-p", "retire_missing=false",
+        "-p", "column_case=upper")
+    assert runs.run_again(settings, "r-again", ["02_clean"]) == hints.command("--stages", "2", "--run-id", "r-again")
 
 
 def test_resolve_run_id_under_the_runner(settings, monkeypatch):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from lib import stack, stack_ports, stack_state
 from lib.stack_state import StackError
-from tests.conftest import ORPHAN_BASE
+from tests.conftest import ORPHAN_BASE, ROOT
 
 
 def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
@@ -31,7 +33,9 @@ def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
     env = {"PIPELINE_STATE_DIR": str(fresh), "PIPELINE_STACK_PORT_BASE": str(ORPHAN_BASE)}
     down = run_pipeline("stack", "down", env=env)  # the new clone's own stack: nothing to stop ...
     assert down.returncode == 1 and "still listening" in down.stderr and f"pid {weed} " in down.stderr
-    orphans = run_pipeline("stack", "down", "--orphans", env=env)
+    printed = re.search(r"stop an orphaned stack with `([^`]+)`", message).group(1)
+    orphans = subprocess.run(["bash", "-c", printed], cwd=ROOT, env={**os.environ, **env}, capture_output=True,
+                             text=True, timeout=120, stdin=subprocess.DEVNULL)  # the hint, run as printed
     assert orphans.returncode == 0, orphans.stderr
     assert f"stopped pid {weed} " in orphans.stdout
     assert stack_ports.holders(ORPHAN_BASE) == []

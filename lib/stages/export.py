@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lib import db, db_load, db_read, formats, layout, quality, registry, storage
+from lib import db, db_load, db_read, formats, layout, quality, registry, runs, storage
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri
 
@@ -18,11 +18,12 @@ def _check_table(stage: StageRun, schema: str, table: str, rows: int, fingerprin
         raise StageError(f"{registry.writer_of(Layer.TABLE).name} of run {loaded['run_id']} loaded "
                          f"{details.get('schema')}.{details.get('table')}, not {schema}.{table}; nothing was exported")
     if (details.get("current_rows"), details.get("current_fingerprint")) != (rows, fingerprint):
+        from_load = registry.NAMES[registry.NAMES.index(registry.writer_of(Layer.TABLE).name):]
         raise StageError(
             f"{schema}.{table} is not the table run {loaded['run_id']} loaded: {rows} rows, fingerprint "
             f"{fingerprint[:16]}, the load recorded {details.get('current_rows')} rows, fingerprint "
             f"{str(details.get('current_fingerprint'))[:16]} (loaded or edited since); nothing was exported. "
-            f"Load again first: python run_pipeline.py --stages 3-5 --run-id {stage.run_id}")
+            f"Load again first: {runs.run_again(stage.settings, stage.run_id, from_load)}")
 
 
 def run(stage: StageRun) -> list[storage.Artifact]:

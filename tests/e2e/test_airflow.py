@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import contract, db_read, names, registry, runs, source
+from lib import contract, db_read, hints, names, registry, runs, source
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
@@ -121,7 +121,7 @@ def test_dag_run_is_one_pipeline_run_of_five_stages(airflow, settings, pg, uniqu
     # Each task's log holds its runner command, the executed notebook's path and the stage summary.
     run_dir = runs.run_dir(settings, run_id)
     for n, stage in enumerate(registry.NAMES, start=1):
-        assert f"$ python run_pipeline.py --stages {n} --run-id {run_id}" in res.stdout, stage
+        assert f"$ {hints.command('--stages', str(n), '--run-id', run_id)}" in res.stdout, stage
         assert f"stage {stage}: running {run_dir / (stage + '.ipynb')}" in res.stdout, stage
         assert re.search(rf"  {stage}\s+succeeded\s+[\d.]+s  rows 250 → 250", res.stdout), stage
     assert res.stdout.count(f"run {run_id} SUCCEEDED") == 5
@@ -150,7 +150,7 @@ def test_a_failed_task_retried_by_airflow_resumes_its_stage_and_completes_the_ru
     assert f"try 1: running 01_ingest of run {run_id}" in res.stdout
     assert "stage 01_ingest FAILED" in res.stdout
     assert f"try 2: the run record shows 01_ingest failed → resuming run {run_id}" in res.stdout
-    assert f"$ python run_pipeline.py --resume {run_id}" in res.stdout
+    assert f"$ {hints.command('--resume', run_id)}" in res.stdout
     assert task_tries(airflow[1], dag_run_id) == {"01_ingest": ("success", 2),
                                                    **{stage: ("success", 1) for stage in registry.NAMES[1:]}}
 

@@ -22,7 +22,7 @@ import botocore.exceptions
 import psycopg2
 import pytest
 
-from lib import config, contract, db, db_read, formats, layout, registry, runs, source, stack, stack_state, storage
+from lib import config, contract, db, db_read, formats, hints, layout, registry, runs, source, stack, stack_state, storage
 from tests.api_server import Scripted
 from tests.conftest import ROOT
 
@@ -411,7 +411,7 @@ def test_sigint_during_stage_1_exits_130_and_resume_completes(run_pipeline, sett
     seconds, out, err = _interrupt(proc, signal.SIGINT)
     assert f"run {run_id} interrupted (SIGINT) during 01_ingest" in err
     assert seconds < 20  # not after the slow answer came
-    assert f"resume with: python run_pipeline.py --resume {run_id}" in err
+    assert f"resume with: {hints.command('--resume', run_id)}" in err
     m = manifest(settings, run_id)
     assert m["status"] == "interrupted"
     assert m["stages"]["01_ingest"]["status"] == "interrupted"

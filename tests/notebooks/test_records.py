@@ -12,7 +12,7 @@ import nbformat
 import papermill
 import pytest
 
-from lib import lineage, registry, runs
+from lib import hints, lineage, registry, runs
 from tests.notebooks.helpers import manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def test_notebooks_outside_the_runner_never_rewrite_a_runner_run(run_pipeline, s
     with pytest.raises(papermill.PapermillExecutionError) as refused:
         run_papermill("02_clean", tmp_path / "named.ipynb", run_id=run_id)
     assert refused.value.ename == "RecordClosed"
-    assert f"python run_pipeline.py --stages 2 --run-id {run_id}" in refused.value.evalue
+    assert hints.command("--stages", "2", "--run-id", run_id) in refused.value.evalue
     assert files_of(folder) == before
 
     # 03_load with its defaults: its own run, reading the latest published run's silver (the runner's).

@@ -1,0 +1,33 @@
+"""lib.hints: how a message spells a command of this project (tests/e2e/test_hints.py runs them)."""
+
+from __future__ import annotations
+
+import sys
+
+from lib import hints
+
+
+def project(tmp_path, monkeypatch):
+    """A project folder with a `.venv`, as hints sees it."""
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / "bin" / "python").touch()
+    monkeypatch.setattr(hints, "_ROOT", tmp_path)
+    return tmp_path
+
+
+def test_a_hint_names_the_projects_venv_relative_to_the_project_folder(tmp_path, monkeypatch):
+    root = project(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "executable", str(root / ".venv" / "bin" / "python"))
+    assert hints.command("--resume", "r-1") == ".venv/bin/python run_pipeline.py --resume r-1"
+
+
+def test_another_python_is_named_by_its_full_path_never_as_a_bare_python(tmp_path, monkeypatch):
+    project(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "executable", "/opt/worker venv/bin/python3")
+    assert hints.command("stack", "up") == "'/opt/worker venv/bin/python3' run_pipeline.py stack up"
+
+
+def test_arguments_are_quoted_for_the_shell():
+    assert hints.command("-p", "history_country=Côte d'Ivoire", python=".venv/bin/python") == \
+        ".venv/bin/python run_pipeline.py -p 'history_country=Côte d'\"'\"'Ivoire'"
+
