@@ -23,12 +23,20 @@ import logging
 import os
 import sys
 
+from lib import hints  # the standard library only: it can speak for a Python that lacks the packages
+
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
-from lib import config, files, hints, names, params, registry, runner, runs, terminal
-from lib.stages import parameters
-from lib.errors import PipelineError
-from lib import log as logsetup
+try:
+    from lib import config, files, names, params, registry, runner, runs, terminal
+    from lib.stages import parameters
+    from lib.errors import PipelineError
+    from lib import log as logsetup
+except ModuleNotFoundError as missing:  # e.g. the system `python3`, when only .venv has the packages
+    if __name__ != "__main__" or (missing.name or "lib").split(".")[0] == "lib":
+        raise
+    print(hints.missing_packages(missing, sys.argv[1:]), file=sys.stderr)
+    sys.exit(2)  # runner.EXIT_USAGE (bad configuration, nothing ran), which needs the packages
 
 log = logging.getLogger("run_pipeline")
 

@@ -31,3 +31,13 @@ def test_arguments_are_quoted_for_the_shell():
     assert hints.command("-p", "history_country=Côte d'Ivoire", python=".venv/bin/python") == \
         ".venv/bin/python run_pipeline.py -p 'history_country=Côte d'\"'\"'Ivoire'"
 
+
+def test_a_python_without_the_packages_is_told_the_command_to_run_instead(tmp_path, monkeypatch):
+    root = project(tmp_path, monkeypatch)
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3")
+    line = hints.missing_packages(ModuleNotFoundError("no", name="dotenv"), ["runs", "--json"])
+    assert line == (f"run_pipeline.py: /usr/bin/python3 lacks the project's packages (no module named 'dotenv'); "
+                    f"from {root} run: .venv/bin/python run_pipeline.py runs --json")
+    (root / ".venv" / "bin" / "python").unlink()  # no .venv yet: make creates it
+    line = hints.missing_packages(ModuleNotFoundError("no", name="dotenv"), ["--stages", "2-4"])
+    assert line.endswith("run: make .venv/.installed && .venv/bin/python run_pipeline.py --stages 2-4")

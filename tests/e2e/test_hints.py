@@ -1,6 +1,7 @@
 """The commands the program prints run as printed: each is copied out of real output and run by a shell
 in a scratch copy of the project (tests/scratch.py, with its `.venv`), on the suite's stack. Started
-with the project's `.venv/bin/python`, a hint names it so."""
+with the project's `.venv/bin/python`, a hint names it so; started by a Python without the project's
+packages, `run_pipeline.py` says in one line what to run instead and exits 2."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -66,3 +68,19 @@ def test_the_hint_of_a_notebook_refused_a_runners_run_runs_as_printed(project, u
     assert stage["status"] == "succeeded" and len(stage["attempts"]) == 1  # the earlier attempt kept
     assert stage["details"]["table"] == f"hint_{unique}"
 
+
+def test_a_python_without_the_projects_packages_says_what_to_run_instead(project, tmp_path):
+    bare = tmp_path / "bare"  # a virtual environment with nothing installed
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(bare)], check=True, timeout=120)
+    res = shell(project, f"{bare}/bin/python run_pipeline.py runs")
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    assert f"{bare}/bin/python lacks the project's packages (no module named" in res.stderr
+    printed = res.stderr.split(" run: ", 1)[1].strip()
+    assert printed == ".venv/bin/python run_pipeline.py runs"
+    assert shell(project, printed).returncode == 0
+    # In a clone without .venv yet, the line says how to make it first.
+    (project / ".venv" / "bin").unlink()
+    res = shell(project, f"{bare}/bin/python run_pipeline.py --stages 2-4")
+    assert res.returncode == 2 and res.stderr.rstrip().endswith(
+        "run: make .venv/.installed && .venv/bin/python run_pipeline.py --stages 2-4"), res.stderr
