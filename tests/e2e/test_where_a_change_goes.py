@@ -9,7 +9,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 from psycopg2 import sql
 
 from lib import config, layout, storage
+from tests.scratch import copy_project
 from tests.sinks import HttpSink
 
 ROOT = config.ROOT
@@ -79,14 +79,7 @@ class Scratch:
 
 @pytest.fixture
 def scratch(tmp_path, embedded) -> Scratch:
-    listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
-    copy = tmp_path / "project"
-    for rel in filter(None, listed.decode().split("\0")):
-        source = ROOT / rel
-        if source.is_file():
-            (copy / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, copy / rel)
-    return Scratch(copy, tmp_path / "outputs")
+    return Scratch(copy_project(tmp_path / "project"), tmp_path / "outputs")
 
 
 def succeeded(res: subprocess.CompletedProcess) -> None:
