@@ -25,7 +25,7 @@ import sys
 
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
-from lib import config, files, names, params, registry, runner, runs, terminal
+from lib import config, files, lab, names, params, registry, runner, runs, terminal
 from lib.stages import parameters
 from lib.errors import PipelineError
 from lib import log as logsetup
@@ -116,25 +116,12 @@ def cmd_stack(argv: list[str]) -> int:
     return 0
 
 
-def lab_arguments(argv: list[str]) -> list[str]:
-    """JupyterLab's command line: the project's defaults, less those `argv` sets itself (JupyterLab
-    refuses an option given twice), then `argv`."""
-    defaults = {  # the option's spellings: its value
-        ("--ServerApp.root_dir", "--notebook-dir", "--ServerApp.notebook_dir"): str(config.ROOT),
-        ("--ServerApp.ip", "--ip"): "127.0.0.1",
-        ("--LabApp.default_url",): "/lab/tree/notebooks",
-    }
-    given = {arg.split("=", 1)[0] for arg in argv}
-    chosen = [f"{spellings[0]}={value}" for spellings, value in defaults.items() if given.isdisjoint(spellings)]
-    return chosen + argv
-
-
 def cmd_lab(argv: list[str]) -> int:
     env = config.environment()
     runner.ensure_stack(env)
     os.chdir(config.ROOT)
     extra = ["--allow-root"] if os.geteuid() == 0 else []  # containers and CI machines often run as root
-    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra, *lab_arguments(argv)])
+    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra, *lab.arguments(argv)])
 
 
 def cmd_report(argv: list[str]) -> int:
