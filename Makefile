@@ -56,7 +56,8 @@ lab: $(VENV)/.installed git-filters
 ## git-filters: notebooks saved in the lab reach git as committed (nbstripout as a git filter)
 # Besides outputs and counts, the filter drops what the kernel writes into a notebook's metadata
 # (language_info: Python's version and the like); the committed notebooks carry only the kernelspec
-# the lab writes, so a notebook run and saved in the lab leaves `git status` clean.
+# the lab writes, so what git stores of a notebook run and saved in the lab is the committed file
+# (and the lab's save hook, lib/lab.py, keeps `git status` from listing it).
 git-filters: $(VENV)/.installed
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 	  git config filter.nbstripout.clean ".venv/bin/nbstripout --keep-id" && \
