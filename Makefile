@@ -53,11 +53,16 @@ $(CHROMIUM):
 lab: $(VENV)/.installed git-filters
 	$(BIN)/python run_pipeline.py lab $(ARGS)
 
-## git-filters: notebooks saved in the lab reach git without outputs (nbstripout as a git filter)
+## git-filters: notebooks saved in the lab reach git as committed (nbstripout as a git filter)
+# Besides outputs and counts, the filter drops what the kernel writes into a notebook's metadata
+# (language_info: Python's version and the like); the committed notebooks carry only the kernelspec
+# the lab writes, so what git stores of a notebook run and saved in the lab is the committed file
+# (and the lab's save hook, lib/lab.py, keeps `git status` from listing it).
 git-filters: $(VENV)/.installed
 	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 	  git config filter.nbstripout.clean ".venv/bin/nbstripout --keep-id" && \
 	  git config filter.nbstripout.smudge cat && \
+	  git config filter.nbstripout.extrakeys "metadata.language_info" && \
 	  git config diff.ipynb.textconv ".venv/bin/nbstripout --keep-id -t"; fi
 
 ## screenshots: docs/index.png and docs/report.png from the runs in outputs/ (README pictures)

@@ -28,7 +28,7 @@ from lib import hints  # the standard library only: it can speak for a Python th
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
 try:
-    from lib import config, files, names, params, registry, runner, runs, terminal
+    from lib import config, files, lab, names, params, registry, runner, runs, terminal
     from lib.stages import parameters
     from lib.errors import PipelineError
     from lib import log as logsetup
@@ -130,9 +130,7 @@ def cmd_lab(argv: list[str]) -> int:
     runner.ensure_stack(env)
     os.chdir(config.ROOT)
     extra = ["--allow-root"] if os.geteuid() == 0 else []  # containers and CI machines often run as root
-    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra,
-                               f"--ServerApp.root_dir={config.ROOT}", "--ServerApp.ip=127.0.0.1",
-                               "--LabApp.default_url=/lab/tree/notebooks", *argv])
+    os.execvp(sys.executable, [sys.executable, "-m", "jupyter", "lab", *extra, *lab.arguments(argv)])
 
 
 def cmd_report(argv: list[str]) -> int:

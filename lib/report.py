@@ -93,8 +93,8 @@ def _lineage(manifest: dict) -> dict | None:
             if obj.get("uri"):
                 column.setdefault(obj["uri"], n)
     edges = [(x["from"], x["to"]) for x in manifest.get("lineage", []) if x.get("from") and x.get("to")]
-    for src, _ in edges:
-        column.setdefault(src, 0)
+    for src, dst in edges:  # an input this run did not write (the source, or another run's object): the step before
+        column.setdefault(src, max(column.get(dst, 1) - 1, 0))
     if not column:
         return None
     by_col: dict[int, list[str]] = {}

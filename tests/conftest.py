@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
@@ -162,3 +163,29 @@ def run_pipeline(embedded):
                               timeout=timeout, stdin=subprocess.DEVNULL)
 
     return run
+
+
+@pytest.fixture
+def project_clone(tmp_path) -> Path:
+    """A clone of the project's HEAD in the test's folder, set up as `make lab` sets up a clone (`make
+    git-filters`), the real .venv reachable at .venv/bin where the filters name it."""
+    clone = tmp_path / "project"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, capture_output=True)
+    # Files as old as git's index are "racily clean": git would read each through the clean filter (a
+    # Python process per notebook) at the next status. Dated a minute back and refreshed before the
+    # filters are set, they are not.
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=clone, check=True, capture_output=True,
+                             text=True).stdout.split("\0")
+    before = time.time() - 60
+    for name in filter(None, tracked):
+        os.utime(clone / name, (before, before), follow_symlinks=False)
+    subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=clone, check=True, capture_output=True)
+    (clone / ".venv").mkdir()
+    (clone / ".venv" / "bin").symlink_to(Path(sys.executable).parent)
+    # .venv/.installed is the real venv's business: not remade here (-o).
+    made = subprocess.run(["make", "--no-print-directory", "-o", ".venv/.installed", "git-filters"], cwd=clone,
+                          capture_output=True, text=True)
+    assert made.returncode == 0, made.stdout + made.stderr
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True)
+    assert status.stdout == "", status.stdout
+    return clone

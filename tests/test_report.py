@@ -169,3 +169,15 @@ def test_trend_tick_labels_stay_apart_and_always_name_the_newest_run():
     assert list(ax.get_xticks()) == at and [t.get_text() for t in ax.get_xticklabels()] == shown
     assert ax.get_xlim()[0] < 0 and ax.get_xlim()[1] > 29
     plt.close(fig)
+
+
+def test_lineage_picture_puts_another_runs_input_in_the_column_of_its_layer():
+    """A run that started at stage 3 read another run's silver: that input is drawn in the silver
+    column, not the source's."""
+    clean = "s3://clean/countries/run_id=other/capitals_clean.parquet"
+    table = "postgresql://127.0.0.1:5432/countries/public.capitals_clean"
+    picture = report._lineage({"run_id": "r", "stages": {"03_load": {"objects": [{"uri": table, "inputs": [clean]}]}},
+                               "lineage": [{"stage": "03_load", "from": clean, "to": table}]})
+    x = {box["uri"]: box["x"] for box in picture["boxes"]}
+    columns = [c["x"] for c in picture["columns"]]
+    assert x[table] == columns[3] and x[clean] == columns[2]

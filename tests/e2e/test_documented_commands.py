@@ -35,7 +35,8 @@ A_OR_B = re.compile(r"(?<=\s)[AB](?=\s|$)")
 # is not run, nor are the commands after it in its code block (they may need it).
 NOT_RUN = {
     "make test": "the suite itself",
-    "make lab": "starts JupyterLab, which serves until it is stopped",
+    "make lab": "starts JupyterLab, which serves until it is stopped; tests/e2e/test_jupyterlab.py starts it as "
+                "`run_pipeline.py lab` does and drives it",
     "make bench": "measures for minutes on a private stack of its own; tests/test_bench.py runs the benchmark small",
     "make airflow-venv": "installs Apache Airflow with pip (minutes); `make test` makes it before the suite runs",
     ".venv-airflow/bin/airflow dags test": "a whole DAG run through Airflow (a minute); tests/e2e/test_airflow.py "

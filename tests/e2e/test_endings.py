@@ -160,5 +160,6 @@ def test_a_second_run_learns_the_lock_is_taken_before_any_preflight(run_pipeline
     assert res.returncode == 3, res.stderr[-3000:]
     assert "holds the lock" in res.stderr and "Traceback" not in res.stderr
     assert len(api.requests) == asked  # the second run asked the API nothing
+    print(f"the second run exited 3 after {seconds:.2f} s")
     assert seconds < 15, seconds  # a generous bound: it waited on nothing (typically ~1 s)
     assert manifest(settings, f"second-{unique}") is None

@@ -1,6 +1,7 @@
-"""The committed stage notebooks are clean sources: no outputs, no execution counts, and one
+"""The committed stage notebooks are clean sources: no outputs, no execution counts, one
 `parameters` cell whose every line is a typed, commented parameter (what papermill and
-`run_pipeline.py -p` rely on)."""
+`run_pipeline.py -p` rely on), and the metadata JupyterLab writes when it saves them, less what the
+git filter drops (`make git-filters`), so that saving one in the lab changes nothing git sees."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import io
 import json
 import tokenize
 
+import nbformat
 import papermill
 import pytest
+from jupyter_client.kernelspec import KernelSpecManager
 
 from lib import registry
 
@@ -61,3 +64,19 @@ def test_notebook_is_committed_without_outputs_and_with_one_typed_commented_para
     for name, info in declared.items():
         assert info["inferred_type_name"] in ("str", "int", "float", "bool"), (path.name, name, info)
         assert info["help"].strip(), (path.name, name)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_is_committed_as_the_lab_saves_it_through_the_git_filter(path):
+    text = path.read_text(encoding="utf-8")
+    nb = json.loads(text)
+    # The kernelspec the lab writes (papermill and the runner start it by its name); the kernel's
+    # language_info (Python's version among it) is dropped by the filter.
+    spec = KernelSpecManager().get_kernel_spec("python3")
+    assert nb["metadata"] == {"kernelspec": {"display_name": spec.display_name, "language": spec.language,
+                                             "name": "python3"}}, path.name
+    node = nbformat.reads(text, as_version=4)
+    nbformat.validate(node)  # a kernelspec names its display_name
+    assert papermill.utils.nb_kernel_name(node) == "python3"  # what papermill without -k starts
+    # Written as nbformat (and so nbstripout) writes a notebook, byte for byte.
+    assert text == json.dumps(nb, indent=1, sort_keys=True, ensure_ascii=False) + "\n", path.name
