@@ -29,6 +29,7 @@ from pathlib import Path
 
 import requests
 
+from lib import config, storage
 from lib.stack_ports import signal_and_wait, describe_holders
 from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
                              record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
@@ -37,6 +38,8 @@ from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackErro
 log = logging.getLogger(__name__)
 
 SERVICES = ("object_store", "database")
+# The stack's own bucket: every start writes, reads back and deletes one small object there.
+READY_BUCKET = "medallion-stack-ready"
 # A cluster whose bootstrap superuser is the pipeline's own role (made before the stack had an
 # administrator): that role becomes the administrator, and the pipeline gets this new, unprivileged role.
 MIGRATED_DB_USER = "medallion_pipeline"
@@ -114,13 +117,32 @@ def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
     ]
 
 
-def _s3_ready(state: EmbeddedState) -> bool:
-
+def _s3_answers(state: EmbeddedState) -> bool:
     try:
-        # Any S3 answer (403 for an unsigned request) means the gateway is serving.
+        # Any S3 answer (403 for an unsigned request) means the gateway is up; not that it serves.
         return requests.get(state.s3_url, timeout=1).status_code in (200, 403)
     except requests.RequestException:
         return False
+
+
+def _wait_until_serving(state: EmbeddedState, timeout: float, log_file: Path,
+                        proc: subprocess.Popen | None = None) -> None:
+    """Ready means served: a small object written through S3 with the pipeline's keys, read back
+    and deleted (the gateway answers before its volume server serves reads). Raises StackError
+    naming what did not answer, when `proc` exits or `timeout` passes."""
+    s3 = storage.client(config.embedded_store(state), probe=True)  # one try each: this loop is the retry
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"SeaweedFS exited (code {proc.returncode}) before it served; see {log_file}")
+        try:
+            storage.round_trip(s3, READY_BUCKET)
+            return
+        except storage.StorageError as err:
+            problem = str(err)
+        if time.monotonic() >= deadline:
+            raise StackError(f"SeaweedFS did not serve within {timeout:.0f}s: {problem}; see {log_file}")
+        time.sleep(0.2)
 
 
 def _weed_ports_busy(state: EmbeddedState) -> list[str]:
@@ -140,11 +162,8 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
         log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
         stop_object_store(sdir)
         pid = None
-        # Its listeners may outlive its pid by a moment.
-        with contextlib.suppress(StackError):
-            _wait_for(lambda: not _weed_ports_busy(state), "SeaweedFS ports to close", 15, wdir / "weed.log")
     if pid:
-        _wait_for(lambda: _s3_ready(state), "SeaweedFS S3 gateway", timeout, wdir / "weed.log")
+        _wait_until_serving(state, timeout, wdir / "weed.log")
         return
     busy = _weed_ports_busy(state)
     if busy:
@@ -167,8 +186,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
         )
     write_text_private(wdir / "weed.pid", str(proc.pid))
     log.info("started SeaweedFS (pid %s) with S3 at %s", proc.pid, state.s3_url)
-    _wait_for(lambda: proc.poll() is None and _s3_ready(state), "SeaweedFS S3 gateway", timeout,
-              wdir / "weed.log")
+    _wait_until_serving(state, timeout, wdir / "weed.log", proc)
 
 
 def stop_object_store(sdir: Path, timeout: float = 10) -> None:
@@ -179,6 +197,10 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
     if not signal_and_wait(pid, [(signal.SIGTERM, timeout), (signal.SIGKILL, 10)], group=True):
         raise StackError(f"SeaweedFS (pid {pid}) survived SIGKILL")
     (weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
+    state = read_state(sdir)
+    if state is not None:  # its listeners may outlive its pid by a moment: a start right after finds them free
+        with contextlib.suppress(StackError):
+            _wait_for(lambda: not _weed_ports_busy(state), "SeaweedFS ports to close", 15, weed_dir(sdir) / "weed.log")
     log.info("stopped SeaweedFS (pid %s)", pid)
 
 
@@ -428,7 +450,7 @@ def status(sdir: Path) -> dict:
         "state_dir": str(sdir),
         "initialised": True,
         **describe(state),
-        "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_ready(state)},
+        "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_answers(state)},
         "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
                      "running": _pg_running(sdir, pg_user())},
     }

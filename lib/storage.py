@@ -13,6 +13,7 @@ import random
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -136,6 +137,21 @@ def check(s3) -> None:
         s3.list_buckets()
     except Exception as err:  # noqa: BLE001 - any failure, reported with the endpoint as one line
         raise _fail(s3, "listing buckets", "-", err) from None
+
+
+def round_trip(s3, bucket: str) -> None:
+    """Write a small object to `bucket` (created if missing), read it back and delete it: proof that
+    the store serves, not only answers. Raises StorageError naming the step that failed."""
+    key, data = f"ready/{uuid.uuid4().hex}", uuid.uuid4().bytes
+    ensure_bucket(s3, bucket)
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"writing {key}", bucket, err) from None
+    read, _ = get_bytes(s3, bucket, key)
+    if read != data:
+        raise StorageError(f"reading {key} on {endpoint(s3)} bucket {bucket!r} gave other bytes than were written")
+    delete(s3, bucket, key)
 
 
 def ensure_bucket(s3, bucket: str, create: bool = True) -> None:

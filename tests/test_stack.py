@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lib import stack, stack_ports, stack_state
+from lib import config, stack, stack_ports, stack_state, storage
 from lib.stack_state import StackError
 from tests.conftest import ORPHAN_BASE
 
@@ -51,6 +52,36 @@ def test_env_lines_are_shell_exports_of_the_stack(sdir, embedded):
     script = "\n".join(lines) + '\nprintf "%s|%s|%s|%s" "$MINIO_URL" "$AWS_SECRET_ACCESS_KEY" "$PGPORT" "$PGPASSWORD"'
     out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True, env={}).stdout
     assert out == f"{embedded.s3_url}|{embedded.secret_key}|{embedded.pg_port}|{embedded.db_password}"
+
+
+def test_the_store_is_ready_only_when_a_write_and_a_read_with_the_pipelines_keys_succeed(sdir, embedded):
+    # weed keeps the keys it was started with: a state folder whose keys no longer match is not ready,
+    # though the gateway answers every request (403).
+    creds = sdir / "credentials.json"
+    saved = creds.read_text()
+    stack_state.write_private(creds, {**json.loads(saved), "secret_key": "not-the-key-weed-was-started-with"})
+    try:
+        with pytest.raises(StackError) as refused:
+            stack.start_object_store(sdir, stack_state.read_state(sdir), timeout=2)
+    finally:
+        stack_state.write_text_private(creds, saved)
+    message = str(refused.value)
+    assert "SeaweedFS did not serve within 2s" in message and embedded.s3_url in message
+    assert re.search(rf"(checking the bucket|writing \S+) failed on {embedded.s3_url} bucket '{stack.READY_BUCKET}': "
+                     r".*(403|SignatureDoesNotMatch|AccessDenied)", message)
+    assert f"see {sdir / 'seaweedfs' / 'weed.log'}" in message and "not-the-key" not in message
+    stack.start_object_store(sdir, embedded)  # the right keys: ready again
+
+
+def test_a_restarted_store_serves_a_read_as_soon_as_up_returns(sdir, embedded, s3, unique):
+    bucket = f"restart-{unique}"
+    storage.ensure_bucket(s3, bucket)
+    s3.put_object(Bucket=bucket, Key="k", Body=b"before the restart")
+    once = storage.client(config.embedded_store(embedded), probe=True)  # one try: no retry hides a failure
+    for _ in range(2):
+        stack.down(sdir, ("object_store",))
+        stack.up(sdir, ("object_store",))
+        assert storage.get_bytes(once, bucket, "k")[0] == b"before the restart"
 
 
 def test_up_again_reuses_the_running_servers(sdir, embedded):
