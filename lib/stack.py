@@ -33,7 +33,7 @@ from lib import config, storage
 from lib.stack_ports import signal_and_wait, describe_holders
 from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
                              record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
-                             init_state, read_state, write_weed_security)
+                             init_state, make_private, read_state, write_weed_security)
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
         pid = None
     if pid:
         _wait_until_serving(state, timeout, wdir / "weed.log")
+        make_private(wdir)
         return
     busy = _weed_ports_busy(state)
     if busy:
@@ -187,6 +188,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
     write_text_private(wdir / "weed.pid", str(proc.pid))
     log.info("started SeaweedFS (pid %s) with S3 at %s", proc.pid, state.s3_url)
     _wait_until_serving(state, timeout, wdir / "weed.log", proc)
+    make_private(wdir)  # the volume info files weed wrote 0644 (of the ready bucket, too)
 
 
 def stop_object_store(sdir: Path, timeout: float = 10) -> None:

@@ -8,7 +8,7 @@ Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgser
 
     stack.json           ports, role names (pipeline, administrator), database name (0600)
     credentials.json     generated S3 keys, database passwords, SeaweedFS signing keys (0600)
-    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077)
+    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077; every file 0600)
     seaweedfs/config/    security.toml (JWT keys, mutual TLS) and tls/ (CA and weed certificate)
     postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
 
@@ -24,6 +24,7 @@ import json
 import os
 import pwd
 import secrets
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,6 +99,18 @@ def write_text_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+
+
+def make_private(folder: Path) -> None:
+    """Take group and other permissions off everything under `folder` (links are not followed).
+    weed runs with umask 077, but sets the volume info files (.vif) it writes to 0644 itself."""
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            mode = path.lstat().st_mode
+            if mode & 0o077 and not stat.S_ISLNK(mode):
+                path.chmod(stat.S_IMODE(mode) & 0o700)
+        except FileNotFoundError:  # removed meanwhile
+            continue
 
 
 def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:
