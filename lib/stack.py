@@ -30,10 +30,10 @@ from pathlib import Path
 import requests
 
 from lib import config, storage
-from lib.stack_ports import signal_and_wait, describe_holders
+from lib.stack_ports import STOP_ORPHANS, Holder, describe_holders, holders, signal_and_wait
 from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
                              record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
-                             init_state, make_private, read_state, write_weed_security)
+                             init_state, make_private, port_base, read_state, write_weed_security)
 
 log = logging.getLogger(__name__)
 
@@ -444,18 +444,35 @@ def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:
             stop_database(sdir)
 
 
-def status(sdir: Path) -> dict:
+def others_on_ports(sdir: Path) -> list[Holder]:
+    """The processes on this stack's ports that are not its own servers: an orphaned stack of this
+    project (its state folder deleted), another stack, another program."""
+    try:
+        found = holders(port_base(sdir))
+    except Exception:  # noqa: BLE001 - naming the holders is a courtesy; status stands without it
+        return []
+    own = sdir.resolve()
+    return [h for h in found if h.state_dir is None or h.state_dir.resolve() != own]
+
+
+def status(sdir: Path, others: list[Holder] | None = None) -> dict:
+    """How the stack is: its servers, and whatever else holds its ports (`others`, found when not
+    given), with the command that stops an orphaned stack."""
     state = read_state(sdir)
-    if state is None:
-        return {"state_dir": str(sdir), "initialised": False}
-    return {
-        "state_dir": str(sdir),
-        "initialised": True,
-        **describe(state),
-        "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_answers(state)},
-        "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
-                     "running": _pg_running(sdir, pg_user())},
-    }
+    out = {"state_dir": str(sdir), "initialised": state is not None}
+    if state is not None:
+        out.update({
+            **describe(state),
+            "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_answers(state)},
+            "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
+                         "running": _pg_running(sdir, pg_user())},
+        })
+    others = others_on_ports(sdir) if others is None else others
+    if others:
+        out["ports_held_by"] = [h.to_dict() for h in others]
+    if any(h.orphaned for h in others):
+        out["stop_orphans"] = STOP_ORPHANS
+    return out
 
 
 def env_lines(sdir: Path) -> list[str]:
