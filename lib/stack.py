@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -31,9 +32,10 @@ import requests
 
 from lib import config, storage
 from lib.stack_ports import STOP_ORPHANS, Holder, describe_holders, holders, signal_and_wait
-from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
+from lib.stack_state import (GRPC_OFFSET, LOCAL_SOCKETS, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
                              record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
-                             init_state, make_private, port_base, read_state, write_weed_security)
+                             init_state, make_private, port_base, read_state, weed_sockets,
+                             write_weed_security)
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +114,8 @@ def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-s3.iam=false",
         "-disableHttp",  # master and filer: gRPC only (the S3 gateway talks gRPC to both)
-        f"-filer.localSocket={weed_dir(sdir) / 'filer.sock'}",
-        f"-s3.localSocket={weed_dir(sdir) / 's3.sock'}",
+        *(f"-{name}.localSocket={path}" for name, path in weed_sockets(sdir, state.port_base).items()
+          if name in LOCAL_SOCKETS),
     ]
 
 
@@ -203,7 +205,18 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
     if state is not None:  # its listeners may outlive its pid by a moment: a start right after finds them free
         with contextlib.suppress(StackError):
             _wait_for(lambda: not _weed_ports_busy(state), "SeaweedFS ports to close", 15, weed_dir(sdir) / "weed.log")
+            _remove_sockets(sdir, state)
     log.info("stopped SeaweedFS (pid %s)", pid)
+
+
+def _remove_sockets(sdir: Path, state: EmbeddedState) -> None:
+    """The socket files a stopped weed left (in /tmp too, when it was killed): ours, and no one
+    listens on them any more (the ports they are named after are free)."""
+    for path in weed_sockets(sdir, state.port_base).values():
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid():
+                path.unlink()
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------

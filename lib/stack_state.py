@@ -13,7 +13,8 @@ Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgser
     postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
 
 Ports come from one base (PIPELINE_STACK_PORT_BASE, default 18330): S3 base, master +1, volume +2,
-filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port.
+filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. weed's Unix sockets are
+`weed_sockets`. docs/stack.md's tables of ports and sockets are checked against these.
 """
 
 from __future__ import annotations
@@ -65,6 +66,21 @@ class EmbeddedState:
 
 def weed_dir(sdir: Path) -> Path:
     return sdir / "seaweedfs"
+
+
+# weed's Unix sockets: the S3 API's and the filer's in the state folder (placed by weed's flags), and
+# one per gRPC port in /tmp, where weed puts them itself (no flag moves them; each is 0700, umask 077).
+LOCAL_SOCKETS = {"s3": "s3.sock", "filer": "filer.sock"}
+GRPC_SOCKET = "/tmp/seaweedfs-{name}-grpc-{port}.sock"
+
+
+def weed_sockets(sdir: Path, port_base: int) -> dict[str, Path]:
+    """Every Unix socket weed listens on, by what listens: "s3", "filer", "<name> gRPC"."""
+    found = {name: weed_dir(sdir) / file for name, file in LOCAL_SOCKETS.items()}
+    for name, off in PORT_OFFSETS.items():
+        if name != "postgres":
+            found[f"{name} gRPC"] = Path(GRPC_SOCKET.format(name=name, port=port_base + off + GRPC_OFFSET))
+    return found
 
 
 def pg_data(sdir: Path) -> Path:

@@ -155,6 +155,8 @@ def test_down_kills_a_weed_that_ignores_sigterm(tmp_path):
             os.kill(pid, signal.SIGCONT)
     assert stack_ports.holders(state.port_base) == []
     assert not (sdir / "seaweedfs" / "weed.pid").exists()
+    left = [p for p in stack_state.weed_sockets(sdir, state.port_base).values() if p.exists()]
+    assert left == []  # the socket files a killed weed leaves, in /tmp too
 
 
 def test_up_restarts_a_weed_started_without_the_security_configuration(tmp_path):
