@@ -97,8 +97,8 @@ def cmd_stack(argv: list[str]) -> int:
             if left:
                 raise stack_state.StackError("still listening on this stack's ports: "
                                              + "; ".join(h.describe() for h in left)
-                                             + (f" -- `{stack_ports.STOP_ORPHANS}` stops an orphaned stack of this project"
-                                                if any(h.orphaned for h in left) else ""))
+                                             + (f" -- `{stack_ports.STOP_ORPHANS}` stops an orphaned stack "
+                                                "of this project" if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
             others = stack.others_on_ports(sdir)
             status = stack.status(sdir, others)

@@ -32,9 +32,9 @@ import requests
 
 from lib import config, storage
 from lib.stack_ports import STOP_ORPHANS, Holder, describe_holders, holders, signal_and_wait
-from lib.stack_state import (GRPC_OFFSET, LOCAL_SOCKETS, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
-                             record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
-                             init_state, make_private, port_base, read_state, weed_sockets,
+from lib.stack_state import (GRPC_OFFSET, LOCAL_SOCKETS, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials,
+                             init_state, make_private, pg_data, pg_user, port_base, read_state, record_admin,
+                             weed_config_dir, weed_dir, weed_sockets, write_private, write_text_private,
                              write_weed_security)
 
 log = logging.getLogger(__name__)
