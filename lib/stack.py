@@ -34,7 +34,7 @@ from lib import config, storage
 from lib.stack_ports import STOP_ORPHANS, Holder, describe_holders, holders, signal_and_wait
 from lib.stack_state import (GRPC_OFFSET, LOCAL_SOCKETS, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials,
                              init_state, make_private, pg_data, pg_user, port_base, read_state, record_admin,
-                             weed_config_dir, weed_dir, weed_sockets, write_private, write_text_private,
+                             weed_config_dir, weed_dir, weed_logs, weed_sockets, write_private, write_text_private,
                              write_weed_security)
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def _weed_pid(sdir: Path) -> int | None:
 def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
     p = {name: state.port_base + off for name, off in PORT_OFFSETS.items()}
     return [
-        weed_binary(), f"-config_dir={weed_config_dir(sdir)}", "mini",
+        # glog's files go to $TMPDIR unless told otherwise
+        weed_binary(), f"-config_dir={weed_config_dir(sdir)}", f"-logdir={weed_logs(sdir)}", "mini",
         f"-dir={weed_dir(sdir)}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # -ip alone still binds every interface
         f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
@@ -178,6 +179,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
             "PIPELINE_STATE_DIR"
         )
     write_weed_security(sdir)
+    weed_logs(sdir).mkdir(mode=0o700, exist_ok=True)
     # WEED_* variables would override security.toml (SeaweedFS reads WEED_JWT_SIGNING_KEY and the like).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
     env.update(AWS_ACCESS_KEY_ID=state.access_key, AWS_SECRET_ACCESS_KEY=state.secret_key)

@@ -8,7 +8,7 @@ Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgser
 
     stack.json           ports, role names (pipeline, administrator), database name (0600)
     credentials.json     generated S3 keys, database passwords, SeaweedFS signing keys (0600)
-    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077; every file 0600)
+    seaweedfs/           weed data, weed.log, weed.pid, logs/ (0700, weed runs with umask 077; every file 0600)
     seaweedfs/config/    security.toml (JWT keys, mutual TLS) and tls/ (CA and weed certificate)
     postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
 
@@ -66,6 +66,11 @@ class EmbeddedState:
 
 def weed_dir(sdir: Path) -> Path:
     return sdir / "seaweedfs"
+
+
+def weed_logs(sdir: Path) -> Path:
+    """weed's own log files (glog: weed.<host>.<user>.log.<SEVERITY>.<time>.<pid>, 5 kept per severity)."""
+    return weed_dir(sdir) / "logs"
 
 
 # weed's Unix sockets: the S3 API's and the filer's in the state folder (placed by weed's flags), and

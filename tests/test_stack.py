@@ -9,6 +9,7 @@ import re
 import signal
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -92,10 +93,12 @@ def open_to_others(sdir: Path) -> list[str]:
     found = []
     for path in [sdir, *sdir.rglob("*")]:
         try:
-            mode = stat.S_IMODE(path.lstat().st_mode)
+            info = path.lstat()
         except FileNotFoundError:  # a server's temporary file, gone meanwhile
             continue
-        allowed = 0o010 if path in passable else 0
+        if stat.S_ISLNK(info.st_mode):  # a link's own mode bits mean nothing (weed's log links)
+            continue
+        mode, allowed = stat.S_IMODE(info.st_mode), 0o010 if path in passable else 0
         if mode & 0o077 & ~allowed:
             found.append(f"{mode:04o} {path.relative_to(sdir)}")
     return found
@@ -107,6 +110,13 @@ def test_every_file_of_a_running_stack_is_its_owners_alone(sdir, embedded, s3, u
     s3.put_object(Bucket=f"private-{unique}", Key="k", Body=b"v")
     stack.up(sdir)  # as every run does
     assert open_to_others(sdir) == []
+
+
+def test_weed_writes_its_log_files_in_the_state_folder_not_in_tmp(sdir, embedded):
+    weed = stack_pids(sdir)["weed"]
+    # glog's name for them: weed.<host>.<user>.log.<SEVERITY>.<date>-<time>.<pid>, by default in $TMPDIR
+    assert not [p for p in Path(tempfile.gettempdir()).glob(f"weed.*.log.*.{weed}")]
+    assert list((sdir / "seaweedfs" / "logs").glob(f"weed.*.log.INFO.*.{weed}"))
 
 
 def test_up_again_reuses_the_running_servers(sdir, embedded):
