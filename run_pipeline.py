@@ -112,11 +112,16 @@ def cmd_stack(argv: list[str]) -> int:
             if left:
                 raise stack_state.StackError("still listening on this stack's ports: "
                                              + "; ".join(h.describe() for h in left)
-                                             + (f" -- `{hints.command('stack', 'down', '--orphans')}` stops an "
-                                                "orphaned stack of this project"
-                                                if any(h.orphaned for h in left) else ""))
+                                             + (f" -- `{stack_ports.STOP_ORPHANS}` stops an orphaned stack "
+                                                "of this project" if any(h.orphaned for h in left) else ""))
         elif args.action == "status":
-            print(json.dumps(stack.status(sdir), indent=2))
+            others = stack.others_on_ports(sdir)
+            status = stack.status(sdir, others)
+            print(json.dumps(status, indent=2))
+            for holder in others:
+                print(f"on this stack's ports: {holder.describe()}", file=sys.stderr)
+            if "stop_orphans" in status:
+                print(f"stop the orphaned stack with: {status['stop_orphans']}", file=sys.stderr)
         else:
             print("\n".join(stack.env_lines(sdir)))
     except stack_state.StackError as err:

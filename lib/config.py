@@ -281,6 +281,12 @@ def _embedded(sdir: Path):
     return state
 
 
+def embedded_store(state: stack_state.EmbeddedState) -> ObjectStore:
+    """The embedded SeaweedFS as the pipeline reaches it: its S3 URL and the pipeline's keys."""
+    return ObjectStore(url=state.s3_url, access_key=Secret(state.access_key), secret_key=Secret(state.secret_key),
+                       region="us-east-1", kind="embedded SeaweedFS")
+
+
 def settings(env: dict[str, str] | None = None) -> Settings:
     """Build the settings. Raises ConfigError naming the variable that is missing or wrong."""
     env = resolve_secret_files(environment() if env is None else env)
@@ -289,13 +295,7 @@ def settings(env: dict[str, str] | None = None) -> Settings:
     region = env.get("AWS_REGION") or "us-east-1"
 
     if uses_embedded_store(env):
-        store = ObjectStore(
-            url=state.s3_url,
-            access_key=Secret(state.access_key),
-            secret_key=Secret(state.secret_key),
-            region="us-east-1",
-            kind="embedded SeaweedFS",
-        )
+        store = embedded_store(state)
     else:
         store = ObjectStore(
             url=env["MINIO_URL"],

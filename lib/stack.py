@@ -21,6 +21,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -29,15 +30,18 @@ from pathlib import Path
 
 import requests
 
-from lib import hints
-from lib.stack_ports import signal_and_wait, describe_holders
-from lib.stack_state import (GRPC_OFFSET, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials, pg_data, pg_user,
-                             record_admin, weed_config_dir, weed_dir, write_private, write_text_private,
-                             init_state, read_state, write_weed_security)
+from lib import config, hints, storage
+from lib.stack_ports import STOP_ORPHANS, Holder, describe_holders, holders, signal_and_wait
+from lib.stack_state import (GRPC_OFFSET, LOCAL_SOCKETS, PORT_OFFSETS, EmbeddedState, StackError, admin_credentials,
+                             init_state, make_private, pg_data, pg_user, port_base, read_state, record_admin,
+                             weed_config_dir, weed_dir, weed_logs, weed_sockets, write_private, write_text_private,
+                             write_weed_security)
 
 log = logging.getLogger(__name__)
 
 SERVICES = ("object_store", "database")
+# The stack's own bucket: every start writes, reads back and deletes one small object there.
+READY_BUCKET = "medallion-stack-ready"
 # A cluster whose bootstrap superuser is the pipeline's own role (made before the stack had an
 # administrator): that role becomes the administrator, and the pipeline gets this new, unprivileged role.
 MIGRATED_DB_USER = "medallion_pipeline"
@@ -102,7 +106,8 @@ def _weed_pid(sdir: Path) -> int | None:
 def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
     p = {name: state.port_base + off for name, off in PORT_OFFSETS.items()}
     return [
-        weed_binary(), f"-config_dir={weed_config_dir(sdir)}", "mini",
+        # glog's files go to $TMPDIR unless told otherwise
+        weed_binary(), f"-config_dir={weed_config_dir(sdir)}", f"-logdir={weed_logs(sdir)}", "mini",
         f"-dir={weed_dir(sdir)}",
         "-ip=127.0.0.1", "-ip.bind=127.0.0.1",  # -ip alone still binds every interface
         f"-s3.port={p['s3']}", f"-master.port={p['master']}", f"-volume.port={p['volume']}",
@@ -110,18 +115,37 @@ def weed_command(sdir: Path, state: EmbeddedState) -> list[str]:
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-s3.iam=false",
         "-disableHttp",  # master and filer: gRPC only (the S3 gateway talks gRPC to both)
-        f"-filer.localSocket={weed_dir(sdir) / 'filer.sock'}",
-        f"-s3.localSocket={weed_dir(sdir) / 's3.sock'}",
+        *(f"-{name}.localSocket={path}" for name, path in weed_sockets(sdir, state.port_base).items()
+          if name in LOCAL_SOCKETS),
     ]
 
 
-def _s3_ready(state: EmbeddedState) -> bool:
-
+def _s3_answers(state: EmbeddedState) -> bool:
     try:
-        # Any S3 answer (403 for an unsigned request) means the gateway is serving.
+        # Any S3 answer (403 for an unsigned request) means the gateway is up; not that it serves.
         return requests.get(state.s3_url, timeout=1).status_code in (200, 403)
     except requests.RequestException:
         return False
+
+
+def _wait_until_serving(state: EmbeddedState, timeout: float, log_file: Path,
+                        proc: subprocess.Popen | None = None) -> None:
+    """Ready means served: a small object written through S3 with the pipeline's keys, read back
+    and deleted (the gateway answers before its volume server serves reads). Raises StackError
+    naming what did not answer, when `proc` exits or `timeout` passes."""
+    s3 = storage.client(config.embedded_store(state), probe=True)  # one try each: this loop is the retry
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise StackError(f"SeaweedFS exited (code {proc.returncode}) before it served; see {log_file}")
+        try:
+            storage.round_trip(s3, READY_BUCKET)
+            return
+        except storage.StorageError as err:
+            problem = str(err)
+        if time.monotonic() >= deadline:
+            raise StackError(f"SeaweedFS did not serve within {timeout:.0f}s: {problem}; see {log_file}")
+        time.sleep(0.2)
 
 
 def _weed_ports_busy(state: EmbeddedState) -> list[str]:
@@ -141,11 +165,9 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
         log.warning("SeaweedFS (pid %s) runs without the stack's security configuration: restarting it", pid)
         stop_object_store(sdir)
         pid = None
-        # Its listeners may outlive its pid by a moment.
-        with contextlib.suppress(StackError):
-            _wait_for(lambda: not _weed_ports_busy(state), "SeaweedFS ports to close", 15, wdir / "weed.log")
     if pid:
-        _wait_for(lambda: _s3_ready(state), "SeaweedFS S3 gateway", timeout, wdir / "weed.log")
+        _wait_until_serving(state, timeout, wdir / "weed.log")
+        make_private(wdir)
         return
     busy = _weed_ports_busy(state)
     if busy:
@@ -157,6 +179,7 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
             "PIPELINE_STATE_DIR"
         )
     write_weed_security(sdir)
+    weed_logs(sdir).mkdir(mode=0o700, exist_ok=True)
     # WEED_* variables would override security.toml (SeaweedFS reads WEED_JWT_SIGNING_KEY and the like).
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "WEED_"))}
     env.update(AWS_ACCESS_KEY_ID=state.access_key, AWS_SECRET_ACCESS_KEY=state.secret_key)
@@ -168,8 +191,8 @@ def start_object_store(sdir: Path, state: EmbeddedState, timeout: float = 60) ->
         )
     write_text_private(wdir / "weed.pid", str(proc.pid))
     log.info("started SeaweedFS (pid %s) with S3 at %s", proc.pid, state.s3_url)
-    _wait_for(lambda: proc.poll() is None and _s3_ready(state), "SeaweedFS S3 gateway", timeout,
-              wdir / "weed.log")
+    _wait_until_serving(state, timeout, wdir / "weed.log", proc)
+    make_private(wdir)  # the volume info files weed wrote 0644 (of the ready bucket, too)
 
 
 def stop_object_store(sdir: Path, timeout: float = 10) -> None:
@@ -180,7 +203,22 @@ def stop_object_store(sdir: Path, timeout: float = 10) -> None:
     if not signal_and_wait(pid, [(signal.SIGTERM, timeout), (signal.SIGKILL, 10)], group=True):
         raise StackError(f"SeaweedFS (pid {pid}) survived SIGKILL")
     (weed_dir(sdir) / "weed.pid").unlink(missing_ok=True)
+    state = read_state(sdir)
+    if state is not None:  # its listeners may outlive its pid by a moment: a start right after finds them free
+        with contextlib.suppress(StackError):
+            _wait_for(lambda: not _weed_ports_busy(state), "SeaweedFS ports to close", 15, weed_dir(sdir) / "weed.log")
+            _remove_sockets(sdir, state)
     log.info("stopped SeaweedFS (pid %s)", pid)
+
+
+def _remove_sockets(sdir: Path, state: EmbeddedState) -> None:
+    """The socket files a stopped weed left (in /tmp too, when it was killed): ours, and no one
+    listens on them any more (the ports they are named after are free)."""
+    for path in weed_sockets(sdir, state.port_base).values():
+        with contextlib.suppress(OSError):
+            info = path.lstat()
+            if stat.S_ISSOCK(info.st_mode) and info.st_uid == os.geteuid():
+                path.unlink()
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------------
@@ -421,18 +459,35 @@ def down(sdir: Path, services: tuple[str, ...] = SERVICES) -> None:
             stop_database(sdir)
 
 
-def status(sdir: Path) -> dict:
+def others_on_ports(sdir: Path) -> list[Holder]:
+    """The processes on this stack's ports that are not its own servers: an orphaned stack of this
+    project (its state folder deleted), another stack, another program."""
+    try:
+        found = holders(port_base(sdir))
+    except Exception:  # noqa: BLE001 - naming the holders is a courtesy; status stands without it
+        return []
+    own = sdir.resolve()
+    return [h for h in found if h.state_dir is None or h.state_dir.resolve() != own]
+
+
+def status(sdir: Path, others: list[Holder] | None = None) -> dict:
+    """How the stack is: its servers, and whatever else holds its ports (`others`, found when not
+    given), with the command that stops an orphaned stack."""
     state = read_state(sdir)
-    if state is None:
-        return {"state_dir": str(sdir), "initialised": False}
-    return {
-        "state_dir": str(sdir),
-        "initialised": True,
-        **describe(state),
-        "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_ready(state)},
-        "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
-                     "running": _pg_running(sdir, pg_user())},
-    }
+    out = {"state_dir": str(sdir), "initialised": state is not None}
+    if state is not None:
+        out.update({
+            **describe(state),
+            "object_store": {"endpoint": state.s3_url, "running": bool(_weed_pid(sdir)) and _s3_answers(state)},
+            "database": {"endpoint": f"127.0.0.1:{state.pg_port}/{state.db_name}",
+                         "running": _pg_running(sdir, pg_user())},
+        })
+    others = others_on_ports(sdir) if others is None else others
+    if others:
+        out["ports_held_by"] = [h.to_dict() for h in others]
+    if any(h.orphaned for h in others):
+        out["stop_orphans"] = STOP_ORPHANS
+    return out
 
 
 def env_lines(sdir: Path) -> list[str]:

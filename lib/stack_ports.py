@@ -16,6 +16,9 @@ from lib.stack_state import GRPC_OFFSET, PORT_OFFSETS, StackError
 
 log = logging.getLogger(__name__)
 
+# What stops an orphaned stack, as the user types it in the project folder.
+STOP_ORPHANS = hints.command("stack", "down", "--orphans")  # the command that stops one, as printed
+
 
 def stack_ports(port_base: int) -> list[int]:
     weed = [port_base + off for name, off in PORT_OFFSETS.items() if name != "postgres"]
@@ -31,6 +34,10 @@ class Holder:
     kind: str | None           # "weed" or "postgres" when it is provably this project's server
     state_dir: Path | None     # the state folder its command line points at
     orphaned: bool             # that state folder (or its stack.json) is gone
+
+    def to_dict(self) -> dict:
+        return {"pid": self.pid, "command": self.command, "ports": list(self.ports), "kind": self.kind,
+                "state_dir": None if self.state_dir is None else str(self.state_dir), "orphaned": self.orphaned}
 
     def describe(self) -> str:
         where = ""
@@ -98,7 +105,7 @@ def describe_holders(port_base: int, ports: list[int]) -> str:
         return ""
     text = "; ".join(h.describe() for h in found)
     if any(h.orphaned for h in found):
-        text += f"; stop an orphaned stack with `{hints.command('stack', 'down', '--orphans')}`"
+        text += f"; stop an orphaned stack with `{STOP_ORPHANS}`"
     return f" ({text})"
 
 

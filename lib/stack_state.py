@@ -8,12 +8,13 @@ Layout of the state folder (git-ignored, mode 0700; as root 0710 for group pgser
 
     stack.json           ports, role names (pipeline, administrator), database name (0600)
     credentials.json     generated S3 keys, database passwords, SeaweedFS signing keys (0600)
-    seaweedfs/           weed data, weed.log, weed.pid (0700, weed runs with umask 077)
+    seaweedfs/           weed data, weed.log, weed.pid, logs/ (0700, weed runs with umask 077; every file 0600)
     seaweedfs/config/    security.toml (JWT keys, mutual TLS) and tls/ (CA and weed certificate)
     postgres/data        the PostgreSQL cluster (password auth, TCP 127.0.0.1 only, no Unix socket)
 
 Ports come from one base (PIPELINE_STACK_PORT_BASE, default 18330): S3 base, master +1, volume +2,
-filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port.
+filer +3, admin +4, PostgreSQL +5; SeaweedFS adds 10000 for each gRPC port. weed's Unix sockets are
+`weed_sockets`. docs/stack.md's tables of ports and sockets are checked against these.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import os
 import pwd
 import secrets
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +68,26 @@ def weed_dir(sdir: Path) -> Path:
     return sdir / "seaweedfs"
 
 
+def weed_logs(sdir: Path) -> Path:
+    """weed's own log files (glog: weed.<host>.<user>.log.<SEVERITY>.<time>.<pid>, 5 kept per severity)."""
+    return weed_dir(sdir) / "logs"
+
+
+# weed's Unix sockets: the S3 API's and the filer's in the state folder (placed by weed's flags), and
+# one per gRPC port in /tmp, where weed puts them itself (no flag moves them; each is 0700, umask 077).
+LOCAL_SOCKETS = {"s3": "s3.sock", "filer": "filer.sock"}
+GRPC_SOCKET = "/tmp/seaweedfs-{name}-grpc-{port}.sock"
+
+
+def weed_sockets(sdir: Path, port_base: int) -> dict[str, Path]:
+    """Every Unix socket weed listens on, by what listens: "s3", "filer", "<name> gRPC"."""
+    found = {name: weed_dir(sdir) / file for name, file in LOCAL_SOCKETS.items()}
+    for name, off in PORT_OFFSETS.items():
+        if name != "postgres":
+            found[f"{name} gRPC"] = Path(GRPC_SOCKET.format(name=name, port=port_base + off + GRPC_OFFSET))
+    return found
+
+
 def pg_data(sdir: Path) -> Path:
     return sdir / "postgres" / "data"
 
@@ -98,6 +120,18 @@ def write_text_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(text)
+
+
+def make_private(folder: Path) -> None:
+    """Take group and other permissions off everything under `folder` (links are not followed).
+    weed runs with umask 077, but sets the volume info files (.vif) it writes to 0644 itself."""
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            mode = path.lstat().st_mode
+            if mode & 0o077 and not stat.S_ISLNK(mode):
+                path.chmod(stat.S_IMODE(mode) & 0o700)
+        except FileNotFoundError:  # removed meanwhile
+            continue
 
 
 def init_state(sdir: Path, port_base: int | None = None) -> EmbeddedState:

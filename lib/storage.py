@@ -4,12 +4,16 @@ the sha256 of its content."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import queue
+import random
 import tempfile
 import threading
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
@@ -23,13 +27,29 @@ from lib.errors import PipelineError
 
 log = logging.getLogger(__name__)
 
+# Every call is tried at most ATTEMPTS times: botocore's "standard" mode retries a call (read, write,
+# listing) that could not connect or was answered 500, 502, 503, 504 or throttled, with exponential
+# backoff and jitter. A body that breaks off after its answer began is ResumingBody's to retry.
+ATTEMPTS = 6
 CLIENT_CONFIG = dict(
     signature_version="s3v4",
     s3={"addressing_style": "path"},
     connect_timeout=5,
     read_timeout=60,
-    retries={"max_attempts": 5, "mode": "standard"},  # bounded retries on connect and transient errors
 )
+# For a caller that polls (the embedded stack waiting for its store): one try, short timeouts.
+PROBE_TIMEOUTS = {"connect_timeout": 2, "read_timeout": 5}
+
+
+def client_config(probe: bool = False) -> botocore.config.Config:
+    # A new retries dict each time: botocore rewrites the one it is given.
+    retries = {"mode": "standard", "total_max_attempts": 1 if probe else ATTEMPTS}
+    return botocore.config.Config(**{**CLIENT_CONFIG, **(PROBE_TIMEOUTS if probe else {})}, retries=retries)
+
+
+# What reading an answer's body raises when the connection breaks off or stalls part-way.
+BODY_ERRORS = (botocore.exceptions.ResponseStreamingError, botocore.exceptions.ReadTimeoutError,
+               botocore.exceptions.IncompleteReadError, botocore.exceptions.ConnectionClosedError)
 
 
 class StorageError(PipelineError):
@@ -70,14 +90,15 @@ def _session(profile: str | None = None, region: str | None = None) -> boto3.ses
 
 
 @functools.lru_cache(maxsize=16)
-def client(store: ObjectStore):
+def client(store: ObjectStore, probe: bool = False):
+    """The client of a store; `probe`: one try per call with short timeouts, for a caller that polls."""
     return _session().client(
         "s3",
         endpoint_url=store.url,
         aws_access_key_id=store.access_key.reveal(),
         aws_secret_access_key=store.secret_key.reveal(),
         region_name=store.region,
-        config=botocore.config.Config(**CLIENT_CONFIG),
+        config=client_config(probe),
     )
 
 
@@ -92,8 +113,7 @@ def cloud_client(cloud: Cloud):
                 "aws_secret_access_key": cloud.secret_key.reveal()}
         if cloud.session_token:
             keys["aws_session_token"] = cloud.session_token.reveal()
-    return session.client("s3", endpoint_url=cloud.endpoint_url,
-                          config=botocore.config.Config(**CLIENT_CONFIG), **keys)
+    return session.client("s3", endpoint_url=cloud.endpoint_url, config=client_config(), **keys)
 
 
 def endpoint(s3) -> str:
@@ -117,6 +137,21 @@ def check(s3) -> None:
         s3.list_buckets()
     except Exception as err:  # noqa: BLE001 - any failure, reported with the endpoint as one line
         raise _fail(s3, "listing buckets", "-", err) from None
+
+
+def round_trip(s3, bucket: str) -> None:
+    """Write a small object to `bucket` (created if missing), read it back and delete it: proof that
+    the store serves, not only answers. Raises StorageError naming the step that failed."""
+    key, data = f"ready/{uuid.uuid4().hex}", uuid.uuid4().bytes
+    ensure_bucket(s3, bucket)
+    try:
+        s3.put_object(Bucket=bucket, Key=key, Body=data)
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"writing {key}", bucket, err) from None
+    read, _ = get_bytes(s3, bucket, key)
+    if read != data:
+        raise StorageError(f"reading {key} on {endpoint(s3)} bucket {bucket!r} gave other bytes than were written")
+    delete(s3, bucket, key)
 
 
 def ensure_bucket(s3, bucket: str, create: bool = True) -> None:
@@ -187,21 +222,70 @@ def copy(s3, bucket: str, source_key: str, key: str) -> None:
         raise _fail(s3, f"copying {source_key} to {key}", bucket, err) from None
 
 
-def get_bytes(s3, bucket: str, key: str) -> tuple[bytes, dict[str, str]]:
-    try:
-        obj = s3.get_object(Bucket=bucket, Key=key)
-        return obj["Body"].read(), obj.get("Metadata", {})
-    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
-        raise _fail(s3, f"reading {key}", bucket, err) from None
+class ResumingBody:
+    """An object's body, read forward: when the connection breaks off part-way, the rest is asked
+    for again (a ranged GET of the same ETag, so a changed object is an error, not a splice), after
+    a short backoff, as often as the client tries a call. What each GET answers (500, 503, no
+    connection) botocore's retries handle, with their own backoff; this covers what they cannot, the
+    body after the answer began. Raises StorageError naming the object when the tries run out."""
+
+    def __init__(self, s3, bucket: str, key: str, obj: dict):
+        self.s3, self.bucket, self.key = s3, bucket, key
+        self.body, self.etag = obj["Body"], obj.get("ETag")
+        self.offset = self.breaks = 0
+        self.attempts = s3.meta.config.retries.get("total_max_attempts", 1)
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, amt: int | None = None) -> bytes:
+        amt = None if amt is None or amt < 0 else amt
+        while True:
+            try:
+                chunk = self.body.read(amt)
+            except BODY_ERRORS as err:
+                self._resume(err)
+                continue
+            self.offset += len(chunk)
+            return chunk
+
+    def _resume(self, err: Exception) -> None:
+        self.breaks += 1
+        if self.breaks >= self.attempts:
+            raise _fail(self.s3, f"reading {self.key} (broke off {self.breaks} times)", self.bucket, err) from None
+        with contextlib.suppress(Exception):
+            self.body.close()
+        time.sleep(random.random() * 0.25 * 2 ** (self.breaks - 1))  # the store answered: a short pause
+        log.warning("reading s3://%s/%s broke off after %d bytes (%s): asking for the rest", self.bucket,
+                    self.key, self.offset, type(err).__name__)
+        try:
+            obj = self.s3.get_object(Bucket=self.bucket, Key=self.key, Range=f"bytes={self.offset}-",
+                                     **({"IfMatch": self.etag} if self.etag else {}))
+        except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as again:
+            raise _fail(self.s3, f"reading {self.key} again from byte {self.offset}", self.bucket, again) from None
+        self.body = obj["Body"]
+
+    def close(self) -> None:
+        self.body.close()
 
 
-def open_object(s3, bucket: str, key: str):
+def open_object(s3, bucket: str, key: str) -> tuple[ResumingBody, dict[str, str]]:
     """An object's body as a file object to read from (close it after), and its metadata."""
     try:
         obj = s3.get_object(Bucket=bucket, Key=key)
-        return obj["Body"], obj.get("Metadata", {})
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         raise _fail(s3, f"reading {key}", bucket, err) from None
+    return ResumingBody(s3, bucket, key, obj), obj.get("Metadata", {})
+
+
+def get_bytes(s3, bucket: str, key: str) -> tuple[bytes, dict[str, str]]:
+    body, meta = open_object(s3, bucket, key)
+    try:
+        return body.read(), meta
+    except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
+        raise _fail(s3, f"reading {key}", bucket, err) from None
+    finally:
+        body.close()
 
 
 def head(s3, bucket: str, key: str) -> dict | None:

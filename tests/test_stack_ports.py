@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -58,3 +61,34 @@ def test_stop_orphans_leaves_live_stacks_and_other_programs_alone(sdir, embedded
         state = stack_state.init_state(Path(tempfile.mkdtemp(prefix="medallion-busy-")), port_base=ORPHAN_BASE)
         with pytest.raises(StackError, match=rf"taken by another program \(pid {os.getpid()} "):
             stack.start_object_store(Path(tempfile.mkdtemp(prefix="medallion-busy-")), state)
+
+
+def test_status_names_an_orphaned_stack_and_the_command_that_stops_it(tmp_path, run_pipeline):
+    base = ORPHAN_BASE + 50
+    gone = tmp_path / "deleted-clone" / ".state"
+    stack_state.init_state(gone, port_base=base)
+    stack.up(gone, ("object_store",))
+    weed = int((gone / "seaweedfs" / "weed.pid").read_text())
+    shutil.rmtree(gone.parent)  # the clone is deleted while its stack runs
+    env = {"PIPELINE_STATE_DIR": str(tmp_path / "new-clone" / ".state"), "PIPELINE_STACK_PORT_BASE": str(base)}
+    try:
+        status = run_pipeline("stack", "status", env=env)
+        assert status.returncode == 0, status.stderr
+        reported = json.loads(status.stdout)
+        assert reported["initialised"] is False
+        [holder] = reported["ports_held_by"]
+        assert holder["pid"] == weed and holder["orphaned"] is True and holder["state_dir"] == str(gone)
+        assert base in holder["ports"]
+        assert f"pid {weed} " in status.stderr and "orphaned" in status.stderr
+        command = reported["stop_orphans"]
+        assert command in status.stderr
+        # The command as printed, from the project folder ("python" being the project's interpreter).
+        argv = shlex.split(command)
+        assert argv[0] == "python"
+        stopped = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env={**os.environ, **env},
+                                 capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0 and f"stopped pid {weed} " in stopped.stdout, stopped.stderr
+        again = json.loads(run_pipeline("stack", "status", env=env).stdout)
+        assert "ports_held_by" not in again and "stop_orphans" not in again
+    finally:
+        stack_ports.stop_orphans(base)
