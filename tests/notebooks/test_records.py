@@ -5,6 +5,8 @@ run the runner recorded, and every manifest is exactly what its stage records an
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nbclient
@@ -156,3 +158,25 @@ def test_manifest_and_stage_records_agree_for_runner_papermill_and_jupyterlab_ru
     assert saved["origin"] == "jupyterlab" and saved["notebook_session"] == "notebooks/01_ingest.ipynb"
     assert saved["stages"]["01_ingest"]["status"] == "succeeded"
     assert saved["stages"]["01_ingest"]["details"]["records"] == 250
+
+
+def test_plain_papermill_on_the_command_line_leaves_its_own_complete_record(run_pipeline, settings, tmp_path,
+                                                                           unique):
+    """`papermill notebooks/02_clean.ipynb out.ipynb`, typed as the docs show it: its own papermill-…
+    run reading the latest published run, a complete record linked from the index, and not one byte
+    of any other run's folder changed."""
+    published = f"pub-{unique}"
+    res = run_pipeline("--run-id", published)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert run_pipeline("runs").returncode == 0  # runs earlier tests killed are marked abandoned now, not meanwhile
+    base = runs.runs_dir(settings)
+    before = {p.name: files_of(p) for p in base.iterdir() if p.is_dir()}
+    papermill_cli = Path(sys.executable).with_name("papermill")
+    done = subprocess.run([str(papermill_cli), "notebooks/02_clean.ipynb", str(tmp_path / "out.ipynb")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    new = sorted(set(p.name for p in base.iterdir() if p.is_dir()) - set(before))
+    assert len(new) == 1 and new[0].startswith("papermill-"), new
+    saved = assert_complete(settings, new[0], ["02_clean"])
+    assert saved["based_on"] == published and saved["status"] == "succeeded"
+    assert {name: files_of(base / name) for name in before} == before
