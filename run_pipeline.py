@@ -379,7 +379,7 @@ def input_run(settings: config.Settings, run_id: str, stages: list[str],
         if not runs.manifest_path(settings, given).exists():
             return None, f"input_run {given}: there is no run {given} in {runs.runs_dir(settings)}"
         return given, None
-    if stages[0] == registry.first().name:
+    if not parameters.reads_a_run(stages[0], chosen.get(stages[0], {})):
         return None, None
     table = next((chosen[s]["table"] for s in stages if chosen.get(s, {}).get("table")), parameters.DEFAULT_TABLE)
     found = publish.latest_published(settings, table)

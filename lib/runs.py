@@ -220,8 +220,8 @@ def based_on(settings: Settings, run_id: str) -> str | None:
 
 
 def needs_base(settings: Settings, run_id: str, stage: str) -> bool:
-    """Whether an interactive run about to run `stage` must be told which run's data it reads: a new
-    run whose first stage is not the first stage."""
+    """Whether an interactive run about to run `stage` may need to be told which run's data it reads:
+    a new run whose first stage is not the first stage."""
     return (not os.environ.get(RUNNER_ENV) and stage != registry.first().name
             and not manifest_path(settings, run_id).exists())
 

@@ -9,13 +9,12 @@ import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from lib import stack, stack_ports, stack_state
+from lib import hints, stack, stack_ports, stack_state
 from lib.stack_state import StackError
 from tests.conftest import ORPHAN_BASE, ROOT
 
@@ -82,10 +81,9 @@ def test_status_names_an_orphaned_stack_and_the_command_that_stops_it(tmp_path, 
         assert f"pid {weed} " in status.stderr and "orphaned" in status.stderr
         command = reported["stop_orphans"]
         assert command in status.stderr
-        # The command as printed, from the project folder ("python" being the project's interpreter).
-        argv = shlex.split(command)
-        assert argv[0] == "python"
-        stopped = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, env={**os.environ, **env},
+        # The command as printed, run from the project folder (lib/hints.py spells it).
+        assert command == hints.command("stack", "down", "--orphans")
+        stopped = subprocess.run(shlex.split(command), cwd=ROOT, env={**os.environ, **env},
                                  capture_output=True, text=True, timeout=120)
         assert stopped.returncode == 0 and f"stopped pid {weed} " in stopped.stdout, stopped.stderr
         again = json.loads(run_pipeline("stack", "status", env=env).stdout)

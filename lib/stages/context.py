@@ -134,8 +134,9 @@ def begin(stage: str, given: str | Mapping | None = None, /, **overrides) -> Sta
     used = {k: v for k, v in dataclasses.asdict(params).items() if k != "run_id"}
     if runs.origin() != "runner":
         given = getattr(params, "input_run", "")
+        needed = runs.needs_base(settings, rid, stage) and parameters.reads_a_run(stage, used)
         runs.open_interactive(settings, rid, stage, given or (_latest_published(settings, stage, params)
-                                                              if runs.needs_base(settings, rid, stage) else None), used)
+                                                              if needed else None), used)
     record = runs.StageRecord(settings, rid, stage, used).start()
     log.info("%s of run %s starting (%s)", stage, rid, record.data["origin"])
     current = StageRun(stage, rid, settings, record, params)

@@ -131,6 +131,13 @@ DECLARED: dict[str, dict[str, Parameter]] = {
 }
 
 
+def reads_a_run(stage: str, values: dict) -> bool:
+    """Whether `stage`, given these parameter values, reads the data an earlier stage wrote for one
+    run (its own, or the run it is based on): not stage 2 with `backfill_date`, which reads every raw
+    object of a date."""
+    return stage != registry.first().name and not values.get("backfill_date")
+
+
 def declared(stage: str) -> dict[str, Parameter]:
     """The parameters of a stage (by its registry name), in the notebook's order."""
     return DECLARED[registry.get(stage).step]

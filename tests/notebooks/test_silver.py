@@ -10,7 +10,7 @@ import json
 import pandas as pd
 import pytest
 
-from lib import db, db_read, formats, layout, storage
+from lib import db, db_read, formats, layout, runs, storage
 from tests.notebooks.helpers import (by_name, counts_shown, executed, keys_of_run, manifest, payload,
                                      read_object, read_table, renamed, snapshot, table_exists, cell_output)
 
@@ -130,6 +130,7 @@ def test_unusable_raw_object_fails_stage_2_and_writes_nothing(run_pipeline, sett
     storage.ensure_bucket(s3, settings.raw_bucket)
     storage.put_bytes(s3, settings.raw_bucket, key, body, metadata={"run-id": run_id, "stage": "test"},
                       content_type="application/json")
+    runs.RunRecord.open(settings, run_id, ["01_ingest"], {}).finish("failed")  # a recorded run: it reads its own raw
 
     res = run_pipeline("--stages", "2", "--run-id", run_id)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-3000:]
