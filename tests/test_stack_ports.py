@@ -6,7 +6,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -24,7 +23,7 @@ def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
     stack_state.init_state(gone, port_base=ORPHAN_BASE)
     stack.up(gone)
     weed = int((gone / "seaweedfs" / "weed.pid").read_text())
-    shutil.rmtree(gone.parent)  # the clone is deleted while its stack runs
+    (gone / "stack.json").unlink()  # its clone is gone: what marks a stack orphaned (its data may stay)
     fresh = tmp_path / "new-clone" / ".state"
     stack_state.init_state(fresh, port_base=ORPHAN_BASE)
     with pytest.raises(StackError) as refused:
@@ -68,7 +67,7 @@ def test_status_names_an_orphaned_stack_and_the_command_that_stops_it(tmp_path, 
     stack_state.init_state(gone, port_base=base)
     stack.up(gone, ("object_store",))
     weed = int((gone / "seaweedfs" / "weed.pid").read_text())
-    shutil.rmtree(gone.parent)  # the clone is deleted while its stack runs
+    (gone / "stack.json").unlink()  # its clone is gone: what marks a stack orphaned (its data may stay)
     env = {"PIPELINE_STATE_DIR": str(tmp_path / "new-clone" / ".state"), "PIPELINE_STACK_PORT_BASE": str(base)}
     try:
         status = run_pipeline("stack", "status", env=env)
