@@ -70,6 +70,18 @@ def webhook():
     sink.close()
 
 
+
+def recording(run_pipeline, env: dict, outputs: list):
+    """`run(*args, extra=None, expect=N)`: run_pipeline.py with `env` (and `extra`), its exit code
+    checked and its output kept in `outputs` for the scan."""
+    def run(*args, extra=None, expect):
+        res = run_pipeline(*args, env={**env, **(extra or {})}, timeout=300)
+        outputs.append(res)
+        assert res.returncode == expect, f"{args}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
+        return res
+
+    return run
+
 def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack, unique, webhook):
     state, sentinels, dirs, env = sentinel_stack
     # Alerts (failed runs) go to a real local webhook; its URL carries a sentinel token too.
@@ -79,12 +91,7 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
     table = f"secrets_{unique}"
     ok, failing, resumed = f"sec-{unique}-ok", f"sec-{unique}-bad", f"sec-{unique}-cred"
     outputs = []
-
-    def run(*args, extra=None, expect):
-        res = run_pipeline(*args, env={**env, **(extra or {})}, timeout=300)
-        outputs.append(res)
-        assert res.returncode == expect, f"{args}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        return res
+    run = recording(run_pipeline, env, outputs)
 
     run("stack", "up", expect=0)
     assert json.loads(run("stack", "status", expect=0).stdout)["object_store"]["running"] is True
@@ -178,12 +185,7 @@ def test_credentials_in_the_api_url_are_masked_everywhere(run_pipeline, settings
            "ALERT_URLS": f"json://127.0.0.1:{webhook.port}/"}
     table, ok, bad, cut = f"apikey_{unique}", f"key-{unique}-ok", f"key-{unique}-bad", f"key-{unique}-cut"
     outputs = []
-
-    def run(*args, extra=None, expect):
-        res = run_pipeline(*args, env={**env, **(extra or {})}, timeout=300)
-        outputs.append(res)
-        assert res.returncode == expect, f"{args}: exit {res.returncode}\n{res.stdout[-2000:]}\n{res.stderr[-3000:]}"
-        return res
+    run = recording(run_pipeline, env, outputs)
 
     try:
         # A whole run: the API is asked with the credentials, the record shows the URL masked.
