@@ -456,8 +456,10 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
         record.finish("failed")
         print(f"run_pipeline.py: {shown(err)}\n  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
         return runner.EXIT_FAILED
-    print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} + {settings.db.kind}, "
-          f"cloud {settings.cloud.kind}")
+    why = settings.why
+    print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} ({why['object_store']}) + "
+          f"{settings.db.kind} ({why['database']}), cloud {settings.cloud.kind}; snapshot fallback "
+          f"{'on' if settings.snapshot_fallback else 'off'} ({why['snapshot_fallback']})")
     status, code = "succeeded", 0
     # nbconvert gets ready while the kernel boots; the notebooks' pages are rendered after the stages.
     pages = report.Pages(record.dir)

@@ -105,6 +105,9 @@ class Settings:
     outputs_dir: Path
     logs_dir: Path
     state_dir: Path
+    # Why each service is the one it is, and why the snapshot fallback is on or off (`_why`): what a
+    # run says as it starts, and the preflight when the fallback matters.
+    why: dict = field(default_factory=dict, compare=False)
 
     def describe(self) -> dict:
         """What served a run, for the run record: endpoints and kinds, never credentials."""
@@ -237,6 +240,34 @@ def space_problems(env: dict[str, str], payload_bytes: int) -> list[str]:
     return problems
 
 
+def provenance(name: str, env: dict[str, str]) -> str:
+    """Where setting `name` comes from: the process environment, the `.env` file, or the settings
+    a caller passed."""
+    if name in os.environ:
+        return "the environment"
+    path = env_file()
+    if path is not None and path.is_file() and name in dotenv_values(path):
+        return str(path.name if path.parent == ROOT else path)
+    return "the settings given"
+
+
+def _why(env: dict[str, str], fallback: bool) -> dict[str, str]:
+    """Why a run is on the services it is on, and why its snapshot fallback is on or off."""
+    store = ("embedded: MINIO_URL is not set" if uses_embedded_store(env)
+             else f"MINIO_URL from {provenance('MINIO_URL', env)}")
+    database = ("embedded: DB_HOST is not set" if uses_embedded_db(env)
+                else f"DB_HOST from {provenance('DB_HOST', env)}")
+    raw = env.get("SNAPSHOT_FALLBACK", "").strip()
+    if raw and raw.lower() != "auto":
+        why = f"SNAPSHOT_FALLBACK={raw} from {provenance('SNAPSHOT_FALLBACK', env)}"
+    elif fallback:
+        why = "the default with the embedded object store"
+    else:
+        why = (f"the default with a configured object store (MINIO_URL from {provenance('MINIO_URL', env)}); "
+               "SNAPSHOT_FALLBACK=true turns it on")
+    return {"object_store": store, "database": database, "snapshot_fallback": why}
+
+
 def uses_embedded_store(env: dict[str, str]) -> bool:
     return not env.get("MINIO_URL")
 
@@ -355,9 +386,10 @@ def settings(env: dict[str, str] | None = None) -> Settings:
             secret_key=store.secret_key,
         )
 
+    fallback = _flag(env, "SNAPSHOT_FALLBACK", default=uses_embedded_store(env))
     return Settings(
         api_url=env.get("API_BASE_URL") or DEFAULT_API_URL,
-        snapshot_fallback=_flag(env, "SNAPSHOT_FALLBACK", default=uses_embedded_store(env)),
+        snapshot_fallback=fallback,
         store=store,
         raw_bucket=names.bucket(env.get("BUCKET_NAME") or "raw"),
         clean_bucket=names.bucket(env.get("CLEAN_BUCKET") or "clean"),
@@ -367,4 +399,5 @@ def settings(env: dict[str, str] | None = None) -> Settings:
         outputs_dir=outputs_dir(env),
         logs_dir=Path(env.get("PIPELINE_LOGS_DIR") or ROOT / "logs").resolve(),
         state_dir=sdir,
+        why=_why(env, fallback),
     )

@@ -65,7 +65,8 @@ def preflight(settings: config.Settings, stages: list[str], params: dict[str, di
                         hide(source.short_error(err)))
         except requests.RequestException as err:
             if not settings.snapshot_fallback:
-                return [f"API {shown} unreachable ({hide(source.short_error(err))}) and snapshot fallback is off"]
+                return [f"API {shown} unreachable ({hide(source.short_error(err))}) and snapshot fallback is off "
+                        f"({settings.why.get('snapshot_fallback', 'SNAPSHOT_FALLBACK')})"]
             log.warning("preflight: API %s unreachable (%s); the bundled snapshot will be used",
                         shown, hide(source.short_error(err)))
             if hints is not None:

@@ -15,7 +15,7 @@ import papermill
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 
-from lib import registry
+from lib import explore, registry
 
 NOTEBOOKS = sorted(registry.NOTEBOOKS.glob("*.ipynb"))
 
@@ -24,8 +24,9 @@ def source(cell) -> str:
     return "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
 
 
-def test_every_stage_has_its_notebook():
-    assert [p.stem for p in NOTEBOOKS] == list(registry.NAMES)
+def test_every_stage_has_its_notebook_and_the_only_other_is_the_exploration_one():
+    assert [p.stem for p in NOTEBOOKS if p != explore.NOTEBOOK] == list(registry.NAMES)
+    assert explore.NOTEBOOK in NOTEBOOKS
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
