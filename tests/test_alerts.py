@@ -167,7 +167,9 @@ def test_quarantine_alert_reaches_a_webhook_and_a_mailbox_once_without_secrets(r
 
 def test_a_failed_run_alerts_once_and_keeps_its_exit_code(run_pipeline, settings, webhook, unique):
     run_id = f"alertfail-{unique}"
-    res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}",
+    base = f"base-{unique}"  # a run for stage 4 to read from: a new run after stage 1 needs one
+    runs.RunRecord.open(settings, base, ["01_ingest"], {}).finish("failed")
+    res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}", "-p", f"input_run={base}",
                        env={"ALERT_URLS": f"json://127.0.0.1:{webhook.port}/"})
     assert res.returncode == 1 and "stage 04_export FAILED" in res.stderr
     assert len(webhook.posts) == 1

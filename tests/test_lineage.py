@@ -147,7 +147,9 @@ def test_a_failed_stage_emits_fail_with_its_error_and_a_dead_lineage_server_chan
         run_pipeline, settings, unique, schemas):
     run_id = f"olfail-{unique}"
     dead = f"http://127.0.0.1:{closed_port()}"
-    res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}",
+    base = f"base-{unique}"  # a run for stage 4 to read from: a new run after stage 1 needs one
+    runs.RunRecord.open(settings, base, ["01_ingest"], {}).finish("failed")
+    res = run_pipeline("--stages", "4", "--run-id", run_id, "-p", f"table=missing_{unique}", "-p", f"input_run={base}",
                        env={"OPENLINEAGE__TRANSPORT__TYPE": "http", "OPENLINEAGE__TRANSPORT__URL": dead,
                             "OPENLINEAGE__TRANSPORT__RETRY": '{"total": 0}'})
     assert res.returncode == 1, res.stderr[-3000:]  # the stage's failure, nothing else

@@ -92,7 +92,7 @@ def test_a_parameter_of_a_stage_not_chosen_is_refused():
 def test_unknown_parameter_error_lists_the_known_ones_without_run_id():
     with pytest.raises(UsageError) as err:
         runner.parse_parameters(["nope=1"], ["05_gold"])
-    assert "known: gold_format, preview_rows, table" in str(err.value)
+    assert "known: gold_format, input_run, preview_rows, table" in str(err.value)
 
 
 def test_parse_takes_the_declarations_and_rules_it_is_given():

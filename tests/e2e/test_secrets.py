@@ -108,8 +108,8 @@ def test_no_sentinel_credential_in_outputs_or_logs(run_pipeline, sentinel_stack,
     export = m["stages"]["04_export"]["objects"][0]
     assert export["bucket"] == "sentinel-cloud" and storage.head(cloud, export["bucket"], export["key"])
 
-    # A stage failing: stage 4 of a new run on a table that does not exist.
-    res = run("--stages", "4", "--run-id", failing, "-p", f"table=missing_{unique}", expect=1)
+    # A stage failing: stage 4 of a new run (reading run ok's data) on a table that does not exist.
+    res = run("--stages", "4", "--run-id", failing, "-p", f"table=missing_{unique}", "-p", f"input_run={ok}", expect=1)
     assert "stage 04_export FAILED" in res.stderr and "does not exist" in res.stderr
 
     # The cloud role with a wrong secret (the sentinel plus a suffix): the preflight meets the store's 403.
