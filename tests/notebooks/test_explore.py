@@ -19,7 +19,8 @@ def shown_rows(cell) -> int:
     for out in cell.get("outputs", []):
         html = out.get("data", {}).get("text/html", "")
         if "<table" in "".join(html):
-            return "".join(html).count("<tr>") - 1  # less the header row
+            body = "".join(html).split("<tbody>", 1)[-1]
+            return body.count("<tr")
     return 0
 
 
