@@ -269,3 +269,30 @@ def test_a_relative_secret_file_is_taken_from_the_project_folder(tmp_path):
         assert config.resolve_secret_files({"DB_PASSWORD_FILE": name})["DB_PASSWORD"] == "relative-secret"
     finally:
         path.unlink()
+
+
+def test_settings_say_why_each_service_is_the_one_it_is_and_why_the_fallback_is_off(tmp_path, monkeypatch,
+                                                                                     embedded_env):
+    """What a run prints as it starts, and what the preflight adds when the API is down: a MINIO_URL in
+    `.env` (or exported from `stack env`) makes the store "configured", which turns the fallback off."""
+    dotenv = tmp_path / "custom.env"
+    dotenv.write_text("MINIO_URL=http://127.0.0.1:9\nMINIO_ACCESS_KEY=a\nMINIO_SECRET_KEY=b\n")
+    monkeypatch.setenv("PIPELINE_ENV_FILE", str(dotenv))
+    for name in ("MINIO_URL", "DB_HOST", "SNAPSHOT_FALLBACK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PIPELINE_STATE_DIR", embedded_env[0]["PIPELINE_STATE_DIR"])
+    why = config.settings(config.environment()).why
+    assert why["object_store"] == f"MINIO_URL from {dotenv}"
+    assert why["database"] == "embedded: DB_HOST is not set"
+    assert why["snapshot_fallback"].startswith(f"the default with a configured object store (MINIO_URL from {dotenv})")
+    monkeypatch.setenv("MINIO_URL", "http://127.0.0.1:9")  # exported, as `stack env` prints it
+    monkeypatch.setenv("SNAPSHOT_FALLBACK", "true")
+    why = config.settings(config.environment()).why
+    assert why["object_store"] == "MINIO_URL from the environment"
+    assert why["snapshot_fallback"] == "SNAPSHOT_FALLBACK=true from the environment"
+    monkeypatch.delenv("MINIO_URL")
+    monkeypatch.setenv("PIPELINE_ENV_FILE", "")
+    monkeypatch.delenv("SNAPSHOT_FALLBACK")
+    why = config.settings(config.environment()).why
+    assert why == {"object_store": "embedded: MINIO_URL is not set", "database": "embedded: DB_HOST is not set",
+                   "snapshot_fallback": "the default with the embedded object store"}

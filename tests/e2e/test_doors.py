@@ -42,3 +42,11 @@ def test_a_new_run_after_stage_1_with_nothing_to_read_stops_at_the_preflight(run
 
     res = run_pipeline("--stages", "2", "-p", "input_run=no-such-run", timeout=120)
     assert res.returncode == 1 and "there is no run no-such-run" in res.stderr
+
+
+def test_a_run_says_which_services_it_is_on_and_why(run_pipeline, unique):
+    res = run_pipeline("--stages", "1", "--run-id", f"why-{unique}", timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert ("on embedded SeaweedFS (embedded: MINIO_URL is not set) + embedded PostgreSQL (embedded: DB_HOST is "
+            "not set)") in res.stdout
+    assert "snapshot fallback off (SNAPSHOT_FALLBACK=false from the environment)" in res.stdout

@@ -142,7 +142,7 @@ def test_api_down_with_fallback_off_fails_preflight_naming_the_api(run_pipeline,
     assert res.returncode == 1, res.stderr[-3000:]
     assert "Preflight failed" in res.stderr
     assert f"API {url} unreachable" in res.stderr and "Connection refused" in res.stderr
-    assert "snapshot fallback is off" in res.stderr
+    assert "snapshot fallback is off (SNAPSHOT_FALLBACK=false from the environment)" in res.stderr  # and why
     assert run_keys(s3, settings.raw_bucket, run_id) == []
     assert not runs.run_dir(settings, run_id).exists()  # a new run that never started leaves no record
     assert api.requests == []
