@@ -5,6 +5,9 @@ BIN    := $(VENV)/bin
 # Apache Airflow, for the DAG in airflow/: a virtual environment of its own (its pins are not ours).
 AIRFLOW_VENV := .venv-airflow
 CHROMIUM := /usr/bin/chromium
+# PostgreSQL 15 from the OS packages: the server tests/e2e/test_compose_path.py initialises as the
+# docker-compose.yml's postgres:15 image would.
+POSTGRES15 := /usr/lib/postgresql/15/bin/postgres
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test lab stack-up stack-down stack-status bench clean airflow-venv git-filters screenshots
@@ -40,7 +43,7 @@ $(AIRFLOW_VENV)/.installed: airflow/requirements.txt
 airflow-venv: $(AIRFLOW_VENV)/.installed
 
 ## test: the whole suite against real services (starts its own embedded stack and HTTP server)
-test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM)
+test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM) $(POSTGRES15)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 ## chromium: the headless browser the page tests drive, from the OS packages (installed when missing)
@@ -48,6 +51,12 @@ $(CHROMIUM):
 	@echo "Installing Chromium from the OS packages for the browser tests (once, a minute or two)"
 	$(SUDO) apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium
+
+## postgresql-15: the Compose path's database server for its test, from the OS packages (installed when missing)
+$(POSTGRES15):
+	@echo "Installing PostgreSQL 15 from the OS packages for the Compose-path test (once, a minute)"
+	$(SUDO) apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql-15
 
 ## lab: JupyterLab on notebooks/, on the same stack as `make run`; ARGS="--port 8899" picks the port
 lab: $(VENV)/.installed git-filters

@@ -41,7 +41,7 @@ NOT_RUN = {
     "make airflow-venv": "installs Apache Airflow with pip (minutes); `make test` makes it before the suite runs",
     ".venv-airflow/bin/airflow dags test": "a whole DAG run through Airflow (a minute); tests/e2e/test_airflow.py "
                                            "runs `airflow dags test countries_medallion` on the suite's stack",
-    "docker compose": "needs a Docker engine",
+    "docker compose": "needs a Docker engine; tests/e2e/test_compose_path.py plays its services",
     "aws ": "needs AWS credentials, and the secrets it reads",
 }
 PROJECT_VARS = ("PIPELINE_STATE_DIR", "PIPELINE_OUTPUTS_DIR", "PIPELINE_LOGS_DIR",  # the copy's own folders
