@@ -74,7 +74,7 @@ git-filters: $(VENV)/.installed
 	  git config filter.nbstripout.extrakeys "metadata.language_info" && \
 	  git config diff.ipynb.textconv ".venv/bin/nbstripout --keep-id -t"; fi
 
-## screenshots: docs/index.png and docs/report.png from the runs in outputs/ (README pictures)
+## screenshots: docs/index.png, docs/report.png and docs/lab-report.png, from fresh runs (1,280 px wide)
 screenshots: $(VENV)/.installed-dev $(CHROMIUM)
 	$(BIN)/python docs/screenshots.py
 
