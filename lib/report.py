@@ -22,7 +22,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lib import log as logsetup
-from lib import changes, charts, config, endings, files, formats, hints, layout, pages, registry, review, runs, storage
+from lib import (changes, charts, config, endings, files, formats, hints, layout, pages, registry, review, runs,
+                 storage, terminal)
 
 log = logging.getLogger(__name__)
 
@@ -320,6 +321,9 @@ def write(run_dir: Path, rendered: dict[str, str] | None = None) -> Path:
 
 # --- index.html -------------------------------------------------------------------------------------
 
+MAX_ERROR = 300  # characters of a failed run's error in its index row (its report shows it whole)
+
+
 def _index_row(s: dict, outputs: Path) -> dict:
     """One run's row of the index: its summary `s`, its folder's link, when it started, and its
     executed notebooks (attempts left out) as (link, label): the notebook's page once rendered,
@@ -328,7 +332,7 @@ def _index_row(s: dict, outputs: Path) -> dict:
     notebooks = [(f"{Path(nb).stem}.html", Path(nb).stem) if (run_dir / f"{Path(nb).stem}.html").exists()
                  else (nb, nb) for nb in s["notebooks"] if ".attempt" not in nb]
     return {"s": s, "base": f"runs/{s['run_id']}", "started": (s["started"] or "")[:19].replace("T", " "),
-            "notebooks": notebooks}
+            "notebooks": notebooks, "error": terminal.shorten((s["failed"] or {}).get("error") or "", MAX_ERROR)}
 
 
 def trends(outputs: Path | str) -> dict[str, str | None]:
