@@ -212,3 +212,24 @@ def test_runs_and_diff_commands(three_runs):
     missing = _run("diff", ids[0], ids[2])
     assert missing.returncode == 1 and "has no gold table" in missing.stderr
     assert _run("diff", ids[0], "../etc").returncode == 2
+
+
+def test_diff_and_report_take_a_short_id_and_say_when_a_name_is_no_run(three_runs):
+    ids = three_runs["ids"]
+    short = [rid.split("-", 1)[1] for rid in ids]  # "<unique>-1": the end of one run's id
+    diff = _run("diff", short[0], short[1], "--json")
+    assert diff.returncode == 0, diff.stderr
+    shown = json.loads(diff.stdout)
+    assert (shown["from"], shown["to"]) == (ids[0], ids[1]) and shown["removed"] == ["Zimbabwe"]
+    report = _run("report", short[1])
+    assert report.returncode == 0, report.stderr
+    assert report.stdout.splitlines()[0] == str(page_of(three_runs, 1))
+    for command in (["diff", short[0], "nosuchrun"], ["diff", "nosuchrun", short[0]], ["report", "nosuchrun"]):
+        missing = _run(*command)
+        assert missing.returncode == 2 and "no such run: nosuchrun" in missing.stderr, missing.stderr
+        assert "has no gold table" not in missing.stderr
+    prefix = ids[0].rsplit("-", 1)[0]  # "review-<unique>": the beginning of all three
+    for command in (["diff", prefix, ids[1]], ["report", prefix]):
+        ambiguous = _run(*command)
+        assert ambiguous.returncode == 2, ambiguous.stderr
+        assert f"{prefix} names more than one run: {', '.join(ids)}" in ambiguous.stderr
