@@ -227,11 +227,18 @@ def _page_exporter():
     return PageExporter
 
 
+# What a notebook page adds to nbconvert's style: a table's cells wrap, long words and URIs broken
+# anywhere (but no column narrower than 5 characters), so that a wide preview fits its cell in a
+# 1,280 px window instead of scrolling sideways in it.
+NOTEBOOK_STYLE = ("<style>.jp-OutputArea-output table{max-width:100%}.jp-OutputArea-output td,"
+                  ".jp-OutputArea-output th{overflow-wrap:anywhere;min-width:5ch;padding:.25em}</style>")
+
+
 def notebook_page(notebook: Path) -> str:
     """Render one executed notebook as `<stem>.html` beside it; returns the page's name."""
     body, _ = _exporter().from_filename(str(notebook))
     # The page needs no script: drop the CDN loaders, which fail offline and only serve widgets/math.
-    body = _strip_remote_scripts(body)
+    body = _strip_remote_scripts(body).replace("</head>", NOTEBOOK_STYLE + "</head>", 1)
     files.write(notebook.parent / f"{notebook.stem}.html", body)
     return f"{notebook.stem}.html"
 

@@ -190,6 +190,28 @@ def test_every_notebook_page_of_the_hostile_run_is_safe_and_shows_uris_whole(thr
     assert SCRIPT in visit(browser, page_of(three_runs, 1, "02_clean.html")).text()  # the quarantine preview
 
 
+WINDOW = 1280  # a laptop's window: every page fits it without scrolling sideways
+OVERFLOW = """() => ({
+  page: document.documentElement.scrollWidth,
+  cells: [...document.querySelectorAll('.jp-OutputArea-output')].filter(e => e.scrollWidth > e.clientWidth + 1)
+         .map(e => `${e.scrollWidth}px: ${e.innerText.slice(0, 80)}`),
+  beyond: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > innerWidth + 1)
+          .slice(-3).map(e => `${e.tagName}.${e.className}: ${e.innerText.slice(0, 80)}`)})"""
+
+
+def test_every_page_fits_a_1280_px_window_and_no_notebook_output_scrolls_sideways(three_runs, browser):
+    paths = [three_runs["outputs"] / "index.html"]
+    for n in range(3):
+        paths += [page_of(three_runs, n), *sorted(page_of(three_runs, n).parent.glob("0*.html"))]
+    paths.append(page_of(three_runs, 1, "quarantine.html"))
+    assert len(paths) >= 12
+    for path in paths:
+        shown = visit(browser, path, width=WINDOW, height=800)
+        found = shown.page.evaluate(OVERFLOW)
+        assert found["page"] <= WINDOW and found["cells"] == [], (str(path), found)
+        shown.page.close()
+
+
 def test_runs_and_diff_commands(three_runs):
     ids = three_runs["ids"]
     table = _run("runs")
