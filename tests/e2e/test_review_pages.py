@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from lib import config, registry, runs
+from lib import config, registry, report, runs
 from tests.api_server import Scripted
 from tests.browser import launch, visit
 from tests.conftest import ROOT
@@ -212,6 +213,21 @@ def test_every_page_fits_a_1280_px_window_and_no_notebook_output_scrolls_sideway
         shown.page.close()
 
 
+def test_an_index_of_a_month_of_runs_with_their_real_ids_fits_the_window(three_runs, browser, tmp_path):
+    """Thirty runs named as the runner and JupyterLab name them (`lab-20261206T060403Z-a1b2c3`), each a
+    copy of one of the three runs' records."""
+    for n in range(30):
+        run_id = runs.new_run_id(origin=("runner", "jupyterlab")[n % 2])
+        target = runs.run_dir(tmp_path, run_id)
+        shutil.copytree(runs.run_dir(three_runs["outputs"], three_runs["ids"][n % 3]), target)
+        manifest = runs.read_json(target / "manifest.json")
+        runs.write_json(target / "manifest.json", {**manifest, "run_id": run_id})
+    shown = visit(browser, report.write_index(tmp_path), width=WINDOW, height=800)
+    assert shown.page.locator("#runs tbody tr").count() == 30
+    found = shown.page.evaluate(OVERFLOW)
+    assert found["page"] <= WINDOW, found
+
+
 def test_runs_and_diff_commands(three_runs):
     ids = three_runs["ids"]
     table = _run("runs")
@@ -243,9 +259,9 @@ def test_diff_and_report_take_a_short_id_and_say_when_a_name_is_no_run(three_run
     assert diff.returncode == 0, diff.stderr
     shown = json.loads(diff.stdout)
     assert (shown["from"], shown["to"]) == (ids[0], ids[1]) and shown["removed"] == ["Zimbabwe"]
-    report = _run("report", short[1])
-    assert report.returncode == 0, report.stderr
-    assert report.stdout.splitlines()[0] == str(page_of(three_runs, 1))
+    rendered = _run("report", short[1])
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout.splitlines()[0] == str(page_of(three_runs, 1))
     for command in (["diff", short[0], "nosuchrun"], ["diff", "nosuchrun", short[0]], ["report", "nosuchrun"]):
         missing = _run(*command)
         assert missing.returncode == 2 and "no such run: nosuchrun" in missing.stderr, missing.stderr
