@@ -10,6 +10,9 @@
     python run_pipeline.py runs [--json]        every run, newest first
     python run_pipeline.py diff A B             countries added, removed and changed from run A to run B
 
+A run is named by its id or, for `report` and `diff`, by a short id that fits one run only: the end of
+its id as the trend pictures show it (`a1b2c3`) or its beginning.
+
 Exit codes: 0 success, 1 a stage or preflight failed, 2 bad arguments or configuration (nothing ran),
 3 another run holds the pipeline lock, 130 interrupted.
 """
@@ -147,14 +150,15 @@ def cmd_report(argv: list[str]) -> int:
     args = p.parse_args(argv)
     if bool(args.run_id) == args.all:
         return usage_error("report: give a RUN_ID or --all")
-    from lib import report
+    from lib import report, review
 
     try:
         if args.all:
             print(report.write_all(config.outputs_dir()))
             return 0
-        run_dir = runs.run_dir(config.outputs_dir(), args.run_id)
-        if args.run_id not in report.sweep(config.outputs_dir()):  # a swept run has its pages already
+        run_id = review.find_run(config.outputs_dir(), args.run_id)
+        run_dir = runs.run_dir(config.outputs_dir(), run_id)
+        if run_id not in report.sweep(config.outputs_dir()):  # a swept run has its pages already
             print(report.write(run_dir))
         else:
             print(run_dir / "report.html")
@@ -197,10 +201,10 @@ def cmd_diff(argv: list[str]) -> int:
     from lib import review
 
     try:
-        names.run_id(args.run_a), names.run_id(args.run_b)
+        run_a, run_b = (review.find_run(config.outputs_dir(), name) for name in (args.run_a, args.run_b))
         env = config.environment()
         runner.ensure_stack(env)
-        report_ = review.diff(config.settings(env), args.run_a, args.run_b)
+        report_ = review.diff(config.settings(env), run_a, run_b)
     except names.InvalidName as err:
         return usage_error(str(err))
     except PipelineError as err:  # a run's data is missing or unreadable

@@ -20,14 +20,15 @@ import re
 from functools import partial
 from pathlib import Path
 
-from lib import config, outbox, redact, registry, runs
+from lib import config, outbox, redact, registry, runs, terminal
 from lib.registry import Layer
 
 log = logging.getLogger(__name__)
 
 TITLE = "countries-medallion"
 WHAT = "alert"  # what the outbox says it sends
-MAX_ERROR = 300
+MAX_ERROR = 300  # characters of each reason in a message, cut at a word (lib/terminal.py `shorten`)
+MAX_LOGGED = 120  # the same, of each reason in the log line when no destination is configured
 
 
 def settings(env: dict[str, str] | None = None) -> tuple[list[str], int]:
@@ -79,7 +80,7 @@ def message(manifest: dict, record_dir: Path, found: list[str], log_file: Path |
     lines = [f"run {run_id} {status}"]
     for reason in found:
         reason = " ".join(reason.split())  # one line each: tracebacks and tables are in the record
-        lines.append("- " + (reason if len(reason) <= MAX_ERROR else reason[:MAX_ERROR] + "…"))
+        lines.append("- " + terminal.shorten(reason, MAX_ERROR))
     if log_file is not None and not (record_dir / "manifest.json").exists():
         lines.append(f"nothing ran and no run record was written; log: {log_file}")
     else:
@@ -125,7 +126,7 @@ def after_run(manifest: dict, record_dir: Path, secrets: list[str] = (), log_fil
             return 0
         if not urls:
             log.info("run %s needs attention (%s); no ALERT_URLS configured", manifest.get("run_id"),
-                     "; ".join(r.split("\n")[0][:120] for r in found))
+                     "; ".join(terminal.shorten(r.split("\n")[0], MAX_LOGGED) for r in found))
             return 0
         title, body = message(manifest, record_dir, found, log_file)
         return send(urls, title, body, list(secrets))

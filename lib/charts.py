@@ -55,6 +55,7 @@ def _rows(top, bottom, runs: list[dict]) -> None:
     for layer in LAYERS.values():
         top.plot(x, [s["rows"][layer] if s["rows"][layer] is not None else float("nan") for s in runs],
                  marker="o", label=layer)
+    top.set_ylim(bottom=0)  # counts from 0: one quarantined row of 250 is a small step, not a cliff
     top.set_ylabel("rows")
     top.legend(loc="lower left", ncol=5, fontsize=8)
     top.set_title("Rows at each layer, and records quarantined, per run")
@@ -77,6 +78,7 @@ def _regions(ax, runs: list[dict]) -> None:
     x = range(len(runs))
     for region in sorted({r for s in runs for r in s["by_region"]}):
         ax.plot(x, [s["by_region"].get(region, float("nan")) / 1e9 for s in runs], marker="o", label=region)
+    ax.set_ylim(bottom=0)
     ax.set_ylabel("population (billions)")
     ax.set_title("Population by region, per run (gold)")
     ax.legend(fontsize=8, ncol=3, loc="upper left")
@@ -94,18 +96,23 @@ PICTURES = {
 def write(summaries: list[dict], folder: Path, last: int = 30) -> dict[str, str | None]:
     """Draw the trends of the newest `last` runs, oldest on the left. Returns picture name → file name
     (None when no run has the data yet, and any old file of that name is removed)."""
-    plt = _pyplot()
     chosen = list(reversed(summaries[:last]))
     out: dict[str, str | None] = {}
-    for name, (wanted, layout, draw) in PICTURES.items():
+    for name, (wanted, *_) in PICTURES.items():
         runs = [s for s in chosen if wanted(s)]
         if not runs:
             (folder / FILES[name]).unlink(missing_ok=True)
             out[name] = None
             continue
-        fig, axes = plt.subplots(**layout)
-        draw(*(axes if layout.get("nrows", 1) > 1 else [axes]), runs)
-        _xticks(axes[-1] if layout.get("nrows", 1) > 1 else axes, runs)
-        _save(fig, folder / FILES[name])
+        _save(figure(name, runs), folder / FILES[name])
         out[name] = FILES[name]
     return out
+
+
+def figure(name: str, runs: list[dict]):
+    """Picture `name` of PICTURES drawn for `runs` (oldest first, each with its data), not yet saved."""
+    _, layout, draw = PICTURES[name]
+    fig, axes = _pyplot().subplots(**layout)
+    draw(*(axes if layout.get("nrows", 1) > 1 else [axes]), runs)
+    _xticks(axes[-1] if layout.get("nrows", 1) > 1 else axes, runs)
+    return fig

@@ -22,7 +22,8 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from lib import log as logsetup
-from lib import changes, charts, config, endings, files, formats, hints, layout, pages, registry, review, runs, storage
+from lib import (changes, charts, config, endings, files, formats, hints, layout, pages, registry, review, runs,
+                 storage, terminal)
 
 log = logging.getLogger(__name__)
 
@@ -226,11 +227,18 @@ def _page_exporter():
     return PageExporter
 
 
+# What a notebook page adds to nbconvert's style: a table's cells wrap, long words and URIs broken
+# anywhere (but no column narrower than 5 characters), so that a wide preview fits its cell in a
+# 1,280 px window instead of scrolling sideways in it.
+NOTEBOOK_STYLE = ("<style>.jp-OutputArea-output table{max-width:100%}.jp-OutputArea-output td,"
+                  ".jp-OutputArea-output th{overflow-wrap:anywhere;min-width:5ch;padding:.25em}</style>")
+
+
 def notebook_page(notebook: Path) -> str:
     """Render one executed notebook as `<stem>.html` beside it; returns the page's name."""
     body, _ = _exporter().from_filename(str(notebook))
     # The page needs no script: drop the CDN loaders, which fail offline and only serve widgets/math.
-    body = _strip_remote_scripts(body)
+    body = _strip_remote_scripts(body).replace("</head>", NOTEBOOK_STYLE + "</head>", 1)
     files.write(notebook.parent / f"{notebook.stem}.html", body)
     return f"{notebook.stem}.html"
 
@@ -320,6 +328,9 @@ def write(run_dir: Path, rendered: dict[str, str] | None = None) -> Path:
 
 # --- index.html -------------------------------------------------------------------------------------
 
+MAX_ERROR = 300  # characters of a failed run's error in its index row (its report shows it whole)
+
+
 def _index_row(s: dict, outputs: Path) -> dict:
     """One run's row of the index: its summary `s`, its folder's link, when it started, and its
     executed notebooks (attempts left out) as (link, label): the notebook's page once rendered,
@@ -328,7 +339,7 @@ def _index_row(s: dict, outputs: Path) -> dict:
     notebooks = [(f"{Path(nb).stem}.html", Path(nb).stem) if (run_dir / f"{Path(nb).stem}.html").exists()
                  else (nb, nb) for nb in s["notebooks"] if ".attempt" not in nb]
     return {"s": s, "base": f"runs/{s['run_id']}", "started": (s["started"] or "")[:19].replace("T", " "),
-            "notebooks": notebooks}
+            "notebooks": notebooks, "error": terminal.shorten((s["failed"] or {}).get("error") or "", MAX_ERROR)}
 
 
 def trends(outputs: Path | str) -> dict[str, str | None]:

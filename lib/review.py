@@ -82,6 +82,29 @@ def summaries(outputs: Path) -> list[dict]:
     return sorted(found, key=lambda s: (s["started"] or "", s["run_id"]), reverse=True)
 
 
+# --- a run named on the command line -----------------------------------------------------------------
+
+class UnknownRun(names.InvalidName):
+    """A name that is no run, or a short id that fits several; the message says which (exit 2)."""
+
+
+def find_run(outputs: Path, name: str) -> str:
+    """The full id of the run `name` names: a run id, or the end of one as the index's trend pictures
+    label runs (`a1b2c3`, lib/charts.py), or its beginning (`20261128T0554`) — when exactly one run
+    under `outputs/runs` fits. `diff` and `report` take their runs through this."""
+    names.run_id(name)
+    base = runs.runs_dir(outputs)
+    if (base / name).is_dir():
+        return name
+    ids = sorted(p.name for p in base.iterdir() if p.is_dir() and names.RUN_ID.match(p.name)) if base.is_dir() else []
+    fitting = [i for i in ids if i.endswith(name) or i.startswith(name)]
+    if not fitting:
+        raise UnknownRun(f"no such run: {name} (`run_pipeline.py runs` lists them)")
+    if len(fitting) > 1:
+        raise UnknownRun(f"{name} names more than one run: {', '.join(fitting)}")
+    return fitting[0]
+
+
 # --- the terminal table -------------------------------------------------------------------------------
 
 def _n(value) -> str:

@@ -1,7 +1,8 @@
 """Text from data or records made safe to print on a terminal: what the command line prints of keys,
 values, run records and errors goes through `safe`, so a country named with a carriage return, an
 escape sequence or a right-to-left override shows those characters as escapes instead of acting on
-the terminal (moving the cursor, recolouring, reordering what follows)."""
+the terminal (moving the cursor, recolouring, reordering what follows). `shorten` cuts a line that must
+stay short (an alert, a log line, an error in a table) at a word, never in the middle of one."""
 
 from __future__ import annotations
 
@@ -31,3 +32,16 @@ def safe(text, newlines: bool = False) -> str:
         return text
     return "".join(_escape(c) if c not in KEPT and unicodedata.category(c) in ESCAPED
                    and not (newlines and c == "\n") else c for c in text)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text` in at most `limit` characters: whole when it fits, else cut at the last space that
+    leaves at least half of it, with "…" (a word is never cut short unless it alone is longer than
+    half the line, as a long URL may be)."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 1]
+    space = head.rfind(" ")
+    if space >= limit // 2:
+        head = head[:space]
+    return head.rstrip(" ,;:") + "…"

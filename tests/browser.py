@@ -44,9 +44,10 @@ class Visit:
         return out
 
 
-def visit(browser, path: Path) -> Visit:
-    """Open a file in a new page; console errors and uncaught exceptions are collected."""
-    page = browser.new_page(viewport={"width": 1400, "height": 900})
+def visit(browser, path: Path, width: int = 1400, height: int = 900) -> Visit:
+    """Open a file in a new page of a `width` x `height` window; console errors and uncaught
+    exceptions are collected."""
+    page = browser.new_page(viewport={"width": width, "height": height})
     found = Visit(page, path)
     page.on("console", lambda m: found.errors.append(m.text) if m.type == "error" else None)
     page.on("pageerror", lambda err: found.errors.append(str(err)))

@@ -72,6 +72,29 @@ def test_the_message_is_short_and_says_where_the_record_is(tmp_path):
     assert len(lines) == 3 and len(lines[1]) < 320
 
 
+
+ERROR = "cell [5]: InFailedSqlTransaction: the current transaction is aborted, commands ignored until end " * 6
+
+
+def test_a_long_reason_is_cut_at_a_word_in_the_message(tmp_path):
+    _, body = alerts.message({"run_id": "r1", "status": "failed"}, tmp_path / "r1", ["stage 03_load failed: " + ERROR])
+    line = body.splitlines()[1]
+    assert len(line) <= len("- ") + alerts.MAX_ERROR and line.endswith("…")
+    words = line[len("- "):-1].split()
+    assert words == ("stage 03_load failed: " + ERROR).split()[:len(words)]  # every word whole
+
+
+def test_a_long_reason_is_cut_at_a_word_in_the_log_line(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ALERT_URLS", "")
+    caplog.set_level(logging.INFO, logger="lib.alerts")
+    failed = _manifest("failed", **{"05_gold": {"status": "failed", "error": ERROR}})
+    assert alerts.after_run(failed, tmp_path / "r1") == 0
+    [line] = [m for m in caplog.messages if "needs attention" in m]
+    reason = line.split("(", 1)[1].rsplit(")", 1)[0]
+    assert reason.endswith("…") and len(reason) <= alerts.MAX_LOGGED
+    words = reason[:-1].split()
+    assert words == ("stage 05_gold failed: " + ERROR).split()[:len(words)]
+
 # --- a destination that refuses, hangs, answers slowly or fails ------------------------------------------
 
 SLACK_S = 0.5  # beyond the budget: a busy machine

@@ -83,6 +83,17 @@ def test_index_lists_runs_newest_first_with_every_outside_string_escaped(tmp_pat
     assert "Left unpublished" in failed and "&lt;script&gt;" in failed
 
 
+def test_a_long_error_in_the_index_is_cut_at_a_word(tmp_path):
+    error = "cell [5]: OperationalError: the current transaction is aborted, commands ignored " * 8
+    runs.write_json(runs.manifest_path(tmp_path, "c-3"), {
+        "run_id": "c-3", "status": "failed", "started": "2026-11-28T10:00:00+00:00", "requested_stages": ["03_load"],
+        "stages": {"03_load": {"status": "failed", "error": error}}})
+    page = report.write_index(tmp_path).read_text()
+    shown = page.split("at 03_load: ", 1)[1].split("</small>", 1)[0]
+    assert shown.endswith("…") and len(shown) <= report.MAX_ERROR
+    words = shown[:-1].split()
+    assert words == error.split()[:len(words)]  # every word whole
+
 def test_lineage_picture_escapes_uris_and_draws_every_hop():
     svg = report.lineage_svg({"run_id": "r", "stages": {
         "01_ingest": {"objects": [{"uri": f"s3://raw/{HOSTILE}.json", "inputs": ["bundled snapshot lib/data/x"]}]},

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from lib import registry, review, runs
 
 
@@ -81,3 +83,31 @@ def test_runs_table_escapes_what_the_records_say(tmp_path):
     assert SHOWN in text and "failed\\x1b[2J" in text and not any(c in text for c in "\r\x1b\u202e")
     header, rule, row = text.splitlines()
     assert len(rule) >= len(row.split("  ")[0])  # the columns line up with the escaped text
+
+
+# --- a run named by its short id ----------------------------------------------------------------------
+
+def test_a_run_is_found_by_its_id_or_the_short_id_the_trend_pictures_show(tmp_path):
+    from lib import charts
+
+    ids = ["20261128T055400Z-a1b2c3", "20261128T061000Z-d4e5f6", "lab-20261128T070000Z-a1b2c4"]
+    for n, run_id in enumerate(ids):
+        write(tmp_path, manifest(run_id, f"2026-11-28T0{5 + n}:00:00.000+00:00"))
+    label = charts._labels(review.summaries(tmp_path))[-1].splitlines()[-1]  # the oldest run's tick
+    assert label == "a1b2c3" and review.find_run(tmp_path, label) == ids[0]
+    assert review.find_run(tmp_path, ids[1]) == ids[1]
+    assert review.find_run(tmp_path, "d4e5f6") == ids[1]
+    assert review.find_run(tmp_path, "lab-2026") == ids[2]  # the beginning of one
+
+
+def test_a_name_that_is_no_run_or_fits_several_is_said_as_such(tmp_path):
+    for run_id in ("20261128T055400Z-a1b2c3", "20261129T055400Z-ffb2c3"):
+        write(tmp_path, manifest(run_id, "2026-11-28T05:00:00.000+00:00"))
+    with pytest.raises(review.UnknownRun, match=r"^no such run: 0a0a0a \("):
+        review.find_run(tmp_path, "0a0a0a")
+    with pytest.raises(review.UnknownRun) as ambiguous:
+        review.find_run(tmp_path, "b2c3")
+    assert str(ambiguous.value) == "b2c3 names more than one run: 20261128T055400Z-a1b2c3, 20261129T055400Z-ffb2c3"
+    assert ambiguous.value.exit_code == 2
+    with pytest.raises(review.UnknownRun, match="no such run"):
+        review.find_run(tmp_path / "nothing-yet", "a1b2c3")

@@ -37,3 +37,16 @@ def test_line_breaks_may_be_kept_for_a_message_of_several_lines():
 
 def test_anything_is_shown_as_its_text():
     assert terminal.safe(None) == "None" and terminal.safe(42) == "42"
+
+
+def test_a_short_line_is_kept_whole_and_a_long_one_cut_at_a_word():
+    assert terminal.shorten("run 01_ingest failed", 20) == "run 01_ingest failed"
+    assert terminal.shorten("run 01_ingest failed", 16) == "run 01_ingest…"
+    assert terminal.shorten("the current transaction is aborted", 22) == "the current…"
+    assert terminal.shorten("a list: one, two, three", 15) == "a list: one…"  # no dangling comma
+
+
+def test_only_a_word_longer_than_half_the_line_is_cut_inside():
+    url = "http://127.0.0.1:1/v3.1/all?fields=" + "name," * 20
+    cut = terminal.shorten("GET " + url, 40)
+    assert len(cut) == 40 and cut.startswith("GET http://") and cut.endswith("…")

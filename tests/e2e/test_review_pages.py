@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
 
-from lib import config, registry, runs
+from lib import config, registry, report, runs
 from tests.api_server import Scripted
 from tests.browser import launch, visit
 from tests.conftest import ROOT
@@ -190,6 +191,43 @@ def test_every_notebook_page_of_the_hostile_run_is_safe_and_shows_uris_whole(thr
     assert SCRIPT in visit(browser, page_of(three_runs, 1, "02_clean.html")).text()  # the quarantine preview
 
 
+WINDOW = 1280  # a laptop's window: every page fits it without scrolling sideways
+OVERFLOW = """() => ({
+  page: document.documentElement.scrollWidth,
+  cells: [...document.querySelectorAll('.jp-OutputArea-output')].filter(e => e.scrollWidth > e.clientWidth + 1)
+         .map(e => `${e.scrollWidth}px: ${e.innerText.slice(0, 80)}`),
+  beyond: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > innerWidth + 1)
+          .slice(-3).map(e => `${e.tagName}.${e.className}: ${e.innerText.slice(0, 80)}`)})"""
+
+
+def test_every_page_fits_a_1280_px_window_and_no_notebook_output_scrolls_sideways(three_runs, browser):
+    paths = [three_runs["outputs"] / "index.html"]
+    for n in range(3):
+        paths += [page_of(three_runs, n), *sorted(page_of(three_runs, n).parent.glob("0*.html"))]
+    paths.append(page_of(three_runs, 1, "quarantine.html"))
+    assert len(paths) >= 12
+    for path in paths:
+        shown = visit(browser, path, width=WINDOW, height=800)
+        found = shown.page.evaluate(OVERFLOW)
+        assert found["page"] <= WINDOW and found["cells"] == [], (str(path), found)
+        shown.page.close()
+
+
+def test_an_index_of_a_month_of_runs_with_their_real_ids_fits_the_window(three_runs, browser, tmp_path):
+    """Thirty runs named as the runner and JupyterLab name them (`lab-20261206T060403Z-a1b2c3`), each a
+    copy of one of the three runs' records."""
+    for n in range(30):
+        run_id = runs.new_run_id(origin=("runner", "jupyterlab")[n % 2])
+        target = runs.run_dir(tmp_path, run_id)
+        shutil.copytree(runs.run_dir(three_runs["outputs"], three_runs["ids"][n % 3]), target)
+        manifest = runs.read_json(target / "manifest.json")
+        runs.write_json(target / "manifest.json", {**manifest, "run_id": run_id})
+    shown = visit(browser, report.write_index(tmp_path), width=WINDOW, height=800)
+    assert shown.page.locator("#runs tbody tr").count() == 30
+    found = shown.page.evaluate(OVERFLOW)
+    assert found["page"] <= WINDOW, found
+
+
 def test_runs_and_diff_commands(three_runs):
     ids = three_runs["ids"]
     table = _run("runs")
@@ -212,3 +250,24 @@ def test_runs_and_diff_commands(three_runs):
     missing = _run("diff", ids[0], ids[2])
     assert missing.returncode == 1 and "has no gold table" in missing.stderr
     assert _run("diff", ids[0], "../etc").returncode == 2
+
+
+def test_diff_and_report_take_a_short_id_and_say_when_a_name_is_no_run(three_runs):
+    ids = three_runs["ids"]
+    short = [rid.split("-", 1)[1] for rid in ids]  # "<unique>-1": the end of one run's id
+    diff = _run("diff", short[0], short[1], "--json")
+    assert diff.returncode == 0, diff.stderr
+    shown = json.loads(diff.stdout)
+    assert (shown["from"], shown["to"]) == (ids[0], ids[1]) and shown["removed"] == ["Zimbabwe"]
+    rendered = _run("report", short[1])
+    assert rendered.returncode == 0, rendered.stderr
+    assert rendered.stdout.splitlines()[0] == str(page_of(three_runs, 1))
+    for command in (["diff", short[0], "nosuchrun"], ["diff", "nosuchrun", short[0]], ["report", "nosuchrun"]):
+        missing = _run(*command)
+        assert missing.returncode == 2 and "no such run: nosuchrun" in missing.stderr, missing.stderr
+        assert "has no gold table" not in missing.stderr
+    prefix = ids[0].rsplit("-", 1)[0]  # "review-<unique>": the beginning of all three
+    for command in (["diff", prefix, ids[1]], ["report", prefix]):
+        ambiguous = _run(*command)
+        assert ambiguous.returncode == 2, ambiguous.stderr
+        assert f"{prefix} names more than one run: {', '.join(ids)}" in ambiguous.stderr
