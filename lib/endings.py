@@ -29,7 +29,7 @@ import signal
 import time
 from pathlib import Path
 
-from lib import alerts, lineage, names, registry, runs
+from lib import alerts, files, lineage, names, registry, runs
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +104,12 @@ def _mark(outputs: Path, run_id: str, stages: dict[str, str], status: str, why: 
     else:
         record.refresh()
     runs.release_reserve(record.dir)
+    files.remove_leftovers(record.dir)  # a record or notebook its killed writer was writing
+    started = {e["run"]["runId"] for e in lineage.read_events(record.dir) if e.get("eventType") == "START"}
     for stage in stages:
-        lineage.stage_ended(record, stage)  # ABORT: the START it answers was sent when the stage began
+        attempt = len(record.data["stages"].get(stage, {}).get("attempts") or [])
+        if lineage.run_uuid(run_id, stage, attempt) in started:  # killed before its START: nothing to close
+            lineage.stage_ended(record, stage)  # ABORT, answering the START sent when the stage began
     alerts.after_run(record.data, record.dir)
     log.warning("run %s marked %s: %s", run_id, record.data.get("status"), why)
     return record.data

@@ -70,3 +70,12 @@ def write(path: Path, data: bytes | str, mode: int | None = None) -> Path:
             raise no_space(path, err) from None
         raise
     return path
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """The temporary files a writer killed mid-write left in `folder` and below (`write`'s
+    `.<name>.<pid>.tmp`): removed, and returned. Call it when no writer of the folder is alive."""
+    found = [p for p in Path(folder).rglob(".*.tmp") if p.name.rsplit(".", 2)[-2].isdigit()]
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found

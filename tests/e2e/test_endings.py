@@ -35,8 +35,9 @@ def _killed_in(settings, stage: str, run_id: str, *args: str) -> int:
     proc = start_runner("--run-id", run_id, *args)
     path = runs.stage_path(settings, run_id, stage)
     try:
+        # Looked at every 10 ms: a 250-record stage runs for well under a second.
         wait_until(lambda: (runs.read_json(path) or {}).get("status") == "running" or proc.poll() is not None,
-                   180, f"{stage} starting")
+                   180, f"{stage} starting", interval=0.01)
         assert proc.poll() is None, finish(proc, 5)
         kernels = [pid for pid, cmd in children(proc.pid).items() if is_kernel(cmd)]
         assert len(kernels) == 1, kernels
@@ -74,8 +75,8 @@ def test_a_run_killed_in_a_stage_is_shown_abandoned_by_the_next_runs(run_pipelin
     started = {e["run"]["runId"]: e["job"]["name"] for e in events if e["eventType"] == "START"}
     ended = {e["run"]["runId"]: e["eventType"] for e in events if e["eventType"] != "START"}
     assert set(started) == set(ended), (started, ended)
-    killed = next(r for r, job in started.items() if job.endswith(stage))
-    assert ended[killed] == "ABORT"
+    killed = [r for r, job in started.items() if job.endswith(stage)]  # none when killed before its START
+    assert [ended[r] for r in killed] in ([], ["ABORT"])
     # Its pages say so, and its reserved space was given back.
     rdir = runs.run_dir(settings, run_id)
     assert "abandoned" in (rdir / "report.html").read_text(encoding="utf-8")

@@ -104,8 +104,9 @@ def test_a_disk_filling_during_a_stage_fails_with_a_true_record_then_resume_comp
     stage = "03_load"
     path = runs.stage_path(outputs, run_id, stage)
     try:
+        # Looked at every 10 ms: a 250-record stage runs for well under a second.
         wait_until(lambda: (runs.read_json(path) or {}).get("status") == "running" or proc.poll() is not None,
-                   180, f"{stage} starting")
+                   180, f"{stage} starting", interval=0.01)
         kernels = [pid for pid, cmd in children(proc.pid).items() if is_kernel(cmd)]
         for pid in kernels:
             os.kill(pid, signal.SIGSTOP)

@@ -252,8 +252,8 @@ def test_a_new_setting_or_secret(scratch, unique):
 ''', '''    state_dir: Path
     sample_token: Secret = Secret("")
 ''')
-    scratch.edit("lib/config.py", '''        state_dir=sdir,
-    )''', '''        state_dir=sdir,
+    scratch.edit("lib/config.py", '''        why=_why(env, fallback),
+    )''', '''        why=_why(env, fallback),
         sample_token=Secret(env.get("SAMPLE_TOKEN", "")),
     )''')
     scratch.append(".env.example", "\n# A sample secret (masked everywhere)\nSAMPLE_TOKEN=\n")
