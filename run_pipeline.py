@@ -182,14 +182,10 @@ def review_parser(command: str, description: str, *runs_: str) -> argparse.Argum
 
 def cmd_runs(argv: list[str]) -> int:
     args = review_parser("runs", "Every run, newest first.").parse_args(argv)
-    from lib import endings, review
+    from lib import report, review
 
     outputs = config.outputs_dir()
-    marked = endings.sweep(outputs)  # runs whose process is gone are shown `abandoned`, with their pages
-    if marked:
-        from lib import report
-
-        report.pages_of(outputs, marked)
+    report.sweep(outputs)  # runs whose process is gone are shown `abandoned`, with their pages
     rows = review.summaries(outputs)
     print(review.runs_json(rows) if args.json else review.runs_table(rows))
     return 0
@@ -396,7 +392,7 @@ def input_run(settings: config.Settings, run_id: str, stages: list[str],
 def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) -> int:
     """Everything a run does holding the pipeline lock: preflight, finishing earlier publishes, marking
     runs that ended unsaid, then the stages."""
-    from lib import db, endings
+    from lib import db, report
 
     if args.resume:
         plan = resume_plan(settings, run_id)
@@ -419,11 +415,7 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     if args.resume:  # a killed kernel's session would block the resumed load
         db.end_run_sessions(settings.db, run_id)
     finished = finish_publishes(settings)
-    marked = endings.sweep(settings.outputs_dir, holding_lock=run_id)
-    if marked:
-        from lib import report
-
-        report.pages_of(settings.outputs_dir, marked)
+    report.sweep(settings.outputs_dir, holding_lock=run_id)  # runs that ended unsaid: marked, with their pages
     space = config.space_problems(env, runner.expected_payload(settings))
     if space:  # recorded, so that `--resume` goes on once there is room
         return preflight_failed(settings, run_id, stages, chosen, space, logfile, kernels, record_new=True)

@@ -359,9 +359,10 @@ def pages_of(outputs: Path, run_ids: list[str]) -> None:
             log.warning("the pages of run %s were not written: %s", run_id, err)
 
 
-def sweep(outputs: Path) -> list[str]:
-    """Mark the runs that ended without a verdict (lib/endings.py) and write their pages."""
-    marked = endings.sweep(outputs)
+def sweep(outputs: Path, holding_lock: str | None = None) -> list[str]:
+    """Mark the runs that ended without a verdict (lib/endings.py `sweep`, `holding_lock` as there)
+    and write their pages."""
+    marked = endings.sweep(outputs, holding_lock)
     pages_of(outputs, marked)
     return marked
 
