@@ -31,7 +31,7 @@ from lib import hints  # the standard library only: it can speak for a Python th
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.
 try:
-    from lib import config, files, lab, names, params, registry, runner, runs, terminal
+    from lib import config, files, lab, names, params, record_store, registry, runner, runs, terminal
     from lib.stages import parameters
     from lib.errors import PipelineError
     from lib import log as logsetup
@@ -78,6 +78,28 @@ def shown(text) -> str:
 def usage_error(message: str) -> int:
     print(f"run_pipeline.py: error: {shown(message)}", file=sys.stderr)
     return runner.EXIT_USAGE
+
+
+def records_in_step(command: str) -> config.Settings | None:
+    """The settings, with this checkout's copy of the run records (outputs/runs) brought in step with
+    the records bucket (lib/record_store.py): what other workers and checkouts recorded is pulled,
+    what only this one holds is pushed. A store that cannot be reached is said in one line, and the
+    command goes on with this checkout's copy (None)."""
+    try:
+        env = config.environment()
+        runner.ensure_stack(env)
+        settings = config.settings(env)
+        record_store.sync_all(settings)
+        return settings
+    except PipelineError as err:
+        print(f"run_pipeline.py {command}: the run records of this checkout only: {shown(err)}", file=sys.stderr)
+        return None
+
+
+def store_marked(settings: config.Settings | None, marked: list[str]) -> None:
+    """Runs that `report.sweep` marked, stored with their verdict."""
+    for run_id in marked if settings is not None else []:
+        record_store.push(settings, run_id)
 
 
 def cmd_stack(argv: list[str]) -> int:
@@ -153,12 +175,15 @@ def cmd_report(argv: list[str]) -> int:
     from lib import report, review
 
     try:
+        settings = records_in_step("report")
         if args.all:
             print(report.write_all(config.outputs_dir()))
             return 0
         run_id = review.find_run(config.outputs_dir(), args.run_id)
         run_dir = runs.run_dir(config.outputs_dir(), run_id)
-        if run_id not in report.sweep(config.outputs_dir()):  # a swept run has its pages already
+        marked = report.sweep(config.outputs_dir())
+        store_marked(settings, marked)
+        if run_id not in marked:  # a swept run has its pages already
             print(report.write(run_dir))
         else:
             print(run_dir / "report.html")
@@ -185,7 +210,8 @@ def cmd_runs(argv: list[str]) -> int:
     from lib import report, review
 
     outputs = config.outputs_dir()
-    report.sweep(outputs)  # runs whose process is gone are shown `abandoned`, with their pages
+    settings = records_in_step("runs")
+    store_marked(settings, report.sweep(outputs))  # runs whose process is gone are shown `abandoned`, with their pages
     rows = review.summaries(outputs)
     print(review.runs_json(rows) if args.json else review.runs_table(rows))
     return 0
@@ -197,10 +223,9 @@ def cmd_diff(argv: list[str]) -> int:
     from lib import review
 
     try:
+        settings = records_in_step("diff")
         run_a, run_b = (review.find_run(config.outputs_dir(), name) for name in (args.run_a, args.run_b))
-        env = config.environment()
-        runner.ensure_stack(env)
-        report_ = review.diff(config.settings(env), run_a, run_b)
+        report_ = review.diff(settings or config.settings(), run_a, run_b)
     except names.InvalidName as err:
         return usage_error(str(err))
     except PipelineError as err:  # a run's data is missing or unreadable
@@ -228,6 +253,7 @@ def cmd_publish(argv: list[str]) -> int:
         settings = config.settings(env)
         logsetup.setup(settings.logs_dir, settings.secrets())
         with db.pipeline_lock(settings.db, f"publish {args.run_id}", args.wait_for_lock):
+            record_store.pull_all(settings)  # the run may have been recorded by another worker
             finish_publishes(settings)
             done = publish.republish(settings, args.run_id)
     except PipelineError as err:
@@ -348,6 +374,7 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
             record.data["preflight"] = problems
             record.finish("failed")
             failed = record.data
+            record_store.push(settings, run_id)  # when the store is what failed, the next push stores it
             print(f"  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
         except OSError as err:  # not even the record fits
             print(f"  no run record was written: {shown(err)}", file=sys.stderr)
@@ -392,8 +419,15 @@ def input_run(settings: config.Settings, run_id: str, stages: list[str],
 def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) -> int:
     """Everything a run does holding the pipeline lock: preflight, finishing earlier publishes, marking
     runs that ended unsaid, then the stages."""
-    from lib import db, report
+    from lib import db, report, storage
 
+    # The runs as the records bucket has them: this run's record when another worker or checkout
+    # began it, the runs the sweep and the publishes below look at.
+    stored = []
+    try:
+        record_store.pull_all(settings)
+    except storage.StorageError as err:
+        stored = [f"records: {err}"]
     if args.resume:
         plan = resume_plan(settings, run_id)
         if plan is None:
@@ -404,7 +438,7 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
             return 0
         log.info("resuming run %s at %s", run_id, stages[0])
     preflight_hints: dict[str, dict] = {}
-    problems = runner.preflight(settings, stages, chosen, preflight_hints)
+    problems = stored + runner.preflight(settings, stages, chosen, preflight_hints)
     based_on = None
     if not args.resume and not problems:
         based_on, nothing = input_run(settings, run_id, stages, chosen)
@@ -415,7 +449,8 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     if args.resume:  # a killed kernel's session would block the resumed load
         db.end_run_sessions(settings.db, run_id)
     finished = finish_publishes(settings)
-    report.sweep(settings.outputs_dir, holding_lock=run_id)  # runs that ended unsaid: marked, with their pages
+    # Runs that ended unsaid: marked, with their pages, and stored so.
+    store_marked(settings, report.sweep(settings.outputs_dir, holding_lock=run_id))
     space = config.space_problems(env, runner.expected_payload(settings))
     if space:  # recorded, so that `--resume` goes on once there is room
         return preflight_failed(settings, run_id, stages, chosen, space, logfile, kernels, record_new=True)
@@ -510,8 +545,13 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
             kernels.close()
         # Lineage events and the alert still on their way: at most outbox.BUDGET_S, then in the record.
         runner.settle_side_channels(record)
+    # The record as it ended, into the records bucket: any worker or checkout now sees the same run.
+    stored = record_store.push(settings, run_id)
     print(f"\nrun {run_id} {status.upper()}")
     print(f"  run record: {record.dir}  (manifest.json and one executed notebook per stage)")
+    print(f"  stored:     {record_store.where(settings, run_id)}" if stored else
+          "  stored:     NOT YET: the records bucket did not take it (see the log); the next run or "
+          "`runs` stores it")
     print(f"  report:     {record.dir / 'report.html'}  (all runs: {record.dir.parent.parent / 'index.html'})")
     print(f"  log:        {logfile}")
     for stage in record.data["requested_stages"]:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from lib import config, hints, names, registry, runs
+from lib import config, hints, names, record_store, registry, runner, runs
 from lib.stages import parameters
 from lib.errors import PipelineError
 
@@ -62,11 +63,25 @@ def resumable(record: dict | None, stage: str) -> bool:
     return all(s == "succeeded" for s in statuses[:-1]) and statuses[-1] != "succeeded"
 
 
+def stored_copy(run_id: str) -> Path:
+    """The outputs folder, holding the run's record as the records bucket has it: an earlier task of
+    the run may have run on another worker (lib/record_store.py). A store that cannot be read now
+    leaves this worker's copy; the runner reads the bucket again, and its preflight says why not."""
+    env = config.environment()
+    try:
+        runner.ensure_stack(env)
+        record_store.pull(config.settings(env), run_id)
+    except PipelineError as err:
+        print(f"run_stage.py: the records bucket could not be read ({err}); deciding from this worker's copy",
+              file=sys.stderr)
+    return config.outputs_dir(env)
+
+
 def runner_arguments(stage: str, run_id: str, pairs: list[str], try_number: int) -> tuple[list[str], str]:
     """The run_pipeline.py arguments for this try, and a sentence saying why."""
     number = registry.get(stage).number
     names.run_id(run_id)
-    record = runs.read_json(runs.manifest_path(config.outputs_dir(config.environment()), run_id))
+    record = runs.read_json(runs.manifest_path(stored_copy(run_id), run_id))
     chosen = stage_parameters(pairs, stage)
     if resumable(record, stage):
         status = record.get("stages", {}).get(stage, {}).get("status") or "not run (its preflight failed)"

@@ -100,6 +100,7 @@ class Settings:
     raw_bucket: str
     clean_bucket: str
     gold_bucket: str
+    records_bucket: str  # every run's record (lib/record_store.py), on the same store
     db: Database
     cloud: Cloud
     outputs_dir: Path
@@ -117,7 +118,8 @@ class Settings:
             "object_store": {
                 "kind": self.store.kind,
                 "endpoint": self.store.url,
-                "buckets": {"raw": self.raw_bucket, "clean": self.clean_bucket, "gold": self.gold_bucket},
+                "buckets": {"raw": self.raw_bucket, "clean": self.clean_bucket, "gold": self.gold_bucket,
+                            "records": self.records_bucket},
             },
             "database": {"kind": self.db.kind, "url": self.db.masked_url},
             "cloud": {
@@ -394,6 +396,7 @@ def settings(env: dict[str, str] | None = None) -> Settings:
         raw_bucket=names.bucket(env.get("BUCKET_NAME") or "raw"),
         clean_bucket=names.bucket(env.get("CLEAN_BUCKET") or "clean"),
         gold_bucket=names.bucket(env.get("GOLD_BUCKET") or "gold"),
+        records_bucket=names.bucket(env.get("RECORDS_BUCKET") or "records"),
         db=db,
         cloud=cloud,
         outputs_dir=outputs_dir(env),

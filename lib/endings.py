@@ -156,8 +156,8 @@ def sweep(outputs: Path, holding_lock: str | None = None) -> list[str]:
 
 def _published_later(outputs: Path, run_id: str, manifest: dict) -> bool:
     """A run killed during its publish, which a later run finished (lib/publish.py `finish_pending`):
-    every stage it asked for succeeded, and the reconciling stage's record lists what was published."""
+    every stage it asked for succeeded, and its `published.json` lists what was published."""
     requested = manifest.get("requested_stages") or []
     records = {s: runs.read_stage(outputs, run_id, s) or {} for s in requested}
     return (bool(requested) and all(r.get("status") == "succeeded" for r in records.values())
-            and bool(records.get(registry.reconciler().name, {}).get("details", {}).get("published")))
+            and bool(runs.published(outputs, run_id)))

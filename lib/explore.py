@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from lib import config, db, db_read, db_schema, formats, layout, names, registry, runs, storage
+from lib import config, db, db_read, db_schema, formats, layout, names, record_store, registry, runs, storage
 from lib.errors import PipelineError
 from lib.registry import Layer
 from lib.stages import parameters
@@ -53,7 +53,7 @@ def open_run(settings: config.Settings, run_id: str = "") -> RunData:
         if not run_id:
             raise ExploreError(f"no run of table {parameters.DEFAULT_TABLE} has been published yet: run the "
                                "pipeline first (make run), or set run_id")
-    names.run_id(run_id)
+    record_store.pull(settings, names.run_id(run_id))  # recorded here or by another worker
     manifest = runs.read_json(runs.manifest_path(settings, run_id))
     if manifest is None:
         raise ExploreError(f"no run {run_id} in {runs.runs_dir(settings)}")

@@ -1,6 +1,7 @@
 """Publishing a proven run: what consumers read moves to it, in one fixed order.
 
-- `run`: the runner publishes a run once every hop has reconciled, holding the lock: the table from
+- `run`: the runner publishes a run once every hop has reconciled, holding the lock, and once its
+  record is stored whole in the records bucket (lib/record_store.py): the table from
   the run's staging copy, then `objects`: its `latest` copies (the cloud export, then the gold
   objects) and, written last, the table's pointer `_published/<table>.json` in the gold bucket (the
   published run, its gold table's key and the run published before it). `finish_pending` finishes
@@ -17,7 +18,8 @@ import json
 import logging
 from datetime import datetime, timedelta, timezone
 
-from lib import config, db, db_load, db_read, db_schema, formats, layout, names, quality, registry, runs, storage
+from lib import (config, db, db_load, db_read, db_schema, formats, layout, names, quality, record_store, registry, runs,
+                 storage)
 from lib.contract import COLUMNS
 from lib.errors import PipelineError
 from lib.registry import Layer
@@ -95,6 +97,10 @@ def run(settings: config.Settings, run_id: str) -> dict:
     step, it is finished by `finish_pending`. The caller holds the pipeline lock. Returns the table's
     load and the published URIs (also in the gold stage's record, which the manifest derives from)."""
     loaded, exported, gold = _proven(settings, run_id)
+    try:  # the run's record is whole in the records bucket before anything makes the run current
+        record_store.push(settings, run_id, strict=True)
+    except record_store.RecordStoreError as err:
+        raise PublishError(f"{err}; nothing of run {run_id} was published") from None
     table = loaded["details"]["table"]
     export_objects, gold_objects = _objects_of(exported, gold)
     s3 = storage.client(settings.store)
@@ -117,12 +123,13 @@ def run(settings: config.Settings, run_id: str) -> dict:
 
 
 def _record_published(settings: config.Settings, run_id: str, published: list[str]) -> None:
-    """What was published, in the record of the stage that reconciled (the manifest derives from it)."""
-    path = runs.stage_path(settings, run_id, registry.reconciler().name)
-    record = runs.read_json(path)
-    if record is not None:
-        record.setdefault("details", {})["published"] = published
-        runs.write_json(path, record)
+    """What was published, in the run's `published.json` (the manifest derives from it; the stage
+    records, stored once, stay as they ended). The publish of a run finished by another run is
+    stored with it."""
+    path = runs.run_dir(settings, run_id) / runs.PUBLISHED_FILE
+    if runs.read_json(path) is None:
+        runs.write_json(path, {"run_id": run_id, "published": published, "when": runs.now()})
+    record_store.push(settings, run_id)
 
 
 def objects(settings: config.Settings, run_id: str, table: str, exported: list[dict], gold: list[dict],

@@ -17,7 +17,8 @@ from queue import Empty
 
 import requests
 
-from lib import config, db, files, lineage, outbox, params, redact, registry, runs, source, stack, storage, terminal
+from lib import (config, db, files, lineage, outbox, params, record_store, redact, registry, runs, source, stack, storage,
+                 terminal)
 from lib.stages import parameters
 
 # papermill is imported where used: the run's kernel is started before it (run_pipeline.py), so that
@@ -532,9 +533,12 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
 
 
 def _ended(record: runs.RunRecord, stage: str, status: str, seconds: float, error: str | None = None) -> None:
-    """The runner's verdict in the stage record, then OpenLineage COMPLETE, FAIL or ABORT (never raises)."""
+    """The runner's verdict in the stage record, then OpenLineage COMPLETE, FAIL or ABORT, then the
+    ended execution into the records bucket (never raises: a store that cannot take it now is told
+    again at the next push, and a publish requires it)."""
     record.stage_ended(stage, status, seconds, error)
     lineage.stage_ended(record, stage)
+    record_store.push(record.settings, record.run_id)
 
 
 def settle_side_channels(record: runs.RunRecord | None) -> list[dict]:

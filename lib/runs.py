@@ -125,6 +125,15 @@ def manifest_path(where: Settings | Path, run_id: str) -> Path:
     return run_dir(where, run_id) / "manifest.json"
 
 
+PUBLISHED_FILE = "published.json"  # in a run folder: what its publish made current, written once
+
+
+def published(where: Settings | Path, run_id: str) -> list[str]:
+    """The `latest` URIs a run's publish moved to it ([] when it was never published)."""
+    found = read_json(run_dir(where, run_id) / PUBLISHED_FILE)
+    return list(found.get("published") or []) if isinstance(found, dict) else []
+
+
 def write_json(path: Path, data) -> None:
     """Write JSON whole or not at all (lib/files.py): readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -466,12 +475,12 @@ class RunRecord:
                 self.data["reconciliation_error"] = checked["reconciliation_error"]
             else:
                 self.data.pop("reconciliation_error", None)
-        published = checked.get("published") or []
+        done = published(self.settings, self.run_id)
         objects = [o["uri"] for e in stages.values() for o in e.get("objects", [])
                    if str(o.get("uri", "")).startswith("s3://")]
-        self.data["published"] = published
+        self.data["published"] = done
         # Objects nobody should take for this run's proven result: all of them until it has published.
-        self.data["unpublished"] = [] if published else objects
+        self.data["unpublished"] = [] if done else objects
         self.save()
 
     def stage_started(self, stage: str, kernel: dict | None = None) -> None:

@@ -35,7 +35,7 @@ def test_the_compose_file_with_env_example_follows_the_specification():
     assert problems(document) == []
     assert document["services"]["postgres"]["environment"]["APP_DB_USER"] == env["DB_USER"]
     assert document["services"]["minio-init"]["environment"]["BUCKETS"].split() == [
-        env["BUCKET_NAME"], env["CLEAN_BUCKET"], env["GOLD_BUCKET"], env["S3_BUCKET_NAME"]]
+        env["BUCKET_NAME"], env["CLEAN_BUCKET"], env["GOLD_BUCKET"], env["RECORDS_BUCKET"], env["S3_BUCKET_NAME"]]
 
 
 def test_the_schema_catches_what_compose_would_refuse():

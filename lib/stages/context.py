@@ -20,7 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from lib import config, contract, db, formats, layout, lineage, pages, publish, quality, registry, report, runs, storage
+from lib import (config, contract, db, formats, layout, lineage, names, pages, publish, quality, record_store, registry,
+                 report, runs, storage)
 from lib import log as logsetup
 from lib.errors import PipelineError
 from lib.stages import parameters
@@ -69,7 +70,8 @@ class StageRun:
     def ended(self) -> None:
         """The end of a stage run outside the runner (its last cell, or a cell that failed): what the
         runner does for its runs, done here: the manifest with its end, the stage's OpenLineage end
-        event, the run's report and the index. The runner's runs get all of it from the runner."""
+        event, the run's report and the index, all of it stored in the records bucket. The runner's
+        runs get all of it from the runner."""
         record = self.refresh_manifest(ended=runs.now())
         if record is None:
             return
@@ -79,6 +81,7 @@ class StageRun:
             report.write_index(self.settings.outputs_dir)
         except Exception as err:  # noqa: BLE001 - `run_pipeline.py report RUN_ID` renders them again
             log.warning("the pages of run %s were not written: %s", self.run_id, err)
+        record_store.push(self.settings, self.run_id)  # never raises: the next push or `runs` stores it
 
     def meta(self, **extra) -> dict:
         """The metadata every object of this stage carries."""
@@ -130,13 +133,17 @@ def begin(stage: str, given: str | Mapping | None = None, /, **overrides) -> Sta
     # the daily log file keeps every line with its time.
     logsetup.setup(settings.logs_dir, settings.secrets(), stream=sys.stdout, stream_level=logging.WARNING,
                    stream_format="%(levelname)s: %(message)s")
+    if run_id and runs.origin() != "runner":  # a run named here may have been recorded on another machine
+        record_store.pull(settings, names.run_id(run_id))
     rid = runs.resolve_run_id(settings, run_id, stage)
     used = {k: v for k, v in dataclasses.asdict(params).items() if k != "run_id"}
     if runs.origin() != "runner":
         given = getattr(params, "input_run", "")
         needed = runs.needs_base(settings, rid, stage) and parameters.reads_a_run(stage, used)
-        runs.open_interactive(settings, rid, stage, given or (_latest_published(settings, stage, params)
-                                                              if needed else None), used)
+        base = given or (_latest_published(settings, stage, params) if needed else None)
+        if base:  # the run whose data and records this one reads, wherever it was recorded
+            record_store.pull(settings, names.run_id(base))
+        runs.open_interactive(settings, rid, stage, base, used)
     record = runs.StageRecord(settings, rid, stage, used).start()
     log.info("%s of run %s starting (%s)", stage, rid, record.data["origin"])
     current = StageRun(stage, rid, settings, record, params)

@@ -264,7 +264,8 @@ def test_two_days_on_the_compose_services(deployment, api):
     m = manifest(deployment, day1)
     assert m["status"] == "succeeded"
     assert m["stack"]["object_store"] == {"kind": "configured S3 endpoint", "endpoint": env["MINIO_URL"],
-                                          "buckets": {"raw": "raw", "clean": "clean", "gold": "gold"}}
+                                          "buckets": {"raw": "raw", "clean": "clean", "gold": "gold",
+                                                      "records": env["RECORDS_BUCKET"]}}
     assert m["stack"]["database"] == {"kind": "configured PostgreSQL",
                                       "url": f"postgresql://medallion:***@localhost:{env['DB_PORT']}/countries"}
     assert m["stack"]["cloud"]["bucket"] == "cloud" and m["stack"]["cloud"]["endpoint"] == env["AWS_ENDPOINT_URL"]
@@ -274,6 +275,9 @@ def test_two_days_on_the_compose_services(deployment, api):
     assert {o["bucket"] for o in objects} == buckets
     for o in objects:
         assert storage.head(deployment["s3"], o["bucket"], o["key"])["size"] == o["size"], o
+    # The run's record is kept in the records bucket minio-init made, every stage's execution in it.
+    kept = [o["key"] for o in storage.list_objects(deployment["s3"], env["RECORDS_BUCKET"], f"runs/{day1}/")]
+    assert {f"runs/{day1}/stages/{s}.attempt1.json" for s in m["stages"]} <= set(kept), kept
     # The table is in the configured PostgreSQL 15, owned by the pipeline's unprivileged role.
     conn = connect(deployment)
     try:

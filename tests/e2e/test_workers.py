@@ -1,0 +1,153 @@
+"""One run, two workers: two checkouts of the project, each with its own `outputs/` as two machines
+would have, share the suite's services through `.env` (the lines `run_pipeline.py stack env` prints,
+and a records bucket of this module's own). Stages 1–2 of a run go in one, 3–5 in the other, and both
+show the same complete record, read from the records bucket (lib/record_store.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from lib import layout, publish, registry, runs, storage
+from tests.api_server import Scripted
+from tests.conftest import ROOT, SERVICE_VARS
+from tests.e2e.test_faults import VALID_BODY, children, is_kernel, wait_until
+from tests.scratch import new_project
+
+OWN_FOLDERS = ("PIPELINE_ENV_FILE", "PIPELINE_STATE_DIR", "PIPELINE_OUTPUTS_DIR", "PIPELINE_LOGS_DIR")
+
+
+@pytest.fixture(scope="module")
+def records_bucket() -> str:
+    return f"records-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def workers(embedded, records_bucket):
+    """Two checkouts whose `.env` names the suite's stack, as a user sets up a second worker."""
+    shown = subprocess.run([str(ROOT / ".venv" / "bin" / "python"), str(ROOT / "run_pipeline.py"), "stack", "env"],
+                           cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    lines = [line.removeprefix("export ") for line in shown.stdout.splitlines() if line.startswith("export ")]
+    assert any(line.startswith("MINIO_URL=") for line in lines) and any(line.startswith("DB_HOST=") for line in lines)
+    projects = [new_project(), new_project()]
+    for project in projects:
+        (project / ".env").write_text("\n".join([*lines, f"RECORDS_BUCKET={records_bucket}", ""]))
+    yield projects
+    for project in projects:
+        shutil.rmtree(project.parent, ignore_errors=True)
+
+
+def environment() -> dict[str, str]:
+    """The suite's environment (its API server) without what would point a checkout elsewhere than
+    its own `.env` and folders."""
+    return {k: v for k, v in os.environ.items() if k not in OWN_FOLDERS and k not in SERVICE_VARS}
+
+
+def command(project: Path, *args: str) -> list[str]:
+    return [str(project / ".venv" / "bin" / "python"), str(project / "run_pipeline.py"), *args]
+
+
+def run_in(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command(project, *args), cwd=project, env=environment(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def ok(res: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def manifest(project: Path, run_id: str) -> dict | None:
+    return runs.read_json(runs.manifest_path(project / "outputs", run_id))
+
+
+def row(project: Path, run_id: str) -> dict:
+    return next(r for r in json.loads(ok(run_in(project, "runs", "--json")).stdout) if r["run_id"] == run_id)
+
+
+def test_one_run_across_two_checkouts_keeps_one_complete_record(workers, settings):
+    first, second = workers
+    run_id = runs.new_run_id()
+    table = f"workers_{run_id[-6:]}"
+    ok(run_in(first, "--stages", "1-2", "--run-id", run_id))
+    assert manifest(second, run_id) is None  # nothing of it on the second worker's disk
+
+    res = ok(run_in(second, "--stages", "3-5", "--run-id", run_id, "-p", f"table={table}"))
+    assert f"run {run_id} SUCCEEDED" in res.stdout
+    m = manifest(second, run_id)
+    assert m["requested_stages"] == list(registry.NAMES)
+    assert {s: e["status"] for s, e in m["stages"].items()} == {s: "succeeded" for s in registry.NAMES}
+    assert m["parameters"]["05_gold"]["table"] == table
+    assert all(r["status"] != "MISMATCH" for r in m["reconciliation"]) and m["published"]
+    assert publish.latest_published(settings, table) == run_id
+
+    # Both checkouts show the same record, with its pages, whichever ran what.
+    assert row(first, run_id) == row(second, run_id)
+    assert row(first, run_id)["status"] == "succeeded"
+    assert manifest(first, run_id) == manifest(second, run_id)
+    for project in workers:
+        ok(run_in(project, "report", run_id))
+        run_dir = runs.run_dir(project / "outputs", run_id)
+        report = (run_dir / "report.html").read_text()
+        assert all(stage in report for stage in registry.NAMES)
+        assert all((run_dir / f"{stage}.html").is_file() and (run_dir / f"{stage}.ipynb").is_file()
+                   for stage in registry.NAMES)
+        assert f"runs/{run_id}" in (project / "outputs" / "index.html").read_text()
+
+
+def test_a_tampered_input_is_refused_on_the_other_worker(workers, settings, s3):
+    first, second = workers
+    run_id = runs.new_run_id()
+    table = f"tampered_{run_id[-6:]}"
+    ok(run_in(first, "--stages", "1-2", "--run-id", run_id))
+    record = runs.read_stage(first / "outputs", run_id, "02_clean")
+    clean = next(a for a in record["artifacts"] if layout.is_clean(a["key"]))
+    data, meta = storage.get_bytes(s3, clean["bucket"], clean["key"])
+    # Rewritten with its metadata kept: only the stage-2 record, read from the store, can tell.
+    s3.put_object(Bucket=clean["bucket"], Key=clean["key"], Body=data + b"\0", Metadata=meta)
+
+    res = run_in(second, "--stages", "3-5", "--run-id", run_id, "-p", f"table={table}")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "FAILED" in res.stdout + res.stderr
+    failed = manifest(second, run_id)["stages"]["03_load"]
+    assert failed["status"] == "failed" and "checksum mismatch" in failed["error"], failed
+    assert publish.latest_published(settings, table) is None  # nothing of the run was published
+    assert row(first, run_id) == row(second, run_id)
+    assert row(first, run_id)["status"] == "failed"
+
+
+def test_a_run_in_one_checkout_while_the_other_holds_the_lock_exits_3(workers, api):
+    first, second = workers
+    api.queue(Scripted(200, body=VALID_BODY),  # the holder's preflight probe: quick
+              Scripted(200, body=VALID_BODY, delay=30))  # its stage 1: slow, holding the lock
+    holder = subprocess.Popen(command(first, "--stages", "1", "--run-id", runs.new_run_id()), cwd=first,
+                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_until(lambda: len(api.requests) >= 2 or holder.poll() is not None, 120, "the holder's stage 1")
+        assert holder.poll() is None, holder.communicate()
+        second_run = runs.new_run_id()
+        started = time.monotonic()
+        res = run_in(second, "--stages", "1", "--run-id", second_run, timeout=120)
+        seconds = time.monotonic() - started
+    finally:
+        for pid, cmd in children(holder.pid).items():
+            if is_kernel(cmd):
+                os.killpg(pid, signal.SIGKILL)
+        if holder.poll() is None:
+            os.killpg(holder.pid, signal.SIGKILL)
+        holder.communicate(timeout=30)
+    assert res.returncode == 3, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "holds the lock" in res.stderr and "Traceback" not in res.stderr
+    assert manifest(second, second_run) is None
+    print(f"the second checkout's run exited 3 after {seconds:.2f} s")
