@@ -42,6 +42,9 @@ NOT_RUN = {
     ".venv-airflow/bin/airflow dags test": "a whole DAG run through Airflow (a minute); tests/e2e/test_airflow.py "
                                            "runs `airflow dags test countries_medallion` on the suite's stack",
     "docker compose": "needs a Docker engine; tests/e2e/test_compose_path.py plays its services",
+    "docker build": "needs a Docker engine; tests/test_dockerfile.py checks the Dockerfile with hadolint",
+    "docker run": "needs a Docker engine and the image; tests/test_dockerfile.py checks its entrypoint",
+    "kubectl ": "needs a Kubernetes cluster; tests/test_dockerfile.py checks the DAG example beside it",
     "aws ": "needs AWS credentials, and the secrets it reads",
 }
 PROJECT_VARS = ("PIPELINE_STATE_DIR", "PIPELINE_OUTPUTS_DIR", "PIPELINE_LOGS_DIR",  # the copy's own folders
