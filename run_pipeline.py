@@ -426,6 +426,7 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     stored = []
     try:
         record_store.pull_all(settings)
+        record_store.pull(settings, run_id)  # this run's own copy checked whole against the bucket
     except storage.StorageError as err:
         stored = [f"records: {err}"]
     if args.resume:
@@ -443,6 +444,8 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     if not args.resume and not problems:
         based_on, nothing = input_run(settings, run_id, stages, chosen)
         problems += [nothing] if nothing else []
+        if based_on:  # the records its stages prove their inputs against, checked whole
+            record_store.pull(settings, based_on)
     if problems:
         return preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels)
     runner.install_signal_handlers()

@@ -9,11 +9,13 @@ the run record shows that the stage's previous attempt did not succeed (an Airfl
 keeps the run record, the pipeline lock, the preflight, and the secrets out of notebook parameters;
 this DAG only schedules it. One DAG run is one pipeline run, with an id derived from the Airflow run
 (`<run type>-<logical date>-<hash of the Airflow run id>`), so every task of a DAG run writes into the
-same `outputs/runs/<run id>/`.
+same run record, kept in the records bucket of the object store: the tasks of a run may go to
+different workers, each with its own checkout (docs/schedule.md, "One run, many workers").
 
 Settings, read when a task runs (the first one set wins):
-- the project folder: Airflow Variable `medallion_home`, env MEDALLION_HOME, else the folder above this
-  file (when the DAG is used straight from a checkout);
+- the project folder: the task's `home` (a cluster policy may route stages to checkouts of their
+  own), Airflow Variable `medallion_home`, env MEDALLION_HOME, else the folder above this file (when
+  the DAG is used straight from a checkout);
 - its Python: Variable `medallion_python`, env MEDALLION_PYTHON, else `<home>/.venv/bin/python`.
 Read when the DAG is parsed: MEDALLION_RETRIES (default 2) and MEDALLION_RETRY_DELAY in seconds
 (default 300). The pipeline's own settings (.env, or the environment of the worker) are the runner's.
@@ -66,9 +68,9 @@ def setting(variable: str, env: str) -> str | None:
     return Variable.get(variable, default=None) or os.environ.get(env) or None
 
 
-def project_paths() -> tuple[Path, Path]:
-    """The project folder and the Python of its virtual environment."""
-    home = Path(setting("medallion_home", "MEDALLION_HOME") or Path(__file__).resolve().parents[1])
+def project_paths(home: str | None = None) -> tuple[Path, Path]:
+    """The project folder (`home`, else the settings) and the Python of its virtual environment."""
+    home = Path(home or setting("medallion_home", "MEDALLION_HOME") or Path(__file__).resolve().parents[1])
     python = Path(setting("medallion_python", "MEDALLION_PYTHON") or home / ".venv" / "bin" / "python")
     if not (home / "run_pipeline.py").is_file():
         raise AirflowFailException(f"{home} is not a countries-medallion checkout (no run_pipeline.py): "
@@ -98,28 +100,30 @@ class MedallionStage(BaseOperator):
 
     ui_color = "#e8d9b5"
 
-    def __init__(self, *, stage: str, **kwargs):
+    def __init__(self, *, stage: str, home: str | None = None, **kwargs):
         super().__init__(task_id=stage, **kwargs)
         self.stage = stage
+        self.home = home  # this task's checkout; None: the Variable, MEDALLION_HOME or this file's
         self.hook: SubprocessHook | None = None
 
     def execute(self, context):
-        home, python = project_paths()
+        home, python = project_paths(self.home)
         run_id = pipeline_run_id(context["dag_run"])
         try_number = context["ti"].try_number
         command = [str(python), str(home / "airflow" / "run_stage.py"), self.stage, run_id,
                    "--try-number", str(try_number)]
         for key, value in sorted((context["params"].get("pipeline_params") or {}).items()):
             command += ["--param", f"{key}={parameter_text(value)}"]
-        self.log.info("stage %s of pipeline run %s (Airflow run %s, try %s)", self.stage, run_id,
-                      context["dag_run"].run_id, try_number)
+        self.log.info("stage %s of pipeline run %s (Airflow run %s, try %s) in %s", self.stage, run_id,
+                      context["dag_run"].run_id, try_number, home)
         self.hook = SubprocessHook()
         # Unbuffered, so the runner's lines reach the task log as they happen.
         result = self.hook.run_command(command, env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=str(home))
         if result.exit_code == 0:
             return run_id
         message = (f"stage {self.stage} of pipeline run {run_id} exited with {result.exit_code}: {result.output}; "
-                   f"the run record is outputs/runs/{run_id}/ under {home} (or PIPELINE_OUTPUTS_DIR)")
+                   f"the run record is in the records bucket under runs/{run_id}/, and outputs/runs/{run_id}/ "
+                   f"under {home} (or PIPELINE_OUTPUTS_DIR) is this worker's copy")
         if result.exit_code == EXIT_USAGE:
             raise AirflowFailException(message)
         raise AirflowException(message)

@@ -20,9 +20,13 @@ import os
 import sys
 from pathlib import Path
 
-from lib import config, hints, names, record_store, registry, runner, runs
-from lib.stages import parameters
-from lib.errors import PipelineError
+# This checkout's own library, whatever else the Python could import as `lib` (an editable install of
+# another checkout): the decision is made on the checkout that runs the stage.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lib import config, hints, names, record_store, registry, runner, runs  # noqa: E402
+from lib.stages import parameters  # noqa: E402
+from lib.errors import PipelineError  # noqa: E402
 
 RUNNER = config.ROOT / "run_pipeline.py"
 EXIT_USAGE = 2

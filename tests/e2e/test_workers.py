@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
+import re
 import shutil
 import signal
 import subprocess
@@ -151,3 +151,47 @@ def test_a_run_in_one_checkout_while_the_other_holds_the_lock_exits_3(workers, a
     assert "holds the lock" in res.stderr and "Traceback" not in res.stderr
     assert manifest(second, second_run) is None
     print(f"the second checkout's run exited 3 after {seconds:.2f} s")
+
+
+POLICY = '''"""The test's cluster policy: odd stages run in the first checkout, even ones in the second, as
+tasks of one DAG run would land on two workers."""
+
+HOMES = {homes!r}
+
+
+def task_policy(task):
+    if getattr(task, "stage", None):
+        task.home = HOMES[(int(task.stage[:2]) - 1) % 2]
+'''
+
+
+def test_a_dag_run_whose_tasks_alternate_between_two_checkouts_keeps_one_record(workers, settings, tmp_path):
+    """`airflow dags test` with each task's MEDALLION_HOME the other checkout than the task before."""
+    from tests.e2e.test_airflow import AIRFLOW, DAG_ID
+
+    first, second = workers
+    home = tmp_path / "airflow"
+    (home / "config").mkdir(parents=True)
+    (home / "config" / "airflow_local_settings.py").write_text(POLICY.format(homes=[str(first), str(second)]))
+    env = {**environment(), "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "airflow"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "MEDALLION_HOME": str(first), "MEDALLION_RETRY_DELAY": "1"}
+
+    def airflow(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(AIRFLOW), *args], cwd=home, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, timeout=900, stdin=subprocess.DEVNULL)
+
+    assert airflow("db", "migrate").returncode == 0
+    table = f"alternating_{uuid.uuid4().hex[:8]}"
+    res = airflow("dags", "test", DAG_ID, "2026-02-01", "-c", json.dumps({"pipeline_params": {"table": table}}))
+    assert res.returncode == 0, res.stdout[-5000:]
+    ran = dict(re.findall(r"stage (\d\d_\w+) of pipeline run \S+ \(Airflow run \S+, try \d+\) in (\S+)", res.stdout))
+    assert ran == {stage: str(workers[n % 2]) for n, stage in enumerate(registry.NAMES)}, ran
+    (run_id,) = set(re.findall(r"stage \d\d_\w+ of pipeline run (\S+) \(Airflow run", res.stdout))
+
+    assert row(first, run_id) == row(second, run_id)
+    m = manifest(first, run_id)
+    assert m == manifest(second, run_id) and m["status"] == "succeeded"
+    assert {s: e["status"] for s, e in m["stages"].items()} == {s: "succeeded" for s in registry.NAMES}
+    assert publish.latest_published(settings, table) == run_id
+    for project in workers:  # every stage's executed notebook, wherever it ran
+        assert all((runs.run_dir(project / "outputs", run_id) / f"{s}.ipynb").is_file() for s in registry.NAMES)
