@@ -253,7 +253,7 @@ def cmd_publish(argv: list[str]) -> int:
         settings = config.settings(env)
         logsetup.setup(settings.logs_dir, settings.secrets())
         with db.pipeline_lock(settings.db, f"publish {args.run_id}", args.wait_for_lock):
-            record_store.pull_all(settings)  # the run may have been recorded by another worker
+            record_store.pull(settings, names.run_id(args.run_id))  # it may have been recorded elsewhere
             finish_publishes(settings)
             done = publish.republish(settings, args.run_id)
     except PipelineError as err:
@@ -403,6 +403,7 @@ def input_run(settings: config.Settings, run_id: str, stages: list[str],
         return recorded.get("based_on"), None
     given = next((chosen.get(s, {}).get("input_run") for s in stages if chosen.get(s, {}).get("input_run")), "")
     if given:
+        record_store.pull(settings, given)  # wherever it was recorded
         if not runs.manifest_path(settings, given).exists():
             return None, f"input_run {given}: there is no run {given} in {runs.runs_dir(settings)}"
         return given, None
@@ -421,12 +422,11 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     runs that ended unsaid, then the stages."""
     from lib import db, report, storage
 
-    # The runs as the records bucket has them: this run's record when another worker or checkout
-    # began it, the runs the sweep and the publishes below look at.
+    # This run's record as the records bucket has it (another worker or checkout may have begun it),
+    # and the runs still recorded as running, which the sweep below looks at.
     stored = []
     try:
-        record_store.pull_all(settings)
-        record_store.pull(settings, run_id)  # this run's own copy checked whole against the bucket
+        record_store.pull_for_run(settings, [run_id])
     except storage.StorageError as err:
         stored = [f"records: {err}"]
     if args.resume:
@@ -444,7 +444,7 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     if not args.resume and not problems:
         based_on, nothing = input_run(settings, run_id, stages, chosen)
         problems += [nothing] if nothing else []
-        if based_on:  # the records its stages prove their inputs against, checked whole
+        if based_on:  # the records its stages prove their inputs against
             record_store.pull(settings, based_on)
     if problems:
         return preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels)

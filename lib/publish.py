@@ -197,6 +197,7 @@ def finish_pending(settings: config.Settings) -> list[dict]:
         if layout.pending_table(found["key"]) is None:
             continue
         pending = json.loads(storage.get_bytes(s3, settings.gold_bucket, found["key"])[0])
+        record_store.pull(settings, pending["run_id"])  # its record, wherever the run was recorded
         if pending.get("with_table"):  # a whole publish: the table too, unless it was done already
             published = run(settings, pending["run_id"])["published"]
         else:

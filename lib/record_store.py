@@ -8,15 +8,18 @@ with a Celery or Kubernetes executor, containers, two checkouts) keeps one recor
 - `stages/<stage>.attempt<N>.json`: execution N (1, 2, …) of a stage, written once it ended, with its
   executed notebook `notebooks/<stage>.attempt<N>.ipynb` and the notebook's page
   `pages/<stage>.attempt<N>.html`. The highest N is the stage's latest attempt;
-- `versions/<NNNNNN>/`: the run as a whole each time it was saved (the manifest, the report and
-  quarantine pages, the OpenLineage events file, what it published); the highest is the latest.
+- `versions/<NNNNNN>-<status>/` (its number claimed by `claims/<NNNNNN>`): the run as a whole each time it was saved (the manifest, the report
+  and quarantine pages, the OpenLineage events file, what it published), named with the run's status
+  then; the highest is the latest. A listing alone tells which runs are still `running`.
 
 Every object is written with `If-None-Match: *`: the store itself refuses to rewrite one. A new
 attempt or a new version is a new object; nothing is overwritten or deleted.
 
 `push` stores what a run wrote here and the store lacks; `pull` brings a run's record from the store
 into the working copy: the attempts this machine lacks, and the latest version when it is newer than
-the one this copy was last in step with (`.stored` in the run folder). Locally the latest attempt of
+the one this copy was last in step with (`.stored` in the run folder). `pull_all` brings every run
+(`runs`, `report`, `diff`); a run brings only what it works with (`pull_for_run`): its own record,
+the run it reads, and the runs recorded as still running, which the sweep under the lock looks at. Locally the latest attempt of
 a stage keeps its usual names (`stages/<stage>.json`, `<stage>.ipynb`), earlier ones their
 `.attemptN` names, so everything that reads the working copy reads a pulled run like its own.
 A stage record still `running` stays local: only an ended execution is stored.
@@ -43,7 +46,7 @@ FILES_META = "files"  # a version's manifest names the version's other files in 
 STATE_FILE = ".stored"  # in a run folder: the version this copy is in step with, and its files' digests
 KINDS = {"stages": ".json", "notebooks": ".ipynb", "pages": ".html"}  # an attempt's objects → local suffix
 _ATTEMPT = re.compile(r"^(stages|notebooks|pages)/(?P<stage>[0-9A-Za-z_]+)\.attempt(?P<n>[1-9][0-9]*)\.(json|ipynb|html)$")
-_VERSION = re.compile(r"^versions/(?P<v>[0-9]{6})/(?P<name>[^/]+)$")
+_VERSION = re.compile(r"^versions/(?P<dir>(?P<v>[0-9]{6})-(?P<status>[a-z]+))/(?P<name>[^/]+)$")
 
 
 class RecordStoreError(storage.StorageError):
@@ -73,6 +76,11 @@ def _local(run_dir: Path, kind: str, stage: str, n: int, current: bool) -> Path:
 
 def _attempt_key(kind: str, stage: str, n: int) -> str:
     return f"{kind}/{stage}.attempt{n}{KINDS[kind]}"
+
+
+def stage_key(run_id: str, stage: str, n: int) -> str:
+    """The key of attempt `n` of a stage's record in the records bucket."""
+    return run_prefix(run_id) + _attempt_key("stages", registry.get(stage).name, n)
 
 
 def _attempts_here(run_dir: Path, stage: str) -> tuple[list[int], int | None, dict | None]:
@@ -116,8 +124,10 @@ def _state(run_dir: Path) -> dict:
 
 def _save_state(run_dir: Path, version: int, digests: dict[str, str], seen: int | None = None) -> None:
     """`seen`: how many objects of the run the store held when this copy was last in step with it
-    (`pull_all` skips a run whose count is unchanged)."""
-    runs.write_json(run_dir / STATE_FILE, {"version": version, "files": digests, "seen": seen})
+    (`pull_all` skips a run whose count is unchanged). Written only when it changes."""
+    state = {"version": version, "files": digests, "seen": seen}
+    if _state(run_dir) != state:
+        runs.write_json(run_dir / STATE_FILE, state)
 
 
 # --- the store -----------------------------------------------------------------------------------------
@@ -136,9 +146,18 @@ class Stored:
                 out.setdefault(int(m["v"]), []).append(m["name"])
         return out
 
+    def folder(self, version: int) -> str:
+        """`versions/<NNNNNN>-<status>`"""
+        return next(f"versions/{m['dir']}" for key in self.keys if (m := _VERSION.match(key)) and int(m["v"]) == version)
+
     @property
     def latest(self) -> int:
         return max(self.versions, default=0)
+
+    @property
+    def status(self) -> str | None:
+        """The run's status when its latest version was stored."""
+        return self.folder(self.latest).rsplit("-", 1)[1] if self.latest else None
 
     def attempts(self) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}
@@ -204,10 +223,14 @@ def push(settings: config.Settings, run_id: str, strict: bool = False) -> bool:
         stored = _list(s3, settings, run_id).get(run_id, Stored({}))
         prefix = run_prefix(run_id)
         meta = {"run-id": run_id}
+        written = 0
         for key, path in ended_attempts(run_dir).items():
             if key not in stored.keys:
-                _put_once(s3, settings.records_bucket, prefix + key, path.read_bytes(), meta)
-        _push_version(s3, settings, run_id, run_dir, stored)
+                written += _put_once(s3, settings.records_bucket, prefix + key, path.read_bytes(), meta)
+        written += _push_version(s3, settings, run_id, run_dir, stored)
+        state = _state(run_dir)
+        if state.get("version") and state["version"] >= stored.latest:  # in step: `pull_all` may skip it
+            _save_state(run_dir, state["version"], state.get("files", {}), len(stored.keys) + written)
     except (storage.StorageError, OSError) as err:
         message = f"the record of run {run_id} could not be stored in {where(settings, run_id)}: {err}"
         if strict:
@@ -217,28 +240,42 @@ def push(settings: config.Settings, run_id: str, strict: bool = False) -> bool:
     return True
 
 
-def _push_version(s3, settings: config.Settings, run_id: str, run_dir: Path, stored: Stored) -> None:
-    """A new version when the run-level files changed since the working copy was last in step. The
-    manifest is written first: the store refuses it when another writer took that version's number
-    (the next number is tried), and it names the version's files, so a reader takes a version only
-    once they are all there (`complete`)."""
+def _push_version(s3, settings: config.Settings, run_id: str, run_dir: Path, stored: Stored) -> int:
+    """A new version when the run-level files changed since the working copy was last in step; returns
+    how many objects it wrote. The manifest is written first: the store refuses it when another writer
+    took that version's number (the next number is tried), and it names the version's files, so a
+    reader takes a version only once they are all there (`complete`). The number is claimed first
+    (`claims/NNNNNN`): the store refuses a claim another writer made, and the next number is tried."""
     state = _state(run_dir)
     bodies = {name: path.read_bytes() for name, path in run_files(run_dir).items()}
     digests = {name: _digest(body) for name, body in bodies.items()}
     if "manifest.json" not in bodies or digests == state.get("files"):
-        return  # nothing changed here since this copy was last in step (whoever stored later)
+        return 0  # nothing changed here since this copy was last in step (whoever stored later)
     others = sorted(set(bodies) - {"manifest.json"})
+    status = _status(bodies["manifest.json"])
     version = stored.latest + 1
-    while not _put_once(s3, settings.records_bucket, _version_key(run_id, version, "manifest.json"),
-                        bodies["manifest.json"], {"run-id": run_id, FILES_META: " ".join(others)}):
+    while not _put_once(s3, settings.records_bucket, f"{run_prefix(run_id)}claims/{version:06d}", b"", {"run-id": run_id}):
         version += 1  # another writer took this number meanwhile: the next one
+    _put_once(s3, settings.records_bucket, _version_key(run_id, f"{version:06d}-{status}", "manifest.json"),
+              bodies["manifest.json"], {"run-id": run_id, FILES_META: " ".join(others)})
     for name in others:
-        _put_once(s3, settings.records_bucket, _version_key(run_id, version, name), bodies[name], {"run-id": run_id})
+        _put_once(s3, settings.records_bucket, _version_key(run_id, f"{version:06d}-{status}", name), bodies[name],
+                  {"run-id": run_id})
     _save_state(run_dir, version, digests)
+    return 2 + len(others)
 
 
-def _version_key(run_id: str, version: int, name: str) -> str:
-    return f"{run_prefix(run_id)}versions/{version:06d}/{name}"
+def _status(manifest: bytes) -> str:
+    try:
+        found = str(json.loads(manifest).get("status") or "unknown")
+    except (ValueError, AttributeError):
+        return "unknown"
+    return found if re.fullmatch(r"[a-z]+", found) else "unknown"
+
+
+def _version_key(run_id: str, folder: str, name: str) -> str:
+    """`folder`: `NNNNNN-<status>`, or `versions/NNNNNN-<status>` as `Stored.folder` gives it."""
+    return f"{run_prefix(run_id)}versions/{folder.removeprefix('versions/')}/{name}"
 
 
 def complete(s3, settings: config.Settings, run_id: str, stored: Stored) -> int:
@@ -247,7 +284,7 @@ def complete(s3, settings: config.Settings, run_id: str, stored: Stored) -> int:
         listed = stored.versions[version]
         if "manifest.json" not in listed:
             continue
-        found = storage.head(s3, settings.records_bucket, _version_key(run_id, version, "manifest.json"))
+        found = storage.head(s3, settings.records_bucket, _version_key(run_id, stored.folder(version), "manifest.json"))
         wanted = set((found or {}).get("metadata", {}).get(FILES_META, "").split())
         if found is not None and wanted <= set(listed):
             return version
@@ -276,6 +313,16 @@ def pull_all(settings: config.Settings) -> list[str]:
         if _pull_run(s3, settings, run_id, stored):
             changed.append(run_id)
     return changed
+
+
+def pull_for_run(settings: config.Settings, run_ids: list[str]) -> None:
+    """What a run holding the lock works with: the records of `run_ids` (its own, the run it reads),
+    and of every run whose latest stored version says it is still running (the sweep decides
+    whether it is over). Nothing else is brought: a worker keeps no copy it does not use."""
+    s3 = _client(settings)
+    for run_id, stored in sorted(_list(s3, settings).items()):
+        if run_id in run_ids or stored.status == "running":
+            _pull_run(s3, settings, run_id, stored)
 
 
 def sync_all(settings: config.Settings) -> list[str]:
@@ -359,7 +406,7 @@ def _pull_run(s3, settings: config.Settings, run_id: str, stored: Stored) -> boo
         if latest > _state(run_dir).get("version", 0):
             digests = {}
             for name in stored.versions[latest]:
-                key = _version_key(run_id, latest, name)
+                key = _version_key(run_id, stored.folder(latest), name)
                 body = _get(s3, bucket, key)
                 _write(run_dir / name, body, stored.keys[key[len(prefix):]]["last_modified"])
                 digests[name] = _digest(body)

@@ -5,13 +5,12 @@ left behind, and a load never takes the table back in time unless asked to."""
 
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 from psycopg2 import sql
 
-from lib import db, db_read, formats, layout, runs, storage
+from lib import db, db_read, formats, layout, storage
 from tests.notebooks.helpers import manifest, scalar
+from tests.record_helpers import alter_stage
 
 
 def ok(res):
@@ -63,10 +62,8 @@ def test_a_run_that_fails_reconciliation_publishes_nothing_and_says_what_it_left
     ok(run_pipeline("--run-id", bad, "--stages", "1-4", "-p", f"table={table}"))
     assert storage.head(cloud, settings.cloud.bucket, latest_export)["metadata"]["run-id"] == good
     # The load's record is altered between stages 4 and 5 (as a lost row would show).
-    path = runs.stage_path(settings, bad, "03_load")
-    record = json.loads(path.read_text())
-    record["details"]["batch_rows"] -= 1
-    path.write_text(json.dumps(record))
+    alter_stage(settings, bad, "03_load", lambda record: record["details"].update(
+        batch_rows=record["details"]["batch_rows"] - 1))
 
     res = run_pipeline("--run-id", bad, "--stages", "5", "-p", f"table={table}")
     assert res.returncode == 1 and "reconciliation failed" in res.stderr

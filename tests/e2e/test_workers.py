@@ -104,6 +104,12 @@ def test_one_run_across_two_checkouts_keeps_one_complete_record(workers, setting
                    for stage in registry.NAMES)
         assert f"runs/{run_id}" in (project / "outputs" / "index.html").read_text()
 
+    # A checkout's outputs/ is only a copy: lost, it comes back from the records bucket.
+    shutil.rmtree(first / "outputs" / "runs")
+    assert row(first, run_id) == row(second, run_id)
+    assert manifest(first, run_id) == manifest(second, run_id)
+    assert (runs.run_dir(first / "outputs", run_id) / "05_gold.html").is_file()
+
 
 def test_a_tampered_input_is_refused_on_the_other_worker(workers, settings, s3):
     first, second = workers

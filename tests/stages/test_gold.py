@@ -9,6 +9,7 @@ import pytest
 
 from lib import formats, layout, publish, reconciliation, runs, source, storage
 from lib.stages import context, gold
+from tests.record_helpers import alter_stage
 from tests.stages.helpers import gold_keys, run_stages
 
 
@@ -47,10 +48,7 @@ def test_a_reconciliation_mismatch_names_the_hop_and_leaves_latest_gold_alone(se
     run_stages(good, table)
     run_stages(bad, table, upto=4)
     # Make the record of the load disagree with silver, as a lost or altered row would.
-    path = runs.stage_path(settings, bad, "03_load")
-    record = runs.read_json(path)
-    record["details"]["batch_fingerprint"] = "0" * 64
-    runs.write_json(path, record)
+    alter_stage(settings, bad, "03_load", lambda record: record["details"].update(batch_fingerprint="0" * 64))
 
     stage = context.begin("05_gold", bad, table=table)
     golden = gold.build(stage)
