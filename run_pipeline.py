@@ -490,6 +490,7 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
         record.finish("failed")
         print(f"run_pipeline.py: {shown(err)}\n  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
         return runner.EXIT_FAILED
+    record_store.push(settings, run_id)  # the run as it starts: `running`, for any worker to see
     why = settings.why
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} ({why['object_store']}) + "
           f"{settings.db.kind} ({why['database']}), cloud {settings.cloud.kind}; snapshot fallback "

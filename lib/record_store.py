@@ -210,10 +210,10 @@ def _get(s3, bucket: str, key: str) -> bytes:
 
 # --- push ----------------------------------------------------------------------------------------------
 
-def push(settings: config.Settings, run_id: str, strict: bool = False) -> bool:
+def push(settings: config.Settings, run_id: str, strict: bool = False, version: bool = True) -> bool:
     """Store what the working copy of a run holds and the store lacks: each ended stage execution,
-    and a new version when the run-level files changed since the copy was last in step. Returns
-    whether everything is stored. `strict`: a store that cannot take it raises RecordStoreError
+    and (`version`) a new version when the run-level files changed since the copy was last in step.
+    Returns whether it was stored. `strict`: a store that cannot take it raises RecordStoreError
     (before a publish); otherwise it is logged, and the next push or `runs` stores it."""
     run_dir = runs.run_dir(settings, run_id)
     if not (run_dir / "manifest.json").is_file():
@@ -227,7 +227,7 @@ def push(settings: config.Settings, run_id: str, strict: bool = False) -> bool:
         for key, path in ended_attempts(run_dir).items():
             if key not in stored.keys:
                 written += _put_once(s3, settings.records_bucket, prefix + key, path.read_bytes(), meta)
-        written += _push_version(s3, settings, run_id, run_dir, stored)
+        written += _push_version(s3, settings, run_id, run_dir, stored) if version else 0
         state = _state(run_dir)
         if state.get("version") and state["version"] >= stored.latest:  # in step: `pull_all` may skip it
             _save_state(run_dir, state["version"], state.get("files", {}), len(stored.keys) + written)
