@@ -20,6 +20,7 @@ import pytest
 from lib import layout, publish, registry, runs, storage
 from tests.api_server import Scripted
 from tests.conftest import ROOT, SERVICE_VARS
+from tests.e2e.test_airflow import HTML_PAGE
 from tests.e2e.test_faults import VALID_BODY, children, is_kernel, wait_until
 from tests.scratch import new_project
 
@@ -201,3 +202,40 @@ def test_a_dag_run_whose_tasks_alternate_between_two_checkouts_keeps_one_record(
     assert publish.latest_published(settings, table) == run_id
     for project in workers:  # every stage's executed notebook, wherever it ran
         assert all((runs.run_dir(project / "outputs", run_id) / f"{s}.ipynb").is_file() for s in registry.NAMES)
+
+
+def test_a_run_that_failed_in_one_checkout_resumes_in_the_other(workers, settings, s3, api, records_bucket):
+    first, second = workers
+    run_id = runs.new_run_id()
+    # The preflight's probe gets a good answer, stage 1's request an HTML page: stage 1 fails in the first.
+    api.queue(Scripted(200, body=VALID_BODY), Scripted(200, body=HTML_PAGE, headers={"Content-Type": "text/html"}))
+    res = run_in(first, "--run-id", run_id, "-p", f"table=resumed_{run_id[-6:]}")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+
+    res = ok(run_in(second, "--resume", run_id))
+    assert f"run {run_id} SUCCEEDED" in res.stdout
+    m = manifest(second, run_id)
+    assert {s: e["status"] for s, e in m["stages"].items()} == {s: "succeeded" for s in registry.NAMES}
+    assert [a["status"] for a in m["stages"]["01_ingest"]["attempts"]] == ["failed"]
+    assert m["parameters"]["03_load"]["table"] == f"resumed_{run_id[-6:]}"  # the run's own parameters
+    kept = {o["key"] for o in storage.list_objects(s3, records_bucket, f"runs/{run_id}/stages/")}
+    assert {f"runs/{run_id}/stages/01_ingest.attempt1.json", f"runs/{run_id}/stages/01_ingest.attempt2.json"} <= kept
+    assert row(first, run_id) == row(second, run_id)
+    assert (runs.run_dir(first / "outputs", run_id) / "01_ingest.attempt1.ipynb").is_file()
+
+
+def test_a_notebook_in_one_checkout_reads_a_run_recorded_in_the_other(workers, records_bucket, s3):
+    """Plain papermill in the second checkout, `input_run` a run whose stages 1-2 ran in the first: it
+    proves the silver objects against the first checkout's records, and its own run is stored too."""
+    first, second = workers
+    run_id = runs.new_run_id()
+    ok(run_in(first, "--stages", "1-2", "--run-id", run_id))
+    out = second / "out.ipynb"
+    done = subprocess.run([str(second / ".venv" / "bin" / "papermill"), "notebooks/03_load.ipynb", str(out),
+                           "-p", "input_run", run_id, "-p", "table", f"nb_{run_id[-6:]}"], cwd=second,
+                          env=environment(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (mine,) = [p.name for p in (second / "outputs" / "runs").iterdir() if p.name.startswith("papermill-")]
+    m = manifest(second, mine)
+    assert m["based_on"] == run_id and m["stages"]["03_load"]["status"] == "succeeded"
+    assert row(first, mine) == row(second, mine)  # the notebook's own run, seen from the first checkout
