@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 from lib import hints  # the standard library only: it can speak for a Python that lacks the packages
 
@@ -528,7 +529,9 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
                 refused.append(logsetup.failure())
             if refused:
                 raise publish.PublishError("; ".join(refused))
+            started = time.monotonic()
             publish.run(settings, run_id)
+            record.data["publish_s"] = round(time.monotonic() - started, 2)
         except PipelineError as err:
             status, code = "failed", runner.EXIT_FAILED
             record.data["error"] = f"not published: {err}"

@@ -171,6 +171,22 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
         s3.put_object(Bucket=settings.clean_bucket, Key=f"bench-floor/{run_id}/clean.parquet", Body=buf.getvalue())
     out["02_clean"] = _timed(clean)
 
+    def clean_strong():
+        """The strong floor: msgspec's decoder, the pipeline's own flatten (lib/transform.py), pyarrow."""
+        import msgspec
+
+        from lib import transform
+
+        data = s3.get_object(Bucket=settings.raw_bucket, Key=raw_key)["Body"].read()
+        records = msgspec.json.decode(data)
+        del data
+        frame = transform.flatten(records)
+        del records
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), buf, compression="zstd")
+        s3.put_object(Bucket=settings.clean_bucket, Key=f"bench-floor/{run_id}/clean-strong.parquet", Body=buf.getvalue())
+    out["02_clean_strong"] = _timed(clean_strong)
+
     # The same silver rows as CSV on disk, for psql.
     obj = [o for o in run_objects(s3, settings.clean_bucket, run_id) if layout.is_clean(o["key"])][-1]
     data, _ = storage.get_bytes(s3, settings.clean_bucket, obj["key"])
@@ -191,6 +207,7 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
                 "-U", settings.db.user, "-d", settings.db.name, "-c",
                 f'\\copy "{floor_table}" ({cols}) FROM \'{csv_path}\' WITH (FORMAT csv, HEADER true)']
         out["03_load"] = _timed(subprocess.run, psql, env=env, check=True, stdin=subprocess.DEVNULL)
+        out["load_typed"] = typed_floor(settings, conn, env, fmt.name, obj["key"], table)
 
         def export():
             spool = storage.HashingSpool()
@@ -205,6 +222,58 @@ def floors(settings, run_id: str, table: str, api_url: str) -> dict[str, float]:
     finally:
         csv_path.unlink(missing_ok=True)
     return out
+
+
+FLOOR_SQL = ROOT / "bench" / "floor_load.sql"
+
+
+def typed_floor(settings, conn, env: dict, format_name: str, clean_key: str, table: str) -> float:
+    """Seconds bench/floor_load.sql takes with psql to merge the run's silver rows (the CSV the load's
+    COPY reads, written before the clock starts) into a new keyed table and its history, made by the
+    pipeline's own DDL: the typed, keyed floor of the load and publish."""
+    from psycopg2 import sql
+
+    from lib import contract, db_schema, formats, storage
+
+    s3 = storage.client(settings.store)
+    data, _ = storage.get_bytes(s3, settings.clean_bucket, clean_key)
+    batch = Path(tempfile.mkstemp(suffix=".csv")[1])
+    floor_table = f"typed_floor_{table}"[:50]
+    try:
+        with batch.open("wb") as sink:
+            formats.copy_csv(data, format_name, sink)
+        del data
+        with conn.cursor() as cur:
+            for name in (floor_table, db_schema.history_table(floor_table)):
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("public", name)))
+            db_schema.ensure_tables(cur, "public", floor_table)
+
+        def quoted(name):
+            return sql.Identifier(name).as_string(conn)
+
+        cols = ", ".join(quoted(c) for c in contract.COLUMNS)
+        variables = {
+            "target": sql.Identifier("public", floor_table).as_string(conn),
+            "history": sql.Identifier("public", db_schema.history_table(floor_table)).as_string(conn),
+            "key": quoted(contract.KEY), "cols": cols, "run_id": "bench-floor",
+            "typed": ", ".join(f"{quoted(c.name)} {c.type.sql}" for c in contract.CONTRACT),
+            "updates": ", ".join(f"{quoted(c)} = EXCLUDED.{quoted(c)}" for c in contract.COLUMNS[1:]),
+        }
+        psql = [psql_path(), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-h", settings.db.host, "-p", str(settings.db.port),
+                "-U", settings.db.user, "-d", settings.db.name, "-f", str(FLOOR_SQL)]
+        for name, value in variables.items():
+            psql += ["-v", f"{name}={value}"]
+        with batch.open("rb") as rows:
+            took = _timed(subprocess.run, psql, env=env, check=True, stdin=rows)
+        with conn.cursor() as cur:
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier("public", floor_table)))
+            if cur.fetchone()[0] == 0:
+                raise RuntimeError("the typed floor loaded no rows")
+            for name in (floor_table, db_schema.history_table(floor_table)):
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier("public", name)))
+        return took
+    finally:
+        batch.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":  # python bench/pipeline.py plain RUN_ID TABLE

@@ -117,16 +117,25 @@ def run_files(run_dir: Path) -> dict[str, Path]:
             if p.is_file() and not p.name.startswith(".") and not stage_files.match(p.name)} if run_dir.is_dir() else {}
 
 
-def _state(run_dir: Path) -> dict:
+def _state(settings: config.Settings, run_dir: Path) -> dict:
+    """What `.stored` says, when it speaks of this store's records bucket (a copy in step with another
+    bucket, RECORDS_BUCKET changed, is not in step with this one)."""
     found = runs.read_json(run_dir / STATE_FILE)
-    return found if isinstance(found, dict) else {"version": 0, "files": {}}
+    if isinstance(found, dict) and found.get("store") == _store_of(settings):
+        return found
+    return {"version": 0, "files": {}}
 
 
-def _save_state(run_dir: Path, version: int, digests: dict[str, str], seen: int | None = None) -> None:
+def _store_of(settings: config.Settings) -> str:
+    return f"{settings.store.url}/{settings.records_bucket}"
+
+
+def _save_state(settings: config.Settings, run_dir: Path, version: int, digests: dict[str, str],
+                seen: int | None = None) -> None:
     """`seen`: how many objects of the run the store held when this copy was last in step with it
     (`pull_all` skips a run whose count is unchanged). Written only when it changes."""
-    state = {"version": version, "files": digests, "seen": seen}
-    if _state(run_dir) != state:
+    state = {"store": _store_of(settings), "version": version, "files": digests, "seen": seen}
+    if _state(settings, run_dir) != state:
         runs.write_json(run_dir / STATE_FILE, state)
 
 
@@ -228,9 +237,9 @@ def push(settings: config.Settings, run_id: str, strict: bool = False, version: 
             if key not in stored.keys:
                 written += _put_once(s3, settings.records_bucket, prefix + key, path.read_bytes(), meta)
         written += _push_version(s3, settings, run_id, run_dir, stored) if version else 0
-        state = _state(run_dir)
+        state = _state(settings, run_dir)
         if state.get("version") and state["version"] >= stored.latest:  # in step: `pull_all` may skip it
-            _save_state(run_dir, state["version"], state.get("files", {}), len(stored.keys) + written)
+            _save_state(settings, run_dir, state["version"], state.get("files", {}), len(stored.keys) + written)
     except (storage.StorageError, OSError) as err:
         message = f"the record of run {run_id} could not be stored in {where(settings, run_id)}: {err}"
         if strict:
@@ -246,7 +255,7 @@ def _push_version(s3, settings: config.Settings, run_id: str, run_dir: Path, sto
     took that version's number (the next number is tried), and it names the version's files, so a
     reader takes a version only once they are all there (`complete`). The number is claimed first
     (`claims/NNNNNN`): the store refuses a claim another writer made, and the next number is tried."""
-    state = _state(run_dir)
+    state = _state(settings, run_dir)
     bodies = {name: path.read_bytes() for name, path in run_files(run_dir).items()}
     digests = {name: _digest(body) for name, body in bodies.items()}
     if "manifest.json" not in bodies or digests == state.get("files"):
@@ -261,7 +270,7 @@ def _push_version(s3, settings: config.Settings, run_id: str, run_dir: Path, sto
     for name in others:
         _put_once(s3, settings.records_bucket, _version_key(run_id, f"{version:06d}-{status}", name), bodies[name],
                   {"run-id": run_id})
-    _save_state(run_dir, version, digests)
+    _save_state(settings, run_dir, version, digests)
     return 2 + len(others)
 
 
@@ -308,7 +317,7 @@ def pull_all(settings: config.Settings) -> list[str]:
     s3 = _client(settings)
     changed = []
     for run_id, stored in sorted(_list(s3, settings).items()):
-        if _state(runs.run_dir(settings, run_id)).get("seen") == len(stored.keys):
+        if _state(settings, runs.run_dir(settings, run_id)).get("seen") == len(stored.keys):
             continue  # nothing was stored since this copy was last in step
         if _pull_run(s3, settings, run_id, stored):
             changed.append(run_id)
@@ -331,16 +340,16 @@ def sync_all(settings: config.Settings) -> list[str]:
     changed = pull_all(settings)
     base = runs.runs_dir(settings)
     for run_dir in sorted(base.iterdir()) if base.is_dir() else []:
-        if run_dir.is_dir() and names.RUN_ID.match(run_dir.name) and _behind_here(run_dir):
+        if run_dir.is_dir() and names.RUN_ID.match(run_dir.name) and _behind_here(settings, run_dir):
             push(settings, run_dir.name)
     return changed
 
 
-def _behind_here(run_dir: Path) -> bool:
+def _behind_here(settings: config.Settings, run_dir: Path) -> bool:
     """Whether the working copy holds run-level files the store has not got (cheap: digests only)."""
     if not (run_dir / "manifest.json").is_file():
         return False
-    state = _state(run_dir)
+    state = _state(settings, run_dir)
     return {n: _digest(p.read_bytes()) for n, p in run_files(run_dir).items()} != state.get("files")
 
 
@@ -401,18 +410,18 @@ def _pull_run(s3, settings: config.Settings, run_id: str, stored: Stored) -> boo
                 elif not path.exists():
                     _write(path, _get(s3, bucket, prefix + key), stored.keys[key]["last_modified"])
                     changed = True
-    if stored.latest > _state(run_dir).get("version", 0):
+    if stored.latest > _state(settings, run_dir).get("version", 0):
         latest = complete(s3, settings, run_id, stored)
-        if latest > _state(run_dir).get("version", 0):
+        if latest > _state(settings, run_dir).get("version", 0):
             digests = {}
             for name in stored.versions[latest]:
                 key = _version_key(run_id, stored.folder(latest), name)
                 body = _get(s3, bucket, key)
                 _write(run_dir / name, body, stored.keys[key[len(prefix):]]["last_modified"])
                 digests[name] = _digest(body)
-            _save_state(run_dir, latest, digests)
+            _save_state(settings, run_dir, latest, digests)
             changed = True
-    state = _state(run_dir)
+    state = _state(settings, run_dir)
     if run_dir.is_dir() and state.get("version") == stored.latest:
-        _save_state(run_dir, state["version"], state.get("files", {}), len(stored.keys))
+        _save_state(settings, run_dir, state["version"], state.get("files", {}), len(stored.keys))
     return changed

@@ -177,3 +177,13 @@ def test_a_version_is_taken_only_once_its_files_are_all_stored(here, there, s3, 
     record_store.pull(there, run_id)
     assert (runs.run_dir(there, run_id) / "report.html").read_text() == "v1"
     assert runs.read_json(runs.manifest_path(there, run_id)) != {}
+
+
+def test_a_copy_in_step_with_one_bucket_is_stored_in_another_when_records_bucket_changes(here, s3, unique):
+    run_id = f"moved-{unique}"
+    stage_run(here, run_id, "01_ingest")
+    record_store.push(here, run_id, strict=True)
+    moved = dataclasses.replace(here, records_bucket=f"records-moved-{unique}")
+    record_store.sync_all(moved)
+    keys = stored_objects(s3, moved, run_id)
+    assert "stages/01_ingest.attempt1.json" in keys and any(k.endswith("/manifest.json") for k in keys), keys
