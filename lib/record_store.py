@@ -251,10 +251,9 @@ def push(settings: config.Settings, run_id: str, strict: bool = False, version: 
 
 def _push_version(s3, settings: config.Settings, run_id: str, run_dir: Path, stored: Stored) -> int:
     """A new version when the run-level files changed since the working copy was last in step; returns
-    how many objects it wrote. The manifest is written first: the store refuses it when another writer
-    took that version's number (the next number is tried), and it names the version's files, so a
-    reader takes a version only once they are all there (`complete`). The number is claimed first
-    (`claims/NNNNNN`): the store refuses a claim another writer made, and the next number is tried."""
+    how many objects it wrote. Its number is claimed first (`claims/NNNNNN`: the store refuses a claim
+    another writer made, and the next number is tried); then the manifest, which names the version's
+    other files, so a reader takes a version only once they are all there (`complete`)."""
     state = _state(settings, run_dir)
     bodies = {name: path.read_bytes() for name, path in run_files(run_dir).items()}
     digests = {name: _digest(body) for name, body in bodies.items()}
