@@ -84,13 +84,17 @@ def usage_error(message: str) -> int:
 def records_in_step(command: str) -> config.Settings | None:
     """The settings, with this checkout's copy of the run records (outputs/runs) brought in step with
     the records bucket (lib/record_store.py): what other workers and checkouts recorded is pulled,
-    what only this one holds is pushed. A store that cannot be reached is said in one line, and the
-    command goes on with this checkout's copy (None)."""
+    what only this one holds is pushed, and the index is written again when a run changed. A store
+    that cannot be reached is said in one line, and the command goes on with this checkout's copy
+    (None)."""
+    from lib import report
+
     try:
         env = config.environment()
         runner.ensure_stack(env)
         settings = config.settings(env)
-        record_store.sync_all(settings)
+        if record_store.sync_all(settings):
+            log.info("index: %s", report.write_index(settings.outputs_dir))
         return settings
     except PipelineError as err:
         print(f"run_pipeline.py {command}: the run records of this checkout only: {shown(err)}", file=sys.stderr)

@@ -94,6 +94,8 @@ def test_one_run_across_two_checkouts_keeps_one_complete_record(workers, setting
 
     # Both checkouts show the same record, with its pages, whichever ran what.
     assert row(first, run_id) == row(second, run_id)
+    index = (first / "outputs" / "index.html").read_text()  # written again by `runs` once it pulled the run
+    assert run_id in index and f"runs/{run_id}/05_gold.html" in index
     assert row(first, run_id)["status"] == "succeeded"
     assert manifest(first, run_id) == manifest(second, run_id)
     for project in workers:
