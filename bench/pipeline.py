@@ -94,10 +94,13 @@ def measure(argv: list[str], env: dict, interval: float = 0.05, tree_every: floa
 # --- the plain process: the stage functions, no notebooks -----------------------------------------------
 
 def plain(run_id: str, table: str) -> None:
-    """The stages as the notebooks call them, minus the notebooks (and their previews)."""
-    from lib import publish
+    """The stages as the notebooks call them, minus the notebooks (and their previews), and minus what
+    a run outside the runner does at each stage's end (its manifest, pages and index: lib/stages/
+    context.py `StageRun.ended`): the process says it is the runner of its run, which it is."""
+    from lib import publish, runs
     from lib.stages import clean, context, export, gold, ingest, load
 
+    os.environ[runs.RUNNER_ENV] = run_id
     s = context.begin("01_ingest", run_id, min_records=200)
     ingest.run(s)
     s.finish()
