@@ -158,10 +158,25 @@ def _typed_select() -> sql.Composed:
     return sql.SQL(", ").join(parts)
 
 
+@dataclass(frozen=True)
+class TableSource:
+    """A batch already in the database: the contract columns and _row_hash of `schema.table` (a run's
+    staging copy, made by lib/db_schema.py's DDL), which `merge` reads in SQL: its rows never pass
+    through this process."""
+
+    schema: str
+    table: str
+
+
 def _stage_batch(cur, csv_data, lists: str) -> None:
     """The batch as the temporary table `_batch` (contract types, then _row_hash). With lists="array"
     (PostgreSQL array literals, as formats.copy_csv writes them) COPY types every cell itself; with
-    lists="json" (the silver CSV) the rows are copied as text and cast, each JSON array unnested."""
+    lists="json" (the silver CSV) the rows are copied as text and cast, each JSON array unnested. A
+    `TableSource` is selected from, typed already."""
+    if isinstance(csv_data, TableSource):
+        cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {}, _row_hash FROM {}").format(
+            column_list(COLUMNS), ident(csv_data.schema, csv_data.table)))
+        return
     source = csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data)
     copy = sql.SQL("COPY {} ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
     if lists == "array":
@@ -205,8 +220,9 @@ class MergeOptions:
 
 
 def merge(conn, csv_data, options: MergeOptions) -> dict:
-    """Load a CSV (bytes or a binary file object: the contract columns then _row_hash) into
-    `schema.table` of `options` in ONE transaction: COPY into a temporary table, then merge. Its list
+    """Load a CSV (bytes or a binary file object: the contract columns then _row_hash), or the rows of
+    a `TableSource`, into `schema.table` of `options` in ONE transaction: COPY (or select) into a
+    temporary table, then merge. Its list
     cells are JSON arrays (lists="json", the silver CSV) or PostgreSQL array literals (lists="array",
     what formats.copy_csv writes: COPY types them itself, no cast).
 

@@ -3,7 +3,6 @@ country's versions, counts and listings; and the CSV export (COPY TO STDOUT)."""
 
 from __future__ import annotations
 
-import io
 from typing import TYPE_CHECKING
 
 from psycopg2 import sql
@@ -73,20 +72,6 @@ def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFr
                     f"FROM {hist} WHERE {KEY} = :key ORDER BY valid_from")
     with engine_.connect() as conn:
         return pd.read_sql_query(query, conn, params={"key": key})
-
-
-def batch_csv(conn, schema: str, table: str) -> bytes:
-    """The table's rows as a load's batch: the contract columns (lists as JSON arrays) and _row_hash,
-    as CSV with a header (what `db_load.merge` reads with lists="json")."""
-    cols = sql.SQL(", ").join(
-        (sql.SQL("array_to_json({c})::text AS {c}") if c in LIST_COLUMNS else sql.SQL("{c}")).format(
-            c=sql.Identifier(c)) for c in COLUMNS)
-    query = sql.SQL("COPY (SELECT {cols}, _row_hash FROM {t}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(
-        cols=cols, t=ident(schema, table))
-    out = io.BytesIO()
-    with conn.cursor() as cur:
-        cur.copy_expert(query.as_string(conn), out)
-    return out.getvalue()
 
 
 def total(conn, schema: str, table: str, column: str) -> str:

@@ -79,9 +79,9 @@ def _table(settings: config.Settings, run_id: str, loaded: dict) -> dict | None:
                                "was published; run it again")
         if not db.table_exists(conn, staged, table):
             raise PublishError(f"run {run_id}'s staged table {staged}.{table} is gone: nothing was published")
-        batch = db_read.batch_csv(conn, staged, table)
         conn.rollback()
-        return db_load.merge(conn, batch, db_load.MergeOptions(
+        # The staged rows are merged in SQL: a table of any size never passes through this process.
+        return db_load.merge(conn, db_load.TableSource(staged, table), db_load.MergeOptions(
             schema=schema, table=table, run_id=run_id, mode="replace", allow_rewind=True, log_mode=details.get("mode", ""),
             expected_fingerprint=details.get("current_fingerprint"), data_as_of=details.get("data_as_of")))
     except db.DatabaseError as err:
