@@ -11,7 +11,7 @@ from itertools import chain, islice
 import numpy as np
 import pandas as pd
 
-from lib import formats, quality
+from lib import formats
 from lib.contract import COLUMNS, KEY, LIST_COLUMNS
 
 
@@ -94,7 +94,7 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
             differing[col] = (where, [None] * len(where), new.take(pa.array(where)).to_pylist())
             continue
         old = formats.parquet_column(previous, col).take(old_rows)
-        a, b = (quality._json_lists(old), quality._json_lists(new)) if col in LIST_COLUMNS else (old, new)
+        a, b = (formats.json_lists(old), formats.json_lists(new)) if col in LIST_COLUMNS else (old, new)
         if a.type != b.type:
             a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())
         same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))

@@ -517,3 +517,56 @@ def other_format_keys(key: str) -> list[str]:
     if not any(f.extension == extension for f in FORMATS.values()):
         return []
     return [f"{stem}.{f.extension}" for f in FORMATS.values() if f.extension != extension]
+
+
+# --- list and text cells as JSON text, column-wise in pyarrow's compute kernels ---------------------
+# Strings escaped exactly as json.dumps(ensure_ascii=False) escapes them: \\ and \" always, \b \f \n \r \t by
+# name, any other control character as \u00xx (the row hashes, lib/quality.py, and the change report,
+# lib/changes.py, compare list cells by this text).
+
+_NAMED_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+# One JSON string exactly as json.dumps(ensure_ascii=False) writes it, and a JSON array of them as
+# json.dumps writes it (", " between items) or PostgreSQL's array_to_json does ("," between items).
+_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt]|\\u00(?:0[0-7]|0b|0e|0f|1[0-9a-f]))*"'
+_JSON_TEXT_LIST = rf"^\[(?:{_JSON_STRING}(?:, ?{_JSON_STRING})*)?\]$"
+
+
+def pyarrow_compute():
+    """pyarrow and its compute functions, imported where Arrow columns are made."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return pa, pc
+
+
+def large_text(value: str):
+    """A large_string scalar, to join Arrow text columns with."""
+    pa, _ = pyarrow_compute()
+    return pa.scalar(value, pa.large_string())
+
+
+def json_strings(values):
+    """Each string as its JSON literal (null stays null)."""
+    pa, pc = pyarrow_compute()
+    values = escape_present(pc.cast(values, pa.large_string()), {"\\": "\\\\", '"': '\\"'},
+                            lambda char: _NAMED_ESCAPES.get(char, f"\\u{ord(char):04x}"))
+    return pc.binary_join_element_wise(large_text('"'), values, large_text('"'), large_text(""))
+
+
+def json_lists(values):
+    """Each list of strings as its JSON text. A string column holds JSON arrays already (a CSV's list
+    cells): when every cell is a JSON array of strings escaped as json.dumps escapes them, only the
+    separator may differ ("," from PostgreSQL), and it is rewritten as ", " after each whole string
+    the pattern matches (matching from a cell's opening quote string by string, a quote escaped
+    inside a string is never taken for a string's end); any other spelling is parsed and written again."""
+    pa, pc = pyarrow_compute()
+    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+        if values.null_count == 0 and pc.all(pc.match_substring_regex(values, _JSON_TEXT_LIST)).as_py() is not False:
+            return pc.replace_substring_regex(pc.cast(values, pa.large_string()), f"({_JSON_STRING}), ?", r"\1, ")
+        values = pa.array(json.loads("[" + ",".join(values.to_pylist()) + "]"), pa.list_(pa.large_string()))
+    if values.null_count:
+        raise ValueError("a list column holds a null")
+    if pa.types.is_large_list(values.type):
+        values = values.cast(pa.list_(values.type.value_type))
+    lists = pa.ListArray.from_arrays(values.offsets, json_strings(values.values))
+    return pc.binary_join_element_wise(large_text("["), pc.binary_join(lists, large_text(", ")), large_text("]"), large_text(""))

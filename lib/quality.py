@@ -3,6 +3,7 @@ drift, and the content hashes and fingerprints that reconciliation compares at e
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -12,9 +13,8 @@ from dataclasses import dataclass
 from itertools import chain
 
 import pandas as pd
-import pandera.pandas as pa
 
-from lib.formats import escape_present, json_text
+from lib.formats import json_lists, json_strings, json_text, large_text, pyarrow_compute
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
@@ -179,17 +179,17 @@ PREDICATES = {
 # independently of the record order.
 RECORD_RULES = {c.name: (PREDICATES[c.check.name], c.reason) for c in CONTRACT}
 
-# The typed silver table every later hop reads back.
-SILVER_SCHEMA = pa.DataFrameSchema(
-    {c.name: pa.Column(c.dtype, nullable=c.nullable, unique=c.name == KEY) for c in CONTRACT},
-    strict="filter",
-    ordered=False,
-    name=f"silver contract v{VERSION}",
-)
-SILVER_ROWS_SCHEMA = pa.DataFrameSchema(
-    {c.name: pa.Column(c.dtype, nullable=c.nullable) for c in CONTRACT},
-    strict="filter", ordered=False, name=f"silver contract v{VERSION} (rows of a chunk)",
-)
+@functools.cache
+def silver_schema(unique: bool = True):
+    """The typed silver table every later hop reads back, as a pandera schema; `unique=False`: the rows
+    of a chunk, whose keys the caller settles across chunks. pandera is imported here, when rows are
+    typed: the processes that only prove and publish (the runner) never pay its ~0.2 s."""
+    import pandera.pandas as pandera
+
+    return pandera.DataFrameSchema(
+        {c.name: pandera.Column(c.dtype, nullable=c.nullable, unique=unique and c.name == KEY) for c in CONTRACT},
+        strict="filter", ordered=False,
+        name=f"silver contract v{VERSION}" + ("" if unique else " (rows of a chunk)"))
 
 
 @dataclass
@@ -360,7 +360,7 @@ def typed(frame: pd.DataFrame, unique: bool = True) -> pd.DataFrame:
     out = frame.copy()
     for c in CONTRACT:
         out[c.name] = out[c.name].astype(c.dtype)
-    return (SILVER_SCHEMA if unique else SILVER_ROWS_SCHEMA).validate(out)
+    return silver_schema(unique).validate(out)
 
 
 _CANONICAL = json_text
@@ -425,67 +425,21 @@ def row_hash(values) -> str:
 # \\ and \" always, \b \f \n \r \t by name, any other control character as \u00xx), then only
 # the sha256 of each row's text is a per-row call. The hashes are identical (tests/test_quality.py).
 
-_NAMED_ESCAPES = {"\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
-# One JSON string exactly as json.dumps(ensure_ascii=False) writes it, and a JSON array of them as
-# json.dumps writes it (", " between items) or PostgreSQL's array_to_json does ("," between items).
-_JSON_STRING = r'"(?:[^"\\\x00-\x1f]|\\["\\bfnrt]|\\u00(?:0[0-7]|0b|0e|0f|1[0-9a-f]))*"'
-_JSON_TEXT_LIST = rf"^\[(?:{_JSON_STRING}(?:, ?{_JSON_STRING})*)?\]$"
-
-
-def _arrow():
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    return pa, pc
-
-
-def _text(value: str):
-    pa, _ = _arrow()
-    return pa.scalar(value, pa.large_string())
-
-
-def _json_strings(values):
-    """Each string as its JSON literal (null stays null)."""
-    pa, pc = _arrow()
-    values = escape_present(pc.cast(values, pa.large_string()), {"\\": "\\\\", '"': '\\"'},
-                            lambda char: _NAMED_ESCAPES.get(char, f"\\u{ord(char):04x}"))
-    return pc.binary_join_element_wise(_text('"'), values, _text('"'), _text(""))
-
-
-def _json_lists(values):
-    """Each list of strings as its JSON text. A string column holds JSON arrays already (a CSV's list
-    cells): when every cell is a JSON array of strings escaped as json.dumps escapes them, only the
-    separator may differ ("," from PostgreSQL), and it is rewritten as ", " after each whole string
-    the pattern matches (matching from a cell's opening quote string by string, a quote escaped
-    inside a string is never taken for a string's end); any other spelling is parsed and written again."""
-    pa, pc = _arrow()
-    if pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
-        if values.null_count == 0 and pc.all(pc.match_substring_regex(values, _JSON_TEXT_LIST)).as_py() is not False:
-            return pc.replace_substring_regex(pc.cast(values, pa.large_string()), f"({_JSON_STRING}), ?", r"\1, ")
-        values = pa.array(json.loads("[" + ",".join(values.to_pylist()) + "]"), pa.list_(pa.large_string()))
-    if values.null_count:
-        raise ValueError("a list column holds a null")
-    if pa.types.is_large_list(values.type):
-        values = values.cast(pa.list_(values.type.value_type))
-    lists = pa.ListArray.from_arrays(values.offsets, _json_strings(values.values))
-    return pc.binary_join_element_wise(_text("["), pc.binary_join(lists, _text(", ")), _text("]"), _text(""))
-
-
 def _json_column(kind: str, values):
-    pa, pc = _arrow()
+    pa, pc = pyarrow_compute()
     if kind == "text[]":
-        return _json_lists(values)
+        return json_lists(values)
     # A number's JSON text; a null (only a nullable column holds one) is JSON null.
     if kind == "bigint":
         if not pa.types.is_integer(values.type):
             return pa.array([None if v is None else str(v) for v in _canonical_column(kind, values.to_pylist())],
-                            pa.large_string()).fill_null(_text("null"))
-        return pc.fill_null(pc.cast(values, pa.large_string()), _text("null"))
+                            pa.large_string()).fill_null(large_text("null"))
+        return pc.fill_null(pc.cast(values, pa.large_string()), large_text("null"))
     if kind == "double":
         floats = pc.cast(values, pa.float64(), safe=False) if values.type != pa.float64() else values
         return pa.array([None if v is None else float.__repr__(v) for v in floats.to_pylist()],
-                        pa.large_string()).fill_null(_text("null"))
-    return pc.fill_null(_json_strings(values), _text("null"))
+                        pa.large_string()).fill_null(large_text("null"))
+    return pc.fill_null(json_strings(values), large_text("null"))
 
 
 def arrow_row_hashes(table) -> list[str]:
@@ -493,7 +447,7 @@ def arrow_row_hashes(table) -> list[str]:
     list<string> or as JSON array text, text nulls as null), the same values `row_hashes` gives."""
     import numpy as np
 
-    pa, pc = _arrow()
+    pa, pc = pyarrow_compute()
     if len(table) == 0:
         return []
     columns = []
@@ -502,8 +456,8 @@ def arrow_row_hashes(table) -> list[str]:
         if isinstance(values, pa.ChunkedArray):
             values = values.combine_chunks()
         columns.append(_json_column(c.kind, values))
-    rows = pc.binary_join_element_wise(_text("["), pc.binary_join_element_wise(*columns, _text(", ")),
-                                       _text("]"), _text(""))
+    rows = pc.binary_join_element_wise(large_text("["), pc.binary_join_element_wise(*columns, large_text(", ")),
+                                       large_text("]"), large_text(""))
     if rows.null_count:
         raise ValueError("a row's canonical form is null: a list cell is null")
     offsets = np.frombuffer(rows.buffers()[1], dtype=np.int64)[rows.offset:rows.offset + len(rows) + 1].tolist()
@@ -530,7 +484,7 @@ class Fingerprint:
     def add(self, frame, hashes=None) -> "Fingerprint":
         """Add a pandas frame or an Arrow table/batch; `hashes` (a list or an Arrow array) are its row
         hashes when the caller has just computed them from the same values."""
-        pa, pc = _arrow()
+        pa, pc = pyarrow_compute()
         if isinstance(frame, pd.DataFrame):
             keys = pa.array(frame[KEY].tolist(), pa.large_string())
             hashes = row_hashes(frame) if hashes is None else hashes
@@ -540,14 +494,14 @@ class Fingerprint:
             hashes = arrow_row_hashes(frame) if hashes is None else hashes
         if len(keys):
             hashes = pc.cast(hashes, pa.large_string()) if isinstance(hashes, pa.Array) else pa.array(hashes, pa.large_string())
-            self.chunks.append(pc.binary_join_element_wise(keys, hashes, _text("\t")))
+            self.chunks.append(pc.binary_join_element_wise(keys, hashes, large_text("\t")))
             self.rows += len(keys)
         return self
 
     def subset(self, masks: list) -> "Fingerprint":
         """The fingerprint of some of the rows added: `masks` holds one boolean array per `add` of a
         non-empty chunk, true for the rows to keep (taken before `result`, which joins the chunks)."""
-        _, pc = _arrow()
+        _, pc = pyarrow_compute()
         if self.joined:
             raise ValueError("a subset is taken before the result: the chunks are joined by then")
         if len(masks) != len(self.chunks):
@@ -558,7 +512,7 @@ class Fingerprint:
         return out
 
     def result(self) -> dict:
-        pa, pc = _arrow()
+        pa, pc = pyarrow_compute()
         digest = hashlib.sha256()
         if self.chunks:
             lines = pa.chunked_array(self.chunks, pa.large_string()).combine_chunks()

@@ -20,6 +20,7 @@ LAZY = {
     "pyarrow": "~0.2 s and ~80 MiB, needed only where Arrow tables are made",
     "numpy": "comes with pyarrow or pandas; imported beside them",
     "pandas": "~0.4 s: the runner and the command line check names and read records without frames",
+    "pandera": "~0.2 s, only where rows are typed against the contract (stage 2): the runner proves and publishes without it",
     "sqlalchemy": "~0.15 s, only for the notebooks' history previews",
     "matplotlib": "~0.5 s, only where a picture is drawn",
     "papermill": "~1 s with nbformat's schemas; only the runner executes notebooks",
