@@ -222,9 +222,9 @@ class MergeOptions:
 def merge(conn, csv_data, options: MergeOptions) -> dict:
     """Load a CSV (bytes or a binary file object: the contract columns then _row_hash), or the rows of
     a `TableSource`, into `schema.table` of `options` in ONE transaction: COPY (or select) into a
-    temporary table, then merge. Its list
-    cells are JSON arrays (lists="json", the silver CSV) or PostgreSQL array literals (lists="array",
-    what formats.copy_csv writes: COPY types them itself, no cast).
+    temporary table, then merge. A CSV's list cells are JSON arrays (lists="json", the silver CSV) or
+    PostgreSQL array literals (lists="array", what formats.copy_csv writes: COPY types them itself,
+    no cast).
 
     upsert:  new keys inserted, changed rows updated (history: old version closed, new one opened),
              unchanged rows untouched; with retire_missing, keys absent from the batch are removed

@@ -95,7 +95,7 @@ def run(settings: config.Settings, run_id: str) -> dict:
     (`layout.pending_key`); 1. the table (one transaction); 2. the `latest` copies; 3. the table's
     pointer, written last; then the note is removed and the staging copy dropped. Stopped at any
     step, it is finished by `finish_pending`. The caller holds the pipeline lock. Returns the table's
-    load and the published URIs (also in the gold stage's record, which the manifest derives from)."""
+    load and the published URIs (also in the run's `published.json`, which the manifest derives from)."""
     loaded, exported, gold = _proven(settings, run_id)
     try:  # the run's record is whole in the records bucket before anything makes the run current
         record_store.push(settings, run_id, strict=True)

@@ -359,13 +359,12 @@ def _write(path: Path, data: bytes, when=None) -> None:
         os.utime(path, (when.timestamp(), when.timestamp()))
 
 
-def _as_attempt(data: bytes, stage: str, n: int) -> bytes:
-    """A stored stage record as the working copy keeps an earlier attempt: its notebook renamed as
+def _as_attempt(record: dict, stage: str, n: int) -> bytes:
+    """A stage record as the working copy keeps an earlier attempt: its notebook renamed as
     `keep_attempt` renames it."""
-    record = json.loads(data)
     if record.get("notebook") == f"{stage}.ipynb":
-        record["notebook"] = f"{stage}.attempt{n}.ipynb"
-    return (json.dumps(record, indent=2, default=str, ensure_ascii=False) + "\n").encode("utf-8")
+        record = {**record, "notebook": f"{stage}.attempt{n}.ipynb"}
+    return runs.json_bytes(record)
 
 
 def _pull_run(s3, settings: config.Settings, run_id: str, stored: Stored) -> bool:
@@ -377,7 +376,7 @@ def _pull_run(s3, settings: config.Settings, run_id: str, stored: Stored) -> boo
         earlier, current_n, current = _attempts_here(run_dir, stage)
         newest = numbers[-1]
         here_is_newer = current_n is not None and current_n > newest
-        if current_n is not None and not here_is_newer and current_n < newest:
+        if current_n is not None and current_n < newest:
             # The working copy's current execution is an earlier attempt than the store's latest:
             # it becomes that attempt (from the store when it has it), its notebook and page too.
             for kind in ("notebooks", "pages"):
@@ -385,8 +384,7 @@ def _pull_run(s3, settings: config.Settings, run_id: str, stored: Stored) -> boo
                 if path.exists():
                     path.replace(_local(run_dir, kind, stage, current_n, False))
             if current_n not in numbers:
-                _write(_local(run_dir, "stages", stage, current_n, False),
-                       _as_attempt(json.dumps(current).encode(), stage, current_n))
+                _write(_local(run_dir, "stages", stage, current_n, False), _as_attempt(current, stage, current_n))
             (run_dir / "stages" / f"{stage}.json").unlink(missing_ok=True)
             changed = True
         for n in numbers:
@@ -398,7 +396,7 @@ def _pull_run(s3, settings: config.Settings, run_id: str, stored: Stored) -> boo
                 path = _local(run_dir, kind, stage, n, is_current)
                 if kind == "stages":
                     body = _get(s3, bucket, prefix + key)
-                    body = body if is_current else _as_attempt(body, stage, n)
+                    body = body if is_current else _as_attempt(json.loads(body), stage, n)
                     if path.exists() and path.read_bytes() == body:
                         continue
                     if is_current and current is not None and current.get("status") == "running" \

@@ -134,15 +134,20 @@ def published(where: Settings | Path, run_id: str) -> list[str]:
     return list(found.get("published") or []) if isinstance(found, dict) else []
 
 
-def write_json(path: Path, data) -> None:
-    """Write JSON whole or not at all (lib/files.py): readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def json_bytes(data) -> bytes:
+    """A record's bytes as every record file holds them."""
     text = json.dumps(data, indent=2, default=str, ensure_ascii=False)
     try:
         body = text.encode("utf-8")
     except UnicodeEncodeError:  # a lone surrogate somewhere: JSON escapes keep it exactly
         body = json.dumps(data, indent=2, default=str, ensure_ascii=True).encode("ascii")
-    files.write(path, body + b"\n")
+    return body + b"\n"
+
+
+def write_json(path: Path, data) -> None:
+    """Write JSON whole or not at all (lib/files.py): readers see the old file or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write(path, json_bytes(data))
 
 
 def read_json(path: Path):
