@@ -1,119 +1,32 @@
 """The load: a batch (CSV) into PostgreSQL in one transaction, COPY into a temporary table then merge
 into the current table with history (SCD type 2), proven against the silver fingerprint before the
-commit; and the pipes that let a COPY run while its rows are produced or parsed."""
+commit (`merge`); stage 3's half of it, the table as the run will publish it written to the run's
+staging schema and proven there (`stage`), which the publish merges once; and the pipes that let a
+COPY run while its rows are produced or parsed."""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import logging
-import os
-import threading
 from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 
-from lib import formats, names, quality
+from lib import db_pipes, formats, names, quality
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS
 from lib.db import (LOADS_TABLE, WRITE_MODES, BatchMismatch, DatabaseError, RewindRefused, column_list, ident,
                     table_exists, transaction)
-from lib.db_schema import AUDIT_COLUMNS, ensure_tables, history_table
+from lib.db_schema import (AUDIT_COLUMNS, HISTORY_COLUMNS, LOAD_COLUMNS, as_migrated, changes_table, create_loads,
+                            create_table, ensure_tables, history_table, migrate)
 
 log = logging.getLogger(__name__)
 
 LOAD_LOCK_TIMEOUT = "60s"  # longest wait of a load for a lock held by another session
 LOAD_WORK_MEM = "64MB"  # a load's work_mem (its joins and sorts over the batch; SET LOCAL)
 LIST_FORMATS = ("json", "array")
-
-
-# --- COPY through a pipe -----------------------------------------------------------------------------
-
-def _piped(write):
-    """Start `write(sink)` in a thread writing into a pipe; its reading end, the thread, and the dict
-    that gets write's return value ("result") or its error ("error")."""
-
-    read_fd, write_fd = os.pipe()
-    with contextlib.suppress(ImportError, OSError, AttributeError):  # a 1 MiB pipe (Linux), fewer wake-ups
-
-        fcntl.fcntl(write_fd, fcntl.F_SETPIPE_SZ, 1 << 20)
-    reader, writer = open(read_fd, "rb", buffering=1 << 20), open(write_fd, "wb", buffering=1 << 16)
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["result"] = write(writer)
-        except BaseException as err:  # handed to the reading thread
-            outcome["error"] = err
-        finally:
-            with contextlib.suppress(OSError):
-                writer.close()
-
-    thread = threading.Thread(target=run, name="pipe-writer", daemon=True)
-    thread.start()
-    return reader, thread, outcome
-
-
-@contextlib.contextmanager
-def streamed(copy):
-    """Run `copy(sink)` (a COPY ... TO STDOUT into `sink`) in a thread writing into a pipe, and yield
-    the pipe's reading end, so the rows are parsed while PostgreSQL still renders them (the server
-    and the parse each take a core). The reader must be read to its end. An error of the COPY is
-    raised once the reading is done (before the reader's own, which a cut-off stream would cause);
-    leaving early closes the pipe, which ends the COPY. `copy`'s return value ends up in the dict
-    yielded beside the reader, under "result"."""
-    reader, thread, outcome = _piped(copy)
-    try:
-        yield reader, outcome
-    except BaseException:
-        reader.close()
-        thread.join()
-        if isinstance(outcome.get("error"), psycopg2.Error):
-            raise outcome["error"] from None  # the server's error, not the parse of a cut-off stream
-        raise
-    reader.close()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-
-
-class _Fed:
-    """The reading end of `fed`'s pipe: its end raises the producer's error, so a COPY ... FROM STDIN
-    reading it fails (and its transaction rolls back) instead of loading a cut-off batch."""
-
-    def __init__(self, reader, thread, outcome):
-        self.reader, self.thread, self.outcome = reader, thread, outcome
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self.reader.read(size)
-        if not chunk:
-            self.thread.join()
-            if "error" in self.outcome:
-                raise self.outcome["error"]
-        return chunk
-
-
-@contextlib.contextmanager
-def fed(produce):
-    """Run `produce(sink)` (writing a CSV for `merge`, say) in a thread writing into a pipe, and yield
-    a reader of it for COPY ... FROM STDIN, so the rows are produced while PostgreSQL copies the
-    previous ones; and a dict that gets produce's return value under "result". The producer's
-    error wins over the reader's (a COPY failed by it)."""
-    reader, thread, outcome = _piped(produce)
-    try:
-        yield _Fed(reader, thread, outcome), outcome
-    except BaseException:
-        reader.close()  # a producer still writing stops (broken pipe)
-        thread.join()
-        if "error" in outcome and not isinstance(outcome["error"], BrokenPipeError):
-            raise outcome["error"] from None
-        raise
-    reader.close()
-    thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
 
 
 # --- the load ----------------------------------------------------------------------------------------
@@ -135,7 +48,7 @@ def _hashed_rows(cur, query: sql.Composable, extra: dict[str, str]):
 
     statement = sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query).as_string(cur)
     types = {name: pa.bool_() if kind == "bool" else pa.string() for name, kind in extra.items()}
-    with streamed(lambda sink: cur.copy_expert(statement, sink)) as (stream, _):
+    with db_pipes.streamed(lambda sink: cur.copy_expert(statement, sink)) as (stream, _):
         for batch in formats.csv_arrow_batches(stream, extra=types):
             yield batch, quality.arrow_row_hashes(batch)
 
@@ -161,8 +74,8 @@ def _typed_select() -> sql.Composed:
 @dataclass(frozen=True)
 class TableSource:
     """A batch already in the database: the contract columns and _row_hash of `schema.table` (a run's
-    staging copy, made by lib/db_schema.py's DDL), which `merge` reads in SQL: its rows never pass
-    through this process."""
+    staged table, made by `stage`), which `merge` reads in SQL: its rows never pass through this
+    process."""
 
     schema: str
     table: str
@@ -173,8 +86,8 @@ def _stage_batch(cur, csv_data, lists: str) -> None:
     (PostgreSQL array literals, as formats.copy_csv writes them) COPY types every cell itself; with
     lists="json" (the silver CSV) the rows are copied as text and cast, each JSON array unnested. A
     `TableSource` is selected from, typed already."""
-    if isinstance(csv_data, TableSource):
-        cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {}, _row_hash FROM {}").format(
+    if isinstance(csv_data, TableSource):  # read where it is (a view, dropped before the commit), not copied
+        cur.execute(sql.SQL("CREATE TEMP VIEW _batch AS SELECT {}, _row_hash FROM {}").format(
             column_list(COLUMNS), ident(csv_data.schema, csv_data.table)))
         return
     source = csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data)
@@ -209,6 +122,9 @@ class MergeOptions:
     lists: str = "json"
     held: tuple[str, ...] = ()  # keys quarantined this run: never retired
     log_mode: str = ""  # the mode the load log records ('': `mode`; a publish records the run's own)
+    # A `TableSource` staged by `stage`: its rows' checksum (`checksum`), which the table must hold
+    # once merged, in place of reading the table back (`stage` proved those rows' values already).
+    proven_checksum: str | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in WRITE_MODES:
@@ -237,72 +153,36 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
     table behind the pipeline's back (its values no longer give its `_row_hash`) is reported as
     drift and, in upsert and replace, repaired. Append never changes a row, so a key it skips must
     already hold the batch's values.
-    Before committing, the table is read back once (COPY, in the same transaction): the fingerprint
-    of the batch's rows, recomputed from the stored values, is compared with `expected_fingerprint`
-    (stage 2's `clean_fingerprint`), any difference rolling the load back (the rows not stored as
-    staged are named, compared in SQL, when that proof fails or is not given), and the whole table's
-    fingerprint is returned as `current_fingerprint`.
+    Before committing, the table is proven: read back once (COPY, in the same transaction), the
+    fingerprint of the batch's rows, recomputed from the stored values, is compared with
+    `expected_fingerprint` (stage 2's `clean_fingerprint`), any difference rolling the load back
+    (the rows not stored as staged are named, compared in SQL, when that proof fails or is not
+    given), and the whole table's fingerprint is returned as `current_fingerprint`. A batch that
+    `stage` proved already (`proven_checksum`) is not read back: the table must hold exactly its
+    rows (a checksum computed in PostgreSQL), and `expected_fingerprint` is then the table's.
     `data_as_of` (when the batch's data was fetched) is kept in the load log; a batch older than
     the table's latest load is refused unless `allow_rewind`.
     On any error the transaction is rolled back and the tables are as they were. A lock held by another
     session (a killed run's, say) is waited for `lock_timeout` at most, then the load fails saying so.
     """
     schema, table, run_id, mode = options.schema, options.table, options.run_id, options.mode
-    retire_missing, lock_timeout, lists = options.retire_missing, options.lock_timeout, options.lists
-    expected_fingerprint, data_as_of = options.expected_fingerprint, options.data_as_of
-    allow_rewind = options.allow_rewind
     target, hist, loads = ident(schema, table), ident(schema, history_table(table)), ident(schema, LOADS_TABLE)
-    retire = mode == "replace" or (retire_missing and mode == "upsert")  # append never removes rows
     data_cols = column_list(COLUMNS)
-    try:
+    with _rolled_back(options):
         with transaction(conn):
             with conn.cursor() as cur:
-                cur.execute("SET LOCAL lock_timeout = %s", (lock_timeout,))
-                # Room for the batch's hash joins (this transaction only).
-                cur.execute("SET LOCAL work_mem = %s", (LOAD_WORK_MEM,))
+                _begin(cur, options)
                 absent = [ident(schema, name) for name in (table, history_table(table))
                           if not table_exists(conn, schema, name)]
                 ensure_tables(cur, schema, table)
                 fresh = [t for t in absent if _created_here(cur, t)]
-                _stage_batch(cur, csv_data, lists)
+                _stage_batch(cur, csv_data, options.lists)
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(loads))
                 # No other session writes the table until this one commits (readers go on): the rows
                 # compared below are the rows written over, and a key found new stays new.
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
-                _refuse_rewind(cur, loads, schema, table, run_id, data_as_of, allow_rewind)
-                differs = sql.SQL(" OR ").join(
-                    sql.SQL("t.{c} IS DISTINCT FROM b.{c}").format(c=sql.Identifier(c)) for c in COLUMNS[1:])
-                cur.execute(sql.SQL(
-                    "CREATE TEMP TABLE _changes ON COMMIT DROP AS "
-                    "SELECT b.{k} AS key, CASE WHEN t.{k} IS NULL THEN 'insert' "
-                    "WHEN {differs} OR t._row_hash IS DISTINCT FROM b._row_hash THEN 'update' "
-                    "ELSE 'unchanged' END AS change "
-                    "FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k}").format(
-                    k=sql.Identifier(KEY), t=target, differs=differs))
-                # Drift: a row whose values no longer give the hash the pipeline stored with them. A
-                # row that differs from the batch (in values or hash) is hashed here, before it is
-                # rewritten; a row equal to the batch gives the batch's hash, checked after the write.
-                drift = _drifted(cur, sql.SQL(
-                    "SELECT {cols}, t._row_hash FROM {t} t JOIN _changes c ON c.key = t.{k} "
-                    "AND c.change = 'update'").format(cols=_list_json("t"), t=target, k=sql.Identifier(KEY)))
-                if mode == "append":
-                    cur.execute("SELECT key FROM _changes WHERE change = 'update'")
-                    kept = [r[0] for r in cur.fetchall()]
-                    if kept:
-                        raise BatchMismatch(
-                            f"append mode keeps existing rows, but {len(kept)} key(s) of the batch are in "
-                            f"{schema}.{table} with other values: {_short(kept)}"
-                            + (f" (changed in the table behind the pipeline's back: {_short(drift)})" if drift else "")
-                            + "; nothing was loaded. Load with write_mode=upsert to update (and repair) them")
-                if retire:  # a key held in quarantine this run is still sent by the source: kept
-                    cur.execute(sql.SQL(
-                        "INSERT INTO _changes SELECT t.{k}, CASE WHEN t.{k} = ANY(%s) THEN 'held' ELSE 'retire' END "
-                        "FROM {t} t WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k})").format(
-                        k=sql.Identifier(KEY), t=target), (list(options.held),))
-                cur.execute("SELECT key FROM _changes WHERE change = 'held' ORDER BY key LIMIT 1000")
-                held_keys = [r[0] for r in cur.fetchall()]
-                cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
-                counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, "held": 0, **dict(cur.fetchall())}
+                _refuse_rewind(cur, loads, schema, table, run_id, options.data_as_of, options.allow_rewind)
+                counts, drift, held_keys = _plan(cur, options, target)
 
                 def of_batch(changes: tuple[str, ...]) -> sql.Composable:
                     """The batch rows whose change is one of `changes` (no filter when that is all of
@@ -329,7 +209,6 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                 # audit columns: its `_run_id` stays the run that last changed it, as its history says.
                 cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
                                     "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
-                written = ("insert", "update")
                 updates = sql.SQL(", ").join(
                     sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
                     for c in [*COLUMNS[1:], *AUDIT_COLUMNS])
@@ -340,38 +219,125 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                 cur.execute(sql.SQL(
                     "INSERT INTO {t} ({cols}, _row_hash, _run_id, _loaded_at) "
                     "SELECT {cols}, _row_hash, %s, now() {rows}{conflict}").format(
-                    t=target, cols=data_cols, rows=of_batch(written), conflict=conflict), (run_id,))
+                    t=target, cols=data_cols, rows=of_batch(("insert", "update")), conflict=conflict), (run_id,))
                 _build_indexes(cur, indexes)
-                # Audit before commit: the table is read back once, and the fingerprint of the batch's
-                # rows, recomputed from the stored values, must be the silver table's. Rows that are
-                # not stored as the batch has them are named (compared in SQL, doubles by their bits)
-                # whenever that proof is missing or fails.
-                batch_fp, current_fp, unproven = _table_fingerprints(cur, target)
-                fingerprint = batch_fp["fingerprint"]
-                if expected_fingerprint is None or fingerprint != expected_fingerprint:
-                    wrong = _not_as_sent(cur, target)
-                    if wrong:
-                        raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: "
-                                            f"{_short(wrong)}; rolled back")
-                if expected_fingerprint is not None and fingerprint != expected_fingerprint:
-                    raise BatchMismatch(
-                        f"the {batch_fp['rows']} rows loaded have fingerprint {fingerprint[:16]}, the silver "
-                        f"record says {expected_fingerprint[:16]}: the batch is not the silver table; rolled back")
+                if options.proven_checksum is not None and _checksum(cur, target) == options.proven_checksum:
+                    # The table holds exactly the rows `stage` proved: their fingerprint is the one it recorded.
+                    proven = {"rows": int(options.proven_checksum.split(":")[0]),
+                              "fingerprint": options.expected_fingerprint}
+                    batch_fp, current_fp, unproven = proven, proven, []
+                else:
+                    batch_fp, current_fp, unproven = _proof(cur, target, options.expected_fingerprint)
+                    if options.proven_checksum is not None:  # and yet every row read back is as staged
+                        raise BatchMismatch(f"{schema}.{table} does not hold the rows run {run_id} staged and "
+                                            "proved (their checksum differs); rolled back")
                 drift = sorted(set(drift) | set(unproven))
-                repaired = drift  # every drifted row is a row of the batch, now stored as the batch has it
-                cur.execute(sql.SQL(
-                    "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired, "
-                    "repaired, data_as_of) VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s, %s) RETURNING load_id").format(
-                    loads),
-                    (run_id, table, options.log_mode or mode, counts["insert"], counts["update"], counts["unchanged"],
-                     counts["retire"], len(repaired), data_as_of))
-                load_id = cur.fetchone()[0]
-                current = current_fp["rows"]
+                load_id = _log_load(cur, loads, options, counts, len(drift))
+                if isinstance(csv_data, TableSource):
+                    cur.execute("DROP VIEW _batch")
+    result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
+              "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys,
+              "current_rows": current_fp["rows"], "mode": mode, "load_id": load_id,
+              "batch_rows": batch_fp["rows"], "batch_fingerprint": batch_fp["fingerprint"],
+              "current_fingerprint": current_fp["fingerprint"],
+              "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(drift)}}
+    _log_drift(schema, table, drift)
+    log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
+    return result
+
+
+def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
+    """Stage 3's half of a load: the batch merged in thought, not in the table. In ONE transaction,
+    the batch is copied into a temporary table, compared with `schema.table` as published (drift,
+    the append guard and older data refused as `merge` does them), and the table as the run will
+    publish it is written to `staged.table` (lib/db_schema.py `staging_schema`): the batch's rows,
+    an unchanged row with its audit columns, and the published rows the run keeps (held keys; every
+    absent key unless the mode retires it); beside it, `staged.<table>_changes` (each key's change)
+    and `staged.pipeline_loads` (the load log with this load's row to come). That table is proven
+    as `merge` proves a load (read back, its batch rows' fingerprint against `expected_fingerprint`)
+    and its checksum returned, for the publish's one merge (`merge` with `proven_checksum`). The
+    published tables are only read. Returns what `merge` returns, with `checksum` and without
+    `load_id` (the publish writes the load log)."""
+    schema, table, run_id = options.schema, options.table, options.run_id
+    names.schema(staged)
+    published, out = ident(schema, table), ident(staged, table)
+    with _rolled_back(options):
+        with transaction(conn):
+            with conn.cursor() as cur:
+                _begin(cur, options)
+                exists = table_exists(conn, schema, table)
+                if exists:  # read as the publish's migration will leave it (a new contract column: NULL)
+                    published = as_migrated(cur, schema, table, AUDIT_COLUMNS)
+                if table_exists(conn, schema, history_table(table)):  # refused now if it cannot be migrated
+                    migrate(cur, schema, history_table(table), HISTORY_COLUMNS, dry_run=True)
+                _stage_batch(cur, csv_data, options.lists)
+                if table_exists(conn, schema, LOADS_TABLE):
+                    _refuse_rewind(cur, ident(schema, LOADS_TABLE), schema, table, run_id, options.data_as_of,
+                                   options.allow_rewind)
+                counts, drift, held_keys = _plan(cur, options, published if exists else None)
+                create_table(cur, staged, table)
+                indexes = _drop_indexes(cur, [out])
+                data_cols, key = column_list(COLUMNS), sql.Identifier(KEY)
+                if exists:  # an unchanged row keeps the audit columns it has, as the publish will keep them
+                    cur.execute(sql.SQL(
+                        "INSERT INTO {out} ({cols}, _row_hash, _run_id, _loaded_at) "
+                        "SELECT {bcols}, b._row_hash, CASE WHEN t.{k} IS NOT NULL AND c.change = 'unchanged' "
+                        "THEN t._run_id ELSE %s END, CASE WHEN t.{k} IS NOT NULL AND c.change = 'unchanged' "
+                        "THEN t._loaded_at ELSE now() END FROM _batch b JOIN _changes c ON c.key = b.{k} "
+                        "LEFT JOIN {t} t ON t.{k} = b.{k}").format(
+                        out=out, cols=data_cols, bcols=column_list(COLUMNS, "b"), k=key, t=published), (run_id,))
+                    cur.execute(sql.SQL(
+                        "INSERT INTO {out} ({cols}, _row_hash, _run_id, _loaded_at) "
+                        "SELECT {cols}, _row_hash, _run_id, _loaded_at FROM {t} t "
+                        "WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k}) AND NOT EXISTS "
+                        "(SELECT 1 FROM _changes c WHERE c.key = t.{k} AND c.change = 'retire')").format(
+                        out=out, cols=data_cols, t=published, k=key))
+                else:
+                    cur.execute(sql.SQL("INSERT INTO {out} ({cols}, _row_hash, _run_id, _loaded_at) "
+                                        "SELECT {cols}, _row_hash, %s, now() FROM _batch").format(
+                        out=out, cols=data_cols), (run_id,))
+                _build_indexes(cur, indexes)  # a batch with a key twice fails here
+                batch_fp, current_fp, unproven = _proof(cur, out, options.expected_fingerprint)
+                drift = sorted(set(drift) | set(unproven))
+                cur.execute(sql.SQL("CREATE TABLE {} AS SELECT key, change FROM _changes").format(
+                    ident(staged, changes_table(table))))
+                create_loads(cur, staged)
+                if table_exists(conn, schema, LOADS_TABLE):
+                    cur.execute(sql.SQL("INSERT INTO {} ({c}) SELECT {c} FROM {}").format(
+                        ident(staged, LOADS_TABLE), ident(schema, LOADS_TABLE), c=column_list(LOAD_COLUMNS)))
+                    cur.execute(sql.SQL("SELECT setval(pg_get_serial_sequence(%s, 'load_id'), "
+                                        "coalesce(max(load_id), 0) + 1, false) FROM {}").format(
+                        ident(staged, LOADS_TABLE)), (ident(staged, LOADS_TABLE).as_string(cur),))
+                _log_load(cur, ident(staged, LOADS_TABLE), options, counts, len(drift))
+                checksum = _checksum(cur, out)
+    result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
+              "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys,
+              "current_rows": current_fp["rows"], "mode": options.mode, "checksum": checksum,
+              "batch_rows": batch_fp["rows"], "batch_fingerprint": batch_fp["fingerprint"],
+              "current_fingerprint": current_fp["fingerprint"],
+              "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(drift)}}
+    _log_drift(schema, table, drift)
+    log.info("staged %s.%s for run %s in %s: %s", schema, table, run_id, staged, result)
+    return result
+
+
+def _begin(cur, options: MergeOptions) -> None:
+    cur.execute("SET LOCAL lock_timeout = %s", (options.lock_timeout,))
+    # Room for the batch's hash joins (this transaction only).
+    cur.execute("SET LOCAL work_mem = %s", (LOAD_WORK_MEM,))
+
+
+@contextlib.contextmanager
+def _rolled_back(options: MergeOptions):
+    """A load's errors as DatabaseError, saying that it was rolled back (and why)."""
+    schema, table = options.schema, options.table
+    try:
+        yield
     except DatabaseError:
         raise
     except psycopg2.errors.LockNotAvailable:
         raise DatabaseError(
-            f"loading {schema}.{table} waited {lock_timeout} for a lock held by another session and was "
+            f"loading {schema}.{table} waited {options.lock_timeout} for a lock held by another session and was "
             "rolled back: a killed run's session may still hold it (--resume ends the run's own sessions)"
         ) from None
     except psycopg2.Error as err:
@@ -379,16 +345,102 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
         detail = getattr(getattr(err, "diag", None), "message_detail", None)  # which key, which row
         raise DatabaseError(f"loading {schema}.{table} failed and was rolled back: {first}"
                             + (f" ({detail.strip()})" if detail else "")) from None
-    result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
-              "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys, "current_rows": current, "mode": mode, "load_id": load_id,
-              "batch_rows": batch_fp["rows"], "batch_fingerprint": fingerprint,
-              "current_fingerprint": current_fp["fingerprint"],
-              "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(repaired)}}
-    if drift:
-        log.warning("%s.%s: %d row(s) had been changed outside the pipeline (%s); %s", schema, table, len(drift),
-                    _short(drift), "repaired" if repaired else "reported")
-    log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
-    return result
+
+
+def _plan(cur, options: MergeOptions, target: sql.Identifier | None) -> tuple[dict, list[str], list[str]]:
+    """What the batch (`_batch`) changes in `target` (None: no table yet), as the temporary table
+    `_changes` (key, change: insert, update, unchanged, retire or held); returns the counts of each,
+    the keys whose stored row had drifted, and the first held keys. Append refuses a batch that
+    would change a row."""
+    schema, table, mode = options.schema, options.table, options.mode
+    retire = mode == "replace" or (options.retire_missing and mode == "upsert")  # append never removes rows
+    key = sql.Identifier(KEY)
+    if target is None:
+        cur.execute(sql.SQL("CREATE TEMP TABLE _changes ON COMMIT DROP AS "
+                            "SELECT {k} AS key, 'insert'::text AS change FROM _batch").format(k=key))
+        drift = []
+    else:
+        differs = sql.SQL(" OR ").join(
+            sql.SQL("t.{c} IS DISTINCT FROM b.{c}").format(c=sql.Identifier(c)) for c in COLUMNS[1:])
+        cur.execute(sql.SQL(
+            "CREATE TEMP TABLE _changes ON COMMIT DROP AS "
+            "SELECT b.{k} AS key, CASE WHEN t.{k} IS NULL THEN 'insert' "
+            "WHEN {differs} OR t._row_hash IS DISTINCT FROM b._row_hash THEN 'update' "
+            "ELSE 'unchanged' END AS change "
+            "FROM _batch b LEFT JOIN {t} t ON t.{k} = b.{k}").format(k=key, t=target, differs=differs))
+        # Drift: a row whose values no longer give the hash the pipeline stored with them. A row that
+        # differs from the batch (in values or hash) is hashed here, before it is rewritten; a row
+        # equal to the batch gives the batch's hash, checked once written (`_proof`).
+        cur.execute("SELECT EXISTS (SELECT 1 FROM _changes WHERE change = 'update')")
+        drift = _drifted(cur, sql.SQL(
+            "SELECT {cols}, t._row_hash FROM {t} t JOIN _changes c ON c.key = t.{k} "
+            "AND c.change = 'update'").format(cols=_list_json("t"), t=target, k=key)) if cur.fetchone()[0] else []
+        if mode == "append":
+            cur.execute("SELECT key FROM _changes WHERE change = 'update'")
+            kept = [r[0] for r in cur.fetchall()]
+            if kept:
+                raise BatchMismatch(
+                    f"append mode keeps existing rows, but {len(kept)} key(s) of the batch are in "
+                    f"{schema}.{table} with other values: {_short(kept)}"
+                    + (f" (changed in the table behind the pipeline's back: {_short(drift)})" if drift else "")
+                    + "; nothing was loaded. Load with write_mode=upsert to update (and repair) them")
+        if retire:  # a key held in quarantine this run is still sent by the source: kept
+            cur.execute(sql.SQL(
+                "INSERT INTO _changes SELECT t.{k}, CASE WHEN t.{k} = ANY(%s) THEN 'held' ELSE 'retire' END "
+                "FROM {t} t WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k})").format(
+                k=key, t=target), (list(options.held),))
+    cur.execute("SELECT key FROM _changes WHERE change = 'held' ORDER BY key LIMIT 1000")
+    held_keys = [r[0] for r in cur.fetchall()]
+    cur.execute("SELECT change, count(*) FROM _changes GROUP BY change")
+    counts = {"insert": 0, "update": 0, "unchanged": 0, "retire": 0, "held": 0, **dict(cur.fetchall())}
+    return counts, drift, held_keys
+
+
+def _proof(cur, target, expected_fingerprint: str | None) -> tuple[dict, dict, list[str]]:
+    """Audit before commit: the table is read back once, and the fingerprint of the batch's rows,
+    recomputed from the stored values, must be `expected_fingerprint` (the silver table's). Rows
+    that are not stored as the batch has them are named (compared in SQL, doubles by their bits)
+    whenever that proof is missing or fails. Returns the batch's and the table's fingerprints and
+    the unproven rows (`_table_fingerprints`)."""
+    batch_fp, current_fp, unproven = _table_fingerprints(cur, target)
+    fingerprint = batch_fp["fingerprint"]
+    if expected_fingerprint is None or fingerprint != expected_fingerprint:
+        wrong = _not_as_sent(cur, target)
+        if wrong:
+            raise BatchMismatch(f"{len(wrong)} row(s) of the batch are not stored as sent: {_short(wrong)}; rolled back")
+    if expected_fingerprint is not None and fingerprint != expected_fingerprint:
+        raise BatchMismatch(
+            f"the {batch_fp['rows']} rows loaded have fingerprint {fingerprint[:16]}, the silver "
+            f"record says {expected_fingerprint[:16]}: the batch is not the silver table; rolled back")
+    return batch_fp, current_fp, unproven
+
+
+def _checksum(cur, table: sql.Identifier) -> str:
+    """"rows:sum" of a table's contract columns and _row_hash, hashed by PostgreSQL row by row
+    (hash_record_extended; a double by its bits: -0.0 is not 0.0): equal for two tables holding the
+    same rows in any order, without reading them out."""
+    values = sql.SQL(", ").join(
+        (sql.SQL("float8send({})") if c.kind == "double" else sql.SQL("{}")).format(sql.Identifier(c.name))
+        for c in CONTRACT)
+    cur.execute(sql.SQL("SELECT count(*) || ':' || coalesce(sum(hash_record_extended(ROW({}, _row_hash), 0)::numeric), 0) "
+                        "FROM {}").format(values, table))
+    return cur.fetchone()[0]
+
+
+def _log_load(cur, loads: sql.Identifier, options: MergeOptions, counts: dict, repaired: int) -> int:
+    """The load's row in the load log; returns its load_id."""
+    cur.execute(sql.SQL(
+        "INSERT INTO {} (run_id, table_name, loaded_at, mode, inserted, updated, unchanged, retired, "
+        "repaired, data_as_of) VALUES (%s, %s, now(), %s, %s, %s, %s, %s, %s, %s) RETURNING load_id").format(loads),
+        (options.run_id, options.table, options.log_mode or options.mode, counts["insert"], counts["update"],
+         counts["unchanged"], counts["retire"], repaired, options.data_as_of))
+    return cur.fetchone()[0]
+
+
+def _log_drift(schema: str, table: str, drift: list[str]) -> None:
+    if drift:  # every drifted row is a row of the batch, now stored as the batch has it
+        log.warning("%s.%s: %d row(s) had been changed outside the pipeline (%s); repaired", schema, table,
+                    len(drift), _short(drift))
 
 
 def _created_here(cur, table: sql.Identifier) -> bool:

@@ -9,8 +9,8 @@ from psycopg2 import sql
 
 from lib import names
 from lib.contract import COLUMNS, KEY, LIST_COLUMNS, TEXT_COLUMNS
-from lib.db import LOADS_TABLE, column_list, ident
-from lib.db_schema import history_table
+from lib.db import LOADS_TABLE, column_list, ident, table_exists
+from lib.db_schema import HISTORY_COLUMNS, as_migrated, changes_table, history_table
 
 if TYPE_CHECKING:  # pandas and SQLAlchemy are imported where they are used: exports and counts need neither
     import pandas as pd
@@ -74,6 +74,40 @@ def versions(engine_: sa.Engine, schema: str, table: str, key: str) -> pd.DataFr
         return pd.read_sql_query(query, conn, params={"key": key})
 
 
+def history_after(conn, schema: str, table: str, staged: str) -> sql.Composed:
+    """A query of the history of `schema.table` as the publish of the run staged in `staged` will
+    leave it (lib/db_load.py `stage`): the published versions, those the run changes or retires
+    closed at the staging time, then the run's new versions (no version_id yet)."""
+    changes, current = ident(staged, changes_table(table)), ident(staged, table)
+    k = sql.Identifier(KEY)
+    staged_at = sql.SQL("(SELECT loaded_at FROM {} ORDER BY load_id DESC LIMIT 1)").format(ident(staged, LOADS_TABLE))
+    pending = sql.SQL(
+        "SELECT NULL::bigint AS version_id, {cols}, s._row_hash, s._run_id, s._loaded_at AS valid_from, "
+        "NULL::timestamptz AS valid_to, true AS is_current FROM {s} s JOIN {c} c ON c.key = s.{k} "
+        "AND c.change IN ('insert', 'update')").format(cols=column_list(COLUMNS, "s"), s=current, c=changes, k=k)
+    if not table_exists(conn, schema, history_table(table)):
+        return pending
+    with conn.cursor() as cur:  # a contract column added since: NULL in the versions before it
+        hist = as_migrated(cur, schema, history_table(table), HISTORY_COLUMNS)
+    closed = sql.SQL("h.is_current AND c.change IN ('update', 'retire')")
+    return sql.SQL(
+        "SELECT h.version_id, {cols}, h._row_hash, h._run_id, h.valid_from, "
+        "CASE WHEN {closed} THEN {at} ELSE h.valid_to END AS valid_to, "
+        "h.is_current AND NOT coalesce({closed}, false) AS is_current "
+        "FROM {h} h LEFT JOIN {c} c ON c.key = h.{k} UNION ALL {pending}").format(
+        cols=column_list(COLUMNS, "h"), closed=closed, at=staged_at, h=hist,
+        c=changes, k=k, pending=pending)
+
+
+def versions_after(conn, schema: str, table: str, staged: str, key: str) -> pd.DataFrame:
+    """`versions` of one country in the history as the publish of the run staged in `staged` will
+    leave it (`history_after`)."""
+    query = sql.SQL("SELECT {k}, population, area, capital, _run_id, valid_from, valid_to, is_current "
+                    "FROM ({h}) v WHERE {k} = %s ORDER BY valid_from").format(
+        k=sql.Identifier(KEY), h=history_after(conn, schema, table, staged))
+    return read_frame(conn, query, (key,), object_columns=("capital",))
+
+
 def total(conn, schema: str, table: str, column: str) -> str:
     """The exact sum of a whole-number column, as text (numeric in PostgreSQL: no overflow)."""
     with conn.cursor() as cur:
@@ -112,10 +146,14 @@ def export_query(conn, schema: str, table: str, pipeline_table: bool) -> str:
     return sql.SQL("COPY ({}) TO STDOUT WITH (FORMAT csv, HEADER true)").format(inner).as_string(conn)
 
 
-def copy_out(conn, schema: str, table: str, sink, pipeline_table: bool = True) -> int:
-    """Stream a table's CSV into `sink` (anything with .write); returns the row count."""
+def copy_out(conn, schema: str, table: str, sink, pipeline_table: bool = True,
+             query: sql.Composable | None = None) -> int:
+    """Stream a table's CSV into `sink` (anything with .write); returns the row count. `query` (a
+    SELECT, `history_after` say) is exported in the table's place."""
     with conn.cursor() as cur:
         cur.execute("SET TIME ZONE 'UTC'")
-        cur.copy_expert(export_query(conn, schema, table, pipeline_table), sink)
+        statement = export_query(conn, schema, table, pipeline_table) if query is None else \
+            sql.SQL("COPY ({} ORDER BY 1) TO STDOUT WITH (FORMAT csv, HEADER true)").format(query).as_string(conn)
+        cur.copy_expert(statement, sink)
         return cur.rowcount
 

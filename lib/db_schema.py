@@ -12,7 +12,7 @@ import psycopg2
 from psycopg2 import sql
 
 from lib import names
-from lib.contract import CONTRACT, COLUMNS, KEY
+from lib.contract import CONTRACT, COLUMNS, KEY, column
 from lib.db import LOADS_TABLE, ContractMismatch, DatabaseError, ident, table_exists, transaction
 
 log = logging.getLogger(__name__)
@@ -23,6 +23,11 @@ HISTORY_COLUMNS = ("version_id", "_row_hash", "_run_id", "valid_from", "valid_to
 
 def history_table(table: str) -> str:
     return names.sql_identifier(f"{table}_history", "history table name")
+
+
+def changes_table(table: str) -> str:
+    """The staging schema's table of what a run's load changes, key by key (lib/db_load.py `stage`)."""
+    return names.sql_identifier(f"{table}_changes", "changes table name")
 
 
 def _contract_columns(with_key: bool) -> sql.Composed:
@@ -45,11 +50,11 @@ def _columns_of(cur, schema: str, table: str) -> dict[str, tuple[str, bool]]:
     return {name: (kind, notnull) for name, kind, notnull in cur.fetchall()}
 
 
-def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
+def migrate(cur, schema: str, table: str, extra: tuple[str, ...], dry_run: bool = False) -> list[str]:
     """Bring an existing table to the contract: a new nullable contract column is added; any other
     difference (a missing NOT NULL column, another type or nullability, a column the contract no
     longer has) is refused with what to do. `extra` are the table's own non-contract columns.
-    Returns the columns added."""
+    Returns the columns added (with `dry_run`: the columns to add, the table left as it is)."""
     found = _columns_of(cur, schema, table)
     where = f"{schema}.{table}"
     problems, added = [], []
@@ -61,8 +66,9 @@ def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
                                 "a NOT NULL column cannot be added to existing rows; make it nullable in "
                                 "lib/contract.py, or load into a new table")
                 continue
-            cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                ident(schema, table), sql.Identifier(c.name), sql.SQL(wanted)))
+            if not dry_run:
+                cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                    ident(schema, table), sql.Identifier(c.name), sql.SQL(wanted)))
             added.append(c.name)
         elif found[c.name][0] != wanted:
             problems.append(f"column {c.name} of {where} is {found[c.name][0]}, the contract says {wanted}: "
@@ -76,9 +82,20 @@ def migrate(cur, schema: str, table: str, extra: tuple[str, ...]) -> list[str]:
                         "COLUMN) or put it back in lib/contract.py")
     if problems:
         raise ContractMismatch(f"{where} does not match the silver contract; nothing was loaded: " + "; ".join(problems))
-    if added:
+    if added and not dry_run:
         log.info("added contract column(s) %s to %s", ", ".join(added), where)
     return added
+
+
+def as_migrated(cur, schema: str, table: str, extra: tuple[str, ...]) -> sql.Composable:
+    """An existing table as `migrate` would leave it, without changing it: the table itself, or a
+    query of it with a NULL for each contract column it lacks (refused as `migrate` refuses)."""
+    missing = migrate(cur, schema, table, extra, dry_run=True)
+    if not missing:
+        return ident(schema, table)
+    return sql.SQL("(SELECT *, {} FROM {})").format(sql.SQL(", ").join(
+        sql.SQL("NULL::{} AS {}").format(sql.SQL(column(name).type.sql), sql.Identifier(name)) for name in missing),
+        ident(schema, table))
 
 
 def staging_schema(run_id: str) -> str:
@@ -87,11 +104,10 @@ def staging_schema(run_id: str) -> str:
 
 
 def stage(conn, schema: str, table: str, staged: str) -> int | None:
-    """A run's staging copy of `schema.table` in schema `staged` (made again from scratch): the
-    current rows, the history and the load log, so that the copy is the tables as the publish will
-    leave them once the run's load is in. Consumers read the tables in `schema`, untouched. Returns
-    the table's latest load id then (None: no load yet), which the publish checks again: a table
-    published meanwhile is not overwritten. Raises DatabaseError (nothing staged) on any error."""
+    """A run's staging schema `staged`, made again from scratch (empty: lib/db_load.py `stage` fills
+    it with the table as the run will publish it). Consumers read the tables in `schema`, untouched.
+    Returns the table's latest load id now (None: no load yet), which the publish checks again: a
+    table published meanwhile is not overwritten. Raises DatabaseError (nothing staged) on any error."""
     try:
         return _stage(conn, schema, table, staged)
     except psycopg2.Error as err:
@@ -107,11 +123,6 @@ def _stage(conn, schema: str, table: str, staged: str) -> int | None:
             {"staged": datetime.now(timezone.utc).isoformat()}))))
         if not table_exists(conn, schema, table):
             return None
-        for name in (table, history_table(table), LOADS_TABLE):
-            if table_exists(conn, schema, name):
-                cur.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING ALL)").format(
-                    ident(staged, name), ident(schema, name)))
-                cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM {}").format(ident(staged, name), ident(schema, name)))
         return latest_load(cur, schema, table)
 
 
@@ -154,24 +165,39 @@ def drop_staging(conn, staged: str) -> None:
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(staged)))
 
 
-def ensure_tables(cur, schema: str, table: str) -> None:
-    hist = history_table(table)
-    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+def create_table(cur, schema: str, table: str) -> None:
+    """The pipeline's current table (the contract's columns, keyed, then the audit columns)."""
     cur.execute(sql.SQL(
         "CREATE TABLE IF NOT EXISTS {} ({}, _row_hash text NOT NULL, _run_id text NOT NULL, "
         "_loaded_at timestamptz NOT NULL)").format(ident(schema, table), _contract_columns(True)))
-    cur.execute(sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (version_id bigserial PRIMARY KEY, {}, _row_hash text NOT NULL, "
-        "_run_id text NOT NULL, valid_from timestamptz NOT NULL, valid_to timestamptz, "
-        "is_current boolean NOT NULL)").format(ident(schema, hist), _contract_columns(False)))
-    cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE is_current").format(
-        ident(f"{hist}_current"[:63]), ident(schema, hist), sql.Identifier(KEY)))
+
+
+# The load log's columns, in the order of its DDL (`create_loads`).
+LOAD_COLUMNS = ("load_id", "run_id", "table_name", "loaded_at", "mode", "inserted", "updated", "unchanged",
+                "retired", "repaired", "data_as_of")
+
+
+def create_loads(cur, schema: str) -> None:
+    """The load log: one row per load (`LOAD_COLUMNS`)."""
     cur.execute(sql.SQL(
         "CREATE TABLE IF NOT EXISTS {} (load_id bigserial PRIMARY KEY, run_id text NOT NULL, "
         "table_name text NOT NULL, loaded_at timestamptz NOT NULL, mode text NOT NULL, "
         "inserted integer NOT NULL, updated integer NOT NULL, unchanged integer NOT NULL, "
         "retired integer NOT NULL, repaired integer NOT NULL DEFAULT 0, data_as_of timestamptz)").format(
         ident(schema, LOADS_TABLE)))
+
+
+def ensure_tables(cur, schema: str, table: str) -> None:
+    hist = history_table(table)
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    create_table(cur, schema, table)
+    cur.execute(sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} (version_id bigserial PRIMARY KEY, {}, _row_hash text NOT NULL, "
+        "_run_id text NOT NULL, valid_from timestamptz NOT NULL, valid_to timestamptz, "
+        "is_current boolean NOT NULL)").format(ident(schema, hist), _contract_columns(False)))
+    cur.execute(sql.SQL("CREATE UNIQUE INDEX IF NOT EXISTS {} ON {} ({}) WHERE is_current").format(
+        ident(f"{hist}_current"[:63]), ident(schema, hist), sql.Identifier(KEY)))
+    create_loads(cur, schema)
     migrate_loads(cur, schema)
     migrate(cur, schema, table, AUDIT_COLUMNS)
     migrate(cur, schema, hist, HISTORY_COLUMNS)

@@ -80,10 +80,12 @@ def _table(settings: config.Settings, run_id: str, loaded: dict) -> dict | None:
         if not db.table_exists(conn, staged, table):
             raise PublishError(f"run {run_id}'s staged table {staged}.{table} is gone: nothing was published")
         conn.rollback()
-        # The staged rows are merged in SQL: a table of any size never passes through this process.
+        # The one merge of the run: its staged table, which stage 3 proved, in SQL (a table of any
+        # size never passes through this process); the table must then hold exactly those rows.
         return db_load.merge(conn, db_load.TableSource(staged, table), db_load.MergeOptions(
             schema=schema, table=table, run_id=run_id, mode="replace", allow_rewind=True, log_mode=details.get("mode", ""),
-            expected_fingerprint=details.get("current_fingerprint"), data_as_of=details.get("data_as_of")))
+            expected_fingerprint=details.get("current_fingerprint"), data_as_of=details.get("data_as_of"),
+            proven_checksum=details.get("checksum")))
     except db.DatabaseError as err:
         raise PublishError(f"{schema}.{table} could not be published: {err}") from None
     finally:

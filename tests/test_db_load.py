@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from psycopg2 import sql
 
-from lib import contract, db, db_load, db_read, db_schema, formats, quality
+from lib import contract, db, db_load, db_pipes, db_read, db_schema, formats, quality
 from lib.contract import COLUMNS, KEY
 from lib.db import DatabaseError
 from lib.db_load import MergeOptions
@@ -223,6 +223,108 @@ def test_older_data_is_refused_over_newer_unless_allowed_and_every_load_has_its_
     assert db_read.as_of(pg, SCHEMA, table, "r-new").set_index(KEY).at[clean.at[0, KEY], "population"] == 5
 
 
+# --- staged by stage 3, merged once by the publish ---------------------------------------------------
+
+def staged_rows(pg, staged, table) -> pd.DataFrame:
+    return db_read.current(pg, staged, table).set_index(KEY).drop(columns=["_loaded_at"])
+
+
+def history_shape(frame: pd.DataFrame) -> list[tuple]:
+    """A history's versions as (key, population, _run_id, closed, is_current), sorted."""
+    return sorted((r[KEY], r["population"], r["_run_id"], pd.notna(r["valid_to"]), bool(r["is_current"]))
+                  for _, r in frame.iterrows())
+
+
+def test_a_staged_load_is_the_merge_to_come_and_the_publish_merges_it_once(pg, clean, table, unique):
+    """Stage 3's half: the published tables are only read; the staged table is the table the run will
+    publish (a changed row, a new one, a retired one, a held one, unchanged rows with their audit
+    columns), its history and load log as they will be; the publish's merge makes the table exactly
+    that, proven by the staged checksum instead of a read-back."""
+    load(pg, csv(clean.head(6)), table, "r1")
+    before = dump(pg, table)
+    batch = changed(clean.iloc[[0, 1, 2, 3, 6]].reset_index(drop=True), 1, population=123)  # 4 gone, 5 held
+    held = clean.at[5, KEY]
+    staged = f"stage_{unique}"
+    with db.transaction(pg), pg.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(db.ident(staged)))
+    options = MergeOptions(schema=SCHEMA, table=table, run_id="r2", held=(held,),
+                           expected_fingerprint=quality.fingerprint(batch)["fingerprint"])
+    result = db_load.stage(pg, csv(batch), options, staged)
+    assert dump(pg, table) == before  # consumers' tables untouched
+    assert {k: result[k] for k in ("inserted", "updated", "unchanged", "retired", "held", "current_rows")} == \
+        {"inserted": 1, "updated": 1, "unchanged": 3, "retired": 1, "held": 1, "current_rows": 6}
+    rows = staged_rows(pg, staged, table)
+    assert sorted(rows.index) == sorted([*batch[KEY], held])
+    assert rows.at[batch.at[1, KEY], "population"] == 123
+    assert rows["_run_id"].to_dict() == {k: "r2" if k in (batch.at[1, KEY], batch.at[4, KEY]) else "r1" for k in rows.index}
+    planned_history = db_read.read_frame(pg, db_read.history_after(pg, SCHEMA, table, staged))
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("SELECT run_id, inserted, updated, retired FROM {} WHERE table_name = %s "
+                            "ORDER BY load_id").format(db.ident(staged, "pipeline_loads")), (table,))
+        planned_loads = cur.fetchall()
+
+    published = db_load.merge(pg, db_load.TableSource(staged, table), MergeOptions(
+        schema=SCHEMA, table=table, run_id="r2", mode="replace", expected_fingerprint=result["current_fingerprint"],
+        proven_checksum=result["checksum"]))
+    assert (published["current_fingerprint"], published["current_rows"]) == (result["current_fingerprint"], 6)
+    assert {k: published[k] for k in ("inserted", "updated", "retired")} == \
+        {k: result[k] for k in ("inserted", "updated", "retired")}
+    assert published["unchanged"] == result["unchanged"] + result["held"]  # a held row stays as it is
+    pd.testing.assert_frame_equal(current(pg, table).drop(columns=["_loaded_at"]).sort_index(), rows.sort_index())
+    assert history_shape(history(pg, table)) == history_shape(planned_history)
+    with pg.cursor() as cur:
+        cur.execute(sql.SQL("SELECT run_id, inserted, updated, retired FROM {} WHERE table_name = %s "
+                            "ORDER BY load_id").format(db.ident(SCHEMA, "pipeline_loads")), (table,))
+        assert cur.fetchall() == planned_loads
+
+
+def test_a_publish_refuses_a_staged_table_edited_after_its_proof(pg, clean, table, unique):
+    staged = f"stage_{unique}"
+    with db.transaction(pg), pg.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(db.ident(staged)))
+    batch = clean.head(5)
+    result = db_load.stage(pg, csv(batch), MergeOptions(schema=SCHEMA, table=table, run_id="r1"), staged)
+    assert not db.table_exists(pg, SCHEMA, table)
+    with pg.cursor() as cur:  # -0.0 for 0.0 would do as well: a double is checked by its bits
+        cur.execute(sql.SQL("UPDATE {} SET area = area + 1 WHERE {} = %s").format(
+            db.ident(staged, table), sql.Identifier(KEY)), (batch.at[3, KEY],))
+    with pytest.raises(db.BatchMismatch, match="rolled back"):
+        db_load.merge(pg, db_load.TableSource(staged, table), MergeOptions(
+            schema=SCHEMA, table=table, run_id="r1", mode="replace",
+            expected_fingerprint=result["current_fingerprint"], proven_checksum=result["checksum"]))
+    assert not db.table_exists(pg, SCHEMA, table)
+
+
+def test_the_checksum_tells_minus_zero_from_zero(pg, unique):
+    staged = f"stage_{unique}"
+    with db.transaction(pg), pg.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(db.ident(staged)))
+        sums = []
+        for area in ("0", "-0"):  # as text: a Python -0.0 is sent as the numeric -0.0, which is 0
+            db_schema.create_table(cur, staged, f"t{len(sums)}")
+            cur.execute(sql.SQL("INSERT INTO {} VALUES ('K', 'K', '{{}}', 1, %s::float8, 'Asia', NULL, '{{}}', '{{}}', '{{}}', "
+                                "'{{}}', NULL, NULL, NULL, '{{UTC}}', 'h', 'r', now())").format(
+                db.ident(staged, f"t{len(sums)}")), (area,))
+            sums.append(db_load._checksum(cur, db.ident(staged, f"t{len(sums)}")))
+    assert sums[0] != sums[1]
+
+
+@pytest.mark.parametrize("mode, batch_rows, error", [
+    ("upsert", [0, 1, 1], "is duplicated"),
+    ("append", [0, 1], "append mode keeps existing rows"),
+])
+def test_a_staged_load_refuses_what_a_merge_refuses_and_leaves_nothing_staged(pg, clean, table, unique, mode,
+                                                                             batch_rows, error):
+    load(pg, csv(clean.head(3)), table, "r1")
+    staged = f"stage_{unique}"
+    with db.transaction(pg), pg.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(db.ident(staged)))
+    batch = changed(clean.iloc[batch_rows].reset_index(drop=True), 0, population=7)
+    with pytest.raises(DatabaseError, match=error):
+        db_load.stage(pg, csv(batch), MergeOptions(schema=SCHEMA, table=table, run_id="r2", mode=mode), staged)
+    assert not db.table_exists(pg, staged, table)
+
+
 # --- failures roll back ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("column, forged", [("population", b"x"), ("population", b"-1"),
@@ -290,7 +392,7 @@ def test_a_csv_without_the_row_hash_column_is_refused(pg, clean, table):
 # --- COPY through a pipe -----------------------------------------------------------------------------
 
 def test_a_batch_fed_by_a_failing_producer_loads_nothing(pg, clean, table):
-    """db_load.fed: a producer that fails half-way fails the COPY reading it; its own error is raised and
+    """db_pipes.fed: a producer that fails half-way fails the COPY reading it; its own error is raised and
     the cut-off batch is not loaded (not even the table is left)."""
     out = io.BytesIO()
     formats.copy_csv(csv(clean), "csv", out)
@@ -302,16 +404,16 @@ def test_a_batch_fed_by_a_failing_producer_loads_nothing(pg, clean, table):
         raise formats.FormatError("the silver object broke off")
 
     with pytest.raises(formats.FormatError, match="broke off"):
-        with db_load.fed(produce) as (rows, _):
+        with db_pipes.fed(produce) as (rows, _):
             load(pg, rows, table, "r1", lists="array")
     assert not db.table_exists(pg, SCHEMA, table)
-    with db_load.fed(lambda sink: formats.copy_csv(csv(clean), "csv", sink)) as (rows, produced):
+    with db_pipes.fed(lambda sink: formats.copy_csv(csv(clean), "csv", sink)) as (rows, produced):
         assert load(pg, rows, table, "r1", lists="array")["inserted"] == len(clean)
     assert produced["result"] == len(clean)
 
 
 def test_a_streamed_copy_gives_its_rows_and_raises_the_servers_error_over_a_cut_off_parse(pg):
-    """db_load.streamed: the rows arrive through the pipe as COPY writes them; a COPY that fails half-way
+    """db_pipes.streamed: the rows arrive through the pipe as COPY writes them; a COPY that fails half-way
     raises the server's error (not the reader's, which saw a cut-off stream); a reader that stops early
     ends the COPY, its own error raised, and the connection is usable again after a rollback."""
     import psycopg2
@@ -319,16 +421,16 @@ def test_a_streamed_copy_gives_its_rows_and_raises_the_servers_error_over_a_cut_
     def copy(query):
         return lambda sink: pg.cursor().copy_expert(f"COPY ({query}) TO STDOUT WITH (FORMAT csv)", sink)
 
-    with db_load.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 100000) x")) as (stream, _):
+    with db_pipes.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 100000) x")) as (stream, _):
         lines = stream.read().splitlines()
     assert len(lines) == 100000 and lines[-1].startswith(b"100000,")
     with pytest.raises(psycopg2.errors.DivisionByZero):
-        with db_load.streamed(copy("SELECT 1 / (50000 - x) FROM generate_series(1, 100000) x")) as (stream, _):
+        with db_pipes.streamed(copy("SELECT 1 / (50000 - x) FROM generate_series(1, 100000) x")) as (stream, _):
             data = stream.read()
             raise ValueError(f"cut off after {len(data)} bytes")
     pg.rollback()
     with pytest.raises(ValueError, match="stopped"):
-        with db_load.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 1000000) x")) as (stream, _):
+        with db_pipes.streamed(copy("SELECT x, repeat('y', 100) FROM generate_series(1, 1000000) x")) as (stream, _):
             stream.read(10)
             raise ValueError("stopped")
     pg.rollback()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from lib import db, db_load, db_read, formats, layout, quality, registry, runs, storage
+from lib import db, db_pipes, db_read, formats, layout, quality, registry, runs, storage
+from lib.db_schema import changes_table, history_table
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri
 
@@ -45,11 +46,16 @@ def run(stage: StageRun) -> list[storage.Artifact]:
     staged = ((stage.previous_record(Layer.TABLE) or {}).get("details") or {}).get("staged_schema")
     source = staged if staged and db.table_exists(conn, staged, table) else db_schema
 
+    # The history as the publish will leave it: the published one with the run's staged changes.
+    history_after = db_read.history_after(conn, db_schema, table, source) \
+        if source != db_schema and db.table_exists(conn, source, changes_table(table)) else None
+
     def copy_table(name: str, *sinks) -> int:
         tee = storage.Tee(*sinks)
         rows = db_read.copy_out(conn, source if source != db_schema and db.table_exists(conn, source, name) else db_schema, name,
                                 formats.UpperHeader(tee) if column_case == "upper" else tee,
-                                pipeline_table=name == table)
+                                pipeline_table=name == table,
+                                query=history_after if name == history_table(table) else None)
         tee.flush()
         return rows
 
@@ -65,7 +71,7 @@ def run(stage: StageRun) -> list[storage.Artifact]:
                     rows = copy_table(name, spool)
                 else:  # the fingerprint of the exported bytes, parsed in Arrow batches as COPY writes them
                     fp = quality.Fingerprint()
-                    with db_load.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
+                    with db_pipes.streamed(lambda pipe: copy_table(table, spool, pipe)) as (stream, done):
                         for batch in formats.csv_arrow_batches(stream):
                             fp.add(batch)
                     rows, fp = done["result"], fp.result()

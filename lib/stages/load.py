@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lib import contract, db, db_load, db_read, formats, layout, registry, storage
-from lib.db_schema import history_table, staging_schema
+from lib import contract, db, db_load, db_pipes, db_read, formats, layout, registry, storage
+from lib.db_schema import changes_table, history_table, staging_schema
 from lib.db_schema import stage as stage_table
 from lib.registry import Layer
 from lib.stages.context import StageError, StageRun, database_uri, run_objects, verify_input
@@ -55,23 +55,25 @@ def quarantined(stage: StageRun, s3) -> dict[str, str]:
 
 def versions(stage: StageRun, country: str) -> pd.DataFrame:
     """Every recorded version of one country, oldest first, as the history will hold them once this
-    run is published (its staging copy; the table's own history when that copy is gone)."""
+    run is published (the published history with this run's staged change; the table's own history
+    once the staging copy is gone)."""
     p, staged = stage.params, staging_schema(stage.run_id)
     conn = stage.db_connection()
     try:
-        schema = staged if db.table_exists(conn, staged, history_table(p.table)) else p.db_schema
+        if db.table_exists(conn, staged, changes_table(p.table)):
+            return db_read.versions_after(conn, p.db_schema, p.table, staged, country)
     finally:
         conn.close()
-    return db_read.versions(db.engine(stage.settings.db), schema, p.table, country)
+    return db_read.versions(db.engine(stage.settings.db), p.db_schema, p.table, country)
 
 
 def run(stage: StageRun) -> Loaded:
-    """Merge the run's silver table into the run's staging copy of the table (lib/db_schema.py
-    `stage`, then lib/db_load.py `merge`: one transaction, history): the table consumers read changes
-    only when the whole run is proven and published (lib/publish.py). The silver object is checked
-    against stage 2's record first; inside the transaction the rows as stored are compared with
-    stage 2's fingerprint, and a mismatch rolls the load back. Loading data older than the table's
-    latest load needs allow_rewind=true."""
+    """Stage the run's silver table: the table as the run will publish it, in the run's staging schema
+    (lib/db_schema.py `stage`, then lib/db_load.py `stage`: one transaction, the published tables only
+    read): the table consumers read changes only when the whole run is proven and published, by the
+    run's one merge (lib/publish.py). The silver object is checked against stage 2's record first;
+    inside the transaction the rows as stored are compared with stage 2's fingerprint, and a mismatch
+    rolls the load back. Loading data older than the table's latest load needs allow_rewind=true."""
     settings, p = stage.settings, stage.params
     db_schema, table = p.db_schema, p.table
     s3 = storage.client(settings.store)
@@ -89,15 +91,15 @@ def run(stage: StageRun) -> Loaded:
             raise StageError(str(err)) from None
         # The CSV that COPY reads, converted in Arrow batches by a thread while PostgreSQL copies the
         # previous ones (a conversion error fails the COPY, so nothing is loaded).
-        with db_load.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
+        with db_pipes.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
             try:
-                # The batch is proven inside the merge, and the whole table's fingerprint recomputed
-                # from its stored values in the same transaction.
-                result = db_load.merge(conn, csv_rows, db_load.MergeOptions(
-                    schema=staged, table=table, run_id=stage.run_id, mode=p.write_mode,
+                # The table as the run will publish it is staged and proven: the batch's rows read
+                # back against stage 2's fingerprint, the whole table's recomputed from its values.
+                result = db_load.stage(conn, csv_rows, db_load.MergeOptions(
+                    schema=db_schema, table=table, run_id=stage.run_id, mode=p.write_mode,
                     retire_missing=p.retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
                     data_as_of=cleaned.get("data_as_of"), allow_rewind=p.allow_rewind, lists="array",
-                    held=tuple(held)))
+                    held=tuple(held)), staged)
             except db.DatabaseError as err:
                 raise StageError(str(err)) from None
         batch_rows = converted["result"]
@@ -107,7 +109,9 @@ def run(stage: StageRun) -> Loaded:
         # The table's own population total (PostgreSQL's sum of a bigint is an exact numeric): what
         # the gold aggregates must add up to.
         population_total = db_read.total(conn, staged, table, "population")
-        history_rows = db_read.count(conn, staged, history_table(table))  # once published
+        published = db.table_exists(conn, db_schema, history_table(table))
+        history_rows = (db_read.count(conn, db_schema, history_table(table)) if published else 0) \
+            + result["inserted"] + result["updated"]  # once published: a new version for each
     finally:
         conn.close()
     # The table this run's rows are for (staged in `staged_schema` until the publish).
