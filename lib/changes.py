@@ -7,18 +7,19 @@ import io
 import json
 import math
 from itertools import chain, islice
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from lib import formats
 from lib.contract import COLUMNS, KEY, LIST_COLUMNS
+
+if TYPE_CHECKING:  # numpy and pandas are imported where tables are compared: the report pages need neither
+    import pandas as pd
 
 
 def _plain(value):
     """A cell as a plain Python value, so the JSON report keeps numbers as numbers and a null is None
     however it was read (None or NaN)."""
-    if isinstance(value, np.generic):
+    if type(value).__module__ == "numpy":  # a NumPy scalar
         value = value.item()
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -40,6 +41,8 @@ def of_frames(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run
     """Countries added, removed and changed (field: [old, new]) since the previous gold table.
     Compared column by column over the shared keys (no per-cell lookups), so a table of a million
     rows compares in seconds."""
+    import numpy as np
+
     if previous is None:
         return {"previous_run_id": None, "added": sorted(current[KEY]), "removed": [], "changed": {}}
     old = previous.set_index(KEY).reindex(columns=COLUMNS[1:])  # a column it lacks: nulls
@@ -70,6 +73,7 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
     removed keys stay sorted Arrow arrays (a first table of a million rows adds a million keys), so
     two tables of a million rows compare in bounded memory. The report is the one `of_frames` gives
     for the same tables, lists aside."""
+    import numpy as np
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -145,15 +149,25 @@ def write_json(report: dict, sink, chunk: int = 10_000) -> None:
     sink.write(b"\n}")
 
 
-def table(report: dict, rows: int | None = None) -> pd.DataFrame:
-    """The change report as a table, one row per added, removed or held country and per changed
-    field; only its first `rows` rows when given (a preview of a million added countries stays small)."""
-    table = chain(
+COLUMNS_SHOWN = ("country", "change", "field", "old", "new")
+
+
+def listed(report: dict, limit: int | None = None) -> list[dict]:
+    """The change report as rows (`COLUMNS_SHOWN`), one per added, removed or held country and per
+    changed field; only the first `limit` rows when given (a preview of a million added countries
+    stays small)."""
+    found = chain(
         ({"country": k, "change": "added", "field": "", "old": "", "new": ""} for k in report["added"]),
         ({"country": k, "change": "removed", "field": "", "old": "", "new": ""} for k in report["removed"]),
         ({"country": k, "change": "changed", "field": f, "old": o, "new": n}
          for k, fields in report["changed"].items() for f, (o, n) in fields.items()),
         ({"country": k, "change": "held in quarantine", "field": "", "old": "", "new": why}
          for k, why in (report.get("held") or {}).items()))
-    return pd.DataFrame(list(islice(table, rows)), columns=["country", "change", "field", "old", "new"])
+    return list(islice(found, limit))
 
+
+def table(report: dict, rows: int | None = None) -> pd.DataFrame:
+    """`listed` as a table: its first `rows` rows when given."""
+    import pandas as pd
+
+    return pd.DataFrame(listed(report, rows), columns=list(COLUMNS_SHOWN))

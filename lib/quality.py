@@ -11,11 +11,13 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from itertools import chain
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from lib.formats import json_lists, json_strings, json_text, large_text, pyarrow_compute
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS, REGIONS, SOURCE_FIELDS, TEXT_COLUMNS, VERSION, Column
+
+if TYPE_CHECKING:  # pandas is imported where frames are made: a publish or a report hashes none
+    import pandas as pd
 
 TIMEZONE = re.compile(r"^UTC([+-]\d{2}:\d{2})?$")
 # http(s), a host (a name or [IPv6], no userinfo), a port maybe; no space nor (bidi) control character.
@@ -334,6 +336,8 @@ def source_json(record) -> str:
 def validate(frame: pd.DataFrame, records: list[dict]) -> Validated:
     """Split flattened records into typed clean rows and quarantined ones with their reasons.
     Every record lands in exactly one of the two."""
+    import pandas as pd
+
     reasons = record_reasons(frame)
     copies, summary = duplicates(frame)
     for index, reason in copies.items():
@@ -387,7 +391,8 @@ def _canonical_column(kind: str, values: list) -> list:
 
 def _null(value) -> bool:
     """A null however it was read: None, NaN or pandas' NA."""
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
+    # pandas' NA by its type's name: pandas need not be imported to tell it
+    return value is None or type(value).__name__ == "NAType" or (isinstance(value, float) and math.isnan(value))
 
 
 def row_hashes(frame: pd.DataFrame) -> list[str]:
@@ -485,7 +490,7 @@ class Fingerprint:
         """Add a pandas frame or an Arrow table/batch; `hashes` (a list or an Arrow array) are its row
         hashes when the caller has just computed them from the same values."""
         pa, pc = pyarrow_compute()
-        if isinstance(frame, pd.DataFrame):
+        if not isinstance(frame, (pa.Table, pa.RecordBatch)):  # a pandas frame
             keys = pa.array(frame[KEY].tolist(), pa.large_string())
             hashes = row_hashes(frame) if hashes is None else hashes
         else:

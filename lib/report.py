@@ -154,7 +154,7 @@ def _changes(manifest: dict, s: dict, store) -> dict | None:
     data, why = _read_object(obj, store)
     if data is None:
         return {"rows": None, "why": str(why)}
-    return {"rows": changes.table(json.loads(data)).to_dict(orient="records"), "why": None}
+    return {"rows": changes.listed(json.loads(data)), "why": None}
 
 
 def _objects(manifest: dict) -> list[dict]:
