@@ -27,11 +27,13 @@ A stage record still `running` stays local: only an ended execution is stored.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -219,11 +221,38 @@ def _get(s3, bucket: str, key: str) -> bytes:
 
 # --- push ----------------------------------------------------------------------------------------------
 
+_background: ThreadPoolExecutor | None = None
+_queued: list[Future] = []
+
+
+def push_soon(settings: config.Settings, run_id: str) -> None:
+    """`push` the run's ended stage executions (no new version) in the background, while the run goes
+    on: one push at a time, in the order asked. Every `push` waits for them first (`settle`), and
+    so does the process's exit."""
+    global _background
+    if _background is None:
+        _background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="record-push")
+        atexit.register(settle)
+    _queued.append(_background.submit(_push, settings, run_id, False, False))
+
+
+def settle() -> None:
+    """Wait for the pushes `push_soon` queued (each logs its own failure: the next push stores it)."""
+    while _queued:
+        _queued.pop(0).result()
+
+
 def push(settings: config.Settings, run_id: str, strict: bool = False, version: bool = True) -> bool:
     """Store what the working copy of a run holds and the store lacks: each ended stage execution,
     and (`version`) a new version when the run-level files changed since the copy was last in step.
     Returns whether it was stored. `strict`: a store that cannot take it raises RecordStoreError
-    (before a publish); otherwise it is logged, and the next push or `runs` stores it."""
+    (before a publish); otherwise it is logged, and the next push or `runs` stores it. Pushes
+    queued by `push_soon` are done first."""
+    settle()
+    return _push(settings, run_id, strict, version)
+
+
+def _push(settings: config.Settings, run_id: str, strict: bool, version: bool) -> bool:
     run_dir = runs.run_dir(settings, run_id)
     if not (run_dir / "manifest.json").is_file():
         return True

@@ -534,12 +534,13 @@ def execute(record: runs.RunRecord, stage: str, params: dict, *, kernel: str, st
 
 def _ended(record: runs.RunRecord, stage: str, status: str, seconds: float, error: str | None = None) -> None:
     """The runner's verdict in the stage record, then OpenLineage COMPLETE, FAIL or ABORT, then the
-    ended execution into the records bucket (never raises: a store that cannot take it now is told
-    again at the next push, and a publish requires it). The run as a whole is stored as it starts
-    and as it ends (run_pipeline.py)."""
+    ended execution into the records bucket, in the background while the next stage runs (never
+    raises: a store that cannot take it now is told again at the next push, and a publish requires
+    it). The run as a whole is stored as it starts and as it ends (run_pipeline.py), once the
+    pushes queued here are done."""
     record.stage_ended(stage, status, seconds, error)
     lineage.stage_ended(record, stage)
-    record_store.push(record.settings, record.run_id, version=False)
+    record_store.push_soon(record.settings, record.run_id)
 
 
 def settle_side_channels(record: runs.RunRecord | None) -> list[dict]:

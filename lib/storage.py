@@ -81,6 +81,9 @@ def sha256(data: bytes) -> str:
 # One boto3 Session per process (building one loads botocore's service models, ~0.3 s) and one client
 # per set of settings: clients are thread-safe and every stage asks for the same few.
 _SESSIONS: dict[tuple, boto3.session.Session] = {}
+# A session makes one client at a time (boto3's sessions are not thread-safe; its clients are): the
+# records are pushed from a thread of their own while the run goes on (lib/record_store.py `push_soon`).
+_MAKING = threading.Lock()
 
 
 def _session(profile: str | None = None, region: str | None = None) -> boto3.session.Session:
@@ -92,28 +95,30 @@ def _session(profile: str | None = None, region: str | None = None) -> boto3.ses
 @functools.lru_cache(maxsize=16)
 def client(store: ObjectStore, probe: bool = False):
     """The client of a store; `probe`: one try per call with short timeouts, for a caller that polls."""
-    return _session().client(
-        "s3",
-        endpoint_url=store.url,
-        aws_access_key_id=store.access_key.reveal(),
-        aws_secret_access_key=store.secret_key.reveal(),
-        region_name=store.region,
-        config=client_config(probe),
-    )
+    with _MAKING:
+        return _session().client(
+            "s3",
+            endpoint_url=store.url,
+            aws_access_key_id=store.access_key.reveal(),
+            aws_secret_access_key=store.secret_key.reveal(),
+            region_name=store.region,
+            config=client_config(probe),
+        )
 
 
 @functools.lru_cache(maxsize=16)
 def cloud_client(cloud: Cloud):
     """The cloud role: explicit keys when configured, otherwise boto3's own chain (environment,
     AWS_PROFILE including SSO profiles)."""
-    session = _session(cloud.profile, cloud.region)
     keys = {}
     if cloud.access_key is not None:
         keys = {"aws_access_key_id": cloud.access_key.reveal(),
                 "aws_secret_access_key": cloud.secret_key.reveal()}
         if cloud.session_token:
             keys["aws_session_token"] = cloud.session_token.reveal()
-    return session.client("s3", endpoint_url=cloud.endpoint_url, config=client_config(), **keys)
+    with _MAKING:
+        return _session(cloud.profile, cloud.region).client("s3", endpoint_url=cloud.endpoint_url,
+                                                            config=client_config(), **keys)
 
 
 def endpoint(s3) -> str:

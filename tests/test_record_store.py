@@ -187,3 +187,19 @@ def test_a_copy_in_step_with_one_bucket_is_stored_in_another_when_records_bucket
     record_store.sync_all(moved)
     keys = stored_objects(s3, moved, run_id)
     assert "stages/01_ingest.attempt1.json" in keys and any(k.endswith("/manifest.json") for k in keys), keys
+
+
+def test_pushes_queued_while_a_run_goes_on_are_stored_before_the_next_push(here, there, s3, unique):
+    """The runner stores each ended stage in the background (`push_soon`): in order, one at a time,
+    and a `push` (the publish's, the run's end) first waits for them, so what it stores is whole."""
+    run_id = f"soon-{unique}"
+    for stage in ("01_ingest", "02_clean", "03_load"):
+        stage_run(here, run_id, stage)
+        record_store.push_soon(here, run_id)
+    assert record_store.push(here, run_id, strict=True)
+    assert not record_store._queued
+    stored = stored_objects(s3, here, run_id)
+    assert {f"stages/{s}.attempt1.json" for s in ("01_ingest", "02_clean", "03_load")} <= set(stored)
+    assert record_store.pull_all(there) == [run_id]
+    assert (runs.run_dir(there, run_id) / "stages/03_load.json").read_bytes() == \
+        (runs.run_dir(here, run_id) / "stages/03_load.json").read_bytes()
