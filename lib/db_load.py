@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extras
 from psycopg2 import sql
 
-from lib import db_pipes, formats, names, quality
+from lib import db_hash, db_pipes, formats, names, quality
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS
 from lib.db import (LOADS_TABLE, WRITE_MODES, BatchMismatch, DatabaseError, RewindRefused, column_list, ident,
                     table_exists, transaction)
@@ -81,17 +82,23 @@ class TableSource:
     table: str
 
 
-def _stage_batch(cur, csv_data, lists: str) -> None:
+def _stage_batch(cur, csv_data, lists: str, into: sql.Identifier | None = None) -> None:
     """The batch as the temporary table `_batch` (contract types, then _row_hash). With lists="array"
     (PostgreSQL array literals, as formats.copy_csv writes them) COPY types every cell itself; with
     lists="json" (the silver CSV) the rows are copied as text and cast, each JSON array unnested. A
-    `TableSource` is selected from, typed already."""
-    if isinstance(csv_data, TableSource):  # read where it is (a view, dropped before the commit), not copied
-        cur.execute(sql.SQL("CREATE TEMP VIEW _batch AS SELECT {}, _row_hash FROM {}").format(
-            column_list(COLUMNS), ident(csv_data.schema, csv_data.table)))
-        return
-    source = csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data)
+    `TableSource` is selected from, typed already. `into` (a table of the contract's columns whose
+    other columns have defaults): a batch of array literals is copied straight into it, and `_batch`
+    reads it there. `_batch` is then a view, which the caller drops before the commit."""
     copy = sql.SQL("COPY {} ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
+    if isinstance(csv_data, TableSource):  # read where it is, not copied
+        into = ident(csv_data.schema, csv_data.table)
+    else:
+        source = csv_data if hasattr(csv_data, "read") else io.BytesIO(csv_data)
+        if into is not None:
+            cur.copy_expert(copy.format(into, column_list(COLUMNS)).as_string(cur), source)
+    if into is not None:
+        cur.execute(sql.SQL("CREATE TEMP VIEW _batch AS SELECT {}, _row_hash FROM {}").format(column_list(COLUMNS), into))
+        return
     if lists == "array":
         cur.execute(sql.SQL("CREATE TEMP TABLE _batch ({}, _row_hash text) ON COMMIT DROP").format(
             sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type.sql))
@@ -221,7 +228,7 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                     "SELECT {cols}, _row_hash, %s, now() {rows}{conflict}").format(
                     t=target, cols=data_cols, rows=of_batch(("insert", "update")), conflict=conflict), (run_id,))
                 _build_indexes(cur, indexes)
-                if options.proven_checksum is not None and _checksum(cur, target) == options.proven_checksum:
+                if options.proven_checksum is not None and db_hash.checksum(cur, target) == options.proven_checksum:
                     # The table holds exactly the rows `stage` proved: their fingerprint is the one it recorded.
                     proven = {"rows": int(options.proven_checksum.split(":")[0]),
                               "fingerprint": options.expected_fingerprint}
@@ -270,13 +277,19 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
                     published = as_migrated(cur, schema, table, AUDIT_COLUMNS)
                 if table_exists(conn, schema, history_table(table)):  # refused now if it cannot be migrated
                     migrate(cur, schema, history_table(table), HISTORY_COLUMNS, dry_run=True)
-                _stage_batch(cur, csv_data, options.lists)
+                create_table(cur, staged, table)
+                indexes = _drop_indexes(cur, [out])
+                # A first load's table is the batch: copied straight into it, the run's audit columns
+                # as its defaults.
+                direct = not exists and options.lists == "array" and not isinstance(csv_data, TableSource)
+                if direct:
+                    cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN _run_id SET DEFAULT %s, "
+                                        "ALTER COLUMN _loaded_at SET DEFAULT now()").format(out), (run_id,))
+                _stage_batch(cur, csv_data, options.lists, into=out if direct else None)
                 if table_exists(conn, schema, LOADS_TABLE):
                     _refuse_rewind(cur, ident(schema, LOADS_TABLE), schema, table, run_id, options.data_as_of,
                                    options.allow_rewind)
                 counts, drift, held_keys = _plan(cur, options, published if exists else None)
-                create_table(cur, staged, table)
-                indexes = _drop_indexes(cur, [out])
                 data_cols, key = column_list(COLUMNS), sql.Identifier(KEY)
                 if exists:  # an unchanged row keeps the audit columns it has, as the publish will keep them
                     cur.execute(sql.SQL(
@@ -292,7 +305,7 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
                         "WHERE NOT EXISTS (SELECT 1 FROM _batch b WHERE b.{k} = t.{k}) AND NOT EXISTS "
                         "(SELECT 1 FROM _changes c WHERE c.key = t.{k} AND c.change = 'retire')").format(
                         out=out, cols=data_cols, t=published, k=key))
-                else:
+                elif not direct:
                     cur.execute(sql.SQL("INSERT INTO {out} ({cols}, _row_hash, _run_id, _loaded_at) "
                                         "SELECT {cols}, _row_hash, %s, now() FROM _batch").format(
                         out=out, cols=data_cols), (run_id,))
@@ -309,7 +322,9 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
                                         "coalesce(max(load_id), 0) + 1, false) FROM {}").format(
                         ident(staged, LOADS_TABLE)), (ident(staged, LOADS_TABLE).as_string(cur),))
                 _log_load(cur, ident(staged, LOADS_TABLE), options, counts, len(drift))
-                checksum = _checksum(cur, out)
+                checksum = db_hash.checksum(cur, out)
+                if direct:
+                    cur.execute("DROP VIEW _batch")
     result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
               "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys,
               "current_rows": current_fp["rows"], "mode": options.mode, "checksum": checksum,
@@ -415,18 +430,6 @@ def _proof(cur, target, expected_fingerprint: str | None) -> tuple[dict, dict, l
     return batch_fp, current_fp, unproven
 
 
-def _checksum(cur, table: sql.Identifier) -> str:
-    """"rows:sum" of a table's contract columns and _row_hash, hashed by PostgreSQL row by row
-    (hash_record_extended; a double by its bits: -0.0 is not 0.0): equal for two tables holding the
-    same rows in any order, without reading them out."""
-    values = sql.SQL(", ").join(
-        (sql.SQL("float8send({})") if c.kind == "double" else sql.SQL("{}")).format(sql.Identifier(c.name))
-        for c in CONTRACT)
-    cur.execute(sql.SQL("SELECT count(*) || ':' || coalesce(sum(hash_record_extended(ROW({}, _row_hash), 0)::numeric), 0) "
-                        "FROM {}").format(values, table))
-    return cur.fetchone()[0]
-
-
 def _log_load(cur, loads: sql.Identifier, options: MergeOptions, counts: dict, repaired: int) -> int:
     """The load's row in the load log; returns its load_id."""
     cur.execute(sql.SQL(
@@ -506,31 +509,38 @@ def _not_as_sent(cur, target) -> list[str]:
 
 
 def _table_fingerprints(cur, target) -> tuple[dict, dict, list[str]]:
-    """One pass over the current table as it now stands in this transaction: the fingerprint of the
-    batch's rows, of the whole table (both recomputed from the stored values), and the batch rows
-    that `_changes` found equal to the batch (values and _row_hash) whose values do not give that
-    _row_hash: drift that an equal row could not show before the write."""
-    import pyarrow as pa  # late, as in lib.formats: only reading back needs Arrow
-    import pyarrow.compute as pc
-
-    query = sql.SQL("SELECT {cols}, t._row_hash, c.change AS _change FROM {t} t "
-                    "LEFT JOIN _changes c ON c.key = t.{k}").format(cols=_list_json("t"), t=target,
-                                                                      k=sql.Identifier(KEY))
-    current_fp, in_batch, unproven = quality.Fingerprint(), [], []
-    for rows, hashes in _hashed_rows(cur, query, {"_row_hash": "string", "_change": "string"}):
-        hashes = pa.array(hashes, pa.large_string())
-        current_fp.add(rows, hashes)
-        change = rows.column("_change")
-        if len(rows):
-            in_batch.append(pc.fill_null(pc.is_in(change, value_set=pa.array(["insert", "update", "unchanged"])), False))
-        equal = pc.fill_null(pc.equal(change, "unchanged"), False)
-        wrong_hash = pc.not_equal(hashes, pc.cast(rows.column("_row_hash"), pa.large_string()))
-        unproven += rows.column(KEY).filter(pc.and_(equal, wrong_hash)).to_pylist()
-    if all(pc.all(mask).as_py() is not False for mask in in_batch):  # every row is the batch's: one fingerprint
-        current = current_fp.result()
-        return dict(current), current, unproven
-    batch = current_fp.subset(in_batch).result()
-    return batch, current_fp.result(), unproven
+    """The current table as it now stands in this transaction: the fingerprint of the batch's rows,
+    of the whole table (both recomputed from the stored values), and the batch rows that `_changes`
+    found equal to the batch (values and _row_hash) whose values do not give that _row_hash: drift
+    that an equal row could not show before the write. PostgreSQL hashes every row (on its parallel
+    workers) and sorts the lines the fingerprint is made of; only a row whose SQL hash is not its
+    stored `_row_hash` is read back and hashed here, and its own hash used."""
+    key = sql.Identifier(KEY)
+    cur.execute("SET LOCAL extra_float_digits = 1")  # doubles in their shortest exact digits
+    cur.execute(sql.SQL("CREATE TEMP TABLE _odd ON COMMIT DROP AS SELECT t.{k} AS key FROM {t} t "
+                        "WHERE {h} IS DISTINCT FROM t._row_hash").format(k=key, t=target, h=db_hash.row_hash("t")))
+    cur.execute("CREATE TEMP TABLE _exact (key text PRIMARY KEY, h text) ON COMMIT DROP")
+    odd = sql.SQL("SELECT {cols}, t._row_hash FROM {t} t JOIN _odd o ON o.key = t.{k}").format(
+        cols=_list_json("t"), t=target, k=key)
+    cur.execute("SELECT EXISTS (SELECT 1 FROM _odd)")
+    for rows, hashes in (_hashed_rows(cur, odd, {"_row_hash": "string"}) if cur.fetchone()[0] else ()):
+        psycopg2.extras.execute_values(cur, "INSERT INTO _exact (key, h) VALUES %s",
+                                       list(zip(rows.column(KEY).to_pylist(), hashes)))
+    cur.execute(sql.SQL("SELECT e.key FROM _exact e JOIN {t} t ON t.{k} = e.key JOIN _changes c ON c.key = e.key "
+                        "AND c.change = 'unchanged' WHERE e.h <> t._row_hash ORDER BY e.key").format(t=target, k=key))
+    unproven = [r[0] for r in cur.fetchall()]
+    batch_fp, current_fp = quality.SortedLines(), quality.SortedLines()
+    with cur.connection.cursor(name="_fingerprint_lines") as lines:  # streamed, a slice at a time
+        lines.itersize = 65_536
+        lines.execute(sql.SQL(
+            """SELECT (t.{k} || E'\\t' || coalesce(e.h, t._row_hash)) COLLATE "C" AS line, """
+            "coalesce(c.change IN ('insert', 'update', 'unchanged'), false) FROM {t} t "
+            "LEFT JOIN _changes c ON c.key = t.{k} LEFT JOIN _exact e ON e.key = t.{k} ORDER BY line").format(
+            t=target, k=key))
+        while rows := lines.fetchmany(lines.itersize):
+            current_fp.add([line for line, _ in rows])
+            batch_fp.add([line for line, in_batch in rows if in_batch])
+    return batch_fp.result(), current_fp.result(), unproven
 
 
 def _refuse_rewind(cur, loads, schema: str, table: str, run_id: str, data_as_of: str | None,

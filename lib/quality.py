@@ -518,17 +518,33 @@ class Fingerprint:
 
     def result(self) -> dict:
         pa, pc = pyarrow_compute()
-        digest = hashlib.sha256()
+        digest = SortedLines()
         if self.chunks:
             lines = pa.chunked_array(self.chunks, pa.large_string()).combine_chunks()
             self.chunks, self.joined = [lines], True  # the pieces are copied: not kept beside the copy
             order = pc.sort_indices(lines)  # taken a slice at a time: the lines are never held twice
             step = 65_536
             for start in range(0, len(lines), step):
-                if start:
-                    digest.update(b"\n")
-                digest.update("\n".join(lines.take(order.slice(start, step)).to_pylist()).encode())
-        return {"rows": self.rows, "fingerprint": digest.hexdigest()}
+                digest.add(lines.take(order.slice(start, step)).to_pylist())
+        return digest.result()
+
+
+class SortedLines:
+    """The fingerprint of lines "key<TAB>hash" given in their sorted order, a slice at a time (by
+    `Fingerprint`, or by PostgreSQL sorting them: lib/db_load.py)."""
+
+    def __init__(self):
+        self.digest = hashlib.sha256()
+        self.rows = 0
+
+    def add(self, lines: list[str]) -> "SortedLines":
+        if lines:
+            self.digest.update((("\n" if self.rows else "") + "\n".join(lines)).encode())
+            self.rows += len(lines)
+        return self
+
+    def result(self) -> dict:
+        return {"rows": self.rows, "fingerprint": self.digest.hexdigest()}
 
 
 def drift(records: list[dict]) -> dict:

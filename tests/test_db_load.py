@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from psycopg2 import sql
 
-from lib import contract, db, db_load, db_pipes, db_read, db_schema, formats, quality
+from lib import contract, db, db_hash, db_load, db_pipes, db_read, db_schema, formats, quality
 from lib.contract import COLUMNS, KEY
 from lib.db import DatabaseError
 from lib.db_load import MergeOptions
@@ -305,7 +305,7 @@ def test_the_checksum_tells_minus_zero_from_zero(pg, unique):
             cur.execute(sql.SQL("INSERT INTO {} VALUES ('K', 'K', '{{}}', 1, %s::float8, 'Asia', NULL, '{{}}', '{{}}', '{{}}', "
                                 "'{{}}', NULL, NULL, NULL, '{{UTC}}', 'h', 'r', now())").format(
                 db.ident(staged, f"t{len(sums)}")), (area,))
-            sums.append(db_load._checksum(cur, db.ident(staged, f"t{len(sums)}")))
+            sums.append(db_hash.checksum(cur, db.ident(staged, f"t{len(sums)}")))
     assert sums[0] != sums[1]
 
 
@@ -473,3 +473,50 @@ def test_a_load_gives_up_on_a_lock_held_by_another_session(pg, clean, table, lin
     with pytest.raises(DatabaseError, match=r"waited 1s for a lock held by another session.*--resume"):
         load(pg, csv(clean.head(5)), table, "r2", lock_timeout="1s")
     assert lingering[1].get_backend_pid() == before  # the other session was left alone
+
+
+# --- the row hash computed by PostgreSQL --------------------------------------------------------------
+
+DOUBLES = [0.0, -0.0, 1.0, 0.1, 1 / 3, 17098242.0, 1e-05, 0.0001, 0.000123, 1e14, 1e15, 1.5e15,
+           9.999999999999998e14, 1234567890123456.8, 1e16, 2.951749533409803e+16, 1e22, 5e-324,
+           1.7976931348623157e308, 123456789.125]
+TEXTS = ["plain", 'q"uote', "back\\slash", "a\\", 'a",', '","', "tab\tnew\nline\rcr", "\x01\x1f\x7f",
+         "é漢字😀", "\u2028", "{brace}", "NULL", " spaced "]
+
+
+def test_postgresql_hashes_a_row_as_quality_does_or_says_it_cannot(pg, unique):
+    """The SQL row hash (the proof's fast path) is `quality.row_hash` for awkward text, lists and
+    doubles; where it is not (a double whose shortest digits PostgreSQL rounds otherwise), the row
+    is one the proof reads back and hashes itself, so it never decides alone."""
+    rows = []
+    for i, (text, area) in enumerate(zip(TEXTS * 2, DOUBLES)):
+        rows.append([f"k{i}", text, [text, "x"] if i % 2 else [], i * 1_000_000_007, area, "Asia", None if i % 3 else text,
+                     [], [text], ["EUR"], [], None, None, text, ["UTC"]])
+    staged = f"stage_{unique}"
+    with db.transaction(pg), pg.cursor() as cur:
+        cur.execute(sql.SQL("CREATE SCHEMA {}").format(db.ident(staged)))
+        db_schema.create_table(cur, staged, "t")
+        for row in rows:
+            cur.execute(sql.SQL("INSERT INTO {} VALUES ({}, 'h', 'r', now())").format(
+                db.ident(staged, "t"), sql.SQL(", ").join([sql.SQL("%s")] * 4 + [sql.SQL("%s::float8")]
+                                                          + [sql.SQL("%s")] * 10)),
+                [*row[:4], repr(row[4]), *row[5:]])
+        cur.execute("SET LOCAL extra_float_digits = 1")
+        cur.execute(sql.SQL("SELECT {}, {} FROM {} t ORDER BY {}").format(
+            sql.Identifier("t", KEY), db_hash.row_hash("t"), db.ident(staged, "t"), sql.Identifier("t", KEY)))
+        by_sql = dict(cur.fetchall())
+    expected = {row[0]: quality.row_hash(row) for row in rows}
+    differ = sorted(k for k in expected if by_sql[k] != expected[k])
+    tie = {f"k{i}" for i, area in enumerate(DOUBLES) if area == 2.951749533409803e+16}
+    assert set(differ) <= tie, [(k, rows[int(k[1:])]) for k in differ]
+
+
+def test_a_double_postgresql_writes_otherwise_is_proven_by_the_rows_own_hash(pg, clean, table):
+    batch = changed(clean.head(4), 1, area=2.951749533409803e+16)  # PostgreSQL: 2.9517495334098032e+16
+    batch = changed(batch, 2, area=-0.0)
+    silver = quality.fingerprint(batch)["fingerprint"]
+    result = load(pg, csv(batch), table, "r1", expected_fingerprint=silver, full=True)
+    assert (result["batch_fingerprint"], result["current_fingerprint"]) == (silver, silver)
+    assert result["drift"]["rows"] == 0
+    again = load(pg, csv(batch), table, "r2", expected_fingerprint=silver, full=True)
+    assert (again["unchanged"], again["drift"]["rows"]) == (4, 0)
