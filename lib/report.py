@@ -143,9 +143,20 @@ def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> int | None:
     return count
 
 
+CHANGE_ROWS_SHOWN = 1000  # a run page's change table: its first rows (changes.json has every one)
+
+
+def change_rows(report: dict) -> dict:
+    """The first `CHANGE_ROWS_SHOWN` rows of a change report, and whether there are more (`cut`): a
+    rerun that retires a million countries shows a table, not a million rows."""
+    rows = changes.listed(report, CHANGE_ROWS_SHOWN + 1)
+    return {"rows": rows[:CHANGE_ROWS_SHOWN], "cut": len(rows) > CHANGE_ROWS_SHOWN, "shown": CHANGE_ROWS_SHOWN,
+            "why": None}
+
+
 def _changes(manifest: dict, s: dict, store) -> dict | None:
-    """The change report's rows (`rows`, None when there is nothing to list), or why it could not be
-    read (`why`); None when not known (stage 5 did not finish)."""
+    """The change report's first rows (`rows`, None when there is nothing to list; `change_rows`), or
+    why it could not be read (`why`); None when not known (stage 5 did not finish)."""
     if s["added"] is None:
         return None
     obj = _object(manifest, review.GOLD, layout.is_changes)
@@ -154,7 +165,7 @@ def _changes(manifest: dict, s: dict, store) -> dict | None:
     data, why = _read_object(obj, store)
     if data is None:
         return {"rows": None, "why": str(why)}
-    return {"rows": changes.listed(json.loads(data)), "why": None}
+    return change_rows(json.loads(data))
 
 
 def _objects(manifest: dict) -> list[dict]:

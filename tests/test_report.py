@@ -192,3 +192,17 @@ def test_lineage_picture_puts_another_runs_input_in_the_column_of_its_layer():
     x = {box["uri"]: box["x"] for box in picture["boxes"]}
     columns = [c["x"] for c in picture["columns"]]
     assert x[table] == columns[3] and x[clean] == columns[2]
+
+
+def test_a_change_report_of_a_million_removals_shows_its_first_rows_and_says_so():
+    """A rerun that retires most countries: the run page's table holds the first rows, in the change
+    report's order, and says that changes.json lists every one."""
+    from lib import changes
+
+    big = {"previous_run_id": "r1", "added": ["Atlantis"], "removed": [f"Country {i:07d}" for i in range(900_000)],
+           "changed": {"France": {"population": [1, 2]}}, "held": {}}
+    shown = report.change_rows(big)
+    assert shown["cut"] and len(shown["rows"]) == report.CHANGE_ROWS_SHOWN
+    assert shown["rows"] == changes.listed(big, report.CHANGE_ROWS_SHOWN)
+    small = report.change_rows({**big, "removed": ["Aruba"]})
+    assert not small["cut"] and len(small["rows"]) == 3
