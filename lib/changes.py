@@ -87,17 +87,17 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
     old_keys = formats.parquet_column(previous, KEY)
     at = pc.index_in(new_keys, value_set=old_keys)  # each current row's row in the previous table
     shared = pc.is_valid(at)
-    new_rows = pa.array(np.flatnonzero(shared.to_numpy(zero_copy_only=False)))
-    old_rows = at.filter(shared)
+    new_rows = np.flatnonzero(shared.to_numpy(zero_copy_only=False))
+    old_rows = at.filter(shared).to_numpy(zero_copy_only=False)
     differing: dict[str, tuple] = {}  # column: (positions among the shared rows, old values, new values)
     written = set(pq.read_schema(io.BytesIO(previous)).names)
     for col in COLUMNS[1:]:
-        new = formats.parquet_column(current, col).take(new_rows)
+        new = formats.parquet_rows(current, col, new_rows)  # the shared rows only, read a batch at a time
         if col not in written:  # a column added to the contract since: every shared row gains its value
             where = np.flatnonzero(pc.is_valid(new).to_numpy(zero_copy_only=False))
             differing[col] = (where, [None] * len(where), new.take(pa.array(where)).to_pylist())
             continue
-        old = formats.parquet_column(previous, col).take(old_rows)
+        old = formats.parquet_rows(previous, col, old_rows)
         a, b = (formats.json_lists(old), formats.json_lists(new)) if col in LIST_COLUMNS else (old, new)
         if a.type != b.type:
             a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())
@@ -109,7 +109,7 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
             differing[col] = (where, old.take(pa.array(where)).to_pylist(), new.take(pa.array(where)).to_pylist())
         del old, new, a, b, same
     rows = np.unique(np.concatenate([w for w, _, _ in differing.values()])) if differing else np.array([], int)
-    keys = new_keys.take(new_rows.take(pa.array(rows))).to_pylist() if len(rows) else []
+    keys = new_keys.take(pa.array(new_rows[rows])).to_pylist() if len(rows) else []
     changed: dict[str, dict] = {}
     for col in COLUMNS[1:]:
         if col in differing:

@@ -323,6 +323,29 @@ def csv_to_parquet(data) -> tuple[bytes, int]:
     return out.getvalue(), rows
 
 
+def parquet_rows(data: bytes, name: str, rows, batch_size: int = 65_536):
+    """The values of one column of a Parquet object at the row positions `rows` (a NumPy array of
+    ints, in any order), in that order, typed as `parquet_column` types them. The column is read a
+    batch at a time and only the wanted rows kept: a long text column of a million rows is never
+    held whole to take a few of them."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = pq.ParquetFile(io.BytesIO(data))
+    order = np.argsort(rows, kind="stable")
+    wanted = np.asarray(rows)[order]
+    pieces, start = [], 0
+    for batch in source.iter_batches(batch_size=batch_size, columns=[name]):
+        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
+        if hi > lo:
+            pieces.append(batch.column(0).take(pa.array(wanted[lo:hi] - start)))
+        start += batch.num_rows
+    kind = source.schema_arrow.field(name).type
+    values = pa.concat_arrays(pieces) if pieces else pa.array([], kind)
+    return _typed_column(name, values.take(pa.array(np.argsort(order, kind="stable"))), _arrow_types())
+
+
 def parquet_column(data: bytes, name: str):
     """One column of a Parquet object as an Arrow array, typed as `decode` types it (an empty text as
     null): read alone, as Parquet stores columns apart."""
