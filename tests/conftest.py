@@ -22,8 +22,23 @@ import pytest
 from lib import config, stack
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_PORT_BASE = int(os.environ.get("TEST_STACK_PORT_BASE", "18530"))
-ORPHAN_BASE = TEST_PORT_BASE + 40  # the next 100 ports belong to this suite: stay inside them
+# Ports. `make test` runs the suite on pytest-xdist workers (gw0, gw1, ...; a run without xdist is gw0),
+# each with its own stack: worker N has the WORKER_PORTS ports from TEST_STACK_PORT_BASE + N x WORKER_PORTS
+# (and the SeaweedFS gRPC ports 10000 above them). Every stack a test starts takes six of them (lib/stack_state.py's
+# PORT_OFFSETS) from one of the bases below, all inside the worker's own ports.
+SUITE_PORT_BASE = int(os.environ.get("TEST_STACK_PORT_BASE", "18530"))
+WORKER_PORTS = 100
+WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+TEST_PORT_BASE = SUITE_PORT_BASE + WORKER_PORTS * WORKER  # the session's stack (the `embedded` fixture)
+DOCS_PORT_BASE = TEST_PORT_BASE + 10  # the documents' own stacks, one at a time (tests/e2e/test_documented_commands.py)
+SECRETS_PORT_BASE = TEST_PORT_BASE + 20  # the stack with sentinel credentials (tests/e2e/test_secrets.py)
+COMPOSE_S3_PORT_BASE = TEST_PORT_BASE + 30  # the Compose path's S3 stand-in (tests/e2e/test_compose_path.py)
+ORPHAN_BASE = TEST_PORT_BASE + 40  # orphaned and stubborn stacks (tests/test_stack*.py): +40, +60, +70 and +90
+BENCH_PORT_BASE = TEST_PORT_BASE + 50  # the benchmark's private stack (tests/test_bench.py)
+MIGRATION_PORT_BASE = TEST_PORT_BASE + 80  # a cluster of the previous layout (tests/e2e/test_security.py)
+# A suite a test runs (the documents' `python -m pytest` commands) gets the ports after every worker's.
+NESTED_SUITE_PORT_BASE = SUITE_PORT_BASE + WORKER_PORTS * (WORKERS + WORKER)
 # Variables that would point the pipeline at other services: cleared for the test session.
 SERVICE_VARS = ("MINIO_URL", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "DB_HOST", "DB_PORT", "DB_USER",
                 "DB_PASSWORD", "DB_NAME", "S3_BUCKET_NAME", "AWS_ENDPOINT_URL", "AWS_PROFILE",
@@ -76,6 +91,15 @@ def embedded(pipeline_env, session_dirs):
         yield stack.up(session_dirs["state"])
     finally:
         stack.down(session_dirs["state"])
+
+
+@pytest.fixture
+def stack_tmp():
+    """A temporary folder for a test's own stack folders: pytest's tmp_path is too deep under pytest-xdist
+    for the Unix sockets SeaweedFS makes in its state folder (at most 107 bytes of path)."""
+    base = Path(tempfile.mkdtemp(prefix="medallion-stack-"))
+    yield base
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

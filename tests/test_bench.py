@@ -7,14 +7,14 @@ import os
 import subprocess
 import sys
 
-from tests.conftest import ROOT, TEST_PORT_BASE
+from tests.conftest import BENCH_PORT_BASE, ROOT
 
 
 def test_the_benchmark_runs_and_prints_each_figure_beside_its_target(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIPELINE_")}
     res = subprocess.run(
         [sys.executable, "-m", "bench.benchmark", "--only", "pipeline", "--max-records", "250", "--repeats", "1",
-         "--port-base", str(TEST_PORT_BASE + 500), "--results", str(tmp_path)],
+         "--port-base", str(BENCH_PORT_BASE), "--results", str(tmp_path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     out = res.stdout

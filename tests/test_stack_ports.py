@@ -18,13 +18,13 @@ from lib.stack_state import StackError
 from tests.conftest import ORPHAN_BASE, ROOT
 
 
-def test_an_orphaned_stack_is_named_and_stopped_safely(tmp_path, run_pipeline):
-    gone = tmp_path / "deleted-clone" / ".state"
+def test_an_orphaned_stack_is_named_and_stopped_safely(stack_tmp, run_pipeline):
+    gone = stack_tmp / "deleted-clone" / ".state"
     stack_state.init_state(gone, port_base=ORPHAN_BASE)
     stack.up(gone)
     weed = int((gone / "seaweedfs" / "weed.pid").read_text())
     (gone / "stack.json").unlink()  # its clone is gone: what marks a stack orphaned (its data may stay)
-    fresh = tmp_path / "new-clone" / ".state"
+    fresh = stack_tmp / "new-clone" / ".state"
     stack_state.init_state(fresh, port_base=ORPHAN_BASE)
     with pytest.raises(StackError) as refused:
         stack.up(fresh)
@@ -61,14 +61,14 @@ def test_stop_orphans_leaves_live_stacks_and_other_programs_alone(sdir, embedded
             stack.start_object_store(Path(tempfile.mkdtemp(prefix="medallion-busy-")), state)
 
 
-def test_status_names_an_orphaned_stack_and_the_command_that_stops_it(tmp_path, run_pipeline):
+def test_status_names_an_orphaned_stack_and_the_command_that_stops_it(stack_tmp, run_pipeline):
     base = ORPHAN_BASE + 50
-    gone = tmp_path / "deleted-clone" / ".state"
+    gone = stack_tmp / "deleted-clone" / ".state"
     stack_state.init_state(gone, port_base=base)
     stack.up(gone, ("object_store",))
     weed = int((gone / "seaweedfs" / "weed.pid").read_text())
     (gone / "stack.json").unlink()  # its clone is gone: what marks a stack orphaned (its data may stay)
-    env = {"PIPELINE_STATE_DIR": str(tmp_path / "new-clone" / ".state"), "PIPELINE_STACK_PORT_BASE": str(base)}
+    env = {"PIPELINE_STATE_DIR": str(stack_tmp / "new-clone" / ".state"), "PIPELINE_STACK_PORT_BASE": str(base)}
     try:
         status = run_pipeline("stack", "status", env=env)
         assert status.returncode == 0, status.stderr

@@ -33,10 +33,9 @@ from dotenv import dotenv_values
 
 from lib import config, db_read, stack, stack_state, storage
 from tests import compose
-from tests.conftest import ROOT, TEST_PORT_BASE
+from tests.conftest import COMPOSE_S3_PORT_BASE, ROOT
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")  # Debian's postgresql-15
-S3_PORT_BASE = TEST_PORT_BASE + 400  # the S3 stand-in's ports: +400 … +404 and their gRPC ports (+10000)
 RUN_SECRETS = "/run/secrets/"
 INITDB_D = "/docker-entrypoint-initdb.d/"
 
@@ -202,7 +201,7 @@ def deployment(api):
             "access_key": (run_secrets / minio["MINIO_ROOT_USER_FILE"]).read_text().strip(),
             "secret_key": (run_secrets / minio["MINIO_ROOT_PASSWORD_FILE"]).read_text().strip(),
             "db_password": ""})
-        state = stack_state.init_state(s3dir, port_base=S3_PORT_BASE)
+        state = stack_state.init_state(s3dir, port_base=COMPOSE_S3_PORT_BASE)
         stack.start_object_store(s3dir, state)
 
         # minio-init: `mc mb --ignore-existing local/$bucket` for each of $BUCKETS.

@@ -1,7 +1,7 @@
 """Every command the README and docs/ show is run, as a reader would paste it: a document's commands
 one after another, in the order they appear, in one bash session in a fresh scratch copy of the project
 (tests/scratch.py: the suite's venvs linked, so make installs nothing), with its own embedded stack
-(its `.state/`, on this suite's ports +200, started by the first command that needs it and stopped at
+(its `.state/`, on ports of this suite's worker, started by the first command that needs it and stopped at
 the end), its own `outputs/` and `logs/`, and the suite's API server and environment otherwise. A
 command that exits non-zero fails the test. What counts as a command, the placeholders and what is not
 run: docs/testing.md, "Writing a command in the docs"."""
@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 
 from lib import stack
-from tests.conftest import ROOT, TEST_PORT_BASE
+from tests.conftest import DOCS_PORT_BASE, NESTED_SUITE_PORT_BASE, ROOT
 from tests.scratch import new_project
 
-PORT_BASE = TEST_PORT_BASE + 200  # the documents' own stacks, one at a time
 DOCUMENTS = ["README.md", *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").glob("*.md"))]
 SHELL_TAGS = {"bash", "sh", "shell"}
 COMMAND = re.compile(r"(make|python3?|\.venv[\w-]*/bin/\S+)(\s|$)")
@@ -48,7 +47,8 @@ NOT_RUN = {
     "aws ": "needs AWS credentials, and the secrets it reads",
 }
 PROJECT_VARS = ("PIPELINE_STATE_DIR", "PIPELINE_OUTPUTS_DIR", "PIPELINE_LOGS_DIR",  # the copy's own folders
-                "MAKEFLAGS", "MFLAGS", "MAKELEVEL")  # a terminal, not a recipe of `make test`
+                "MAKEFLAGS", "MFLAGS", "MAKELEVEL",  # a terminal, not a recipe of `make test`
+                "PYTEST_XDIST_WORKER", "PYTEST_XDIST_WORKER_COUNT", "PYTEST_XDIST_TESTRUNUID")  # nor a worker of it
 
 
 @dataclass(frozen=True)
@@ -154,7 +154,8 @@ class Reader:
     def __init__(self, document: str):
         self.document, self.project = document, new_project()
         env = {k: v for k, v in os.environ.items() if k not in PROJECT_VARS}
-        env.update(PIPELINE_STACK_PORT_BASE=str(PORT_BASE),
+        env.update(PIPELINE_STACK_PORT_BASE=str(DOCS_PORT_BASE),
+                   TEST_STACK_PORT_BASE=str(NESTED_SUITE_PORT_BASE),  # a documented pytest command's ports
                    PYTHONPATH=str(self.project))  # the venv's editable install points at the suite's checkout
         self.shell = Shell(self.project, env)
 

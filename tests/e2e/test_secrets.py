@@ -16,11 +16,9 @@ import pytest
 
 from lib import lineage, runs, stack, stack_state, storage
 from lib.config import Cloud, Secret
-from tests.conftest import TEST_PORT_BASE
+from tests.conftest import SECRETS_PORT_BASE
 from tests.api_server import Scripted
 from tests.sinks import HttpSink, closed_port
-
-PORT_BASE = TEST_PORT_BASE + 300
 
 
 def write_private(path: Path, data: dict) -> None:
@@ -41,7 +39,7 @@ def sentinel_stack(tmp_path):
     dirs = {name: tmp_path / name for name in ("state", "outputs", "logs")}
     dirs["state"].mkdir(mode=0o700)
     write_private(dirs["state"] / "credentials.json", sentinels)
-    write_private(dirs["state"] / "stack.json", {"port_base": PORT_BASE, "db_user": "medallion",
+    write_private(dirs["state"] / "stack.json", {"port_base": SECRETS_PORT_BASE, "db_user": "medallion",
                                                   "db_name": "countries"})
     state = stack_state.read_state(dirs["state"])
     assert (state.access_key, state.secret_key, state.db_password) == tuple(sentinels.values())
@@ -49,7 +47,7 @@ def sentinel_stack(tmp_path):
         "PIPELINE_STATE_DIR": str(dirs["state"]),
         "PIPELINE_OUTPUTS_DIR": str(dirs["outputs"]),
         "PIPELINE_LOGS_DIR": str(dirs["logs"]),
-        "PIPELINE_STACK_PORT_BASE": str(PORT_BASE),
+        "PIPELINE_STACK_PORT_BASE": str(SECRETS_PORT_BASE),
         # The cloud role: an S3-compatible endpoint (this stack's) with explicit AWS-style keys.
         "S3_BUCKET_NAME": "sentinel-cloud",
         "AWS_ENDPOINT_URL": state.s3_url,

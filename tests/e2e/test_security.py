@@ -31,6 +31,7 @@ import pytest
 import requests
 
 from lib import stack, stack_state
+from tests.conftest import MIGRATION_PORT_BASE
 
 SECRET_BODY = b"probe-" + uuid.uuid4().hex.encode()
 
@@ -236,10 +237,8 @@ def test_the_postgres_system_user_reaches_its_data_and_nothing_else(session_dirs
 
 
 def test_a_cluster_from_before_the_administrator_is_migrated(tmp_path):
-    from tests.conftest import TEST_PORT_BASE
-
     sdir = tmp_path / ".state"
-    state = stack_state.init_state(sdir, port_base=TEST_PORT_BASE + 80)
+    state = stack_state.init_state(sdir, port_base=MIGRATION_PORT_BASE)
     # The layout the previous version wrote: no administrator, the pipeline role bootstraps the cluster.
     ports = json.loads((sdir / "stack.json").read_text())
     del ports["db_admin"]
