@@ -42,9 +42,12 @@ $(AIRFLOW_VENV)/.installed: airflow/requirements.txt
 ## airflow-venv: Apache Airflow 3 in .venv-airflow/ (installed once; again only when its pins change)
 airflow-venv: $(AIRFLOW_VENV)/.installed
 
-## test: the whole suite against real services (starts its own embedded stack and HTTP server)
+## test: the whole suite against real services, on TEST_WORKERS pytest-xdist workers (each starts its own
+## embedded stack and HTTP server); TEST_WORKERS=0 runs it in one process, PYTEST_ARGS="tests/test_x.py" one file
+# A test file runs whole on one worker (--dist loadfile): its module fixtures run once.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM) $(POSTGRES15)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 ## chromium: the headless browser the page tests drive, from the OS packages (installed when missing)
 $(CHROMIUM):
