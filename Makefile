@@ -44,10 +44,11 @@ airflow-venv: $(AIRFLOW_VENV)/.installed
 
 ## test: the whole suite against real services, on TEST_WORKERS pytest-xdist workers (each starts its own
 ## embedded stack and HTTP server); TEST_WORKERS=0 runs it in one process, PYTEST_ARGS="tests/test_x.py" one file
-# A test file runs whole on one worker (--dist loadfile): its module fixtures run once.
+# A test file runs whole on one worker (--dist loadfile): its module fixtures run once. Files go out in the
+# order pytest collects them (tests/e2e first, the longest), not by their number of tests.
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM) $(POSTGRES15)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## chromium: the headless browser the page tests drive, from the OS packages (installed when missing)
 $(CHROMIUM):
