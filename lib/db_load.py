@@ -160,7 +160,8 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
     table behind the pipeline's back (its values no longer give its `_row_hash`) is reported as
     drift and, in upsert and replace, repaired. Append never changes a row, so a key it skips must
     already hold the batch's values.
-    Before committing, the table is proven: read back once (COPY, in the same transaction), the
+    Before committing, the table is proven (`_proof`: each row hashed by PostgreSQL, a row it cannot
+    be sure of read back and hashed here, in the same transaction): the
     fingerprint of the batch's rows, recomputed from the stored values, is compared with
     `expected_fingerprint` (stage 2's `clean_fingerprint`), any difference rolling the load back
     (the rows not stored as staged are named, compared in SQL, when that proof fails or is not
@@ -261,7 +262,7 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
     an unchanged row with its audit columns, and the published rows the run keeps (held keys; every
     absent key unless the mode retires it); beside it, `staged.<table>_changes` (each key's change)
     and `staged.pipeline_loads` (the load log with this load's row to come). That table is proven
-    as `merge` proves a load (read back, its batch rows' fingerprint against `expected_fingerprint`)
+    as `merge` proves a load (its batch rows' fingerprint, from the stored values, against `expected_fingerprint`)
     and its checksum returned, for the publish's one merge (`merge` with `proven_checksum`). The
     published tables are only read. Returns what `merge` returns, with `checksum` and without
     `load_id` (the publish writes the load log)."""
@@ -412,8 +413,8 @@ def _plan(cur, options: MergeOptions, target: sql.Identifier | None) -> tuple[di
 
 
 def _proof(cur, target, expected_fingerprint: str | None) -> tuple[dict, dict, list[str]]:
-    """Audit before commit: the table is read back once, and the fingerprint of the batch's rows,
-    recomputed from the stored values, must be `expected_fingerprint` (the silver table's). Rows
+    """Audit before commit: the fingerprint of the batch's rows, recomputed from the stored values
+    (`_table_fingerprints`), must be `expected_fingerprint` (the silver table's). Rows
     that are not stored as the batch has them are named (compared in SQL, doubles by their bits)
     whenever that proof is missing or fails. Returns the batch's and the table's fingerprints and
     the unproven rows (`_table_fingerprints`)."""
