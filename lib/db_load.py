@@ -82,13 +82,14 @@ class TableSource:
     table: str
 
 
-def _stage_batch(cur, csv_data, lists: str, into: sql.Identifier | None = None) -> None:
+def _stage_batch(cur, csv_data, lists: str, into: sql.Identifier | None = None) -> bool:
     """The batch as the temporary table `_batch` (contract types, then _row_hash). With lists="array"
     (PostgreSQL array literals, as formats.copy_csv writes them) COPY types every cell itself; with
     lists="json" (the silver CSV) the rows are copied as text and cast, each JSON array unnested. A
     `TableSource` is selected from, typed already. `into` (a table of the contract's columns whose
     other columns have defaults): a batch of array literals is copied straight into it, and `_batch`
-    reads it there. `_batch` is then a view, which the caller drops before the commit."""
+    reads it there. `_batch` is then a view, which the caller drops before the commit: returns
+    whether it is one."""
     copy = sql.SQL("COPY {} ({}, _row_hash) FROM STDIN WITH (FORMAT csv, HEADER true)")
     if isinstance(csv_data, TableSource):  # read where it is, not copied
         into = ident(csv_data.schema, csv_data.table)
@@ -98,17 +99,18 @@ def _stage_batch(cur, csv_data, lists: str, into: sql.Identifier | None = None) 
             cur.copy_expert(copy.format(into, column_list(COLUMNS)).as_string(cur), source)
     if into is not None:
         cur.execute(sql.SQL("CREATE TEMP VIEW _batch AS SELECT {}, _row_hash FROM {}").format(column_list(COLUMNS), into))
-        return
+        return True
     if lists == "array":
         cur.execute(sql.SQL("CREATE TEMP TABLE _batch ({}, _row_hash text) ON COMMIT DROP").format(
             sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c.name), sql.SQL(c.type.sql))
                                for c in CONTRACT)))
         cur.copy_expert(copy.format(sql.Identifier("_batch"), column_list(COLUMNS)).as_string(cur), source)
-        return
+        return False
     cur.execute(sql.SQL("CREATE TEMP TABLE _stage ({}, _row_hash text) ON COMMIT DROP").format(
         sql.SQL(", ").join(sql.SQL("{} text").format(sql.Identifier(c)) for c in COLUMNS)))
     cur.copy_expert(copy.format(sql.Identifier("_stage"), column_list(COLUMNS)).as_string(cur), source)
     cur.execute(sql.SQL("CREATE TEMP TABLE _batch ON COMMIT DROP AS SELECT {} FROM _stage").format(_typed_select()))
+    return False
 
 
 @dataclass(frozen=True)
@@ -184,7 +186,7 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                           if not table_exists(conn, schema, name)]
                 ensure_tables(cur, schema, table)
                 fresh = [t for t in absent if _created_here(cur, t)]
-                _stage_batch(cur, csv_data, options.lists)
+                view = _stage_batch(cur, csv_data, options.lists)
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(loads))
                 # No other session writes the table until this one commits (readers go on): the rows
                 # compared below are the rows written over, and a key found new stays new.
@@ -241,15 +243,9 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                                             "proved (their checksum differs); rolled back")
                 drift = sorted(set(drift) | set(unproven))
                 load_id = _log_load(cur, loads, options, counts, len(drift))
-                if isinstance(csv_data, TableSource):
+                if view:
                     cur.execute("DROP VIEW _batch")
-    result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
-              "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys,
-              "current_rows": current_fp["rows"], "mode": mode, "load_id": load_id,
-              "batch_rows": batch_fp["rows"], "batch_fingerprint": batch_fp["fingerprint"],
-              "current_fingerprint": current_fp["fingerprint"],
-              "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(drift)}}
-    _log_drift(schema, table, drift)
+    result = _result(options, counts, held_keys, batch_fp, current_fp, drift, load_id=load_id)
     log.info("loaded %s.%s for run %s: %s", schema, table, run_id, result)
     return result
 
@@ -286,8 +282,9 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
                 if direct:
                     cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN _run_id SET DEFAULT %s, "
                                         "ALTER COLUMN _loaded_at SET DEFAULT now()").format(out), (run_id,))
-                _stage_batch(cur, csv_data, options.lists, into=out if direct else None)
-                if table_exists(conn, schema, LOADS_TABLE):
+                view = _stage_batch(cur, csv_data, options.lists, into=out if direct else None)
+                logged = table_exists(conn, schema, LOADS_TABLE)
+                if logged:
                     _refuse_rewind(cur, ident(schema, LOADS_TABLE), schema, table, run_id, options.data_as_of,
                                    options.allow_rewind)
                 counts, drift, held_keys = _plan(cur, options, published if exists else None)
@@ -316,7 +313,7 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
                 cur.execute(sql.SQL("CREATE TABLE {} AS SELECT key, change FROM _changes").format(
                     ident(staged, changes_table(table))))
                 create_loads(cur, staged)
-                if table_exists(conn, schema, LOADS_TABLE):
+                if logged:
                     cur.execute(sql.SQL("INSERT INTO {} ({c}) SELECT {c} FROM {}").format(
                         ident(staged, LOADS_TABLE), ident(schema, LOADS_TABLE), c=column_list(LOAD_COLUMNS)))
                     cur.execute(sql.SQL("SELECT setval(pg_get_serial_sequence(%s, 'load_id'), "
@@ -324,15 +321,9 @@ def stage(conn, csv_data, options: MergeOptions, staged: str) -> dict:
                         ident(staged, LOADS_TABLE)), (ident(staged, LOADS_TABLE).as_string(cur),))
                 _log_load(cur, ident(staged, LOADS_TABLE), options, counts, len(drift))
                 checksum = db_hash.checksum(cur, out)
-                if direct:
+                if view:
                     cur.execute("DROP VIEW _batch")
-    result = {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
-              "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys,
-              "current_rows": current_fp["rows"], "mode": options.mode, "checksum": checksum,
-              "batch_rows": batch_fp["rows"], "batch_fingerprint": batch_fp["fingerprint"],
-              "current_fingerprint": current_fp["fingerprint"],
-              "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(drift)}}
-    _log_drift(schema, table, drift)
+    result = _result(options, counts, held_keys, batch_fp, current_fp, drift, checksum=checksum)
     log.info("staged %s.%s for run %s in %s: %s", schema, table, run_id, staged, result)
     return result
 
@@ -441,10 +432,19 @@ def _log_load(cur, loads: sql.Identifier, options: MergeOptions, counts: dict, r
     return cur.fetchone()[0]
 
 
-def _log_drift(schema: str, table: str, drift: list[str]) -> None:
-    if drift:  # every drifted row is a row of the batch, now stored as the batch has it
-        log.warning("%s.%s: %d row(s) had been changed outside the pipeline (%s); repaired", schema, table,
-                    len(drift), _short(drift))
+def _result(options: MergeOptions, counts: dict, held_keys: list[str], batch_fp: dict, current_fp: dict,
+            drift: list[str], **extra) -> dict:
+    """What `merge` and `stage` return (`extra`: the load id, or the staged table's checksum); drift is
+    logged. Every drifted row is a row of the batch, stored (or staged) as the batch has it."""
+    if drift:
+        log.warning("%s.%s: %d row(s) had been changed outside the pipeline (%s); repaired", options.schema,
+                    options.table, len(drift), _short(drift))
+    return {"inserted": counts["insert"], "updated": counts["update"], "unchanged": counts["unchanged"],
+            "retired": counts["retire"], "held": counts["held"], "held_keys": held_keys,
+            "current_rows": current_fp["rows"], "mode": options.mode, **extra,
+            "batch_rows": batch_fp["rows"], "batch_fingerprint": batch_fp["fingerprint"],
+            "current_fingerprint": current_fp["fingerprint"],
+            "drift": {"rows": len(drift), "keys": drift[:50], "repaired": len(drift)}}
 
 
 def _created_here(cur, table: sql.Identifier) -> bool:

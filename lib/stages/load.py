@@ -93,8 +93,8 @@ def run(stage: StageRun) -> Loaded:
         # previous ones (a conversion error fails the COPY, so nothing is loaded).
         with db_pipes.fed(lambda sink: formats.copy_csv(data, fmt.name, sink)) as (csv_rows, converted):
             try:
-                # The table as the run will publish it is staged and proven: the batch's rows read
-                # back against stage 2's fingerprint, the whole table's recomputed from its values.
+                # The table as the run will publish it is staged and proven: the batch's rows, hashed
+                # as stored, against stage 2's fingerprint; the whole table's recomputed from its values.
                 result = db_load.stage(conn, csv_rows, db_load.MergeOptions(
                     schema=db_schema, table=table, run_id=stage.run_id, mode=p.write_mode,
                     retire_missing=p.retire_missing, expected_fingerprint=cleaned.get("clean_fingerprint"),
