@@ -33,6 +33,9 @@ RUN python -m venv .venv \
     && .venv/bin/python -m pip install --no-cache-dir -r requirements.txt
 
 COPY . .
+# lib's bytecode, compiled once here (as `make bytecode` does): the runner may not write it, and with
+# PYTHONDONTWRITEBYTECODE it would not try, so each run's processes would compile lib from source.
+RUN .venv/bin/python -m compileall -q lib
 
 # The folders a run writes (lib/config.py: outputs, logs, state), the only ones the user may write.
 # Each pod's outputs/ is a working copy: the run records are kept in the object store.

@@ -10,7 +10,7 @@ CHROMIUM := /usr/bin/chromium
 POSTGRES15 := /usr/lib/postgresql/15/bin/postgres
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test lab stack-up stack-down stack-status bench clean airflow-venv git-filters screenshots
+.PHONY: run test lab stack-up stack-down stack-status bench clean airflow-venv git-filters screenshots bytecode
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (found " + sys.version.split()[0] + "); set PYTHON=python3.11")'
@@ -27,8 +27,14 @@ $(VENV)/.installed-dev: $(VENV)/.installed requirements-dev.txt
 	$(BIN)/python -m pip install --quiet -r requirements-dev.txt
 	@touch $@
 
+# lib's bytecode, compiled ahead as pip compiles the packages it installs: where PYTHONDONTWRITEBYTECODE
+# is set, each of a run's processes (the runner, its kernel) compiled lib from source at every start.
+# Only what changed is compiled again; a module edited later is compiled in memory as usual.
+bytecode: $(VENV)/.installed
+	@$(BIN)/python -m compileall -q lib
+
 ## run: the whole pipeline (the embedded stack unless .env configures services); ARGS="--stages 2-4" etc.
-run: $(VENV)/.installed
+run: $(VENV)/.installed bytecode
 	$(BIN)/python run_pipeline.py $(ARGS)
 
 $(AIRFLOW_VENV)/.installed: airflow/requirements.txt
@@ -47,7 +53,7 @@ airflow-venv: $(AIRFLOW_VENV)/.installed
 # A test file runs whole on one worker (--dist loadfile): its module fixtures run once. Files go out in the
 # order pytest collects them (tests/e2e first, the longest), not by their number of tests.
 TEST_WORKERS ?= 2
-test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM) $(POSTGRES15)
+test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM) $(POSTGRES15) bytecode
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 ## chromium: the headless browser the page tests drive, from the OS packages (installed when missing)
@@ -63,7 +69,7 @@ $(POSTGRES15):
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql-15
 
 ## lab: JupyterLab on notebooks/, on the same stack as `make run`; ARGS="--port 8899" picks the port
-lab: $(VENV)/.installed git-filters
+lab: $(VENV)/.installed git-filters bytecode
 	$(BIN)/python run_pipeline.py lab $(ARGS)
 
 ## git-filters: notebooks saved in the lab reach git as committed (nbstripout as a git filter)
@@ -86,7 +92,7 @@ stack-up stack-down stack-status: $(VENV)/.installed
 	$(BIN)/python run_pipeline.py stack $(subst stack-,,$@)
 
 ## bench: speed and memory figures of the pipeline's hot paths
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed bytecode
 	$(BIN)/python -m bench.benchmark $(ARGS)
 
 clean:

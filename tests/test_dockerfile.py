@@ -180,6 +180,21 @@ def test_the_image_installs_what_make_run_installs():
     assert f"{hints.VENV_PYTHON} -m pip install" in runs_
 
 
+def test_the_image_compiles_lib_as_make_does():
+    """Every door runs lib from its bytecode: `make` compiles it before a run, the image once it has it."""
+    makefile = (ROOT / "Makefile").read_text(encoding="utf-8")
+    recipe = re.search(r"^bytecode:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe, "the Makefile's bytecode rule is gone"
+    compiles = re.findall(r"-m compileall (.+)", recipe.group(1))
+    assert compiles == ["-q lib"]
+    for target in ("run", "test", "lab", "bench"):
+        assert re.search(rf"^{target}:.*\bbytecode\b", makefile, re.M), f"make {target} does not compile lib first"
+    steps = dockerfile()
+    copied = max(i for i, (k, a) in enumerate(steps) if k == "COPY" and arguments(a)[0] == ".")
+    compiled = [i for i, (k, a) in enumerate(steps) if k == "RUN" and f"{hints.VENV_PYTHON} -m compileall {compiles[0]}" in a]
+    assert compiled and compiled[-1] > copied, "the image does not compile lib after copying it"
+
+
 def test_the_entrypoint_is_the_runner_with_the_projects_python():
     steps = dockerfile()
     entrypoints = [arguments(a) for k, a in steps if k == "ENTRYPOINT"]
