@@ -112,3 +112,20 @@ def test_what_the_runner_runs_itself_imports_no_frames():
             "print(sorted(m for m in ('pandas', 'numpy', 'pyarrow', 'pandera') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_the_runners_pages_import_no_ipython(tmp_path):
+    """The runner renders its pages (warmed up, then an executed stage notebook) without IPython's
+    lexers: the stage notebooks are coloured by pygments' Python lexer (~0.15 s of CPU less a run)."""
+    code = ("import json, sys, pathlib, lib.report\n"
+            "lib.report._warm_up()\n"
+            "nb = json.loads(pathlib.Path('notebooks/01_ingest.ipynb').read_text())\n"
+            "nb['metadata']['language_info'] = {'name': 'python', 'pygments_lexer': 'ipython3'}\n"
+            "page = pathlib.Path(sys.argv[1]) / '01_ingest.ipynb'\n"
+            "page.write_text(json.dumps(nb))\n"
+            "lib.report.notebook_page(page)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'IPython')[:3])")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert (tmp_path / "01_ingest.html").stat().st_size > 0
