@@ -19,6 +19,7 @@ from typing import BinaryIO
 
 import boto3
 import botocore.config
+import botocore.session
 import botocore.exceptions
 
 from lib import names
@@ -78,18 +79,22 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-# One boto3 Session per process (building one loads botocore's service models, ~0.3 s) and one client
-# per set of settings: clients are thread-safe and every stage asks for the same few.
-_SESSIONS: dict[tuple, boto3.session.Session] = {}
+# One boto3 Session per profile (building one loads botocore's service models, ~0.1 s of CPU), all of
+# them reading the models through one loader, which parses each once; one client per set of settings:
+# clients are thread-safe and every stage asks for the same few.
+_SESSIONS: dict[str | None, boto3.session.Session] = {}
 # A session makes one client at a time (boto3's sessions are not thread-safe; its clients are): the
 # records are pushed from a thread of their own while the run goes on (lib/record_store.py `push_soon`).
 _MAKING = threading.Lock()
 
 
-def _session(profile: str | None = None, region: str | None = None) -> boto3.session.Session:
-    if (profile, region) not in _SESSIONS:
-        _SESSIONS[profile, region] = boto3.session.Session(profile_name=profile, region_name=region)
-    return _SESSIONS[profile, region]
+def _session(profile: str | None = None) -> boto3.session.Session:
+    if profile not in _SESSIONS:
+        core = botocore.session.get_session()
+        if _SESSIONS:  # the models the first session parsed
+            core.register_component("data_loader", next(iter(_SESSIONS.values()))._loader)
+        _SESSIONS[profile] = boto3.session.Session(botocore_session=core, profile_name=profile)
+    return _SESSIONS[profile]
 
 
 @functools.lru_cache(maxsize=16)
@@ -117,8 +122,8 @@ def cloud_client(cloud: Cloud):
         if cloud.session_token:
             keys["aws_session_token"] = cloud.session_token.reveal()
     with _MAKING:
-        return _session(cloud.profile, cloud.region).client("s3", endpoint_url=cloud.endpoint_url,
-                                                            config=client_config(), **keys)
+        return _session(cloud.profile).client("s3", endpoint_url=cloud.endpoint_url, region_name=cloud.region,
+                                              config=client_config(), **keys)
 
 
 def endpoint(s3) -> str:

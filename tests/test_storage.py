@@ -164,6 +164,26 @@ def test_clients_are_built_once_per_settings(settings):
     assert storage.client(other) is not storage.client(settings.store)
 
 
+def test_every_profile_and_region_reads_the_service_models_parsed_once(settings, unique, tmp_path, monkeypatch):
+    """A cloud in a region of its own, or under a profile of its own, gets a client of that region
+    and profile, from the one parse of botocore's service models."""
+    (tmp_path / "config").write_text("[profile other]\nregion = eu-north-1\n")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    monkeypatch.setattr(storage, "_SESSIONS", {})
+    storage.client.cache_clear()
+    storage.cloud_client.cache_clear()
+    local = storage.client(dataclasses.replace(settings.store, region="us-east-1"))
+    elsewhere = storage.cloud_client(dataclasses.replace(settings.cloud, region="eu-west-2", profile=None))
+    profiled = storage.cloud_client(dataclasses.replace(settings.cloud, region=None, profile="other"))
+    assert (local.meta.region_name, elsewhere.meta.region_name, profiled.meta.region_name) == \
+        ("us-east-1", "eu-west-2", "eu-north-1")
+    assert sorted(storage._SESSIONS, key=str) == [None, "other"]
+    assert storage._SESSIONS[None]._loader is storage._SESSIONS["other"]._loader
+    # and each still talks to its server with its own keys
+    storage.ensure_bucket(elsewhere, f"region-{unique}")
+    assert storage.head(local, f"region-{unique}", "none") is None
+
+
 def test_read_ahead_gives_every_byte_of_an_object_and_hashes_it_as_read(s3, bucket):
     data = bytes(range(256)) * 40_000  # 10 MB, many chunks
     s3.put_object(Bucket=bucket, Key="big.bin", Body=data)
