@@ -27,7 +27,9 @@ import os
 import sys
 import time
 
-from lib import hints  # the standard library only: it can speak for a Python that lacks the packages
+from lib import hints, memory  # the standard library only: hints speaks for a Python that lacks the packages
+
+memory.tune()  # the C heap of this process, set up before its threads (lib/memory.py)
 
 # Only what starting a run needs is imported here: the run's kernel starts first and boots while the
 # rest (papermill, the services' clients, the report) is imported.

@@ -6,7 +6,10 @@ stepped through. JupyterLab's kernels are the ordinary ones, debugger included."
 import sys
 from pathlib import Path
 
+from lib import memory
+
 if __name__ == "__main__":
+    memory.tune()  # before ipykernel's threads (lib/memory.py)
     # As ipykernel_launcher: the working folder leaves sys.path while ipykernel loads (IPython puts
     # it back), so that a file there cannot shadow a module the kernel imports.
     if sys.path[0] == "" or Path(sys.path[0]) == Path.cwd():

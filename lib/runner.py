@@ -206,10 +206,10 @@ _WARM = None
 # notebook's, which the reset then frees by their reference counts) are set aside for that collection
 # only (gc.freeze), then handed back: frozen for good, they would leave the collector so few long-lived
 # objects that it went through everything a large stage holds far more often (stage 2: +20%).
-# Then what the last notebook freed is handed back to the system (lib/stages/context.py
-# `release_memory`), so that a stage starts from the kernel's own size, not the last stage's peak.
+# Then what the last notebook freed is handed back to the system (lib/memory.py
+# `release`), so that a stage starts from the kernel's own size, not the last stage's peak.
 RESET = ("__import__('gc').freeze(); get_ipython().reset(new_session=True); __import__('gc').unfreeze(); "
-         "__import__('lib.stages.context', fromlist=['release_memory']).release_memory()")
+         "__import__('lib.memory', fromlist=['release']).release()")
 SAVE_EVERY_S = 1.0
 
 

@@ -9,7 +9,6 @@ with metadata and fill that record. Inputs are proven before use (`verify_input`
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import gc
 import json
@@ -21,8 +20,8 @@ from typing import Any
 
 import pandas as pd
 
-from lib import (config, contract, db, formats, layout, lineage, names, pages, publish, quality, record_store, registry,
-                 report, runs, storage)
+from lib import (config, contract, db, formats, layout, lineage, memory, names, pages, publish, quality, record_store,
+                 registry, report, runs, storage)
 from lib import log as logsetup
 from lib.errors import PipelineError
 from lib.stages import parameters
@@ -35,17 +34,6 @@ SAMPLE_RECORDS = 1000  # records kept for previews (a payload or table is never 
 
 class StageError(PipelineError):
     """A stage cannot go on; the message says what was wrong and what was (not) written."""
-
-
-def release_memory() -> None:
-    """Hand back to the system the memory a stage freed: Arrow's pool (which keeps freed pages for
-    reuse) and the C heap's free top and holes (glibc's malloc_trim; elsewhere nothing). A kernel
-    that runs the stages one after another then starts each from its own size, not from the last
-    stage's peak."""
-    if "pyarrow" in sys.modules:
-        sys.modules["pyarrow"].default_memory_pool().release_unused()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -133,6 +121,7 @@ def begin(stage: str, given: str | Mapping | None = None, /, **overrides) -> Sta
     a run id and the parameters it sets (`begin(<stage>, run_id, min_records=5)`), the rest being
     their defaults."""
     registry.get(stage)
+    memory.tune()  # a kernel the runner did not start (JupyterLab's, papermill's) gets the same heap
     if isinstance(given, Mapping):
         chosen = {name: given[name] for name in parameters.declared(stage) if name in given}
     else:

@@ -19,22 +19,3 @@ def test_a_stage_record_displays_as_tables_with_whole_uris_and_escaped_values(tm
     assert uri in page and "a" * 64 in page and "<script" not in page and "&lt;script&gt;" in page
     assert "<b>attempts</b>" in page and "503" in page
     assert uri in repr(view) and "rows 251 → 250" in repr(view)
-
-
-def test_release_memory_hands_back_what_a_stage_freed():
-    """What the runner runs after resetting the kernel between notebooks: heap blocks a stage freed go
-    back to the system, so the next stage starts from the kernel's own size."""
-    import psutil
-
-    from lib.stages.context import release_memory
-
-    me = psutil.Process()
-    blocks, kept = [], []
-    for i in range(100_000):  # ~200 MB of C-heap blocks (each past pymalloc's size), a few kept between them
-        blocks.append(bytes(2000))
-        if i % 100 == 0:
-            kept.append(bytes(2000))
-    del blocks  # freed, but held by the heap: the kept blocks pin its top
-    freed = me.memory_info().rss
-    release_memory()
-    assert me.memory_info().rss < freed - 100 * 2**20
