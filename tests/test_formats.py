@@ -115,6 +115,23 @@ def test_copy_csv_gives_postgresql_the_silver_values_even_awkward_text(pg, clean
     assert stored[0][COLUMNS.index("capital")] == AWKWARD
 
 
+def test_copy_csv_converts_a_large_table_a_batch_at_a_time_into_one_csv(clean, monkeypatch):
+    """Past COPY_ROWS rows the Parquet is converted in several batches: one header, every row, the
+    same bytes as in one batch."""
+    frame = pd.concat([clean] * 3, ignore_index=True)  # 750 rows
+    data = formats.get("parquet").encode(frame)
+    whole = io.BytesIO()
+    assert formats.copy_csv(data, "parquet", whole) == len(frame)
+    monkeypatch.setattr(formats, "COPY_ROWS", 100)
+    converted, pg_arrays = [], formats.pg_arrays
+    monkeypatch.setattr(formats, "pg_arrays", lambda values: converted.append(len(values)) or pg_arrays(values))
+    batched = io.BytesIO()
+    assert formats.copy_csv(data, "parquet", batched) == len(frame)
+    assert max(converted) == 100 and sum(converted) == len(frame) * len(LIST_COLUMNS)
+    assert batched.getvalue() == whole.getvalue()
+    assert batched.getvalue().count(b'"_row_hash"') == 1
+
+
 def test_copy_csv_of_no_rows_is_its_header():
     out = io.BytesIO()
     empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in COLUMNS + ["_row_hash"]})
