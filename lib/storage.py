@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import BinaryIO
 
 import boto3
+import boto3.s3.transfer
 import botocore.config
 import botocore.session
 import botocore.exceptions
@@ -202,13 +203,21 @@ def put_bytes(s3, bucket: str, key: str, data: bytes, *, metadata: dict, content
     return Artifact(bucket, key, len(data), digest, rows, list(inputs), role)
 
 
+# A large upload goes in parts of 8 MiB, each read into memory before it is sent: boto3's default
+# buffers ten of them (stage 4's export of 100,000 rows grew by ~58 MiB as it uploaded); two parts in
+# flight, one a core, grew it by ~26 MiB.
+TRANSFER = boto3.s3.transfer.TransferConfig(max_concurrency=2)
+TRANSFER.max_in_memory_upload_chunks = 2  # an attribute s3transfer reads, not an argument of boto3's
+
+
 def put_stream(s3, bucket: str, key: str, fileobj: BinaryIO, *, size: int, digest: str, metadata: dict,
                content_type: str, rows: int | None = None, inputs: list[str] = (),
                role: str = "local") -> Artifact:
     """Upload a file object (multipart when large) whose size and sha256 are already known."""
     meta = _metadata({**metadata, "sha256": digest, "rows": rows})
     try:
-        s3.upload_fileobj(fileobj, bucket, key, ExtraArgs={"Metadata": meta, "ContentType": content_type})
+        s3.upload_fileobj(fileobj, bucket, key, ExtraArgs={"Metadata": meta, "ContentType": content_type},
+                          Config=TRANSFER)
     except (botocore.exceptions.ClientError, botocore.exceptions.BotoCoreError) as err:
         raise _fail(s3, f"writing {key}", bucket, err) from None
     log.info("wrote s3://%s/%s (%d bytes, sha256 %s)", bucket, key, size, digest[:12])

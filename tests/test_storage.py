@@ -119,6 +119,38 @@ def test_put_stream_uploads_a_spool_with_its_known_digest(s3, bucket):
     assert art.role == "cloud" and art.size == len(payload)
 
 
+def test_put_stream_uploads_a_large_spool_in_parts_two_at_a_time(s3, bucket):
+    """Past 8 MiB the upload goes in parts (each read into memory as it is sent), at most two at once."""
+    import threading
+
+    lock, flying, most, parts = threading.Lock(), [0], [0], []
+
+    def started(params, **_):
+        with lock:
+            flying[0] += 1
+            most[0] = max(most[0], flying[0])
+            parts.append(params["query_string"]["partNumber"])
+
+    def ended(**_):
+        with lock:
+            flying[0] -= 1
+
+    s3.meta.events.register("before-call.s3.UploadPart", started, unique_id="test-parts-started")
+    s3.meta.events.register("after-call.s3.UploadPart", ended, unique_id="test-parts-ended")
+    try:
+        spool = storage.HashingSpool()
+        payload = bytes(range(256)) * (41 * 4096)  # 41 MiB: six parts
+        spool.write(payload)
+        art = storage.put_stream(s3, bucket, "stream/large.bin", spool.rewound(), size=spool.size,
+                                 digest=spool.sha256, metadata={}, content_type="application/octet-stream")
+    finally:
+        s3.meta.events.unregister("before-call.s3.UploadPart", unique_id="test-parts-started")
+        s3.meta.events.unregister("after-call.s3.UploadPart", unique_id="test-parts-ended")
+    body, meta = storage.get_bytes(s3, bucket, "stream/large.bin")
+    assert body == payload and meta["sha256"] == art.sha256 == hashlib.sha256(payload).hexdigest()
+    assert sorted(map(int, parts)) == [1, 2, 3, 4, 5, 6] and most[0] == 2
+
+
 def test_ensure_bucket_is_idempotent(s3, unique):
     name = f"idem-{unique}"
     storage.ensure_bucket(s3, name)
