@@ -18,7 +18,10 @@ from lib.stages.context import (SAMPLE_RECORDS, StageError, StageRun, expected_s
                                 young_gc_only)
 
 
-CHUNK_ROWS = 10_000  # records flattened, validated and written at a time
+# Records flattened, validated and written at a time (a row group of the silver file each). With
+# 100,000 records, chunks of 10,000 took stage 2 ~40 MiB higher than chunks of 5,000, which are no
+# slower (250,000 records: 9.2-11.0 s against 9.5-11.2 s).
+CHUNK_ROWS = 5_000
 
 
 @dataclass
