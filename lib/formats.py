@@ -198,8 +198,8 @@ def csv_arrow_batches(fileobj, extra: dict | None = None, block_size: int = 2 <<
     type of other columns (text by default). Header names are lower-cased (column_case=upper).
     The file is read in blocks of READ_BLOCK bytes and the batches joined up to `block_size`: the
     reader reads a few dozen blocks ahead of the parser, each a Python bytes object the allocator
-    keeps afterwards, so big blocks cost some 25 times their size in memory. Stage 4 parsing the
-    export of 100,000 rows grew by ~100 MiB with batches of 8 MiB, by ~60 MiB with 2 MiB."""
+    keeps afterwards, so big blocks cost some 25 times their size (stage 4 parsing the export of
+    100,000 rows grew by ~100 MiB with batches of 8 MiB, by ~60 MiB with 2 MiB)."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -403,9 +403,7 @@ def pg_arrays(values):
     return pc.if_else(values.is_null(), pa.scalar(None, text), literals) if values.null_count else literals
 
 
-# Rows of Parquet converted at a time for COPY: each list cell becomes text through a few Arrow kernels,
-# each making a copy of its column (stage 3 with 100,000 records grew by ~130 MiB while its COPY ran
-# with batches of 65,536 rows, by 30-55 MiB with 16,384, and was no slower).
+# Rows converted at a time for COPY: 65,536 grew stage 3 (100,000 records) by ~130 MiB, 16,384 by 30-55.
 COPY_ROWS = 16_384
 
 

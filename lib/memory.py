@@ -1,5 +1,9 @@
-"""The C heap of a pipeline process: how it is set up at the start, and handing back what a stage
-freed. glibc only (the Linux the pipeline runs on); elsewhere both are no-ops.
+"""The memory of a pipeline process: Arrow's pool, the C heap as it is set up at the start, and
+handing back what a stage freed. glibc and Arrow's jemalloc only where they are (Linux); elsewhere
+these are no-ops.
+
+Arrow's jemalloc pool, not its default mimalloc one: mimalloc keeps the pages a large step freed
+(some 100-300 MiB of a kernel after a million rows), jemalloc hands them back.
 
 glibc's defaults suit short programs, not a kernel that runs five stages of 100,000 rows:
 - every thread that allocates may get an arena of its own (up to 8 per core): the transfer threads of
@@ -20,6 +24,7 @@ import ctypes
 import os
 import sys
 
+ARROW_POOL = "jemalloc"
 ARENAS = 2  # malloc arenas of a process (the main one and one for all its threads)
 MAPPED_FROM = 1 << 20  # blocks this large or larger are mapped, and unmapped when freed
 
@@ -38,6 +43,13 @@ def _libc():
         return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
     except OSError:  # not glibc (musl, for one)
         return None
+
+
+def choose_arrow_pool() -> None:
+    """ARROW_POOL for pyarrow, which reads ARROW_DEFAULT_MEMORY_POOL when it first allocates (so at
+    `import lib`, lib/__init__.py); a setting of one's own is left alone."""
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", ARROW_POOL)
 
 
 def tune() -> dict[str, int]:
