@@ -325,10 +325,9 @@ def csv_to_parquet(data) -> tuple[bytes, int]:
 
 
 def parquet_rows(data: bytes, name: str, rows, batch_size: int = 65_536):
-    """The values of one column of a Parquet object at the row positions `rows` (a NumPy array of
-    ints, in any order), in that order, typed as `parquet_column` types them. The column is read a
-    batch at a time and only the wanted rows kept: a long text column of a million rows is never
-    held whole to take a few of them."""
+    """The values of one column of a Parquet object at the row positions `rows` (NumPy ints, in any
+    order), in that order, typed as `parquet_column` types them: read a batch at a time, only the
+    wanted rows kept and typed (a long text column is never held whole, nor copied whole to type it)."""
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -336,15 +335,16 @@ def parquet_rows(data: bytes, name: str, rows, batch_size: int = 65_536):
     source = pq.ParquetFile(io.BytesIO(data))
     order = np.argsort(rows, kind="stable")
     wanted = np.asarray(rows)[order]
-    pieces, start = [], 0
+    pieces, start, types = [], 0, _arrow_types()
     for batch in source.iter_batches(batch_size=batch_size, columns=[name]):
         lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
         if hi > lo:
-            pieces.append(batch.column(0).take(pa.array(wanted[lo:hi] - start)))
+            pieces.append(_typed_column(name, batch.column(0).take(pa.array(wanted[lo:hi] - start)), types))
         start += batch.num_rows
-    kind = source.schema_arrow.field(name).type
-    values = pa.concat_arrays(pieces) if pieces else pa.array([], kind)
-    return _typed_column(name, values.take(pa.array(np.argsort(order, kind="stable"))), _arrow_types())
+    if not pieces:
+        return _typed_column(name, pa.array([], source.schema_arrow.field(name).type), types)
+    values, pieces = pa.concat_arrays(pieces), None  # asked in the file's order, they are as they are
+    return values if (order[1:] > order[:-1]).all() else values.take(pa.array(np.argsort(order, kind="stable")))
 
 
 def parquet_column(data: bytes, name: str):

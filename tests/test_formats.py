@@ -210,9 +210,11 @@ def test_parquet_rows_reads_the_wanted_rows_of_a_column_in_the_order_asked(clean
     import numpy as np
 
     data = formats.get("parquet").encode(clean)
-    rows = np.array([200, 3, 3, 249, 0, 120, 64])  # out of order, one twice, across batches of 64
+    asked = [np.array([200, 3, 3, 249, 0, 120, 64]),  # out of order, one twice, across batches of 64
+             np.array([0, 3, 3, 64, 120, 249]), np.array([7])]  # in the file's order: taken as they are
     for name in ("name_common", "capital", "population", "area", "flag_alt"):
         whole = formats.parquet_column(data, name)
-        assert formats.parquet_rows(data, name, rows, batch_size=64).to_pylist() == whole.take(rows).to_pylist()
+        for rows in asked:
+            assert formats.parquet_rows(data, name, rows, batch_size=64).to_pylist() == whole.take(rows).to_pylist()
         empty = formats.parquet_rows(data, name, np.array([], dtype=np.int64))
         assert len(empty) == 0 and empty.type == whole.type
