@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from lib import config
+from lib import config, memory
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's heap: Linux only")
 
@@ -92,3 +92,15 @@ def test_release_hands_back_what_a_stage_freed():
     freed = me.memory_info().rss
     release()
     assert me.memory_info().rss < freed - 100 * 2**20
+
+
+def test_arrow_gives_freed_pages_back_sooner_once_pyarrow_is_imported():
+    """`tune` sets Arrow's jemalloc decay (ARROW_DECAY_MS) once pyarrow is imported, and never imports
+    it itself: the runner, which does not use Arrow, does not pay for it."""
+    code = ("import json, sys\nfrom lib import memory\nfirst = memory.tune()\nimported = 'pyarrow' in sys.modules\n"
+            "import pyarrow\nprint(json.dumps([first, imported, memory.tune(), pyarrow.default_memory_pool().backend_name]))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=config.ROOT, capture_output=True, text=True, check=True,
+                         env={k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "ARROW_"))})
+    first, imported, second, pool = json.loads(out.stdout)
+    assert "ARROW_DECAY_MS" not in first and not imported
+    assert pool == "jemalloc" and second["ARROW_DECAY_MS"] == memory.ARROW_DECAY_MS > 0
