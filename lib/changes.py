@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from itertools import chain, islice
 from typing import TYPE_CHECKING
 
-from lib import formats
+import ijson
+
+from lib import formats, memory, parquet_columns
 from lib.contract import COLUMNS, KEY, LIST_COLUMNS
 
 if TYPE_CHECKING:  # numpy and pandas are imported where tables are compared: the report pages need neither
@@ -65,8 +66,9 @@ def of_frames(previous: pd.DataFrame | None, current: pd.DataFrame, previous_run
     }
 
 
-def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | None) -> dict:
-    """The change report of two gold tables given as Parquet bytes, read one column at a time: the
+def of_parquet(previous, current: bytes, previous_run_id: str | None) -> dict:
+    """The change report of two gold tables given as Parquet (bytes, or the previous one as a file
+    on disk: lib/parquet_columns.py `source`), read one column at a time: the
     keys are matched once, then each column of the shared keys is compared in Arrow (lists by their
     canonical JSON text, equal exactly when the lists are; nulls equal nulls, and NaN equals NaN, as
     `_plain` sees them). Only the differing cells and their keys become Python values; the added and
@@ -81,33 +83,48 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
     def in_order(keys):  # Arrow orders text by its UTF-8 bytes: the code point order of sorted()
         return keys.take(pc.array_sort_indices(keys))
 
-    new_keys = formats.parquet_column(current, KEY)
+    new_keys = parquet_columns.whole(current, KEY)
     if previous is None:
         return {"previous_run_id": None, "added": in_order(new_keys), "removed": new_keys.slice(0, 0), "changed": {}}
-    old_keys = formats.parquet_column(previous, KEY)
-    at = pc.index_in(new_keys, value_set=old_keys)  # each current row's row in the previous table
-    shared = pc.is_valid(at)
-    new_rows = np.flatnonzero(shared.to_numpy(zero_copy_only=False))
-    old_rows = at.filter(shared).to_numpy(zero_copy_only=False)
+    # Each previous row's row in the current table: one hash table, of the current keys (a rerun of
+    # 100,000 rows into a million rows hashes 100,000 keys, not a million); the previous keys stay in
+    # the pieces Parquet gives them in, and only the removed ones are kept once matched.
+    old_keys = parquet_columns.whole(previous, KEY, combine=False)
+    at = pc.index_in(old_keys, value_set=new_keys)
+    kept = pc.is_valid(at)
+    removed = in_order(old_keys.filter(pc.invert(kept)))
+    old_rows = np.flatnonzero(kept.to_numpy(zero_copy_only=False))  # the shared rows, in each table
+    new_rows = at.filter(kept).to_numpy(zero_copy_only=False).astype(np.int64)
+    del old_keys, at, kept
+    matched = np.zeros(len(new_keys), dtype=bool)
+    matched[new_rows] = True
+    added = in_order(new_keys.filter(pa.array(~matched)))
+    del matched
+    memory.release()  # the hash table that matched the keys (Arrow's pool would keep its pages)
     differing: dict[str, tuple] = {}  # column: (positions among the shared rows, old values, new values)
-    written = set(pq.read_schema(io.BytesIO(previous)).names)
+    written = set(pq.read_schema(parquet_columns.source(previous)).names)
     for col in COLUMNS[1:]:
-        new = formats.parquet_rows(current, col, new_rows)  # the shared rows only, read a batch at a time
         if col not in written:  # a column added to the contract since: every shared row gains its value
+            new = parquet_columns.at(current, col, new_rows)
             where = np.flatnonzero(pc.is_valid(new).to_numpy(zero_copy_only=False))
             differing[col] = (where, [None] * len(where), new.take(pa.array(where)).to_pylist())
             continue
-        old = formats.parquet_rows(previous, col, old_rows)
-        a, b = (formats.json_lists(old), formats.json_lists(new)) if col in LIST_COLUMNS else (old, new)
-        if a.type != b.type:
-            a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())
-        same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
-        if pa.types.is_floating(a.type):
-            same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False))
-        where = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
-        if len(where):
-            differing[col] = (where, old.take(pa.array(where)).to_pylist(), new.take(pa.array(where)).to_pylist())
-        del old, new, a, b, same
+        found = []  # (positions, old values, new values) of the differing cells, a slice of pairs at a time
+        for index, old, new in parquet_columns.pairs(previous, current, col, old_rows, new_rows):
+            a, b = (formats.json_lists(old), formats.json_lists(new)) if col in LIST_COLUMNS else (old, new)
+            if a.type != b.type:
+                a, b = pc.cast(a, pa.large_string()), pc.cast(b, pa.large_string())
+            same = pc.or_(pc.fill_null(pc.equal(a, b), False), pc.and_(pc.is_null(a), pc.is_null(b)))
+            if pa.types.is_floating(a.type):
+                same = pc.or_(same, pc.fill_null(pc.and_(pc.is_nan(a), pc.is_nan(b)), False))
+            where = np.flatnonzero(~same.to_numpy(zero_copy_only=False))
+            if len(where):
+                found.append((index[where], old.take(pa.array(where)).to_pylist(), new.take(pa.array(where)).to_pylist()))
+        if found:
+            where = np.concatenate([w for w, _, _ in found])
+            order = np.argsort(where, kind="stable")
+            olds, news = [v for _, o, _ in found for v in o], [v for _, _, n in found for v in n]
+            differing[col] = (where[order], [olds[i] for i in order], [news[i] for i in order])
     rows = np.unique(np.concatenate([w for w, _, _ in differing.values()])) if differing else np.array([], int)
     keys = new_keys.take(pa.array(new_rows[rows])).to_pylist() if len(rows) else []
     changed: dict[str, dict] = {}
@@ -118,8 +135,8 @@ def of_parquet(previous: bytes | None, current: bytes, previous_run_id: str | No
                 changed.setdefault(keys[i], {})[col] = [_plain(o), _plain(n)]
     return {
         "previous_run_id": previous_run_id,
-        "added": in_order(new_keys.filter(pc.invert(shared))),
-        "removed": in_order(old_keys.filter(pc.invert(pc.is_in(old_keys, value_set=new_keys)))),
+        "added": added,
+        "removed": removed,
         "changed": {k: changed[k] for k in sorted(changed)},
     }
 
@@ -164,6 +181,33 @@ def listed(report: dict, limit: int | None = None) -> list[dict]:
         ({"country": k, "change": "held in quarantine", "field": "", "old": "", "new": why}
          for k, why in (report.get("held") or {}).items()))
     return list(islice(found, limit))
+
+
+def listed_json(fileobj, limit: int) -> list[dict]:
+    """`listed(json.load(fileobj), limit)` of a changes.json (`write_json`) read as a stream: the file
+    is parsed only as far as its first `limit` rows, and only those become Python values (the page of
+    a rerun that retired 900,000 countries reads the first of them, not a list of 900,000)."""
+    rows: list[dict] = []
+    events = ijson.parse(fileobj, use_float=True)  # numbers as json.load gives them
+    for prefix, event, value in events:
+        if len(rows) >= limit:
+            break
+        if prefix in ("added.item", "removed.item"):
+            rows.append({"country": value, "change": prefix.split(".")[0], "field": "", "old": "", "new": ""})
+        elif prefix in ("changed", "held") and event == "map_key":
+            built, depth = ijson.ObjectBuilder(), 0  # this country's value, whole
+            for _, inner, item in events:
+                built.event(inner, item)
+                depth += (inner in ("start_map", "start_array")) - (inner in ("end_map", "end_array"))
+                if depth == 0:
+                    break
+            if prefix == "changed":
+                rows += [{"country": value, "change": "changed", "field": f, "old": o, "new": n}
+                         for f, (o, n) in built.value.items()]
+            else:
+                rows.append({"country": value, "change": "held in quarantine", "field": "", "old": "",
+                             "new": built.value})
+    return rows[:limit]
 
 
 def table(report: dict, rows: int | None = None) -> pd.DataFrame:

@@ -252,19 +252,22 @@ def parquet_arrow_batches(data: bytes, rows: int = 65_536):
         raise FormatError(f"Parquet lacks contract columns: {', '.join(missing)}")
     types = _arrow_types()
     for batch in parquet.iter_batches(batch_size=rows):
-        yield pa.record_batch([_typed_column(name, batch.column(name), types) for name in batch.schema.names],
+        yield pa.record_batch([typed_column(name, batch.column(name), types) for name in batch.schema.names],
                               names=batch.schema.names)
 
 
-def _typed_column(name: str, values, types: dict):
+def typed_column(name: str, values, types: dict | None = None):
     """A column read from Parquet typed as `decode` types it: a contract text column as text with an
-    empty text as null, a contract number as its type; lists and other columns as stored."""
+    empty text as null, a contract number as its type; lists and other columns as stored. `types`:
+    `_arrow_types()`, when the caller has them."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    types = _arrow_types() if types is None else types
     if name in TEXT_COLUMNS:
         values = pc.cast(values, pa.string())
-        return pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+        empty = pc.equal(values, "")  # copied only when it holds an empty text
+        return pc.if_else(empty, pa.scalar(None, pa.string()), values) if pc.any(empty).as_py() else values
     if name in types and name not in LIST_COLUMNS:
         return pc.cast(values, types[name])
     return values
@@ -322,38 +325,6 @@ def csv_to_parquet(data) -> tuple[bytes, int]:
         writer = pq.ParquetWriter(out, pa.schema([(n, types.get(n, pa.string())) for n in names]), compression="zstd")
     writer.close()
     return out.getvalue(), rows
-
-
-def parquet_rows(data: bytes, name: str, rows, batch_size: int = 65_536):
-    """The values of one column of a Parquet object at the row positions `rows` (NumPy ints, in any
-    order), in that order, typed as `parquet_column` types them: read a batch at a time, only the
-    wanted rows kept and typed (a long text column is never held whole, nor copied whole to type it)."""
-    import numpy as np
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    source = pq.ParquetFile(io.BytesIO(data))
-    order = np.argsort(rows, kind="stable")
-    wanted = np.asarray(rows)[order]
-    pieces, start, types = [], 0, _arrow_types()
-    for batch in source.iter_batches(batch_size=batch_size, columns=[name]):
-        lo, hi = np.searchsorted(wanted, [start, start + batch.num_rows])
-        if hi > lo:
-            pieces.append(_typed_column(name, batch.column(0).take(pa.array(wanted[lo:hi] - start)), types))
-        start += batch.num_rows
-    if not pieces:
-        return _typed_column(name, pa.array([], source.schema_arrow.field(name).type), types)
-    values, pieces = pa.concat_arrays(pieces), None  # asked in the file's order, they are as they are
-    return values if (order[1:] > order[:-1]).all() else values.take(pa.array(np.argsort(order, kind="stable")))
-
-
-def parquet_column(data: bytes, name: str):
-    """One column of a Parquet object as an Arrow array, typed as `decode` types it (an empty text as
-    null): read alone, as Parquet stores columns apart."""
-    import pyarrow.parquet as pq
-
-    return _typed_column(name, pq.read_table(io.BytesIO(data), columns=[name]).column(name).combine_chunks(),
-                         _arrow_types())
 
 
 def escape_present(values, escapes: dict[str, str], control=None):

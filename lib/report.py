@@ -12,7 +12,6 @@ This module gathers what the pages show (manifests, stage records, objects read 
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import socket
@@ -146,10 +145,12 @@ def _quarantine(manifest: dict, s: dict, run_dir: Path, store) -> int | None:
 CHANGE_ROWS_SHOWN = 1000  # a run page's change table: its first rows (changes.json has every one)
 
 
-def change_rows(report: dict) -> dict:
-    """The first `CHANGE_ROWS_SHOWN` rows of a change report, and whether there are more (`cut`): a
-    rerun that retires a million countries shows a table, not a million rows."""
-    rows = changes.listed(report, CHANGE_ROWS_SHOWN + 1)
+def change_rows(report) -> dict:
+    """The first `CHANGE_ROWS_SHOWN` rows of a change report (a dict, or changes.json as a file read
+    forward: `changes.listed_json`), and whether there are more (`cut`): a rerun that retires a
+    million countries shows a table, not a million rows, and reads only the first of them."""
+    limit = CHANGE_ROWS_SHOWN + 1
+    rows = changes.listed(report, limit) if isinstance(report, dict) else changes.listed_json(report, limit)
     return {"rows": rows[:CHANGE_ROWS_SHOWN], "cut": len(rows) > CHANGE_ROWS_SHOWN, "shown": CHANGE_ROWS_SHOWN,
             "why": None}
 
@@ -162,10 +163,17 @@ def _changes(manifest: dict, s: dict, store) -> dict | None:
     obj = _object(manifest, review.GOLD, layout.is_changes)
     if obj is None or not (s["removed"] or s["changed"] or (s["added"] and s["previous_run_id"])):
         return {"rows": None, "why": None}
-    data, why = _read_object(obj, store)
-    if data is None:
+    client, why = store
+    if client is None:
         return {"rows": None, "why": str(why)}
-    return change_rows(json.loads(data))
+    try:  # read only as far as the rows shown
+        body, _ = storage.open_object(client, obj["bucket"], obj["key"])
+        try:
+            return change_rows(body)
+        finally:
+            body.close()
+    except Exception as err:  # noqa: BLE001 - the page says why it could not show the object
+        return {"rows": None, "why": str(err)}
 
 
 def _objects(manifest: dict) -> list[dict]:

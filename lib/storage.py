@@ -307,6 +307,23 @@ def get_bytes(s3, bucket: str, key: str) -> tuple[bytes, dict[str, str]]:
         body.close()
 
 
+def get_spooled(s3, bucket: str, key: str) -> HashingSpool:
+    """An object's bytes in a spool (on disk past 8 MiB), read from the start: for an object read in
+    pieces, out of order (a Parquet file), that need not be held in memory. Close it after use."""
+    body, _ = open_object(s3, bucket, key)
+    spool = HashingSpool()
+    try:
+        while chunk := body.read(8 << 20):
+            spool.write(chunk)
+    except BaseException:
+        spool.close()
+        raise
+    finally:
+        body.close()
+    spool.rewound()
+    return spool
+
+
 def head(s3, bucket: str, key: str) -> dict | None:
     """An object's size and metadata, or None when it does not exist."""
     try:

@@ -65,10 +65,16 @@ def test_an_unchanged_table_after_a_csv_round_trip_has_no_changes(clean):
     assert report["added"] == report["removed"] == [] and report["changed"] == {}
 
 
-@pytest.mark.parametrize("encode", ["parquet", "csv"])
-def test_changes_between_parquet_tables_is_the_report_changes_gives(clean, encode):
+@pytest.mark.parametrize("encode,batch,shuffled", [("parquet", None, True), ("csv", None, True),
+                                                    ("parquet", 7, True), ("parquet", 7, False)])
+def test_changes_between_parquet_tables_is_the_report_changes_gives(clean, encode, batch, shuffled, monkeypatch):
     """The column-wise comparison of two tables given as bytes says exactly what `changes` says of
-    the same tables as frames: added, removed, each changed field with old and new, in key order."""
+    the same tables as frames: added, removed, each changed field with old and new, in key order;
+    whether the tables' rows are in the same order or not, read whole or 7 rows at a time."""
+    from lib import parquet_columns
+
+    if batch:
+        monkeypatch.setattr(parquet_columns, "BATCH_ROWS", batch)
 
     previous = clean.head(60).reset_index(drop=True)
     current = pd.concat([previous.iloc[2:], clean.iloc[[100, 101]]], ignore_index=True).copy(deep=True)
@@ -79,7 +85,8 @@ def test_changes_between_parquet_tables_is_the_report_changes_gives(clean, encod
     current.loc[4, "flag_alt"] = "changed"
     current.at[5, "timezones"] = list(current.at[5, "timezones"]) + ["UTC+14:00"]
     current.loc[5, "region"] = "Oceania"
-    current = current.sample(frac=1, random_state=3).reset_index(drop=True)  # row order does not matter
+    if shuffled:  # row order does not matter
+        current = current.sample(frac=1, random_state=3).reset_index(drop=True)
 
     def as_bytes(frame):
         data = formats.parquet_encode(frame) if encode == "parquet" else formats.csv_encode(frame)
@@ -136,3 +143,42 @@ def test_a_column_added_since_the_previous_table_is_a_change_from_null(clean):
     assert by_frames == by_parquet
     assert by_frames["changed"] == {k: {"flag_alt": [None, alt]} for k, alt in zip(current["name_common"],
                                                                                     current["flag_alt"])}
+
+
+def test_listed_json_reads_the_first_rows_of_changes_json_as_listed_gives_them(clean):
+    """The run page's change table, read from changes.json as a stream: the same rows `listed` gives of
+    the parsed file, at every cut (inside the added, removed, changed and held parts), and no further
+    than needed (a file cut short after the rows asked still gives them)."""
+    report = {"previous_run_id": "run-1", "added": ["Åland", 'q", '], "removed": ["X", "Y", "Z"],
+              "changed": {"A": {"capital": [["x"], ["y", "z"]], "area": [1.5, None], "population": [1, 2]},
+                          'B"\n': {"region": ["Asia", "Europe"]}},
+              "held": {"H": "population: not an integer", "I": "area: negative"}}
+    sink = io.BytesIO()
+    changes.write_json(report, sink, chunk=2)
+    data = sink.getvalue()
+    whole = changes.listed(json.loads(data))
+    assert len(whole) == 11
+    for limit in range(0, 13):
+        assert changes.listed_json(io.BytesIO(data), limit) == changes.listed(json.loads(data), limit)
+    big = {"previous_run_id": "r", "added": [], "removed": pa.array([f"k{i:07d}" for i in range(200_000)]),
+           "changed": {}}
+    sink = io.BytesIO()
+    changes.write_json(big, sink)
+    head = sink.getvalue()[:64 << 10]  # the first 64 KiB only: enough for the first rows
+    assert [r["country"] for r in changes.listed_json(io.BytesIO(head), 1001)] == [f"k{i:07d}" for i in range(1001)]
+
+
+def test_a_previous_table_in_many_row_groups_compares_as_one(clean):
+    """Keys read in the pieces Parquet stores them in (a CSV gold table converted batch by batch, a
+    table written by another tool) are matched as one column."""
+    import pyarrow.parquet as pq
+
+    previous = clean.head(120).reset_index(drop=True)
+    current = clean.iloc[40:200].reset_index(drop=True).copy(deep=True)
+    current.loc[3, "population"] += 7
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pandas(previous, preserve_index=False), sink, row_group_size=16)
+    assert pq.ParquetFile(io.BytesIO(sink.getvalue())).num_row_groups == 8
+    got = between(sink.getvalue(), formats.parquet_encode(current), "r")
+    assert json.dumps(got, default=str) == json.dumps(changes.of_frames(previous, current, "r"), default=str)
+    assert len(got["removed"]) == 40 and len(got["added"]) == 80 and len(got["changed"]) == 1

@@ -203,18 +203,3 @@ def test_csv_arrow_batches_join_small_reads_into_batches_of_block_size(clean, mo
     some = list(formats.csv_arrow_batches(io.BytesIO(data), block_size=64 << 10))
     assert 1 < len(some) < len(data) // (16 << 10) and all(b.nbytes >= 64 << 10 for b in some[:-1])
     assert pa.Table.from_batches(some).equals(whole)
-
-
-def test_parquet_rows_reads_the_wanted_rows_of_a_column_in_the_order_asked(clean):
-    """What the change report reads of two gold tables: only the shared rows, a batch at a time."""
-    import numpy as np
-
-    data = formats.get("parquet").encode(clean)
-    asked = [np.array([200, 3, 3, 249, 0, 120, 64]),  # out of order, one twice, across batches of 64
-             np.array([0, 3, 3, 64, 120, 249]), np.array([7])]  # in the file's order: taken as they are
-    for name in ("name_common", "capital", "population", "area", "flag_alt"):
-        whole = formats.parquet_column(data, name)
-        for rows in asked:
-            assert formats.parquet_rows(data, name, rows, batch_size=64).to_pylist() == whole.take(rows).to_pylist()
-        empty = formats.parquet_rows(data, name, np.array([], dtype=np.int64))
-        assert len(empty) == 0 and empty.type == whole.type

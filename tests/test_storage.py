@@ -119,6 +119,24 @@ def test_put_stream_uploads_a_spool_with_its_known_digest(s3, bucket):
     assert art.role == "cloud" and art.size == len(payload)
 
 
+def test_get_spooled_gives_an_object_in_a_spool_on_disk_read_from_its_start(s3, bucket):
+    """What stage 5 reads the previous gold table into: past 8 MiB the bytes are on disk, not in memory."""
+    import os
+
+    payload = os.urandom(9 << 20)
+    storage.put_bytes(s3, bucket, "spooled/x.parquet", payload, metadata={"run-id": "r1"},
+                      content_type="application/octet-stream", rows=1)
+    spool = storage.get_spooled(s3, bucket, "spooled/x.parquet")
+    try:
+        assert spool.file._rolled and spool.size == len(payload)  # on disk
+        assert spool.sha256 == hashlib.sha256(payload).hexdigest()
+        assert spool.file.read() == payload  # ready to read, from the start
+    finally:
+        spool.close()
+    with pytest.raises(storage.StorageError, match=bucket):
+        storage.get_spooled(s3, bucket, "spooled/missing.parquet")
+
+
 def test_put_stream_uploads_a_large_spool_in_parts_two_at_a_time(s3, bucket):
     """Past 8 MiB the upload goes in parts (each read into memory as it is sent), at most two at once."""
     import threading

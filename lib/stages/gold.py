@@ -37,9 +37,18 @@ def _release_arrow() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | None, str | None]:
-    """The gold table of the previous successful run, as Parquet bytes whatever format it was written
-    in: the published one, unless that is this run (a rerun), in which case the one it replaced. The
+def _as_parquet(s3, bucket: str, key: str):
+    """A gold table as Parquet: a Parquet one in a spool on disk (Parquet is read a column at a time,
+    a million rows need not be held), any other format converted to Parquet bytes."""
+    fmt = formats.of_key(key)
+    if fmt is formats.PARQUET:
+        return storage.get_spooled(s3, bucket, key)
+    return formats.to_parquet(fmt, storage.get_bytes(s3, bucket, key)[0])
+
+
+def _previous_gold(s3, bucket: str, table: str, run_id: str):
+    """The gold table of the previous successful run, as Parquet (`_as_parquet`: a spool or bytes)
+    whatever format it was written in, and its run id: the published one, unless that is this run (a rerun), in which case the one it replaced. The
     published pointer says where it is; a bucket published before pointers existed is read through
     its `latest` keys."""
     pointer = publish_.pointer(s3, bucket, table)
@@ -48,7 +57,7 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
                          if pointer["run_id"] == run_id else (pointer["run_id"], pointer["gold_key"]))
         if not previous or not key or storage.head(s3, bucket, key) is None:
             return None, None
-        return formats.to_parquet(formats.of_key(key), storage.get_bytes(s3, bucket, key)[0]), previous
+        return _as_parquet(s3, bucket, key), previous
     for fmt in formats.FORMATS.values():
         latest = storage.head(s3, bucket, layout.latest(layout.gold_table_key(table, run_id, fmt.extension)))
         if latest is None:
@@ -61,8 +70,7 @@ def _previous_gold(s3, bucket: str, table: str, run_id: str) -> tuple[bytes | No
         for kind in formats.FORMATS.values():
             key = layout.gold_table_key(table, previous, kind.extension)
             if storage.head(s3, bucket, key) is not None:
-                data, _ = storage.get_bytes(s3, bucket, key)
-                return formats.to_parquet(kind, data), previous
+                return _as_parquet(s3, bucket, key), previous
         return None, None
     return None, None
 
@@ -133,8 +141,14 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
     s3 = storage.client(settings.store)
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
-    report = changes.of_parquet(previous, typed, previous_id)
-    del previous
+    try:
+        report = changes.of_parquet(previous.rewound() if isinstance(previous, storage.HashingSpool) else previous,
+                                    typed, previous_id)
+    finally:
+        if isinstance(previous, storage.HashingSpool):
+            previous.close()
+        del previous
+    _release_arrow()
     # Countries quarantined this run and kept current by the load: listed, with why.
     loaded = (stage.previous_record(Layer.TABLE) or {}).get("details") or {}
     report["held"] = {h["country"]: h["reasons"] for h in loaded.get("held_keys") or []}
