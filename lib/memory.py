@@ -25,11 +25,12 @@ import os
 import sys
 
 ARROW_POOL = "jemalloc"
-# Arrow's jemalloc hands freed pages back to the system over this time (its own default: 1 s). A stage
-# that decodes a column a batch at a time frees a batch every few milliseconds: with a second's
-# delay, some 50 MiB of them were still held at the change report's peak (a rerun of 100,000 records
-# into a million rows); at 100 ms, no slower.
-ARROW_DECAY_MS = 100
+# Arrow's jemalloc (read when it first allocates): freed pages handed back to the system within
+# 100 ms. Its own settings keep them a second, then only mark them free (MADV_FREE), which the
+# system takes back only when it runs short: until then they count in the process's RSS. A stage
+# that decodes a column a batch at a time kept some 60 MiB of them at the change report's peak (a
+# rerun of 100,000 records into a million rows).
+ARROW_JEMALLOC_CONF = "dirty_decay_ms:100,muzzy_decay_ms:0"
 ARENAS = 2  # malloc arenas of a process (the main one and one for all its threads)
 MAPPED_FROM = 1 << 20  # blocks this large or larger are mapped, and unmapped when freed
 
@@ -51,32 +52,20 @@ def _libc():
 
 
 def choose_arrow_pool() -> None:
-    """ARROW_POOL for pyarrow, which reads ARROW_DEFAULT_MEMORY_POOL when it first allocates (so at
-    `import lib`, lib/__init__.py); a setting of one's own is left alone."""
+    """ARROW_POOL for pyarrow, and ARROW_JEMALLOC_CONF for its jemalloc, which read
+    ARROW_DEFAULT_MEMORY_POOL and JE_ARROW_MALLOC_CONF when they first allocate (so at `import lib`,
+    lib/__init__.py); a setting of one's own is left alone."""
     if sys.platform.startswith("linux"):
         os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", ARROW_POOL)
-
-
-def _arrow_decay() -> bool:
-    """ARROW_DECAY_MS for Arrow's jemalloc pool, once pyarrow is imported (not imported for it)."""
-    pa = sys.modules.get("pyarrow")
-    if pa is None or pa.default_memory_pool().backend_name != "jemalloc":
-        return False
-    try:
-        pa.jemalloc_set_decay_ms(ARROW_DECAY_MS)
-    except (NotImplementedError, pa.ArrowException):  # a build without jemalloc
-        return False
-    return True
+        os.environ.setdefault("JE_ARROW_MALLOC_CONF", ARROW_JEMALLOC_CONF)
 
 
 def tune() -> dict[str, int]:
     """Set the heap up as above, unless the environment sets it (MALLOC_ARENA_MAX,
     MALLOC_MMAP_THRESHOLD_): at a process's start, before its threads, or later, when the arenas that
-    threads already made stay; and Arrow's decay (ARROW_DECAY_MS) when pyarrow is imported by then
-    (a stage's start: lib/stages/context.py `begin`). Returns what was set, by environment variable
-    name (the decay as ARROW_DECAY_MS)."""
+    threads already made stay. Returns what was set, by environment variable name."""
     libc = _libc()
-    done = {"ARROW_DECAY_MS": ARROW_DECAY_MS} if _arrow_decay() else {}
+    done = {}
     if libc is None:
         return done
     for name, (param, value) in _ENVIRONMENT.items():

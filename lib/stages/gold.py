@@ -38,19 +38,19 @@ def _release_arrow() -> None:
 
 
 def _as_parquet(s3, bucket: str, key: str):
-    """A gold table as Parquet: a Parquet one in a spool on disk (Parquet is read a column at a time,
-    a million rows need not be held), any other format converted to Parquet bytes."""
+    """A gold table as Parquet: a Parquet one as a file spooled to disk (read a column at a time, a
+    million rows need not be held; close it after use), any other format converted to Parquet bytes."""
     fmt = formats.of_key(key)
     if fmt is formats.PARQUET:
-        return storage.get_spooled(s3, bucket, key)
+        return storage.get_spooled(s3, bucket, key).rewound()
     return formats.to_parquet(fmt, storage.get_bytes(s3, bucket, key)[0])
 
 
 def _previous_gold(s3, bucket: str, table: str, run_id: str):
-    """The gold table of the previous successful run, as Parquet (`_as_parquet`: a spool or bytes)
-    whatever format it was written in, and its run id: the published one, unless that is this run (a rerun), in which case the one it replaced. The
-    published pointer says where it is; a bucket published before pointers existed is read through
-    its `latest` keys."""
+    """The gold table of the previous successful run as Parquet whatever format it was written in
+    (`_as_parquet`), and its run id: the published one, unless that is this run (a rerun), in which
+    case the one it replaced. The published pointer says where it is; a bucket published before
+    pointers existed is read through its `latest` keys."""
     pointer = publish_.pointer(s3, bucket, table)
     if pointer is not None:
         previous, key = ((pointer.get("previous_run_id"), pointer.get("previous_gold_key"))
@@ -142,10 +142,9 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
     storage.ensure_bucket(s3, settings.gold_bucket)
     previous, previous_id = _previous_gold(s3, settings.gold_bucket, table, stage.run_id)
     try:
-        report = changes.of_parquet(previous.rewound() if isinstance(previous, storage.HashingSpool) else previous,
-                                    typed, previous_id)
+        report = changes.of_parquet(previous, typed, previous_id)
     finally:
-        if isinstance(previous, storage.HashingSpool):
+        if hasattr(previous, "close"):  # a spooled file
             previous.close()
         del previous
     _release_arrow()
