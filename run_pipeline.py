@@ -427,7 +427,7 @@ def input_run(settings: config.Settings, run_id: str, stages: list[str],
 def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) -> int:
     """Everything a run does holding the pipeline lock: preflight, finishing earlier publishes, marking
     runs that ended unsaid, then the stages."""
-    from lib import db, report, storage
+    from lib import db, endings, report, storage
 
     # This run's record as the records bucket has it (another worker or checkout may have begun it),
     # and the runs still recorded as running, which the sweep below looks at.
@@ -456,7 +456,8 @@ def locked_run(args, run_id, stages, chosen, env, settings, logfile, kernels) ->
     if problems:
         return preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernels)
     runner.install_signal_handlers()
-    if args.resume:  # a killed kernel's session would block the resumed load
+    if args.resume:  # a killed run's kernel, and its database session, would write or block beside it
+        endings.stop_orphans(settings.outputs_dir, run_id)
         db.end_run_sessions(settings.db, run_id)
     finished = finish_publishes(settings)
     # Runs that ended unsaid: marked, with their pages, and stored so.

@@ -63,6 +63,25 @@ def _stop_orphan(process: dict | None) -> None:
             time.sleep(0.05)
 
 
+def _running(outputs: Path, run_id: str) -> dict[str, tuple[dict, Path]]:
+    """The stage records of a run that still say "running": stage → (record, its path)."""
+    running = {}
+    for stage in registry.NAMES:
+        path = runs.stage_path(outputs, run_id, stage)
+        record = runs.read_json(path)
+        if isinstance(record, dict) and record.get("status") == "running":
+            running[stage] = (record, path)
+    return running
+
+
+def stop_orphans(outputs: Path, run_id: str) -> None:
+    """Stop the kernels of a run's stages that still say "running", their runner gone: what the sweep
+    does to a run it marks, and what `--resume` does to the run it takes over (the sweep leaves the
+    run holding the lock alone), before anything of the resumed run is written."""
+    for record, _ in _running(outputs, run_id).values():
+        _stop_orphan(record.get("process"))
+
+
 def _runner_gone(manifest: dict, run_dir: Path, holding_lock: bool) -> str | None:
     """Why a runner's run still `running` is over, or None while it may go on."""
     process = manifest.get("process")
@@ -128,20 +147,14 @@ def sweep(outputs: Path, holding_lock: str | None = None) -> list[str]:
         manifest = runs.read_json(run_dir / "manifest.json")
         if not isinstance(manifest, dict):
             continue
-        running = {}
-        for stage in registry.NAMES:
-            path = runs.stage_path(outputs, run_dir.name, stage)
-            record = runs.read_json(path)
-            if isinstance(record, dict) and record.get("status") == "running":
-                running[stage] = (record, path)
+        running = _running(outputs, run_dir.name)
         if manifest.get("origin", "runner") == "runner":
             if manifest.get("status") != "running":
                 continue
             why = _runner_gone(manifest, run_dir, holding_lock is not None)
             if why is None:
                 continue
-            for record, _ in running.values():
-                _stop_orphan(record.get("process"))
+            stop_orphans(outputs, run_dir.name)
             status = "succeeded" if _published_later(outputs, run_dir.name, manifest) else "abandoned"
             _mark(outputs, run_dir.name, {stage: why for stage in running}, status, why)
         else:

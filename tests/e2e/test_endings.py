@@ -89,9 +89,10 @@ def test_a_run_killed_in_a_stage_is_shown_abandoned_by_the_next_runs(run_pipelin
 
 def test_an_abandoned_run_is_resumed_to_a_complete_record(run_pipeline, settings, unique):
     run_id, table = f"killres-{unique}", f"killres_{unique}"
-    _killed_in(settings, "03_load", run_id, "-p", f"table={table}")
+    kernel = _killed_in(settings, "03_load", run_id, "-p", f"table={table}")
     res = run_pipeline("--resume", run_id, timeout=300)  # the resume itself finds it abandoned, holding the lock
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    assert not alive(kernel)  # the killed run's kernel was stopped, as the sweep stops those of other runs
     m = manifest(settings, run_id)
     assert m["status"] == "succeeded" and "abandoned" not in m
     attempts = m["stages"]["03_load"]["attempts"]
