@@ -9,6 +9,7 @@ import io
 
 from lib import formats
 
+
 def source(data):
     """A Parquet object given as bytes, or as a binary file that can seek (a spool on disk), as
     pyarrow opens it."""

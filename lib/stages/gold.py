@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from lib import aggregates, changes, contract, formats, layout, quality, reconciliation, registry, runs, storage
+from lib import aggregates, changes, contract, formats, layout, memory, quality, reconciliation, registry, runs, storage
 from lib import publish as publish_
 from lib.registry import Layer
 from lib.stages.context import StageRun, spooled_input
@@ -27,14 +27,6 @@ class Golden:
 
 
 CHANGES_SAMPLE = 1000  # added and removed keys kept in `Golden.changes` (a first table adds every key)
-
-
-def _release_arrow() -> None:
-    """Hand back to the system the memory Arrow's allocator keeps after a large step (its pool may hold
-    freed pages for reuse: with mimalloc some 100 MiB after converting a million rows)."""
-    import pyarrow as pa
-
-    pa.default_memory_pool().release_unused()
 
 
 def _as_parquet(s3, bucket: str, key: str):
@@ -89,7 +81,7 @@ def build(stage: StageRun) -> Golden:
     spool, (typed, rows) = spooled_input(stage, cloud, settings.cloud.bucket, key, Layer.CLOUD, formats.csv_to_parquet)
     digest = spool.sha256
     try:
-        _release_arrow()
+        memory.release()
         exported = (stage.previous_record(Layer.CLOUD) or {}).get("details") or {}
         if exported.get("key") == key and exported.get("sha256") == digest and exported.get("fingerprint"):
             # A proof, not a shortcut: these bytes are byte for byte (sha256) the ones stage 4 parsed and
@@ -147,7 +139,7 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
         if hasattr(previous, "close"):  # a spooled file
             previous.close()
         del previous
-    _release_arrow()
+    memory.release()
     # Countries quarantined this run and kept current by the load: listed, with why.
     loaded = (stage.previous_record(Layer.TABLE) or {}).get("details") or {}
     report["held"] = {h["country"]: h["reasons"] for h in loaded.get("held_keys") or []}
@@ -169,7 +161,7 @@ def _write_gold(stage: StageRun, fmt: formats.Format, table: str, export: _Expor
         del columns
         summaries = {name: fn(frame) for name, fn in aggregates.AGGREGATES.items()}
         del frame
-        _release_arrow()
+        memory.release()
         sample = formats.parquet_decode(typed, rows=10)
         source_uri = f"s3://{settings.cloud.bucket}/{key}"
         meta_out = stage.meta(**{"previous-run-id": previous_id, "format": fmt.name})
