@@ -20,8 +20,8 @@ from lib import db_hash, db_pipes, formats, names, quality
 from lib.contract import CONTRACT, COLUMNS, KEY, LIST_COLUMNS
 from lib.db import (LOADS_TABLE, WRITE_MODES, BatchMismatch, DatabaseError, RewindRefused, column_list, ident,
                     table_exists, transaction)
-from lib.db_schema import (AUDIT_COLUMNS, HISTORY_COLUMNS, LOAD_COLUMNS, as_migrated, changes_table, create_loads,
-                            create_table, ensure_tables, history_table, migrate)
+from lib.db_schema import (AUDIT_COLUMNS, HISTORY_COLUMNS, LOAD_COLUMNS, adopt, as_migrated, changes_table,
+                            create_loads, create_table, ensure_tables, history_table, migrate)
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
     (the rows not stored as staged are named, compared in SQL, when that proof fails or is not
     given), and the whole table's fingerprint is returned as `current_fingerprint`. A batch that
     `stage` proved already (`proven_checksum`) is not read back: the table must hold exactly its
-    rows (a checksum computed in PostgreSQL), and `expected_fingerprint` is then the table's.
+    rows (a checksum computed in PostgreSQL), and `expected_fingerprint` is then the table's. When
+    the table does not exist yet, that staged table becomes it (`db_schema.adopt`): its rows keep
+    the `_loaded_at` of their staging, as the run's export has them.
     `data_as_of` (when the batch's data was fetched) is kept in the load log; a batch older than
     the table's latest load is refused unless `allow_rewind`.
     On any error the transaction is rolled back and the tables are as they were. A lock held by another
@@ -184,15 +186,19 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                 _begin(cur, options)
                 absent = [ident(schema, name) for name in (table, history_table(table))
                           if not table_exists(conn, schema, name)]
+                # A first load of a staged, proven table: that table itself becomes the table, its rows
+                # and key with it (lib/db_schema.py `adopt`), instead of being copied.
+                adopted = isinstance(csv_data, TableSource) and options.proven_checksum is not None \
+                    and csv_data.table == table and target in absent and adopt(cur, csv_data.schema, schema, table)
                 ensure_tables(cur, schema, table)
-                fresh = [t for t in absent if _created_here(cur, t)]
-                view = _stage_batch(cur, csv_data, options.lists)
+                fresh = [t for t in absent if _created_here(cur, t) and not (adopted and t == target)]
+                view = _stage_batch(cur, TableSource(schema, table) if adopted else csv_data, options.lists)
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(loads))
                 # No other session writes the table until this one commits (readers go on): the rows
                 # compared below are the rows written over, and a key found new stays new.
                 cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(target))
                 _refuse_rewind(cur, loads, schema, table, run_id, options.data_as_of, options.allow_rewind)
-                counts, drift, held_keys = _plan(cur, options, target)
+                counts, drift, held_keys = _plan(cur, options, None if adopted else target)
 
                 def of_batch(changes: tuple[str, ...]) -> sql.Composable:
                     """The batch rows whose change is one of `changes` (no filter when that is all of
@@ -217,8 +223,9 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                     h=hist, cols=data_cols, rows=of_batch(("insert", "update"))), (run_id,))
                 # Current rows: retired keys out, new and changed rows in. An unchanged row keeps its
                 # audit columns: its `_run_id` stays the run that last changed it, as its history says.
-                cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
-                                    "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
+                if counts["retire"]:
+                    cur.execute(sql.SQL("DELETE FROM {t} WHERE {k} IN (SELECT key FROM _changes "
+                                        "WHERE change = 'retire')").format(t=target, k=sql.Identifier(KEY)))
                 updates = sql.SQL(", ").join(
                     sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
                     for c in [*COLUMNS[1:], *AUDIT_COLUMNS])
@@ -226,10 +233,11 @@ def merge(conn, csv_data, options: MergeOptions) -> dict:
                 # being locked against other writers.
                 conflict = sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {}").format(sql.Identifier(KEY), updates) \
                     if counts["update"] else sql.SQL("")
-                cur.execute(sql.SQL(
-                    "INSERT INTO {t} ({cols}, _row_hash, _run_id, _loaded_at) "
-                    "SELECT {cols}, _row_hash, %s, now() {rows}{conflict}").format(
-                    t=target, cols=data_cols, rows=of_batch(("insert", "update")), conflict=conflict), (run_id,))
+                if not adopted:  # an adopted table holds its rows already
+                    cur.execute(sql.SQL(
+                        "INSERT INTO {t} ({cols}, _row_hash, _run_id, _loaded_at) "
+                        "SELECT {cols}, _row_hash, %s, now() {rows}{conflict}").format(
+                        t=target, cols=data_cols, rows=of_batch(("insert", "update")), conflict=conflict), (run_id,))
                 _build_indexes(cur, indexes)
                 if options.proven_checksum is not None and db_hash.checksum(cur, target) == options.proven_checksum:
                     # The table holds exactly the rows `stage` proved: their fingerprint is the one it recorded.

@@ -165,6 +165,40 @@ def drop_staging(conn, staged: str) -> None:
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(ident(staged)))
 
 
+# What a default privilege may grant on a table (pg_default_acl, objtype 'r').
+TABLE_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER", "MAINTAIN")
+
+
+def adopt(cur, staged: str, schema: str, table: str) -> bool:
+    """Make `staged.table` (made by `create_table`) the table `schema.table`, which does not exist yet,
+    as if it had been created there: moved with its rows and indexes (nothing is copied), its column
+    defaults dropped, and granted what `schema`'s default privileges give a new table of its owner
+    (the defaults of every schema it got when it was made). Returns False, and changes nothing,
+    when one of its index names is taken in `schema` (the caller copies the rows instead)."""
+    source = ident(staged, table)
+    cur.execute("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = "
+                "to_regclass(%s) AND to_regclass(quote_ident(%s) || '.' || quote_ident(c.relname)) IS NOT NULL",
+                (source.as_string(cur), schema))
+    if cur.fetchone()[0]:
+        return False
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
+    cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN _run_id DROP DEFAULT, ALTER COLUMN _loaded_at DROP DEFAULT").format(
+        source))
+    cur.execute(sql.SQL("ALTER TABLE {} SET SCHEMA {}").format(source, ident(schema)))
+    cur.execute("SELECT a.privilege_type, CASE WHEN a.grantee = 0 THEN NULL ELSE pg_get_userbyid(a.grantee) END, "
+                "a.is_grantable FROM pg_default_acl d CROSS JOIN aclexplode(d.defaclacl) a "
+                "WHERE d.defaclobjtype = 'r' AND d.defaclnamespace = to_regnamespace(%s) "
+                "AND d.defaclrole = (SELECT relowner FROM pg_class WHERE oid = to_regclass(%s))",
+                (ident(schema).as_string(cur), ident(schema, table).as_string(cur)))
+    for privilege, grantee, grantable in cur.fetchall():
+        if privilege not in TABLE_PRIVILEGES:
+            raise DatabaseError(f"default privilege {privilege!r} of schema {schema} is not one a table takes")
+        cur.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
+            sql.SQL(privilege), ident(schema, table), sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC"),
+            sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+    return True
+
+
 def create_table(cur, schema: str, table: str) -> None:
     """The pipeline's current table (the contract's columns, keyed, then the audit columns)."""
     cur.execute(sql.SQL(

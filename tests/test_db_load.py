@@ -295,6 +295,71 @@ def test_a_publish_refuses_a_staged_table_edited_after_its_proof(pg, clean, tabl
     assert not db.table_exists(pg, SCHEMA, table)
 
 
+def acl(pg, schema, name) -> list[tuple]:
+    """A table's privileges as (grantee, privilege, grantable), sorted (PUBLIC: grantee 0)."""
+    with pg.cursor() as cur:
+        cur.execute("SELECT a.grantee::int, a.privilege_type, a.is_grantable FROM pg_class c "
+                    "CROSS JOIN aclexplode(coalesce(c.relacl, acldefault('r', c.relowner))) a "
+                    "WHERE c.oid = to_regclass(%s) ORDER BY 1, 2", (db.ident(schema, name).as_string(cur),))
+        return cur.fetchall()
+
+
+@pytest.mark.parametrize("taken", [False, True], ids=["adopted", "index-name-taken"])
+def test_a_first_publish_makes_the_staged_table_the_table_as_if_created_there(pg, clean, table, unique, taken):
+    """The table a first load publishes is its proven staged table itself, moved: no column default,
+    the rows and key as staged, the history written from it, and the privileges the schema's
+    default privileges give a table made there. When an index name of it is taken in the schema,
+    its rows are copied instead, with the same result."""
+    schema, staged = f"pub_{unique}", f"stage_{unique}"
+    with db.transaction(pg), pg.cursor() as cur:
+        for name in (schema, staged):
+            cur.execute(sql.SQL("CREATE SCHEMA {}").format(db.ident(name)))
+        cur.execute(sql.SQL("ALTER DEFAULT PRIVILEGES IN SCHEMA {} GRANT SELECT, REFERENCES ON TABLES TO PUBLIC").format(
+            db.ident(schema)))
+        db_schema.create_table(cur, schema, "made_there")  # what a table made in the schema gets
+        if taken:
+            cur.execute(sql.SQL("CREATE TABLE {} (x int)").format(db.ident(schema, f"{table}_pkey")))
+    batch, literals = clean.head(6), io.BytesIO()  # the stage's path: COPY straight into the staged table
+    formats.copy_csv(formats.get("parquet").encode(batch), "parquet", literals)
+    result = db_load.stage(pg, literals.getvalue(), MergeOptions(schema=schema, table=table, run_id="r1", lists="array",
+                                                        expected_fingerprint=quality.fingerprint(batch)["fingerprint"]),
+                           staged)
+    rows = staged_rows(pg, staged, table)
+    with pg.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)::oid::int", (db.ident(staged, table).as_string(cur),))
+        staged_oid = cur.fetchone()[0]
+    pg.rollback()
+    published = db_load.merge(pg, db_load.TableSource(staged, table), MergeOptions(
+        schema=schema, table=table, run_id="r1", mode="replace", expected_fingerprint=result["current_fingerprint"],
+        proven_checksum=result["checksum"]))
+    assert (published["inserted"], published["current_rows"]) == (6, 6)
+    assert db.table_exists(pg, staged, table) is taken  # moved, or copied from where it stays
+    with pg.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s)::oid::int", (db.ident(schema, table).as_string(cur),))
+        assert (cur.fetchone()[0] == staged_oid) is not taken
+        cur.execute("SELECT count(*) FROM pg_attrdef WHERE adrelid = to_regclass(%s)",
+                    (db.ident(schema, table).as_string(cur),))
+        assert cur.fetchone()[0] == 0
+    pg.rollback()
+    pd.testing.assert_frame_equal(db_read.current(pg, schema, table).set_index(KEY).drop(columns=["_loaded_at"]),
+                                  rows)
+    assert acl(pg, schema, table) == acl(pg, schema, "made_there") and (0, "SELECT", False) in acl(pg, schema, table)
+    versions = db_read.read_frame(pg, sql.SQL("SELECT {}, _run_id, is_current FROM {}").format(
+        sql.Identifier(KEY), db.ident(schema, db_schema.history_table(table))))
+    assert sorted(versions[KEY]) == sorted(batch[KEY]) and versions["is_current"].all()
+    assert [n for n, _, _ in indexes_of(pg, schema, table)] == [f"{table}_pkey" if not taken else f"{table}_pkey1"]
+
+
+def indexes_of(pg, schema, table) -> list[tuple]:
+    with pg.cursor() as cur:
+        cur.execute("SELECT c.relname, pg_get_indexdef(i.indexrelid), i.indexrelid::int FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) ORDER BY 1",
+                    (db.ident(schema, table).as_string(cur),))
+        rows = cur.fetchall()
+    pg.rollback()
+    return rows
+
+
 def test_the_checksum_tells_minus_zero_from_zero(pg, unique):
     staged = f"stage_{unique}"
     with db.transaction(pg), pg.cursor() as cur:
