@@ -174,12 +174,15 @@ def adopt(cur, staged: str, schema: str, table: str) -> bool:
     as if it had been created there: moved with its rows and indexes (nothing is copied), its column
     defaults dropped, and granted what `schema`'s default privileges give a new table of its owner
     (the defaults of every schema it got when it was made). Returns False, and changes nothing,
-    when one of its index names is taken in `schema` (the caller copies the rows instead)."""
+    when one of its index names is taken in `schema`, or this session's role may not move it (not
+    its owner's member): the caller copies the rows instead."""
     source = ident(staged, table)
-    cur.execute("SELECT count(*) FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = "
-                "to_regclass(%s) AND to_regclass(quote_ident(%s) || '.' || quote_ident(c.relname)) IS NOT NULL",
-                (source.as_string(cur), schema))
-    if cur.fetchone()[0]:
+    cur.execute("SELECT NOT pg_has_role(c.relowner, 'MEMBER') OR EXISTS (SELECT 1 FROM pg_index i "
+                "JOIN pg_class x ON x.oid = i.indexrelid WHERE i.indrelid = c.oid "
+                "AND to_regclass(quote_ident(%s) || '.' || quote_ident(x.relname)) IS NOT NULL) "
+                "FROM pg_class c WHERE c.oid = to_regclass(%s)", (schema, source.as_string(cur)))
+    refused = cur.fetchone()
+    if refused is None or refused[0]:  # (no such table: the caller's copy says so)
         return False
     cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(ident(schema)))
     cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN _run_id DROP DEFAULT, ALTER COLUMN _loaded_at DROP DEFAULT").format(
