@@ -40,14 +40,22 @@ def _store(settings=None):
         return None, f"{type(err).__name__}: {err}"
 
 
-def _read_object(obj: dict, store) -> tuple[bytes | None, str | None]:
+def _read_object(obj: dict, store, read=None) -> tuple:
+    """An object's bytes, or what `read` makes of its body read as a stream (only as far as it reads),
+    and None; or None and why the page cannot show it."""
     client, why = store
     if client is None:
         return None, why
     try:
-        data, _ = storage.get_bytes(client, obj["bucket"], obj["key"])
-        return data, None
-    except Exception as err:  # noqa: BLE001
+        if read is None:
+            data, _ = storage.get_bytes(client, obj["bucket"], obj["key"])
+            return data, None
+        body, _ = storage.open_object(client, obj["bucket"], obj["key"])
+        try:
+            return read(body), None
+        finally:
+            body.close()
+    except Exception as err:  # noqa: BLE001 - the page says why it could not show the object
         return None, str(err)
 
 
@@ -163,17 +171,8 @@ def _changes(manifest: dict, s: dict, store) -> dict | None:
     obj = _object(manifest, review.GOLD, layout.is_changes)
     if obj is None or not (s["removed"] or s["changed"] or (s["added"] and s["previous_run_id"])):
         return {"rows": None, "why": None}
-    client, why = store
-    if client is None:
-        return {"rows": None, "why": str(why)}
-    try:  # read only as far as the rows shown
-        body, _ = storage.open_object(client, obj["bucket"], obj["key"])
-        try:
-            return change_rows(body)
-        finally:
-            body.close()
-    except Exception as err:  # noqa: BLE001 - the page says why it could not show the object
-        return {"rows": None, "why": str(err)}
+    shown, why = _read_object(obj, store, change_rows)  # read only as far as the rows shown
+    return shown if shown is not None else {"rows": None, "why": str(why)}
 
 
 def _objects(manifest: dict) -> list[dict]:
