@@ -74,11 +74,12 @@ def _running(outputs: Path, run_id: str) -> dict[str, tuple[dict, Path]]:
     return running
 
 
-def stop_orphans(outputs: Path, run_id: str) -> None:
-    """Stop the kernels of a run's stages that still say "running", their runner gone: what the sweep
-    does to a run it marks, and what `--resume` does to the run it takes over (the sweep leaves the
-    run holding the lock alone), before anything of the resumed run is written."""
-    for record, _ in _running(outputs, run_id).values():
+def stop_orphans(outputs: Path, run_id: str, running: dict | None = None) -> None:
+    """Stop the kernels of a run's stages that still say "running" (`running`, when the caller read
+    them already), their runner gone: what the sweep does to a run it marks, and what `--resume` does
+    to the run it takes over (the sweep leaves the run holding the lock alone), before anything of the
+    resumed run is written."""
+    for record, _ in (_running(outputs, run_id) if running is None else running).values():
         _stop_orphan(record.get("process"))
 
 
@@ -154,7 +155,7 @@ def sweep(outputs: Path, holding_lock: str | None = None) -> list[str]:
             why = _runner_gone(manifest, run_dir, holding_lock is not None)
             if why is None:
                 continue
-            stop_orphans(outputs, run_dir.name)
+            stop_orphans(outputs, run_dir.name, running)
             status = "succeeded" if _published_later(outputs, run_dir.name, manifest) else "abandoned"
             _mark(outputs, run_dir.name, {stage: why for stage in running}, status, why)
         else:
