@@ -25,24 +25,18 @@ import logging
 import os
 import uuid
 from contextlib import contextmanager
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 from urllib.parse import urljoin, urlsplit
 
-from openlineage.client import OpenLineageClient
-from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
-from openlineage.client.facet_v2 import (
-    error_message_run,
-    job_type_job,
-    output_statistics_output_dataset,
-    parent_run,
-    schema_dataset,
-)
-from openlineage.client.naming import dataset as naming
-from openlineage.client.transport.file import FileConfig, FileTransport
-from openlineage.client.transport.http import HttpTransport
-
 from lib import config, contract, layout, outbox, runs, source
+
+if TYPE_CHECKING:
+    from openlineage.client import OpenLineageClient
+    from openlineage.client.event_v2 import InputDataset, OutputDataset, RunEvent
+    from openlineage.client.facet_v2 import schema_dataset
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +54,28 @@ DEFAULT_NAMESPACE = "countries-medallion"
 PIPELINE_JOB = "countries_medallion"
 # Run ids are UUIDs in OpenLineage: derived from ours, so START and its end event share one.
 _UUID_NS = uuid.UUID("5b3c8f0e-8a57-4a55-9e4e-4c6f3c9d7a11")
-_END_STATES = {"succeeded": RunState.COMPLETE, "failed": RunState.FAIL, "interrupted": RunState.ABORT,
-               "abandoned": RunState.ABORT}
+_END_STATES = {"succeeded": "COMPLETE", "failed": "FAIL", "interrupted": "ABORT", "abandoned": "ABORT"}
+
+
+@cache
+def _ol() -> SimpleNamespace:
+    """The OpenLineage client's classes, imported when an event is first built (~0.2 s of CPU with
+    attrs): every stage's kernel imports this module, and the kernel of a runner's run builds none
+    (the runner sends them)."""
+    from openlineage.client import OpenLineageClient
+    from openlineage.client.event_v2 import InputDataset, Job, OutputDataset, Run, RunEvent, RunState
+    from openlineage.client.facet_v2 import (
+        error_message_run,
+        job_type_job,
+        output_statistics_output_dataset,
+        parent_run,
+        schema_dataset,
+    )
+    from openlineage.client.naming import dataset as naming
+    from openlineage.client.transport.file import FileConfig, FileTransport
+    from openlineage.client.transport.http import HttpTransport
+
+    return SimpleNamespace(**locals())
 
 
 def namespace() -> str:
@@ -76,7 +90,7 @@ def run_uuid(run_id: str, stage: str | None = None, attempt: int = 0) -> str:
 
 def dataset_name(uri: str) -> tuple[str, str]:
     """(namespace, name) of a manifest URI, after the OpenLineage naming conventions."""
-    parts = urlsplit(uri)
+    parts, naming = urlsplit(uri), _ol().naming
     if parts.scheme == "s3":
         n = naming.S3(bucket_name=parts.netloc, object_key=parts.path.lstrip("/"))
     elif parts.scheme in ("postgresql", "postgres"):
@@ -103,6 +117,7 @@ def _holds_contract_rows(obj: dict, details: dict) -> bool:
 
 def schema_facet(upper: bool = False) -> schema_dataset.SchemaDatasetFacet:
     """The contract's columns; upper-case names for an export written with column_case=upper."""
+    schema_dataset = _ol().schema_dataset
     return schema_dataset.SchemaDatasetFacet(fields=[
         schema_dataset.SchemaDatasetFacetFields(name=c.name.upper() if upper else c.name,
                                                 type=c.type.sql,
@@ -112,6 +127,7 @@ def schema_facet(upper: bool = False) -> schema_dataset.SchemaDatasetFacet:
 
 def datasets(entry: dict) -> tuple[list[InputDataset], list[OutputDataset]]:
     """The inputs and outputs of a finished stage, from its manifest entry."""
+    ol = _ol()
     details = entry.get("details") or {}
     upper = details.get("column_case") == "upper"
     outputs, inputs, seen = [], [], set()
@@ -120,19 +136,22 @@ def datasets(entry: dict) -> tuple[list[InputDataset], list[OutputDataset]]:
         facets = {}
         if _holds_contract_rows(obj, details):
             facets["schema"] = schema_facet(upper and obj.get("key") == details.get("key"))
-        output_facets = {"outputStatistics": output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
+        output_facets = {"outputStatistics": ol.output_statistics_output_dataset.OutputStatisticsOutputDatasetFacet(
             rowCount=obj.get("rows"), size=obj.get("size"))}
-        outputs.append(OutputDataset(namespace=ns, name=name, facets=facets, outputFacets=output_facets))
+        outputs.append(ol.OutputDataset(namespace=ns, name=name, facets=facets, outputFacets=output_facets))
         for src in obj.get("inputs") or []:
             if src not in seen:
                 seen.add(src)
                 ns, name = dataset_name(src)
-                inputs.append(InputDataset(namespace=ns, name=name))
+                inputs.append(ol.InputDataset(namespace=ns, name=name))
     return inputs, outputs
 
 
-def stage_event(run_id: str, stage: str, entry: dict, event_type: RunState) -> RunEvent:
-    """One event of one stage attempt, from the stage's manifest entry."""
+def stage_event(run_id: str, stage: str, entry: dict, state: str) -> RunEvent:
+    """One event of one stage attempt, from the stage's manifest entry; `state` is its RunState's
+    name (START, COMPLETE, FAIL, ABORT)."""
+    ol = _ol()
+    parent_run = ol.parent_run
     attempt = len(entry.get("attempts") or [])
     run_facets = {"parent": parent_run.ParentRunFacet(
         run=parent_run.Run(runId=run_uuid(run_id)),
@@ -140,21 +159,21 @@ def stage_event(run_id: str, stage: str, entry: dict, event_type: RunState) -> R
         root=parent_run.Root(run=parent_run.RootRun(runId=run_uuid(run_id)),
                              job=parent_run.RootJob(namespace=namespace(), name=PIPELINE_JOB)))}
     inputs, outputs = [], []
-    if event_type == RunState.START:
+    if state == "START":
         when = entry.get("started")
     else:
         when = entry.get("ended")
-        if event_type == RunState.COMPLETE:
+        if state == "COMPLETE":
             inputs, outputs = datasets(entry)
         elif entry.get("error"):
-            run_facets["errorMessage"] = error_message_run.ErrorMessageRunFacet(
+            run_facets["errorMessage"] = ol.error_message_run.ErrorMessageRunFacet(
                 message=entry["error"][:2000], programmingLanguage="python")
-    job_facets = {"jobType": job_type_job.JobTypeJobFacet(processingType="BATCH", integration="PAPERMILL",
-                                                          jobType="NOTEBOOK")}
-    return RunEvent(eventType=event_type, eventTime=when or _now(),
-                    run=Run(runId=run_uuid(run_id, stage, attempt), facets=run_facets),
-                    job=Job(namespace=namespace(), name=f"{PIPELINE_JOB}.{stage}", facets=job_facets),
-                    inputs=inputs, outputs=outputs)
+    job_facets = {"jobType": ol.job_type_job.JobTypeJobFacet(processingType="BATCH", integration="PAPERMILL",
+                                                             jobType="NOTEBOOK")}
+    return ol.RunEvent(eventType=ol.RunState[state], eventTime=when or _now(),
+                       run=ol.Run(runId=run_uuid(run_id, stage, attempt), facets=run_facets),
+                       job=ol.Job(namespace=namespace(), name=f"{PIPELINE_JOB}.{stage}", facets=job_facets),
+                       inputs=inputs, outputs=outputs)
 
 
 def _now() -> str:
@@ -186,12 +205,13 @@ def _dotenv_into_environ() -> None:
 def clients(run_dir: Path) -> list[OpenLineageClient]:
     """The run folder's file client, and the configured one when the client's settings name any."""
     _dotenv_into_environ()
+    ol = _ol()
     with _quiet("openlineage"):
-        configured = OpenLineageClient()
+        configured = ol.OpenLineageClient()
         if configured.transport.kind == "noop":  # OPENLINEAGE_DISABLED=true
             return []
         run_dir.mkdir(parents=True, exist_ok=True)
-        out = [OpenLineageClient(transport=FileTransport(FileConfig(
+        out = [ol.OpenLineageClient(transport=ol.FileTransport(ol.FileConfig(
             log_file_path=str(run_dir / EVENTS_FILE), append=True)))]
     if configured.transport.kind != "console":
         out.append(configured)
@@ -200,7 +220,7 @@ def clients(run_dir: Path) -> list[OpenLineageClient]:
 
 def _bounded(transport) -> None:
     """HTTP_TIMEOUT_S and HTTP_RETRY on an HTTP transport (before its first request builds its session)."""
-    if not isinstance(transport, HttpTransport):
+    if not isinstance(transport, _ol().HttpTransport):
         return
     timeout = transport.timeout
     if isinstance(timeout, (int, float)):
@@ -216,7 +236,7 @@ def _bounded(transport) -> None:
 def destination(client: OpenLineageClient) -> str:
     """Where a client sends, without credentials: an HTTP service's URL, or the transport's kind."""
     transport = client.transport
-    if isinstance(transport, HttpTransport):
+    if isinstance(transport, _ol().HttpTransport):
         parts = urlsplit(urljoin(transport.url, transport.endpoint))
         return f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}"
     return f"the {transport.kind} transport"
@@ -244,7 +264,7 @@ def emit(run_dir: Path, event: RunEvent) -> int:
         log.warning("OpenLineage: settings not usable (%s); no lineage event sent", err)
         return 0
     for client in targets:
-        if client.transport.kind != FileTransport.kind:
+        if client.transport.kind != _ol().FileTransport.kind:
             with outbox.charged():
                 _bounded(client.transport)
                 outbox.get(WHAT, destination(client)).put(f"{event.eventType.value} {event.job.name}",
@@ -269,13 +289,13 @@ def emit(run_dir: Path, event: RunEvent) -> int:
 
 def stage_started(record, stage: str) -> None:
     """START of a stage attempt; `record` is the runner's RunRecord (`dir`, `run_id`, `data`)."""
-    emit(record.dir, stage_event(record.run_id, stage, record.data["stages"][stage], RunState.START))
+    emit(record.dir, stage_event(record.run_id, stage, record.data["stages"][stage], "START"))
 
 
 def stage_ended(record, stage: str) -> None:
     """COMPLETE, FAIL or ABORT of a stage attempt, with its datasets when it succeeded."""
     entry = record.data["stages"][stage]
-    state = _END_STATES.get(entry.get("status"), RunState.FAIL)
+    state = _END_STATES.get(entry.get("status"), "FAIL")
     emit(record.dir, stage_event(record.run_id, stage, entry, state))
 
 
