@@ -148,7 +148,7 @@ def pipeline_lock(db: Database, run_id: str, wait_seconds: float = 0.0):
     any machine) never interleave. Waits up to `wait_seconds`, then raises LockBusy naming the holder."""
     conn = connect(db, application_name=f"countries-medallion run {run_id}")
     conn.autocommit = True
-    deadline = time.monotonic() + wait_seconds
+    deadline, held = time.monotonic() + wait_seconds, False
     try:
         with conn.cursor() as cur:
             while True:
@@ -165,10 +165,18 @@ def pipeline_lock(db: Database, run_id: str, wait_seconds: float = 0.0):
                     raise LockBusy(f"another pipeline run holds the lock on {db.masked_url}: {who}. "
                                    "Wait for it to finish, or pass --wait-for-lock SECONDS")
                 time.sleep(0.5)
+        held = True
         yield
     finally:
+        # Released before the session closes: a closed session's locks go only when its server process
+        # has ended, a moment later, and the next run (an Airflow task, a resume) would find it held.
+        # A broken connection cannot say so: its session's end releases the lock.
         with contextlib.suppress(psycopg2.Error):
-            conn.close()  # closing the session releases the lock
+            if held:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pg_advisory_unlock(%s, %s)", LOCK_KEY)
+        with contextlib.suppress(psycopg2.Error):
+            conn.close()
 
 
 def end_run_sessions(db: Database, run_id: str) -> list[dict]:

@@ -41,8 +41,28 @@ def test_a_second_lock_attempt_names_the_holder(settings):
         with pytest.raises(LockBusy, match="'countries-medallion run holder-run'"):
             with db.pipeline_lock(settings.db, "second-run"):
                 pass
-    with db.pipeline_lock(settings.db, "third-run"):  # released when the holder's session closed
+    with db.pipeline_lock(settings.db, "third-run"):  # released when the holder ended
         pass
+
+
+def test_a_released_lock_is_free_for_the_next_run_at_once(settings):
+    """The lock is released when the run ends, not when the server has ended its session a moment
+    later: a run that starts right after (the next Airflow task, a resume) takes it without waiting.
+    Seen from a session already open, so that nothing gives the server that moment."""
+    watcher = db.connect(settings.db)
+    watcher.autocommit = True
+    try:
+        with watcher.cursor() as cur:
+            for i in range(40):
+                with db.pipeline_lock(settings.db, f"run-{i}"):
+                    pass
+                cur.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = %s "
+                            "AND objid = %s AND granted", db.LOCK_KEY)
+                assert cur.fetchone()[0] == 0, f"still held after run-{i} released it"
+                with db.pipeline_lock(settings.db, f"next-{i}"):  # wait_seconds=0: refused if still held
+                    pass
+    finally:
+        watcher.close()
 
 
 def test_waiting_for_the_lock_succeeds_once_the_holder_releases_it(settings):
