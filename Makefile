@@ -51,8 +51,10 @@ airflow-venv: $(AIRFLOW_VENV)/.installed
 ## test: the whole suite against real services, on TEST_WORKERS pytest-xdist workers (each starts its own
 ## embedded stack and HTTP server); TEST_WORKERS=0 runs it in one process, PYTEST_ARGS="tests/test_x.py" one file
 # A test file runs whole on one worker (--dist loadfile): its module fixtures run once. Files go out in the
-# order pytest collects them (tests/e2e first, the longest), not by their number of tests.
-TEST_WORKERS ?= 2
+# order pytest collects them (tests/e2e first, the longest), not by their number of tests. Three workers on
+# two cores: the tests wait on servers and kernels often enough for a third to fill the gaps (fresh clones,
+# 6 Dec: 2 workers 11:16-12:42 of pytest, 3 workers 10:30-10:39, 4 workers 13:22; docs/benchmark.md).
+TEST_WORKERS ?= 3
 test: $(VENV)/.installed-dev $(AIRFLOW_VENV)/.installed $(CHROMIUM) $(POSTGRES15) bytecode
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
