@@ -31,18 +31,27 @@ from lib import hints, memory  # the standard library only: hints speaks for a P
 
 memory.tune()  # the C heap of this process, set up before its threads (lib/memory.py)
 
-# Only what starting a run needs is imported here: the run's kernel starts first and boots while the
-# rest (papermill, the services' clients, the report) is imported.
+# Only what starting a run needs is imported here (~0.07 s): the run's kernel starts first and boots
+# while this process imports the rest (`import_the_rest`: papermill, the services' clients, ~0.3 s).
 try:
-    from lib import config, files, lab, names, params, record_store, registry, runner, runs, terminal
-    from lib.stages import parameters
-    from lib.errors import PipelineError
+    from lib import config, files, kernels as kernels_, lab, names, params, registry, runs, terminal
+    from lib.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, PipelineError
     from lib import log as logsetup
 except ModuleNotFoundError as missing:  # e.g. the system `python3`, when only .venv has the packages
     if __name__ != "__main__" or (missing.name or "lib").split(".")[0] == "lib":
         raise
     print(hints.missing_packages(missing, sys.argv[1:]), file=sys.stderr)
-    sys.exit(2)  # runner.EXIT_USAGE (bad configuration, nothing ran), which needs the packages
+    sys.exit(2)  # EXIT_USAGE (bad configuration, nothing ran), which needs the packages
+
+
+def import_the_rest() -> None:
+    """The modules every command but a run's start needs (papermill, the object store's and the
+    database's clients come with them): a run imports them once its kernel is booting (`cmd_run`),
+    every other command first (`main`)."""
+    global parameters, record_store, runner
+    from lib import record_store, runner
+    from lib.stages import parameters
+
 
 log = logging.getLogger("run_pipeline")
 
@@ -80,7 +89,7 @@ def shown(text) -> str:
 
 def usage_error(message: str) -> int:
     print(f"run_pipeline.py: error: {shown(message)}", file=sys.stderr)
-    return runner.EXIT_USAGE
+    return EXIT_USAGE
 
 
 def records_in_step(command: str) -> config.Settings | None:
@@ -199,7 +208,7 @@ def cmd_report(argv: list[str]) -> int:
         return usage_error(str(err))
     except FileNotFoundError as err:
         print(f"run_pipeline.py report: {shown(err)}", file=sys.stderr)
-        return runner.EXIT_FAILED
+        return EXIT_FAILED
     return 0
 
 
@@ -237,7 +246,7 @@ def cmd_diff(argv: list[str]) -> int:
         return usage_error(str(err))
     except PipelineError as err:  # a run's data is missing or unreadable
         print(f"run_pipeline.py diff: {shown(err)}", file=sys.stderr)
-        return runner.EXIT_FAILED
+        return EXIT_FAILED
     print(review.runs_json(report_) if args.json else review.diff_text(report_))
     return 0
 
@@ -300,8 +309,9 @@ def cmd_run(argv: list[str]) -> int:
     # The run's kernel boots (and imports lib) while this process reads the notebooks' parameters
     # (papermill), starts the services, runs the preflight and takes the lock: both cores work from
     # here on. It only runs a stage's cells once everything below has passed; it is stopped otherwise.
-    kernels = runner.Kernels(args.kernel, run_id)
+    kernels = kernels_.Kernels(args.kernel, run_id)
     kernels.start()
+    import_the_rest()
     try:
         try:
             stages = chosen = None
@@ -328,7 +338,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         progress.start_stack(env)  # says what it starts, and how long each service took
         settings = config.settings(env)
     except PipelineError as err:
-        if err.exit_code == runner.EXIT_USAGE:  # a bad setting: nothing ran
+        if err.exit_code == EXIT_USAGE:  # a bad setting: nothing ran
             return usage_error(str(err))
         print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
         return err.exit_code
@@ -336,7 +346,7 @@ def start_run(args, run_id, stages, chosen, env, kernels) -> int:
         logfile = logsetup.setup(settings.logs_dir, settings.secrets())
     except logsetup.LogWriteError as err:  # a log that takes no lines fails the run
         print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
-        return runner.EXIT_FAILED
+        return EXIT_FAILED
 
     # 3. The lock first: a second run learns at once that another one goes, before any preflight.
     with contextlib.ExitStack() as held:
@@ -390,7 +400,7 @@ def preflight_failed(settings, run_id, stages, chosen, problems, logfile, kernel
     # A scheduled run stopped here is as much worth an alert as one that failed in a stage.
     alerts.after_run(failed, runs.run_dir(settings, run_id), settings.secrets(), logfile)
     runner.settle_side_channels(record)
-    return runner.EXIT_FAILED
+    return EXIT_FAILED
 
 
 def resume_hint(run_id: str) -> str:
@@ -497,14 +507,14 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
         record.data["preflight"] = [str(err)]
         record.finish("failed")
         print(f"run_pipeline.py: {shown(err)}\n  after fixing the cause: {resume_hint(run_id)}", file=sys.stderr)
-        return runner.EXIT_FAILED
+        return EXIT_FAILED
     record_store.push(settings, run_id)  # the run as it starts: `running`, for any worker to see
     why = settings.why
     print(f"run {run_id}: stages {', '.join(stages)} on {settings.store.kind} ({why['object_store']}) + "
           f"{settings.db.kind} ({why['database']}), cloud {settings.cloud.kind}; snapshot fallback "
           f"{'on' if settings.snapshot_fallback else 'off'} ({why['snapshot_fallback']})")
     status, code = "succeeded", 0
-    # nbconvert gets ready while the kernel boots; the notebooks' pages are rendered after the stages.
+    # nbconvert gets ready while the kernel boots; the notebooks' pages are rendered once the stages end.
     pages = report.Pages(record.dir)
     for stage in stages:
         try:
@@ -514,16 +524,17 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
                            start_timeout=args.kernel_start_timeout, cell_timeout=args.cell_timeout,
                            kernels=kernels)
         except runner.Interrupted as why:
-            status, code = "interrupted", runner.EXIT_INTERRUPTED
+            status, code = "interrupted", EXIT_INTERRUPTED
             print(f"\nrun {run_id} interrupted ({why}) during {stage}; "
                   f"resume with: {resume_hint(run_id)}", file=sys.stderr)
             break
         except Exception as err:  # noqa: BLE001 - any stage failure ends the run the same way
-            status, code = "failed", runner.EXIT_FAILED
+            status, code = "failed", EXIT_FAILED
             print(f"\nstage {stage} FAILED in {shown(runner.failed_cell(err))}\n"
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     {resume_hint(run_id)}", file=sys.stderr)
             break
+    pages.render()  # the executed notebooks are final: their pages are rendered while the run is published
     if status == "succeeded" and registry.reconciler().name in stages:
         # The run is proven: what consumers read moves to it now, in a fixed order (lib/publish.py),
         # while this run holds the pipeline lock. Not when its log lost lines or the disks are too
@@ -540,7 +551,7 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
             publish.run(settings, run_id)
             record.data["publish_s"] = round(time.monotonic() - started, 2)
         except PipelineError as err:
-            status, code = "failed", runner.EXIT_FAILED
+            status, code = "failed", EXIT_FAILED
             record.data["error"] = f"not published: {err}"
             print(f"\nrun {run_id} was not published: {shown(err)}\n  after fixing the cause: {resume_hint(run_id)}",
                   file=sys.stderr)
@@ -581,11 +592,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv and argv[0] in COMMANDS:
+            import_the_rest()
             return COMMANDS[argv[0]](argv[1:])
         return cmd_run(argv)
     except (files.NoSpace, logsetup.LogWriteError) as err:  # a full disk: said in one line, never a traceback
         print(f"run_pipeline.py: {shown(err)}", file=sys.stderr)
-        return runner.EXIT_FAILED
+        return EXIT_FAILED
 
 
 def leave(code: int) -> None:

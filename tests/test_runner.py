@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from lib import config, registry, runner
+from lib import kernels as kernels_
 
 ROOT = config.ROOT
 
@@ -92,13 +93,13 @@ def test_preflight_names_a_database_that_refuses_the_password(settings):
 # --- the run's kernel (a real one) --------------------------------------------------------------------
 
 def test_a_kernel_grown_past_the_limit_is_replaced_before_the_next_stage_and_a_small_one_is_kept(monkeypatch):
-    kernels = runner.Kernels("python3", "kernel-test")
+    kernels = kernels_.Kernels("python3", "kernel-test")
     try:
         first = kernels.take()
         assert first is not None and kernels.rss() > 0
         assert kernels.take() is first  # well under RECYCLE_MIB: the same kernel serves the next stage
         pid = first.provisioner.pid
-        monkeypatch.setattr(runner, "RECYCLE_MIB", 0)  # as if the last stage had left it larger
+        monkeypatch.setattr(kernels_, "RECYCLE_MIB", 0)  # as if the last stage had left it larger
         second = kernels.take()
         assert second is not None and second is not first and second.provisioner.pid != pid
         import psutil
@@ -111,7 +112,7 @@ def test_a_kernel_grown_past_the_limit_is_replaced_before_the_next_stage_and_a_s
 def test_the_run_kernel_is_ipykernel_without_its_debugger_and_other_kernels_are_left_alone():
     from jupyter_core.utils import run_sync
 
-    kernels = runner.Kernels("python3", "kernel-test")
+    kernels = kernels_.Kernels("python3", "kernel-test")
     try:
         km = kernels.take()
         assert km is not None and km.kernel_spec.argv[1:3] == ["-m", "lib.kernel"]
@@ -132,9 +133,9 @@ def test_the_run_kernel_is_ipykernel_without_its_debugger_and_other_kernels_are_
     from jupyter_client.kernelspec import KernelSpec
 
     other = KernelSpec(argv=["python", "-m", "my_kernel", "-f", "{connection_file}"], language="python")
-    runner.without_debugger(other)
+    kernels_.without_debugger(other)
     assert other.argv[1:3] == ["-m", "my_kernel"]
-    runner.without_debugger(None)  # no spec (papermill's own kernel): nothing to do
+    kernels_.without_debugger(None)  # no spec (papermill's own kernel): nothing to do
 
 
 def test_notebooks_run_one_after_another_on_the_run_kernel_through_one_client(tmp_path):
@@ -148,7 +149,7 @@ def test_notebooks_run_one_after_another_on_the_run_kernel_through_one_client(tm
     papermill = runner.import_papermill()
     notebook = tmp_path / "in.ipynb"
     nbformat.write(new_notebook(cells=[new_code_cell("x = 6 * 7"), new_code_cell("print(x)")]), notebook)
-    kernels = runner.Kernels("python3", "kernel-test")
+    kernels = kernels_.Kernels("python3", "kernel-test")
     try:
         km = kernels.take()
         assert km is not None and kernels.kc is None
@@ -165,7 +166,7 @@ def test_notebooks_run_one_after_another_on_the_run_kernel_through_one_client(tm
     finally:
         kernels.close()
     # A kernel that never answers is reported as such once the time given has passed.
-    silent = runner.Kernels("python3", "kernel-test")
+    silent = kernels_.Kernels("python3", "kernel-test")
     try:
         km = silent.take()
         import signal
@@ -188,7 +189,7 @@ def test_the_run_kernel_draws_the_index_trends_and_the_index_shows_them(tmp_path
         "run_id": "r-1", "status": "succeeded", "started": "2026-11-28T10:00:00+00:00",
         "ended": "2026-11-28T10:00:09+00:00", "requested_stages": ["01_ingest"],
         "stages": {"01_ingest": {"status": "succeeded", "duration_s": 1.2, "rows_out": 250}}})
-    kernels = runner.Kernels("python3", "kernel-test")
+    kernels = kernels_.Kernels("python3", "kernel-test")
     try:
         assert kernels.take() is not None
         assert kernels.draw_trends(tmp_path)() is None  # not connected yet: the caller draws them
@@ -205,6 +206,20 @@ def test_the_run_kernel_draws_the_index_trends_and_the_index_shows_them(tmp_path
         kernels.close()
 
 
+def test_the_run_kernel_starts_before_papermill_and_the_services_clients_are_imported():
+    """run_pipeline.py starts the run's kernel with what it has imported by then (lib/kernels.py and
+    the modules that read its arguments), so that the kernel boots while the runner imports the rest:
+    none of that rest may come in with them."""
+    code = ("import sys\nimport run_pipeline\n"
+            "heavy = sorted(m for m in ('papermill', 'nbclient', 'nbconvert', 'boto3', 'botocore', 'psycopg2', "
+            "'sqlalchemy', 'pandas', 'pyarrow', 'requests', 'lib.runner', 'lib.record_store', 'lib.storage') "
+            "if m in sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "run_pipeline.import_the_rest()\nassert 'lib.runner' in sys.modules and run_pipeline.runner.preflight\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 def test_kernel_specs_are_found_where_jupyter_looks_without_importing_ipython(tmp_path):
     """The runner finds the kernel (the venv's python3, or one in $IPYTHONDIR/kernels) without the
     IPython import jupyter_client's default costs."""
@@ -213,7 +228,7 @@ def test_kernel_specs_are_found_where_jupyter_looks_without_importing_ipython(tm
     (spec_dir / "kernel.json").write_text(json.dumps({"argv": ["python", "-m", "ipykernel_launcher", "-f",
                                                                "{connection_file}"],
                                                       "display_name": "test", "language": "python"}))
-    code = ("import sys\nfrom lib import runner\nspecs = runner.kernel_specs()\n"
+    code = ("import sys\nfrom lib import kernels\nspecs = kernels.kernel_specs()\n"
             "assert specs.get_kernel_spec('python3').language == 'python'\n"
             "assert specs.get_kernel_spec('medallion-test').display_name == 'test'\n"
             "assert 'IPython' not in sys.modules, 'IPython was imported'\n")
