@@ -273,8 +273,7 @@ class Pages:
     """The runner's notebook pages. nbconvert is imported, and its templates compiled on a small
     notebook, in a background thread from the start of the stages, while the kernel boots (this
     process only waits for it then); the run's executed notebooks are rendered in that thread once
-    the stages are over (`render`), while the run is published (which mostly waits on the services);
-    `done` waits for them, while the kernel draws the index's trends.
+    the stages are over (`done`), while the kernel draws the index's trends.
 
     Not while the stages run: each cell's next request comes from this process, and a page being
     rendered held the GIL when the kernel's reply arrived. In a 250-record run of 47 cells the kernel
@@ -284,23 +283,16 @@ class Pages:
     def __init__(self, run_dir: Path):
 
         self.run_dir = run_dir
-        self.futures: dict | None = None  # stem → the page being rendered, once `render` began
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pages")
         self.pool.submit(_warm_up)
 
-    def render(self) -> None:
-        """Start rendering every executed notebook of the run (attempts included), once the stages are
-        over: while the run is published."""
-        if self.futures is None:
-            self.futures = {notebook.stem: self.pool.submit(notebook_page, notebook)
-                            for notebook in sorted(self.run_dir.glob("*.ipynb"))}
-
     def done(self) -> dict[str, str]:
-        """The pages `render` began (begun here if it was not called); stem → page name. One that
+        """Render every executed notebook of the run (attempts included); stem → page name. One that
         cannot be rendered is left out here (`write` renders it again, and reports the error)."""
-        self.render()
+        futures = {notebook.stem: self.pool.submit(notebook_page, notebook)
+                   for notebook in sorted(self.run_dir.glob("*.ipynb"))}
         out = {}
-        for stem, future in self.futures.items():
+        for stem, future in futures.items():
             try:
                 out[stem] = future.result()
             except Exception:  # noqa: BLE001

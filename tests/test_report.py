@@ -124,20 +124,6 @@ def test_pages_get_nbconvert_ready_at_once_and_render_every_notebook_when_the_st
     assert 'href="01_ingest.html"' in page and 'href="02_clean.html"' in page and "02_clean.attempt1.html" in page
 
 
-def test_pages_begin_rendering_once_the_stages_end_and_done_collects_them(run_dir):
-    """`render` (called by the runner once the last stage has ended, before the publish) starts the
-    pages in the background; `done` returns those pages without rendering any twice."""
-    pages = report.Pages(run_dir)
-    pages.render()
-    for future in pages.futures.values():
-        future.result(timeout=60)
-    assert sorted(p.name for p in run_dir.glob("*.html")) == ["01_ingest.html", "02_clean.html"]
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.html")}
-    pages.render()  # again: nothing new is started
-    assert pages.done() == {"01_ingest": "01_ingest.html", "02_clean": "02_clean.html"}
-    assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("*.html")} == before
-
-
 def test_a_notebook_page_keeps_nbconvert_accessibility_without_its_second_parse(tmp_path):
     """The page exporter skips HTMLExporter's BeautifulSoup pass; what that pass adds (alt text on
     images without any, a tab stop on each input and output) is still there, in the same places."""
