@@ -514,7 +514,7 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
           f"{settings.db.kind} ({why['database']}), cloud {settings.cloud.kind}; snapshot fallback "
           f"{'on' if settings.snapshot_fallback else 'off'} ({why['snapshot_fallback']})")
     status, code = "succeeded", 0
-    # nbconvert gets ready while the kernel boots; the notebooks' pages are rendered once the stages end.
+    # nbconvert gets ready while the kernel boots; the notebooks' pages are rendered after the stages.
     pages = report.Pages(record.dir)
     for stage in stages:
         try:
@@ -534,7 +534,6 @@ def run_stages(settings, env, run_id, stages, chosen, args, logfile, kernels=Non
                   f"  open the executed notebook: {record.dir / (stage + '.ipynb')}\n"
                   f"  after fixing the cause:     {resume_hint(run_id)}", file=sys.stderr)
             break
-    pages.render()  # the executed notebooks are final: their pages are rendered while the run is published
     if status == "succeeded" and registry.reconciler().name in stages:
         # The run is proven: what consumers read moves to it now, in a fixed order (lib/publish.py),
         # while this run holds the pipeline lock. Not when its log lost lines or the disks are too
