@@ -26,10 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lib import config, hints, names, record_store, registry, runner, runs  # noqa: E402
 from lib.stages import parameters  # noqa: E402
-from lib.errors import PipelineError  # noqa: E402
+from lib.errors import EXIT_USAGE, PipelineError  # noqa: E402
 
 RUNNER = config.ROOT / "run_pipeline.py"
-EXIT_USAGE = 2
 
 
 class Refused(PipelineError):

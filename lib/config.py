@@ -14,7 +14,7 @@ from pathlib import Path
 from dotenv import dotenv_values
 
 from lib import contract, files, hints, names, params, redact, stack_state
-from lib.errors import PipelineError
+from lib.errors import EXIT_USAGE, PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_API_URL = contract.api_url()
@@ -28,7 +28,7 @@ SECRET_SETTINGS = ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "DB_PASSWORD", "AWS_A
 class ConfigError(PipelineError):
     """The configuration is missing or wrong; the message says which variable to set."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 @dataclass(frozen=True)

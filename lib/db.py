@@ -19,7 +19,7 @@ from psycopg2 import sql
 
 from lib import names
 from lib.config import Database
-from lib.errors import PipelineError
+from lib.errors import EXIT_LOCKED, PipelineError
 
 if TYPE_CHECKING:  # SQLAlchemy is imported where it is used: the runner does not need it
     import sqlalchemy as sa
@@ -51,7 +51,7 @@ class RewindRefused(DatabaseError):
 class LockBusy(DatabaseError):
     """Another run holds the pipeline lock."""
 
-    exit_code = 3
+    exit_code = EXIT_LOCKED
 
 
 def connect_args(db: Database, application_name: str = "countries-medallion") -> dict:

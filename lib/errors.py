@@ -13,7 +13,8 @@ EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_INTERRUPTED = 0, 1, 2, 3, 13
 
 class PipelineError(RuntimeError):
     """Something the pipeline checked went wrong; the message says what, and what was (not) written.
-    `exit_code` is what the runner exits with when this ends a command: 1 unless a subclass says
-    otherwise (2 for bad input or configuration, where nothing ran; 3 for a busy lock)."""
+    `exit_code` is what the runner exits with when this ends a command: EXIT_FAILED unless a subclass
+    says otherwise (EXIT_USAGE for bad input or configuration, where nothing ran; EXIT_LOCKED for a
+    busy lock)."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED

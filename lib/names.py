@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from lib.errors import PipelineError
+from lib.errors import EXIT_USAGE, PipelineError
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # S3 bucket naming rules (the subset every S3 implementation accepts).
@@ -20,7 +20,7 @@ SQL_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 class InvalidName(PipelineError, ValueError):
     """A user-supplied name that is not safe to use."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def run_id(value: str) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 
 from lib import registry
-from lib.errors import PipelineError
+from lib.errors import EXIT_USAGE, PipelineError
 
 TRUE = ("true", "1", "yes", "on")
 FALSE = ("false", "0", "no", "off")
@@ -17,7 +17,7 @@ DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 class UsageError(PipelineError, ValueError):
     """A bad command line or parameter value: exit 2 before anything runs."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def boolean(value, name: str) -> bool:

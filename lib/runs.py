@@ -20,7 +20,7 @@ import psutil
 
 from lib import files, hints, names, registry
 from lib.config import Settings
-from lib.errors import PipelineError
+from lib.errors import EXIT_USAGE, PipelineError
 
 
 RUNNER_ENV = "MEDALLION_RUNNER_RUN"  # set by the runner for the kernels it starts: the run id
@@ -33,7 +33,7 @@ INTERACTIVE_PREFIX = {"jupyterlab": "lab", "papermill": "papermill"}
 class RecordClosed(PipelineError):
     """A notebook outside the runner named a run the runner recorded: its record is never rewritten."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 def now() -> str:
